@@ -1,0 +1,43 @@
+"""The ``adrec`` command line: one entry point for data, job, publish, serve and recommend.
+
+Each command group lives in its own module exposing ``add_parser(subparsers)``; the
+group's heavy imports (pyspark, grpc) happen inside its handlers, so ``adrec --help``
+stays fast and the services image never needs pyspark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMAND_GROUPS = ("data", "job", "publish", "serve", "recommend")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adrec", description="Real-time ad recommendation: batch job, Redis, gRPC services."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in COMMAND_GROUPS:
+        module = importlib.import_module(f"adrec.cli.{group}")
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except UsageError as exc:
+        print(f"adrec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one clear line, exit code 2."""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""`adrec data`: not implemented yet."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("data", help="(data: not implemented yet)")
+    parser.set_defaults(handler=_not_yet)
+
+
+def _not_yet(args: argparse.Namespace) -> int:
+    print("adrec data is not implemented yet", file=sys.stderr)
+    return 3
