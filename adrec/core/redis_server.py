@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 INSTALL_HINT = (
-    "redis-server was not found on PATH. Install it (Debian/Ubuntu: `apt-get install redis-server`, "
-    "macOS: `brew install redis`) or point REDIS_URL at a running Redis."
+    "redis-server was not found on PATH. Install it "
+    "(Debian/Ubuntu: `apt-get install redis-server`, macOS: `brew install redis`) "
+    "or point REDIS_URL at a running Redis."
 )
 
 
@@ -36,6 +37,7 @@ class PrivateRedis:
     port: int
     process: subprocess.Popen
     workdir: Path
+    extra_args: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -53,11 +55,11 @@ class PrivateRedis:
     def restart(self, timeout: float = 10.0) -> None:
         """Start the server again on the same port (after ``stop``)."""
         self.stop()
-        self.process = _spawn(self.port, self.workdir)
+        self.process = _spawn(self.port, self.workdir, self.extra_args)
         _wait_ready(self.port, self.process, timeout)
 
 
-def _spawn(port: int, workdir: Path) -> subprocess.Popen:
+def _spawn(port: int, workdir: Path, extra_args: tuple[str, ...] = ()) -> subprocess.Popen:
     binary = shutil.which("redis-server")
     if binary is None:
         raise RedisServerError(INSTALL_HINT)
@@ -69,6 +71,7 @@ def _spawn(port: int, workdir: Path) -> subprocess.Popen:
         "--appendonly", "no",
         "--dir", str(workdir),
         "--logfile", str(workdir / "redis.log"),
+        *extra_args,
     ]
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -81,7 +84,8 @@ def _wait_ready(port: int, process: subprocess.Popen, timeout: float) -> None:
             raise RedisServerError(f"redis-server exited with code {process.returncode}: {err}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2) as s:
             s.sendall(b"PING\r\n")
-            if s.recv(16).startswith(b"+PONG"):
+            # NOAUTH is an answer too: the server is up, it just wants a password.
+            if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):
                 return
         time.sleep(0.05)
     process.kill()
@@ -89,12 +93,17 @@ def _wait_ready(port: int, process: subprocess.Popen, timeout: float) -> None:
 
 
 @contextlib.contextmanager
-def private_redis(timeout: float = 10.0) -> Iterator[PrivateRedis]:
+def private_redis(
+    timeout: float = 10.0, extra_args: tuple[str, ...] = ()
+) -> Iterator[PrivateRedis]:
     """Run a throwaway redis-server for the duration of the block."""
     with tempfile.TemporaryDirectory(prefix="adrec-redis-") as tmp:
         port = free_port()
         workdir = Path(tmp)
-        server = PrivateRedis(port=port, process=_spawn(port, workdir), workdir=workdir)
+        server = PrivateRedis(
+            port=port, process=_spawn(port, workdir, extra_args), workdir=workdir,
+            extra_args=extra_args,
+        )
         try:
             _wait_ready(port, server.process, timeout)
             yield server

@@ -1,0 +1,262 @@
+"""The CTR feature spec and its vectorized encoder, shared by training and serving.
+
+The batch job encodes training rows with :meth:`FeatureSpec.encode` (inside Spark,
+through pandas batches) and the ranking service encodes candidates with the very
+same call, so the column order of the model's weight vector cannot drift between
+the two. Two feature sets exist: ``course`` (the original course's one-hot
+profile fields plus price) and ``full`` (adds log-price, the user's ALS affinity
+to the ad's category, and smoothed historical CTRs of ad, category and brand).
+
+Inputs are column arrays keyed by :data:`INPUT_COLUMNS` names. Missing values are
+NaN (or any value outside a field's known levels); every categorical block has a
+"missing" slot, so a user without a profile encodes as all-missing levels.
+Everything is deterministic: no hashing, no randomness.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+
+import numpy as np
+
+#: Feature spec format version; bump when encoding semantics change.
+SCHEMA_VERSION = 1
+
+#: The two placements of the Taobao display-ad data set.
+KNOWN_PIDS = ("430548_1007", "430539_1007")
+
+#: Profile fields stored per user, in storage order (see codecs.UserFeatures).
+USER_PROFILE_FIELDS = (
+    "cms_segid",
+    "cms_group_id",
+    "gender",
+    "age_level",
+    "pvalue_level",
+    "shopping_level",
+    "occupation",
+    "new_user_class_level",
+)
+
+#: Ad-side numeric columns kept per ad in the ad feature table.
+AD_NUMERIC_FIELDS = ("price", "ctr_ad", "ctr_cate", "ctr_brand")
+
+INPUT_COLUMNS = ("pid", *USER_PROFILE_FIELDS, *AD_NUMERIC_FIELDS, "als_affinity")
+
+PRICE_CAP = 10_000.0
+MAX_PRICE = 1e8
+_CTR_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class OneHot:
+    """One slot per known level plus a trailing slot for missing or unknown values."""
+
+    column: str
+    levels: tuple[int, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [f"{self.column}={level}" for level in self.levels] + [f"{self.column}=missing"]
+
+    def fill(self, out: np.ndarray, values: np.ndarray) -> None:
+        levels = np.asarray(self.levels, dtype=np.float64)
+        values = np.asarray(values, dtype=np.float64)
+        position = np.searchsorted(levels, values)
+        clipped = np.minimum(position, len(levels) - 1)
+        known = levels[clipped] == values  # NaN never equals, so missing lands in the last slot
+        slot = np.where(known, clipped, len(levels))
+        out[np.arange(len(out)), slot] = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PidOneHot:
+    """Placement one-hot; an unknown pid is an input error, not a missing value."""
+
+    column: str = "pid"
+
+    @property
+    def names(self) -> list[str]:
+        return [f"pid={pid}" for pid in KNOWN_PIDS]
+
+    def fill(self, out: np.ndarray, values: np.ndarray) -> None:
+        values = np.asarray(values).astype(str)
+        for slot, pid in enumerate(KNOWN_PIDS):
+            out[:, slot] = values == pid
+        unknown = out.sum(axis=1) == 0
+        if unknown.any():
+            bad = sorted(set(values[unknown].tolist()))[:5]
+            raise ValueError(f"unknown pid {bad}; known pids are {list(KNOWN_PIDS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Numeric:
+    """One numeric slot: ``transform`` maps the raw column to a well-scaled value."""
+
+    column: str
+    transform: str
+
+    @property
+    def names(self) -> list[str]:
+        return [f"{self.column}:{self.transform}"]
+
+    def fill(self, out: np.ndarray, values: np.ndarray) -> None:
+        out[:, 0] = _TRANSFORMS[self.transform](np.asarray(values, dtype=np.float64))
+
+
+@dataclasses.dataclass(frozen=True)
+class MissingIndicator:
+    """1 where the column is missing (NaN): lets a 0-filled numeric stay unbiased."""
+
+    column: str
+
+    @property
+    def names(self) -> list[str]:
+        return [f"{self.column}:missing"]
+
+    def fill(self, out: np.ndarray, values: np.ndarray) -> None:
+        out[:, 0] = np.isnan(np.asarray(values, dtype=np.float64))
+
+
+def _price_linear(price: np.ndarray) -> np.ndarray:
+    return np.clip(np.nan_to_num(price, nan=0.0), 0.0, PRICE_CAP) / PRICE_CAP
+
+
+def _log_price(price: np.ndarray) -> np.ndarray:
+    return np.log1p(np.clip(np.nan_to_num(price, nan=0.0), 0.0, MAX_PRICE)) / np.log1p(MAX_PRICE)
+
+
+def _logit(probability: np.ndarray) -> np.ndarray:
+    p = np.clip(np.nan_to_num(probability, nan=0.5), _CTR_EPS, 1.0 - _CTR_EPS)
+    return np.log(p / (1.0 - p))
+
+
+def _zero_if_missing(values: np.ndarray) -> np.ndarray:
+    return np.nan_to_num(values, nan=0.0)
+
+
+_TRANSFORMS = {
+    "linear_capped": _price_linear,
+    "log_scaled": _log_price,
+    "logit": _logit,
+    "zero_if_missing": _zero_if_missing,
+}
+
+Block = OneHot | PidOneHot | Numeric | MissingIndicator
+
+_PROFILE_BLOCKS: tuple[Block, ...] = (
+    OneHot("cms_group_id", tuple(range(13))),
+    OneHot("gender", (1, 2)),
+    OneHot("age_level", tuple(range(7))),
+    OneHot("shopping_level", (1, 2, 3)),
+    OneHot("occupation", (0, 1)),
+    OneHot("pvalue_level", (1, 2, 3)),
+    OneHot("new_user_class_level", (1, 2, 3, 4)),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+    name: str
+    blocks: tuple[Block, ...]
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [name for block in self.blocks for name in block.names]
+
+    @property
+    def dim(self) -> int:
+        return len(self.feature_names)
+
+    @property
+    def input_columns(self) -> list[str]:
+        return sorted({block.column for block in self.blocks})
+
+    @property
+    def spec_id(self) -> str:
+        """Identifies the exact encoding; a model trained under another id is refused."""
+        definition = json.dumps(
+            {"schema": SCHEMA_VERSION, "name": self.name, "features": self.feature_names},
+            sort_keys=True,
+        )
+        digest = hashlib.sha256(definition.encode()).hexdigest()[:12]
+        return f"{self.name}-v{SCHEMA_VERSION}-{digest}"
+
+    def encode(self, columns: Mapping[str, np.ndarray | float | str]) -> np.ndarray:
+        """Encode ``n`` rows into a float32 ``(n, dim)`` matrix.
+
+        Each column is an array of length ``n`` or a scalar / length-1 array that is
+        broadcast (serving passes one user's fields against ``n`` candidate ads).
+        """
+        missing = [c for c in self.input_columns if c not in columns]
+        if missing:
+            raise ValueError(f"feature set {self.name!r} needs input columns {missing}")
+        arrays = {c: np.atleast_1d(np.asarray(columns[c])) for c in self.input_columns}
+        n = max(len(a) for a in arrays.values())
+        out = np.zeros((n, self.dim), dtype=np.float32)
+        start = 0
+        for block in self.blocks:
+            width = len(block.names)
+            values = arrays[block.column]
+            if len(values) not in (1, n):
+                raise ValueError(
+                    f"column {block.column!r} has {len(values)} rows, expected 1 or {n}"
+                )
+            block.fill(out[:, start : start + width], np.broadcast_to(values, (n,)))
+            start += width
+        return out
+
+
+COURSE = FeatureSpec(
+    name="course",
+    blocks=(PidOneHot(), *_PROFILE_BLOCKS, Numeric("price", "linear_capped")),
+)
+
+FULL = FeatureSpec(
+    name="full",
+    blocks=(
+        *COURSE.blocks,
+        Numeric("price", "log_scaled"),
+        Numeric("als_affinity", "zero_if_missing"),
+        MissingIndicator("als_affinity"),
+        Numeric("ctr_ad", "logit"),
+        Numeric("ctr_cate", "logit"),
+        Numeric("ctr_brand", "logit"),
+    ),
+)
+
+FEATURE_SETS: dict[str, FeatureSpec] = {spec.name: spec for spec in (COURSE, FULL)}
+
+
+def feature_spec(name: str) -> FeatureSpec:
+    try:
+        return FEATURE_SETS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown feature set {name!r}; choose one of {sorted(FEATURE_SETS)}"
+        ) from None
+
+
+def als_affinity(
+    user_factors: np.ndarray, ad_cate_ids: np.ndarray, cate_ids: np.ndarray,
+    cate_factors: np.ndarray,
+) -> np.ndarray:
+    """Predicted ALS rating of a user for each ad's category; NaN where unknown.
+
+    ``user_factors`` is ``(k,)`` for one user against many ads, or ``(n, k)`` row-aligned
+    with ``ad_cate_ids``; an all-NaN user vector means the user has no ALS factors.
+    ``cate_ids`` must be sorted ascending with ``cate_factors`` row-aligned to it.
+    """
+    ad_cate_ids = np.asarray(ad_cate_ids, dtype=np.int64)
+    result = np.full(len(ad_cate_ids), np.nan, dtype=np.float64)
+    if len(cate_ids) == 0:
+        return result
+    position = np.minimum(np.searchsorted(cate_ids, ad_cate_ids), len(cate_ids) - 1)
+    known = cate_ids[position] == ad_cate_ids
+    rows = cate_factors[position].astype(np.float64)
+    users = np.asarray(user_factors, dtype=np.float64)
+    scores = rows @ users if users.ndim == 1 else np.einsum("ij,ij->i", rows, users)
+    result[known] = scores[known]
+    return result

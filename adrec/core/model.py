@@ -1,0 +1,95 @@
+"""The CTR model artifact: logistic-regression weights bound to one feature spec.
+
+Stored as JSON (weights listed by feature name, so a person can read them), never
+pickled. Loading an artifact whose feature spec id differs from the code's spec of
+the same name is refused: scoring with misaligned weights is the bug the original
+course shipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from adrec.core.features import FeatureSpec, feature_spec
+
+ARTIFACT_FORMAT = "adrec.ctr_model.v1"
+
+
+class ModelArtifactError(ValueError):
+    """The artifact is malformed or does not match this code's feature spec."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CtrModel:
+    spec: FeatureSpec
+    weights: np.ndarray
+    intercept: float
+    metrics: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    trained_at: str = ""
+
+    def __post_init__(self) -> None:
+        weights = np.asarray(self.weights, dtype=np.float64)
+        if weights.shape != (self.spec.dim,):
+            raise ModelArtifactError(
+                f"feature set {self.spec.name!r} has {self.spec.dim} features, "
+                f"got {weights.size} weights"
+            )
+        if not np.isfinite(weights).all() or not np.isfinite(self.intercept):
+            raise ModelArtifactError("model weights and intercept must be finite")
+        object.__setattr__(self, "weights", weights)
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Click probabilities for an encoded ``(n, dim)`` feature matrix."""
+        margin = features.astype(np.float64, copy=False) @ self.weights + self.intercept
+        return 1.0 / (1.0 + np.exp(-margin))
+
+    def to_json(self) -> bytes:
+        document = {
+            "format": ARTIFACT_FORMAT,
+            "feature_set": self.spec.name,
+            "feature_spec_id": self.spec.spec_id,
+            "intercept": float(self.intercept),
+            "weights": {
+                name: float(w)
+                for name, w in zip(self.spec.feature_names, self.weights, strict=True)
+            },
+            "metrics": dict(self.metrics),
+            "trained_at": self.trained_at,
+        }
+        return json.dumps(document, indent=1, allow_nan=False).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> CtrModel:
+        try:
+            document = json.loads(raw)
+        except ValueError as exc:
+            raise ModelArtifactError(f"model artifact is not JSON: {exc}") from None
+        if not isinstance(document, dict) or document.get("format") != ARTIFACT_FORMAT:
+            raise ModelArtifactError(f"model artifact format is not {ARTIFACT_FORMAT!r}")
+        try:
+            spec = feature_spec(document["feature_set"])
+            stored_id = document["feature_spec_id"]
+            weights_by_name = document["weights"]
+            intercept = float(document["intercept"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelArtifactError(f"model artifact is missing or has a bad field: {exc}") \
+                from None
+        if stored_id != spec.spec_id:
+            raise ModelArtifactError(
+                f"model was trained with feature spec {stored_id!r} but this code encodes "
+                f"{spec.name!r} as {spec.spec_id!r}; retrain or deploy matching code"
+            )
+        if list(weights_by_name) != spec.feature_names:
+            raise ModelArtifactError("model weight names do not match the feature spec order")
+        return cls(
+            spec=spec,
+            weights=np.array(list(weights_by_name.values()), dtype=np.float64),
+            intercept=intercept,
+            metrics=document.get("metrics", {}),
+            trained_at=document.get("trained_at", ""),
+        )

@@ -1,0 +1,100 @@
+"""Redis connections from a URL, standalone or cluster, sync (job, CLI) or asyncio (services)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
+
+from adrec.core.settings import parse_bool, parse_float, setting
+
+SUPPORTED_SCHEMES = ("redis", "rediss", "unix")
+
+
+def validate_url(url: str) -> str | None:
+    """Why ``url`` is not a usable Redis URL, or None when it is."""
+    parts = urlsplit(url)
+    if parts.scheme not in SUPPORTED_SCHEMES:
+        return f"scheme must be one of {', '.join(s + '://' for s in SUPPORTED_SCHEMES)}"
+    if parts.scheme != "unix" and not parts.hostname:
+        return "has no host"
+    try:
+        parts.port  # noqa: B018 - urlsplit validates the port lazily
+    except ValueError:
+        return "has an invalid port"
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        return f"database {db!r} is not a number"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisSettings:
+    url: str = setting(
+        "REDIS_URL",
+        "redis://127.0.0.1:6379/0",
+        "Redis URL: redis://[:password@]host:port/db, rediss:// for TLS, unix:///path.sock",
+        check=validate_url,
+    )
+    password: str = setting(
+        "REDIS_PASSWORD", "", "Password when not in the URL (e.g. from a Secret)", secret=True
+    )
+    cluster: bool = setting(
+        "REDIS_CLUSTER", False, "Connect in Redis Cluster mode", parse=parse_bool
+    )
+    tls_ca_file: str = setting(
+        "REDIS_TLS_CA_FILE", "", "CA bundle used to verify the server with rediss://"
+    )
+    socket_timeout_s: float = setting(
+        "REDIS_TIMEOUT_SECONDS", 1.0, "Socket connect and read timeout", parse=parse_float,
+        check=lambda v: None if v > 0 else "must be positive",
+    )
+
+    def validate(self) -> list[str]:
+        if self.cluster and urlsplit(self.url).scheme == "unix":
+            return ["REDIS_CLUSTER=true cannot be used with a unix:// REDIS_URL"]
+        if self.cluster and urlsplit(self.url).path.strip("/") not in ("", "0"):
+            return ["REDIS_URL selects a database other than 0, which Redis Cluster does not have"]
+        return []
+
+
+def _options(settings: RedisSettings) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "socket_timeout": settings.socket_timeout_s,
+        "socket_connect_timeout": settings.socket_timeout_s,
+    }
+    if settings.password:
+        options["password"] = settings.password
+    if settings.tls_ca_file:
+        options["ssl_ca_certs"] = settings.tls_ca_file
+    return options
+
+
+def connect(settings: RedisSettings) -> redis.Redis | redis.cluster.RedisCluster:
+    """A synchronous client (the batch job and the CLI)."""
+    if settings.cluster:
+        return redis.cluster.RedisCluster.from_url(settings.url, **_options(settings))
+    return redis.Redis.from_url(settings.url, **_options(settings))
+
+
+def connect_async(
+    settings: RedisSettings,
+) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
+    """An asyncio client (the gRPC services)."""
+    if settings.cluster:
+        return redis.asyncio.cluster.RedisCluster.from_url(settings.url, **_options(settings))
+    return redis.asyncio.Redis.from_url(settings.url, **_options(settings))
+
+
+def redacted(url: str) -> str:
+    """The URL with any password replaced, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()

@@ -1,0 +1,68 @@
+"""Redis connections from URLs against real private redis-servers."""
+
+import pytest
+import redis
+
+from adrec.core.redis_conn import RedisSettings, connect, connect_async, redacted, validate_url
+from adrec.core.redis_server import private_redis
+from adrec.core.settings import SettingsError, load
+
+
+def test_connects_with_db_from_url(redis_server):
+    url = f"redis://127.0.0.1:{redis_server.port}/3"
+    client = connect(load(RedisSettings, env={"REDIS_URL": url}))
+    client.set(b"probe", b"1")
+    assert redis.Redis(port=redis_server.port, db=3).get(b"probe") == b"1"
+    assert redis.Redis(port=redis_server.port, db=0).get(b"probe") is None
+    client.delete(b"probe")
+
+
+def test_password_from_url_or_separate_setting():
+    with private_redis(extra_args=("--requirepass", "s3cret")) as server:
+        in_url = f"redis://:s3cret@127.0.0.1:{server.port}/0"
+        assert connect(load(RedisSettings, env={"REDIS_URL": in_url})).ping()
+        separate = load(RedisSettings, env={"REDIS_URL": server.url, "REDIS_PASSWORD": "s3cret"})
+        assert connect(separate).ping()
+        with pytest.raises(redis.AuthenticationError):
+            connect(load(RedisSettings, env={"REDIS_URL": server.url})).ping()
+
+
+async def _async_ping(settings):
+    client = connect_async(settings)
+    try:
+        return await client.ping()
+    finally:
+        await client.aclose()
+
+
+def test_async_client(redis_server):
+    import asyncio
+
+    settings = load(RedisSettings, env={"REDIS_URL": redis_server.url})
+    assert asyncio.run(_async_ping(settings)) is True
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://x:6379", "scheme"),
+        ("redis://", "no host"),
+        ("redis://h:port/0", "invalid port"),
+        ("redis://h:6379/zero", "not a number"),
+    ],
+)
+def test_bad_urls_are_explained(url, why):
+    assert why in validate_url(url)
+    with pytest.raises(SettingsError, match=f"REDIS_URL='{url}'"):
+        load(RedisSettings, env={"REDIS_URL": url})
+
+
+def test_rediss_and_cluster_validation():
+    assert validate_url("rediss://:pw@cache.example:6380/0") is None
+    with pytest.raises(SettingsError, match="database other than 0"):
+        load(RedisSettings, env={"REDIS_URL": "redis://h:6379/2", "REDIS_CLUSTER": "true"})
+
+
+def test_redacted_hides_passwords():
+    assert redacted("rediss://:pw@h:6380/0") == "rediss://:***@h:6380/0"
+    assert redacted("redis://h:6379/0") == "redis://h:6379/0"
