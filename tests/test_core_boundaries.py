@@ -3,7 +3,9 @@
 import subprocess
 import sys
 
-CORE_MODULES = ["codecs", "features", "keys", "model", "redis_conn", "redis_server", "settings"]
+CORE_MODULES = [
+    "codecs", "features", "keys", "model", "redis_conn", "redis_server", "settings", "store",
+]
 
 
 def test_core_imports_neither_grpc_nor_pyspark():
