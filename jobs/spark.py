@@ -1,0 +1,35 @@
+"""The SparkSession the job runs in: local by default, any master through spark-submit."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from pyspark.sql import SparkSession
+
+DEFAULT_CONF = {
+    # Timestamps are Unix seconds; day boundaries are computed explicitly in China time.
+    "spark.sql.session.timeZone": "UTC",
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+    "spark.sql.adaptive.enabled": "true",
+    "spark.ui.showConsoleProgress": "false",
+}
+
+
+def build_session(master: str | None = None, app_name: str = "adrec-job",
+                  conf: Mapping[str, str] | None = None):
+    """Get or create the session.
+
+    Under ``spark-submit`` the master comes from the submit command and ``master`` is
+    left unset; run directly, the job defaults to ``local[*]``.
+    """
+    builder = SparkSession.builder.appName(app_name)
+    # spark-submit starts the JVM first and hands the Python driver its gateway port.
+    submitted = "PYSPARK_GATEWAY_PORT" in os.environ
+    if master or not submitted:
+        builder = builder.master(master or "local[*]")
+    for key, value in {**DEFAULT_CONF, **(conf or {})}.items():
+        builder = builder.config(key, value)
+    session = builder.getOrCreate()
+    session.sparkContext.setLogLevel("WARN")
+    return session
