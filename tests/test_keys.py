@@ -10,6 +10,7 @@ def test_global_keys_are_pinned():
     assert keys.VERSIONS == b"adrec:versions"
     assert keys.VERSION_SEQUENCE == b"adrec:version_seq"
     assert keys.PUBLISH_LOCK == b"adrec:publish_lock"
+    assert keys.PENDING_VERSIONS == b"adrec:pending"
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ Layout (``V`` is a data version such as ``v17``)::
     adrec:versions                -> sorted set: version id scored by creation time
     adrec:version_seq             -> counter that allocates version ids
     adrec:publish_lock            -> held by the one job allowed to publish at a time
+    adrec:pending                 -> set of versions being written (orphans of killed runs)
     adrec:V:meta                  -> version metadata (JSON)
     adrec:V:recall:<user_id>      -> recall list (packed int32 ad ids)
     adrec:V:offline:<user_id>     -> offline top-N (packed int32 ids + float16 CTRs)
@@ -31,6 +32,7 @@ ACTIVE_VERSION = f"{PREFIX}:active".encode()
 VERSIONS = f"{PREFIX}:versions".encode()
 VERSION_SEQUENCE = f"{PREFIX}:version_seq".encode()
 PUBLISH_LOCK = f"{PREFIX}:publish_lock".encode()
+PENDING_VERSIONS = f"{PREFIX}:pending".encode()
 
 _VERSION_RE = re.compile(r"v[1-9][0-9]{0,17}")
 

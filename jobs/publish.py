@@ -1,0 +1,162 @@
+"""Versioned, atomic publishing of one job run into Redis, plus list and rollback.
+
+A run publishes inside a :class:`Publication`::
+
+    with Publication(client, keep_versions=2) as pub:
+        pub.writer.put_recall_lists(...)        # every key under pub.version
+        ...
+        pub.commit(report)                      # metadata, then the atomic switch
+
+Guarantees:
+- readers only ever follow ``adrec:active``, which moves with one SET after the new
+  version's metadata is written, so they never see a half-written version;
+- one publisher at a time (a lock with a heartbeat: a killed run's lock expires
+  within ``lock_ttl`` seconds);
+- a run that fails or is killed leaves the previous version serving; its partial
+  keys are removed on exit, or by the next run if the process died;
+- after a commit only the newest ``keep_versions`` previous versions are kept.
+
+Nothing here imports Spark, so operators can list and roll back from the
+services image.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import uuid
+from typing import Any
+
+from adrec.core import keys, store
+from adrec.core.store import VersionWriter
+
+_RELEASE_IF_OWNER = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+_REFRESH_IF_OWNER = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+class PublishLockedError(RuntimeError):
+    """Another run holds the publish lock."""
+
+
+class Publication:
+    def __init__(self, client: Any, keep_versions: int = 2, lock_ttl: float = 60.0):
+        if keep_versions < 0:
+            raise ValueError("keep_versions must be 0 or more")
+        self.client = client
+        self.keep_versions = keep_versions
+        self.lock_ttl_ms = int(lock_ttl * 1000)
+        self.run_id = uuid.uuid4().hex
+        self.version = ""
+        self.committed = False
+        self.removed_versions: list[str] = []
+        self._release = client.register_script(_RELEASE_IF_OWNER)
+        self._refresh = client.register_script(_REFRESH_IF_OWNER)
+        self._stop_heartbeat = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self._memory_at_start = 0
+
+    @property
+    def writer(self) -> VersionWriter:
+        return VersionWriter(self.client, self.version)
+
+    def __enter__(self) -> Publication:
+        if not self.client.set(keys.PUBLISH_LOCK, self.run_id, nx=True, px=self.lock_ttl_ms):
+            holder = self.client.get(keys.PUBLISH_LOCK)
+            raise PublishLockedError(
+                f"another run ({holder.decode() if holder else 'unknown'}) is publishing; "
+                f"its lock expires {self.lock_ttl_ms // 1000}s after it stops"
+            )
+        self._heartbeat = threading.Thread(target=self._beat, name="publish-lock", daemon=True)
+        self._heartbeat.start()
+        try:
+            self._remove_orphans()
+            self._memory_at_start = used_memory(self.client)
+            self.version = store.allocate_version(self.client)
+            self.client.sadd(keys.PENDING_VERSIONS, self.version)
+        except BaseException:
+            self._unlock()
+            raise
+        return self
+
+    def commit(self, meta: dict[str, Any]) -> str | None:
+        """Write the metadata, switch readers to this version, prune old ones."""
+        document = {
+            **meta,
+            "version": self.version,
+            "run_id": self.run_id,
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "memory_bytes": max(used_memory(self.client) - self._memory_at_start, 0),
+        }
+        self.writer.put_meta(document)
+        previous = store.activate(self.client, self.version)
+        self.committed = True
+        self.client.srem(keys.PENDING_VERSIONS, self.version)
+        self.removed_versions = prune(self.client, self.keep_versions)
+        return previous
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if not self.committed and self.version:
+                store.delete_version(self.client, self.version)
+                self.client.srem(keys.PENDING_VERSIONS, self.version)
+        finally:
+            self._unlock()
+
+    def _beat(self) -> None:
+        interval = self.lock_ttl_ms / 4000
+        while not self._stop_heartbeat.wait(interval):
+            self._refresh(keys=[keys.PUBLISH_LOCK], args=[self.run_id, self.lock_ttl_ms])
+
+    def _unlock(self) -> None:
+        self._stop_heartbeat.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+        self._release(keys=[keys.PUBLISH_LOCK], args=[self.run_id])
+
+    def _remove_orphans(self) -> None:
+        # Holding the lock, any pending version belongs to a run that died mid-write.
+        for raw in self.client.smembers(keys.PENDING_VERSIONS):
+            orphan = raw.decode()
+            if orphan != store.active_version(self.client):
+                store.delete_version(self.client, orphan)
+            self.client.srem(keys.PENDING_VERSIONS, orphan)
+
+
+def prune(client: Any, keep_versions: int) -> list[str]:
+    """Delete completed versions beyond the active one and the newest ``keep_versions`` others."""
+    active = store.active_version(client)
+    others = [v for v in store.list_versions(client) if v != active]
+    doomed = others[: max(len(others) - keep_versions, 0)]
+    for version in doomed:
+        store.delete_version(client, version)
+    return doomed
+
+
+def rollback(client: Any, version: str) -> str | None:
+    """Make an older completed version active again; returns the one it replaces."""
+    return store.activate(client, keys.check_version(version))
+
+
+def version_summaries(client: Any) -> list[dict[str, Any]]:
+    """Every kept version with its metadata, newest first, for ``adrec publish list``."""
+    active = store.active_version(client)
+    rows = []
+    for version in reversed(store.list_versions(client)):
+        meta = store.read_meta(client, version) or {}
+        rows.append({"version": version, "active": version == active, **meta})
+    return rows
+
+
+def used_memory(client: Any) -> int:
+    info = client.info("memory")
+    if "used_memory" in info:
+        return int(info["used_memory"])
+    # Redis Cluster answers per node.
+    return sum(int(node["used_memory"]) for node in info.values())
+

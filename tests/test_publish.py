@@ -1,0 +1,123 @@
+"""Publishing: atomic switch, failure and kill safety, locking, retention and rollback.
+
+Runs against a real redis-server; the kill test SIGKILLs a real publishing process.
+"""
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from adrec.core import keys, store
+from adrec.jobs.publish import Publication, PublishLockedError, rollback, version_summaries
+
+
+def publish(client, users=3, offset=0, keep=2):
+    with Publication(client, keep_versions=keep) as pub:
+        pub.writer.put_recall_lists(
+            range(1, users + 1), [np.arange(1, 6) + offset + u for u in range(users)]
+        )
+        previous = pub.commit({"counts": {"users": users}})
+    return pub, previous
+
+
+def test_commit_switches_the_active_version_and_records_metadata(redis_client):
+    first, previous = publish(redis_client)
+    assert previous is None and first.version == "v1"
+    second, previous = publish(redis_client, offset=10)
+    assert previous == "v1"
+    assert store.active_version(redis_client) == "v2"
+    meta = store.read_meta(redis_client, "v2")
+    assert meta["run_id"] == second.run_id and meta["counts"] == {"users": 3}
+    assert meta["memory_bytes"] > 0 and meta["created_at"].endswith("+00:00")
+    assert store.read_recall_list(redis_client, "v2", 1).tolist() == [11, 12, 13, 14, 15]
+    assert not redis_client.exists(keys.PUBLISH_LOCK)
+    assert redis_client.smembers(keys.PENDING_VERSIONS) == set()
+
+
+def test_a_failed_run_leaves_the_previous_version_serving_and_no_keys(redis_client):
+    publish(redis_client)
+    before = sorted(redis_client.keys(b"adrec:v1:*"))
+    with pytest.raises(RuntimeError, match="boom"), Publication(redis_client) as pub:
+        pub.writer.put_recall_lists([1, 2], [np.array([7]), np.array([8])])
+        raise RuntimeError("boom")
+    assert store.active_version(redis_client) == "v1"
+    assert sorted(redis_client.keys(b"adrec:v1:*")) == before
+    assert redis_client.keys(b"adrec:v2:*") == []
+    assert not redis_client.exists(keys.PUBLISH_LOCK)
+
+
+def test_only_one_publisher_at_a_time(redis_client):
+    with Publication(redis_client), pytest.raises(PublishLockedError, match="publishing"):
+        Publication(redis_client).__enter__()
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import sys, time
+    import numpy as np, redis
+    from adrec.jobs.publish import Publication
+    client = redis.Redis.from_url(sys.argv[1])
+    pub = Publication(client, lock_ttl=1.0).__enter__()
+    pub.writer.put_recall_lists(range(1, 1001), [np.arange(1, 501)] * 1000)
+    print(pub.version, flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_killed_run_leaves_the_old_version_served_and_is_cleaned_up_later(redis_client,
+                                                                            redis_url):
+    publish(redis_client)
+    v1_keys = sorted(redis_client.keys(b"adrec:v1:*"))
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, redis_url],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        killed_version = proc.stdout.readline().strip()
+        assert killed_version == "v2"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        proc.kill()
+    assert store.active_version(redis_client) == "v1"
+    assert sorted(redis_client.keys(b"adrec:v1:*")) == v1_keys
+    assert len(redis_client.keys(b"adrec:v2:recall:*")) == 1000  # orphaned, never served
+    deadline = time.monotonic() + 5
+    while redis_client.exists(keys.PUBLISH_LOCK) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    third, _ = publish(redis_client)
+    assert third.version == "v3"
+    assert redis_client.keys(b"adrec:v2:*") == []
+
+
+def test_retention_keeps_the_newest_previous_versions(redis_client):
+    for offset in range(4):
+        pub, _ = publish(redis_client, offset=offset, keep=1)
+    assert pub.removed_versions == ["v2"]
+    assert store.list_versions(redis_client) == ["v3", "v4"]
+    assert redis_client.keys(b"adrec:v1:*") == [] and redis_client.keys(b"adrec:v2:*") == []
+
+
+def test_rollback_and_list(redis_client):
+    publish(redis_client)
+    publish(redis_client, offset=5)
+    assert rollback(redis_client, "v1") == "v2"
+    assert store.read_recall_list(redis_client, "v1", 1).tolist() == [1, 2, 3, 4, 5]
+    rows = version_summaries(redis_client)
+    assert [(r["version"], r["active"]) for r in rows] == [("v2", False), ("v1", True)]
+    with pytest.raises(store.VersionNotFoundError):
+        rollback(redis_client, "v9")
+    with pytest.raises(ValueError, match="data version"):
+        rollback(redis_client, "latest")
+
+
+def test_reruns_are_idempotent(redis_client):
+    publish(redis_client, keep=1)
+    publish(redis_client, keep=1)
+    publish(redis_client, keep=1)
+    assert store.list_versions(redis_client) == ["v2", "v3"]
+    assert store.read_recall_list(redis_client, "v3", 2).tolist() == \
+        store.read_recall_list(redis_client, "v2", 2).tolist()
+    assert len(redis_client.keys(b"adrec:v[0-9]*")) == 2 * (3 + 1)
