@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+import redis
+
 COMMAND_GROUPS = ("data", "job", "publish", "serve", "recommend")
 
 
@@ -33,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"adrec {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except redis.ConnectionError as exc:
+        print(f"adrec {args.command}: error: cannot reach Redis: {exc}", file=sys.stderr)
+        return 1
 
 
 class UsageError(Exception):
