@@ -63,3 +63,12 @@ def test_secrets_are_masked():
     loaded = load(DemoSettings, env={"ADREC_DEMO_TOKEN": "hunter2", "ADREC_DEMO_VERBOSE": "1"})
     assert describe(loaded)["ADREC_DEMO_TOKEN"] == "***"
     assert env_names(DemoSettings) == ["ADREC_DEMO_PORT", "ADREC_DEMO_VERBOSE", "ADREC_DEMO_TOKEN"]
+
+
+def test_aliases_set_the_same_setting():
+    from adrec.core.redis_conn import RedisSettings
+
+    parser = argparse.ArgumentParser()
+    add_flags(RedisSettings, parser)
+    chosen = load(RedisSettings, env={}, flags=parser.parse_args(["--redis", "redis://h:1/0"]))
+    assert chosen.url == "redis://h:1/0"

@@ -40,6 +40,7 @@ class RedisSettings:
         "redis://127.0.0.1:6379/0",
         "Redis URL: redis://[:password@]host:port/db, rediss:// for TLS, unix:///path.sock",
         check=validate_url,
+        aliases=("--redis",),
     )
     password: str = setting(
         "REDIS_PASSWORD", "", "Password when not in the URL (e.g. from a Secret)", secret=True

@@ -38,6 +38,7 @@ class SettingSpec:
     parse: Callable[[str], Any]
     check: Callable[[Any], str | None] | None = None
     secret: bool = False
+    aliases: tuple[str, ...] = ()
 
     @property
     def flag(self) -> str:
@@ -52,9 +53,11 @@ def setting(
     parse: Callable[[str], Any] = str,
     check: Callable[[Any], str | None] | None = None,
     secret: bool = False,
+    aliases: tuple[str, ...] = (),
 ) -> Any:
-    """Declare a dataclass field backed by env var ``env`` and an equivalent flag."""
-    spec = SettingSpec(env=env, help=help, parse=parse, check=check, secret=secret)
+    """Declare a dataclass field backed by env var ``env``, its flag and any flag aliases."""
+    spec = SettingSpec(env=env, help=help, parse=parse, check=check, secret=secret,
+                       aliases=aliases)
     return dataclasses.field(default=default, metadata={_SETTING_KEY: spec})
 
 
@@ -127,7 +130,8 @@ def add_flags(cls: type, parser: argparse.ArgumentParser) -> None:
     """Add one optional flag per setting; absent flags leave env/defaults alone."""
     for name, spec in specs(cls).items():
         parser.add_argument(
-            spec.flag, dest=f"setting_{name}", default=None, metavar=spec.env, help=spec.help
+            spec.flag, *spec.aliases, dest=f"setting_{name}", default=None, metavar=spec.env,
+            help=spec.help,
         )
 
 

@@ -1,0 +1,280 @@
+"""The proto API: buf lint, the committed generated code, and the shape of the services."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
+from grpc_helpers import REPO_ROOT, buf_executable
+
+from adrec.api.common.v1 import common_pb2
+from adrec.api.gateway.v1 import gateway_service_pb2, gateway_service_pb2_grpc
+from adrec.api.ranking.v1 import ranking_service_pb2, ranking_service_pb2_grpc
+from adrec.api.recall.v1 import recall_service_pb2, recall_service_pb2_grpc
+
+GENERATE = REPO_ROOT / "protos" / "generate.py"
+API_MODULES = (common_pb2, recall_service_pb2, ranking_service_pb2, gateway_service_pb2)
+
+INT64 = FieldDescriptor.TYPE_INT64
+INT32 = FieldDescriptor.TYPE_INT32
+STRING = FieldDescriptor.TYPE_STRING
+FLOAT = FieldDescriptor.TYPE_FLOAT
+BOOL = FieldDescriptor.TYPE_BOOL
+ENUM = FieldDescriptor.TYPE_ENUM
+MESSAGE = FieldDescriptor.TYPE_MESSAGE
+
+
+def run_generate(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(GENERATE), *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def run_buf(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [buf_executable(), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+# --- generated code ---------------------------------------------------------------------------
+
+
+def test_committed_generated_code_is_up_to_date():
+    result = run_generate("--check")
+    assert result.returncode == 0, f"stale generated code:\n{result.stderr}"
+
+
+def test_check_reports_changed_missing_and_extra_files(tmp_path: Path):
+    out = tmp_path / "api"
+    assert run_generate("--out", str(out)).returncode == 0
+    assert run_generate("--check", "--out", str(out)).returncode == 0
+
+    changed = out / "recall" / "v1" / "recall_service_pb2.py"
+    changed.write_text(changed.read_text() + "# edited by hand\n")
+    (out / "ranking" / "v1" / "ranking_service_pb2.pyi").unlink()
+    (out / "gateway" / "v1" / "removed_service_pb2_grpc.py").write_text("")
+    (out / "common" / "v1" / "__init__.py").unlink()
+
+    result = run_generate("--check", "--out", str(out))
+
+    assert result.returncode == 1
+    reported = set(result.stderr.splitlines())
+    assert {
+        "differs: recall/v1/recall_service_pb2.py",
+        "missing: ranking/v1/ranking_service_pb2.pyi",
+        "extra: gateway/v1/removed_service_pb2_grpc.py",
+        "missing: common/v1/__init__.py",
+    } <= reported
+
+
+def test_generation_repairs_the_tree_and_keeps_package_markers(tmp_path: Path):
+    out = tmp_path / "api"
+    assert run_generate("--out", str(out)).returncode == 0
+    marker = out / "recall" / "v1" / "__init__.py"
+    marker.write_text('"""Hand-written package docstring."""\n')
+    stale = out / "recall" / "v1" / "retired_service_pb2.py"
+    stale.write_text("")
+
+    assert run_generate("--out", str(out)).returncode == 0
+
+    assert not stale.exists()
+    assert marker.read_text() == '"""Hand-written package docstring."""\n'
+    assert run_generate("--check", "--out", str(out)).returncode == 0
+
+
+def test_generated_modules_import_under_adrec_api_with_proto_file_names():
+    for module in API_MODULES:
+        assert module.__name__.startswith("adrec.api.")
+        proto_package_path = module.__name__.replace("adrec.api.", "adrec.", 1).replace(".", "/")
+        assert module.DESCRIPTOR.name == proto_package_path.removesuffix("_pb2") + ".proto"
+        for message in module.DESCRIPTOR.message_types_by_name:
+            assert getattr(module, message).__module__ == module.__name__
+    assert [dependency.name for dependency in recall_service_pb2.DESCRIPTOR.dependencies] == [
+        "adrec/common/v1/common.proto"
+    ]
+
+
+# --- buf ----------------------------------------------------------------------------------------
+
+
+def test_buf_lint_standard_passes():
+    result = run_buf("lint", "protos")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == ""
+
+
+def test_protos_are_buf_formatted():
+    result = run_buf("format", "--diff", "--exit-code", "protos")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_message_field_enum_value_and_rpc_is_documented():
+    """The comments are the API docs that reflection and buf show, so none may be missing."""
+    comments_only = '{"version":"v2","lint":{"use":["COMMENTS"]}}'
+    # An inline --config describes a module at ".", so buf must run inside the module.
+    result = run_buf("lint", "--config", comments_only, cwd=REPO_ROOT / "protos")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- API shape ----------------------------------------------------------------------------------
+
+
+def fields(message) -> dict[str, tuple[int, bool]]:
+    """Field name -> (type, repeated)."""
+    return {field.name: (field.type, field.is_repeated) for field in message.DESCRIPTOR.fields}
+
+
+@pytest.mark.parametrize(
+    ("module", "grpc_module", "full_name", "method"),
+    [
+        (
+            recall_service_pb2,
+            recall_service_pb2_grpc,
+            "adrec.recall.v1.RecallService",
+            "GetCandidates",
+        ),
+        (
+            ranking_service_pb2,
+            ranking_service_pb2_grpc,
+            "adrec.ranking.v1.RankingService",
+            "RankCandidates",
+        ),
+        (
+            gateway_service_pb2,
+            gateway_service_pb2_grpc,
+            "adrec.gateway.v1.GatewayService",
+            "Recommend",
+        ),
+    ],
+)
+def test_each_service_has_one_unary_method(module, grpc_module, full_name, method):
+    (descriptor,) = module.DESCRIPTOR.services_by_name.values()
+    assert descriptor.full_name == full_name
+    service = descriptor.name
+    assert list(descriptor.methods_by_name) == [method]
+    rpc = descriptor.methods_by_name[method]
+    assert rpc.input_type is getattr(module, f"{method}Request").DESCRIPTOR
+    assert rpc.output_type is getattr(module, f"{method}Response").DESCRIPTOR
+    assert not rpc.client_streaming
+    assert not rpc.server_streaming
+    assert callable(getattr(getattr(grpc_module, f"{service}Servicer"), method))
+    assert callable(getattr(grpc_module, f"add_{service}Servicer_to_server"))
+    assert hasattr(grpc_module, f"{service}Stub")
+
+
+def test_common_types():
+    assert fields(common_pb2.ScoredAd) == {"ad_id": (INT64, False), "ctr": (FLOAT, False)}
+    # An unscored ad is told apart from a zero score.
+    assert not common_pb2.ScoredAd(ad_id=1).HasField("ctr")
+    assert common_pb2.ScoredAd(ad_id=1, ctr=0.0).HasField("ctr")
+    assert common_pb2.CandidateSource.keys() == [
+        "CANDIDATE_SOURCE_UNSPECIFIED",
+        "CANDIDATE_SOURCE_PERSONAL",
+        "CANDIDATE_SOURCE_POPULAR",
+    ]
+
+
+def test_recall_messages():
+    assert fields(recall_service_pb2.GetCandidatesRequest) == {
+        "user_id": (INT64, False),
+        "pid": (STRING, False),
+        "limit": (INT32, False),
+        "request_id": (STRING, False),
+    }
+    assert fields(recall_service_pb2.GetCandidatesResponse) == {
+        "ad_ids": (INT64, True),
+        "source": (ENUM, False),
+        "fallback_reason": (ENUM, False),
+        "data_version": (STRING, False),
+    }
+    response = recall_service_pb2.GetCandidatesResponse.DESCRIPTOR
+    assert response.fields_by_name["source"].enum_type is common_pb2.CandidateSource.DESCRIPTOR
+
+
+def test_ranking_messages():
+    assert fields(ranking_service_pb2.RankCandidatesRequest) == {
+        "user_id": (INT64, False),
+        "pid": (STRING, False),
+        "ad_ids": (INT64, True),
+        "top_k": (INT32, False),
+        "request_id": (STRING, False),
+    }
+    assert fields(ranking_service_pb2.RankCandidatesResponse) == {
+        "ads": (MESSAGE, True),
+        "model_version": (STRING, False),
+        "data_version": (STRING, False),
+        "unknown_ads_skipped": (INT32, False),
+        "user_profile_found": (BOOL, False),
+    }
+    ads = ranking_service_pb2.RankCandidatesResponse.DESCRIPTOR.fields_by_name["ads"]
+    assert ads.message_type is common_pb2.ScoredAd.DESCRIPTOR
+
+
+def test_gateway_messages():
+    assert fields(gateway_service_pb2.RecommendRequest) == {
+        "user_id": (INT64, False),
+        "pid": (STRING, False),
+        "count": (INT32, False),
+        "mode": (ENUM, False),
+        "request_id": (STRING, False),
+    }
+    assert fields(gateway_service_pb2.RecommendResponse) == {
+        "ads": (MESSAGE, True),
+        "serving_path": (ENUM, False),
+        "degradation_reasons": (ENUM, True),
+        "candidate_source": (ENUM, False),
+        "mode": (ENUM, False),
+        "data_version": (STRING, False),
+        "model_version": (STRING, False),
+        "request_id": (STRING, False),
+    }
+    assert gateway_service_pb2.RecommendMode.keys() == [
+        "RECOMMEND_MODE_UNSPECIFIED",
+        "RECOMMEND_MODE_REALTIME",
+        "RECOMMEND_MODE_OFFLINE",
+    ]
+    assert set(gateway_service_pb2.ServingPath.keys()) >= {
+        "SERVING_PATH_REALTIME_RANKED",
+        "SERVING_PATH_OFFLINE_RANKED",
+        "SERVING_PATH_RECALL_ORDER",
+        "SERVING_PATH_POPULAR",
+    }
+    assert set(gateway_service_pb2.DegradationReason.keys()) >= {
+        "DEGRADATION_REASON_RANKING_UNAVAILABLE",
+        "DEGRADATION_REASON_RANKING_DEADLINE_EXCEEDED",
+        "DEGRADATION_REASON_NO_RECALL_SET",
+        "DEGRADATION_REASON_NO_OFFLINE_LIST",
+        "DEGRADATION_REASON_RECALL_UNAVAILABLE",
+    }
+
+
+def upper_snake(name: str) -> str:
+    return "".join(
+        f"_{char}" if char.isupper() and index else char for index, char in enumerate(name)
+    ).upper()
+
+
+def all_enums() -> list[EnumDescriptor]:
+    return [
+        enum for module in API_MODULES for enum in module.DESCRIPTOR.enum_types_by_name.values()
+    ]
+
+
+@pytest.mark.parametrize("enum", all_enums(), ids=lambda enum: enum.full_name)
+def test_enum_zero_value_is_unspecified(enum: EnumDescriptor):
+    zero = enum.values_by_number[0]
+    assert zero.name == f"{upper_snake(enum.name)}_UNSPECIFIED"
+    assert enum.values[0] is zero

@@ -1,0 +1,370 @@
+"""The shared server bootstrap, exercised over real loopback gRPC with a RecallService."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_helpers import health_status, loopback_channel, run_buf
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from adrec.api.common.v1 import common_pb2
+from adrec.api.recall.v1 import recall_service_pb2, recall_service_pb2_grpc
+from adrec.services.runtime import RunningServer, ServiceSpec, run_until_signalled, serve
+
+RECALL = recall_service_pb2.DESCRIPTOR.services_by_name["RecallService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+HOLD = "hold"
+
+
+class FixedRecallServicer(recall_service_pb2_grpc.RecallServiceServicer):
+    """Answers every user with `limit` consecutive ids from 101 (three when unset).
+
+    A request whose request_id is HOLD waits until the test releases it, to have a call in
+    flight while the server stops.
+    """
+
+    def __init__(self) -> None:
+        self.held_call_started = asyncio.Event()
+        self.release_held_calls = asyncio.Event()
+
+    async def GetCandidates(self, request, context):
+        if request.request_id == HOLD:
+            self.held_call_started.set()
+            await self.release_held_calls.wait()
+        return recall_service_pb2.GetCandidatesResponse(
+            ad_ids=range(101, 101 + (request.limit or 3)),
+            source=common_pb2.CANDIDATE_SOURCE_PERSONAL,
+            data_version="test-version",
+        )
+
+
+@asynccontextmanager
+async def recall_server(
+    **serve_options: Any,
+) -> AsyncIterator[tuple[RunningServer, FixedRecallServicer]]:
+    servicer = FixedRecallServicer()
+    spec = ServiceSpec.of(
+        recall_service_pb2.DESCRIPTOR.services_by_name["RecallService"],
+        servicer,
+        recall_service_pb2_grpc.add_RecallServiceServicer_to_server,
+    )
+    async with serve(spec, **serve_options) as running:
+        yield running, servicer
+
+
+def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+
+
+async def get_candidates(channel: grpc.aio.Channel, **request: Any):
+    stub = recall_service_pb2_grpc.RecallServiceStub(channel)
+    return await stub.GetCandidates(recall_service_pb2.GetCandidatesRequest(**request), timeout=10)
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def wait_until_connections_refused(port: int, timeout: float = 5) -> None:
+    """Poll with health checks on fresh connections until the server refuses them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        async with loopback_channel(port) as channel:
+            try:
+                await health_status(channel)
+            except grpc.aio.AioRpcError as error:
+                # A call racing the shutdown on an accepted connection is CANCELLED instead.
+                if error.code() == grpc.StatusCode.UNAVAILABLE:
+                    return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the server kept accepting connections")
+
+
+def test_serves_the_application_rpc():
+    async def scenario():
+        async with recall_server() as (running, _), loopback_channel(running.port) as channel:
+            response = await get_candidates(channel, user_id=7)
+            assert list(response.ad_ids) == [101, 102, 103]
+            assert response.source == common_pb2.CANDIDATE_SOURCE_PERSONAL
+            assert response.data_version == "test-version"
+
+    run(scenario)
+
+
+def test_health_is_not_serving_until_set_for_the_server_and_each_service_together():
+    async def scenario():
+        async with recall_server() as (running, _), loopback_channel(running.port) as channel:
+            assert await health_status(channel, "") == NOT_SERVING
+            assert await health_status(channel, RECALL) == NOT_SERVING
+
+            await running.set_serving(True)
+            assert await health_status(channel, "") == SERVING
+            assert await health_status(channel, RECALL) == SERVING
+
+            await running.set_serving(False)
+            assert await health_status(channel, "") == NOT_SERVING
+            assert await health_status(channel, RECALL) == NOT_SERVING
+
+            with pytest.raises(grpc.aio.AioRpcError) as unknown:
+                await health_status(channel, "adrec.nope.v1.NopeService")
+            assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+    run(scenario)
+
+
+def describe_over_reflection(port: int) -> dict[str, Any]:
+    """Resolve RecallService through server reflection alone, into a fresh descriptor pool."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        pool = descriptor_pool.DescriptorPool(database)
+        service = pool.FindServiceByName(RECALL)
+        method = service.methods_by_name["GetCandidates"]
+        source = method.output_type.fields_by_name["source"]
+        return {
+            "services": set(database.get_services()),
+            "file": service.file.name,
+            "dependencies": [dependency.name for dependency in service.file.dependencies],
+            "request_fields": [field.name for field in method.input_type.fields],
+            "source_enum": source.enum_type.full_name,
+            "source_values": [value.name for value in source.enum_type.values],
+            "scored_ad_fields": [
+                field.name
+                for field in pool.FindMessageTypeByName("adrec.common.v1.ScoredAd").fields
+            ],
+        }
+
+
+def test_reflection_lists_services_and_resolves_imported_protos():
+    async def scenario():
+        async with recall_server() as (running, _):
+            # The sync reflection client blocks; the server shares this thread's event loop.
+            described = await asyncio.to_thread(describe_over_reflection, running.port)
+        assert described == {
+            "services": {
+                RECALL,
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1alpha.ServerReflection",
+            },
+            "file": "adrec/recall/v1/recall_service.proto",
+            "dependencies": ["adrec/common/v1/common.proto"],
+            "request_fields": ["user_id", "pid", "limit", "request_id"],
+            "source_enum": "adrec.common.v1.CandidateSource",
+            "source_values": [
+                "CANDIDATE_SOURCE_UNSPECIFIED",
+                "CANDIDATE_SOURCE_PERSONAL",
+                "CANDIDATE_SOURCE_POPULAR",
+            ],
+            "scored_ad_fields": ["ad_id", "ctr"],
+        }
+
+    run(scenario)
+
+
+def test_buf_curl_lists_and_calls_methods_through_reflection():
+    async def scenario():
+        async with recall_server() as (running, _):
+            await running.set_serving(True)
+            base = f"http://127.0.0.1:{running.port}"
+            curl = ("curl", "--protocol", "grpc", "--http2-prior-knowledge", "--reflect")
+
+            code, services, errors = await run_buf(*curl, "--list-services", base)
+            assert code == 0, errors
+            assert RECALL in services.split()
+
+            code, methods, errors = await run_buf(*curl, "--list-methods", base)
+            assert code == 0, errors
+            assert f"{RECALL}/GetCandidates" in methods.split()
+
+            code, output, errors = await run_buf(
+                *curl, "--data", '{"userId": "7", "limit": 2}', f"{base}/{RECALL}/GetCandidates"
+            )
+            assert code == 0, errors
+            assert json.loads(output) == {
+                "adIds": ["101", "102"],
+                "source": "CANDIDATE_SOURCE_PERSONAL",
+                "dataVersion": "test-version",
+            }
+
+            code, output, errors = await run_buf(
+                *curl,
+                "--data",
+                json.dumps({"service": RECALL}),
+                f"{base}/grpc.health.v1.Health/Check",
+            )
+            assert code == 0, errors
+            assert json.loads(output) == {"status": "SERVING"}
+
+    run(scenario)
+
+
+def test_messages_over_the_size_bound_are_rejected_both_ways():
+    async def scenario():
+        async with (
+            recall_server(max_message_bytes=1024) as (running, _),
+            loopback_channel(running.port) as channel,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as oversized_request:
+                await get_candidates(channel, user_id=7, request_id="x" * 2000)
+            assert oversized_request.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+            with pytest.raises(grpc.aio.AioRpcError) as oversized_response:
+                await get_candidates(channel, user_id=7, limit=1000)
+            assert oversized_response.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+            # The bound rejects single calls, not the server.
+            assert len((await get_candidates(channel, user_id=7, limit=100)).ad_ids) == 100
+
+    run(scenario)
+
+
+def test_graceful_stop_refuses_new_calls_and_lets_an_in_flight_call_finish():
+    async def scenario():
+        async with (
+            recall_server() as (running, servicer),
+            loopback_channel(running.port) as channel,
+        ):
+            await running.set_serving(True)
+            held = asyncio.ensure_future(get_candidates(channel, user_id=7, request_id=HOLD))
+            await servicer.held_call_started.wait()
+
+            started = time.monotonic()
+            stopping = asyncio.ensure_future(running.stop(grace=10))
+            await wait_until_connections_refused(running.port)
+            assert not held.done()
+
+            servicer.release_held_calls.set()
+            assert list((await held).ad_ids) == [101, 102, 103]
+            await stopping
+            assert time.monotonic() - started < 5
+
+    run(scenario)
+
+
+def test_stop_cancels_calls_still_running_when_grace_ends():
+    async def scenario():
+        async with (
+            recall_server() as (running, servicer),
+            loopback_channel(running.port) as channel,
+        ):
+            held = asyncio.ensure_future(get_candidates(channel, user_id=7, request_id=HOLD))
+            await servicer.held_call_started.wait()
+
+            started = time.monotonic()
+            await running.stop(grace=0.3)
+            assert 0.3 <= time.monotonic() - started < 5
+            with pytest.raises(grpc.aio.AioRpcError) as cancelled:
+                await held
+            assert cancelled.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    run(scenario)
+
+
+def test_sigterm_reports_not_serving_then_drains_in_flight_calls():
+    async def scenario():
+        async with (
+            recall_server() as (running, servicer),
+            loopback_channel(running.port) as channel,
+        ):
+            await running.set_serving(True)
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=RECALL)
+            )
+            assert (await watch.read()).status == SERVING
+            held = asyncio.ensure_future(get_candidates(channel, user_id=7, request_id=HOLD))
+            await servicer.held_call_started.wait()
+
+            handler_before = signal.getsignal(signal.SIGTERM)
+            draining = asyncio.ensure_future(run_until_signalled(running, grace=10))
+            # Sending SIGTERM before the handler is in place would kill the test run.
+            await wait_until(lambda: signal.getsignal(signal.SIGTERM) is not handler_before)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+            assert (await watch.read()).status == NOT_SERVING
+            watch.cancel()
+            assert not held.done()
+            servicer.release_held_calls.set()
+            assert list((await held).ad_ids) == [101, 102, 103]
+            assert await draining == signal.SIGTERM
+            await wait_until_connections_refused(running.port)
+
+    run(scenario)
+
+
+def test_run_until_signalled_returns_when_the_server_stops_otherwise():
+    async def scenario():
+        async with recall_server() as (running, _):
+            waiting = asyncio.ensure_future(run_until_signalled(running, grace=1))
+            await asyncio.sleep(0)
+            await running.stop(grace=0)
+            assert await waiting is None
+
+    run(scenario)
+
+
+def test_serve_rejects_services_reflection_could_not_describe():
+    async def scenario():
+        servicer = FixedRecallServicer()
+        add = recall_service_pb2_grpc.add_RecallServiceServicer_to_server
+        with pytest.raises(ValueError, match=r"adrec\.nope\.v1\.NopeService"):
+            async with serve(ServiceSpec("adrec.nope.v1.NopeService", servicer, add)):
+                pass
+        with pytest.raises(ValueError, match="twice"):
+            async with serve(
+                ServiceSpec(RECALL, servicer, add), ServiceSpec(RECALL, servicer, add)
+            ):
+                pass
+
+    run(scenario)
+
+
+def test_a_port_in_use_fails_loudly_instead_of_sharing_traffic():
+    async def scenario():
+        async with recall_server() as (running, _):
+            with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{running.port}"):
+                async with recall_server(port=running.port):
+                    pass
+
+    run(scenario)
+
+
+class MethodRecorder(grpc.aio.ServerInterceptor):
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+
+    async def intercept_service(self, continuation, handler_call_details):
+        self.methods.append(handler_call_details.method)
+        return await continuation(handler_call_details)
+
+
+def test_interceptors_see_application_and_health_calls():
+    async def scenario():
+        recorder = MethodRecorder()
+        async with (
+            recall_server(interceptors=[recorder]) as (running, _),
+            loopback_channel(running.port) as channel,
+        ):
+            await get_candidates(channel, user_id=7)
+            await health_status(channel)
+        assert recorder.methods == [
+            f"/{RECALL}/GetCandidates",
+            "/grpc.health.v1.Health/Check",
+        ]
+
+    run(scenario)
