@@ -1,16 +1,105 @@
-"""`adrec data`: not implemented yet."""
+"""`adrec data`: generate synthetic data sets and inspect data sets with the Spark loaders."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+
+from adrec.cli import UsageError
+
+PRESET_NAMES = ("tiny", "small", "medium", "full")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("data", help="(data: not implemented yet)")
-    parser.set_defaults(handler=_not_yet)
+    parser = subparsers.add_parser(
+        "data", help="generate synthetic data, inspect data files",
+        description="Generate the synthetic data set, or check a data set with the loaders.",
+    )
+    commands = parser.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+
+    generate = commands.add_parser(
+        "generate", help="write the four CSV files, the click-truth side file and a manifest",
+        description="Write raw_sample.csv, ad_feature.csv, user_profile.csv, behavior_log.csv "
+                    "in the published format, raw_sample_truth.csv and manifest.json.",
+    )
+    generate.add_argument("--preset", choices=PRESET_NAMES, required=True,
+                          help="data set size: tiny (tests), small (demo), medium, full")
+    generate.add_argument("--seed", type=int, required=True,
+                          help="random seed; the same preset and seed give identical files")
+    generate.add_argument("--out", type=Path, required=True, help="output directory")
+    generate.add_argument("--force", action="store_true",
+                          help="write into a directory that already has files")
+    generate.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                          help="threads drawing rows (does not change the output)")
+    generate.add_argument("--quiet", action="store_true", help="no progress lines")
+    generate.set_defaults(handler=_generate)
+
+    inspect = commands.add_parser(
+        "inspect", help="load a data set with the Spark loaders and report rejected rows",
+        description="Run the loaders over the four files and print row counts and rejected "
+                    "rows per file and reason.",
+    )
+    inspect.add_argument("source", metavar="DIR_OR_URI",
+                         help="directory or URI prefix holding the four files")
+    inspect.add_argument("--format", choices=("csv", "parquet"), default="csv",
+                         dest="data_format", help="file format (default csv)")
+    inspect.add_argument("--master", default="local[*]", help="Spark master (default local[*])")
+    inspect.set_defaults(handler=_inspect)
 
 
-def _not_yet(args: argparse.Namespace) -> int:
-    print("adrec data is not implemented yet", file=sys.stderr)
-    return 3
+def _generate(args: argparse.Namespace) -> int:
+    from adrec.jobs.synthetic import generate
+
+    if args.seed < 0:
+        raise UsageError(f"--seed must be a non-negative integer, got {args.seed}")
+    if args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {args.workers}")
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise UsageError(
+            f"--out {out} is not empty; pass --force to overwrite the generated files in it"
+        )
+    result = generate(args.preset, args.seed, out, workers=args.workers, progress=not args.quiet)
+    files = result.manifest["files"]
+    for name, info in files.items():
+        print(f"{out / name}: {info['rows']:,} rows")
+    print(f"mean click probability {result.manifest['clicks']['mean_click_probability']:.4f}, "
+          f"manifest {out / 'manifest.json'}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    if "://" not in args.source and not Path(args.source).is_dir():
+        raise UsageError(f"DIR_OR_URI {args.source} is not a directory")
+
+    from pyspark.sql import SparkSession
+
+    from adrec.jobs.ingest import TABLES, IngestError, dataset_path, load_table
+
+    existing = SparkSession.getActiveSession()
+    spark = existing or (
+        SparkSession.builder.master(args.master).appName("adrec-data-inspect")
+        .config("spark.ui.enabled", "false").getOrCreate()
+    )
+    if existing is None:
+        spark.sparkContext.setLogLevel("ERROR")
+    failures = 0
+    try:
+        for table in TABLES.values():
+            path = dataset_path(args.source, table, args.data_format)
+            try:
+                result = load_table(spark, table, path, data_format=args.data_format,
+                                    persist=False)
+            except IngestError as exc:
+                failures += 1
+                print(f"{table.name}: error: {exc}", file=sys.stderr)
+                continue
+            print("\n".join(result.report_lines()))
+    finally:
+        if existing is None:
+            spark.stop()
+    return 1 if failures else 0

@@ -1,0 +1,494 @@
+"""Load the four Taobao display-ad files exactly as published, quirks included.
+
+Every loader reads its file as raw lines (CSV) or as columns (Parquet), checks the header
+against the published one, and classifies each row with at most one ``reject_reason``.
+A single aggregation over the classified rows yields the total and the per-reason rejected
+counts (plus one example row per reason), so one bad row never crashes a load and never
+vanishes silently. Clean rows come out with normalized column names and explicit types.
+
+Lines are split on ``,`` rather than parsed by Spark's CSV reader because that reader
+silently pads or truncates rows with the wrong number of fields; the published files never
+quote a field, so splitting is exact.
+
+The published format (file names, headers, value domains, time windows) is declared here
+once and shared with the synthetic generator, which must stay importable without pyspark:
+pyspark is therefore imported inside the functions that need it, never at module level.
+"""
+
+# pyspark is imported inside functions on purpose (see above).
+# ruff: noqa: PLC0415
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from pyspark.sql import Column as SparkColumn
+    from pyspark.sql import DataFrame, SparkSession
+
+log = logging.getLogger(__name__)
+
+CHINA_TIME = timezone(timedelta(hours=8), "UTC+8")
+CHINA_UTC_OFFSET_SECONDS = 8 * 3600
+SECONDS_PER_DAY = 86_400
+
+# raw_sample covers 8 China-time days; the last one is the standard test day.
+SAMPLE_FIRST_DAY = date(2017, 5, 6)
+TEST_DAY = date(2017, 5, 13)
+# behavior_log covers the 22 China-time days that end with the sample window.
+BEHAVIOR_FIRST_DAY = date(2017, 4, 22)
+
+PIDS = ("430548_1007", "430539_1007")
+BTAGS = ("pv", "cart", "fav", "buy")
+NULL_BRAND = "NULL"
+
+Format = Literal["csv", "parquet"]
+FORMATS: tuple[Format, ...] = ("csv", "parquet")
+
+# Every reason a row can be rejected for, in the order they are checked and reported.
+REJECT_REASONS = (
+    "wrong_field_count",
+    "non_numeric_id",
+    "negative_id",
+    "bad_timestamp",
+    "unknown_pid",
+    "unknown_btag",
+    "bad_label",
+    "non_numeric_value",
+    "negative_price",
+    "out_of_domain",
+)
+
+ColumnKind = Literal["id", "brand", "timestamp", "label", "pid", "btag", "price", "level"]
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """One published column: its header name, normalized name and validation rule."""
+
+    source: str
+    name: str
+    kind: ColumnKind
+    # Inclusive bounds for "level" columns; None means any non-negative integer.
+    domain: tuple[int, int] | None = None
+    # Whether an empty field means "missing" (kept as null) rather than a bad row.
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class TableFormat:
+    name: str
+    columns: tuple[ColumnSpec, ...]
+
+    @property
+    def header(self) -> str:
+        """The exact published header line, without the line break."""
+        return ",".join(column.source for column in self.columns)
+
+    @property
+    def csv_file(self) -> str:
+        return f"{self.name}.csv"
+
+    def file_name(self, data_format: Format) -> str:
+        return f"{self.name}.{data_format}"
+
+
+RAW_SAMPLE = TableFormat(
+    "raw_sample",
+    (
+        ColumnSpec("user", "user_id", "id"),
+        ColumnSpec("time_stamp", "time_stamp", "timestamp"),
+        ColumnSpec("adgroup_id", "adgroup_id", "id"),
+        ColumnSpec("pid", "pid", "pid"),
+        ColumnSpec("nonclk", "nonclk", "label"),
+        ColumnSpec("clk", "clk", "label"),
+    ),
+)
+AD_FEATURE = TableFormat(
+    "ad_feature",
+    (
+        ColumnSpec("adgroup_id", "adgroup_id", "id"),
+        ColumnSpec("cate_id", "cate_id", "id"),
+        ColumnSpec("campaign_id", "campaign_id", "id"),
+        ColumnSpec("customer", "customer_id", "id"),
+        ColumnSpec("brand", "brand_id", "brand"),
+        ColumnSpec("price", "price", "price"),
+    ),
+)
+USER_PROFILE = TableFormat(
+    "user_profile",
+    (
+        ColumnSpec("userid", "user_id", "id"),
+        ColumnSpec("cms_segid", "cms_segid", "level", (0, 96), optional=True),
+        ColumnSpec("cms_group_id", "cms_group_id", "level", (0, 12), optional=True),
+        ColumnSpec("final_gender_code", "gender", "level", (1, 2), optional=True),
+        ColumnSpec("age_level", "age_level", "level", (0, 6), optional=True),
+        ColumnSpec("pvalue_level", "pvalue_level", "level", (1, 3), optional=True),
+        ColumnSpec("shopping_level", "shopping_level", "level", (1, 3), optional=True),
+        ColumnSpec("occupation", "occupation", "level", (0, 1), optional=True),
+        # The published header really has a trailing space in this last name.
+        ColumnSpec("new_user_class_level ", "new_user_class_level", "level", (1, 4), optional=True),
+    ),
+)
+BEHAVIOR_LOG = TableFormat(
+    "behavior_log",
+    (
+        ColumnSpec("user", "user_id", "id"),
+        ColumnSpec("time_stamp", "time_stamp", "timestamp"),
+        ColumnSpec("btag", "btag", "btag"),
+        ColumnSpec("cate", "cate_id", "id"),
+        ColumnSpec("brand", "brand_id", "brand"),
+    ),
+)
+TABLES: dict[str, TableFormat] = {
+    table.name: table for table in (RAW_SAMPLE, AD_FEATURE, USER_PROFILE, BEHAVIOR_LOG)
+}
+
+_SPARK_TYPE_BY_KIND = {
+    "id": "int",
+    "brand": "int",
+    "timestamp": "bigint",
+    "label": "int",
+    "pid": "string",
+    "btag": "string",
+    "price": "double",
+    "level": "int",
+}
+
+
+class IngestError(Exception):
+    """A file cannot be loaded at all: missing, empty, or not in the published format."""
+
+
+@dataclass
+class LoadResult:
+    """The clean rows of one table and an account of every rejected row."""
+
+    table: str
+    source: str
+    data: DataFrame
+    total_rows: int
+    rejected: dict[str, int] = field(default_factory=dict)
+    # One offending input row per reason, for reports.
+    examples: dict[str, str] = field(default_factory=dict)
+    # The persisted classified rows ``data`` is filtered from, if the load cached them.
+    cached: DataFrame | None = field(default=None, repr=False)
+
+    @property
+    def rejected_rows(self) -> int:
+        return sum(self.rejected.values())
+
+    @property
+    def clean_rows(self) -> int:
+        return self.total_rows - self.rejected_rows
+
+    def report_lines(self) -> list[str]:
+        lines = [
+            f"{self.table}: {self.total_rows:,} rows, {self.clean_rows:,} clean, "
+            f"{self.rejected_rows:,} rejected ({self.source})"
+        ]
+        lines += [
+            f"  {reason}: {count:,} (e.g. {self.examples.get(reason, '')!r})"
+            for reason, count in self.rejected.items()
+        ]
+        return lines
+
+    def unpersist(self) -> None:
+        """Release the cached rows once the caller is done with ``data``."""
+        if self.cached is not None:
+            self.cached.unpersist()
+
+
+def output_schema(table: TableFormat):
+    """The StructType of a loader's clean output (plus ``event_day`` for raw_sample).
+
+    ``nullable`` marks the columns that can hold nulls in clean rows (missing brand and
+    profile fields); Spark itself flags every loaded column as nullable.
+    """
+    from pyspark.sql import types as st
+
+    spark_types = {"int": st.IntegerType(), "bigint": st.LongType(), "double": st.DoubleType(),
+                   "string": st.StringType()}
+    fields = [
+        st.StructField(column.name, spark_types[_SPARK_TYPE_BY_KIND[column.kind]],
+                       nullable=column.optional or column.kind == "brand")
+        for column in table.columns
+    ]
+    if table is RAW_SAMPLE:
+        fields.append(st.StructField("event_day", st.DateType(), nullable=False))
+    return st.StructType(fields)
+
+
+def china_day(time_stamp: int) -> date:
+    """The China-time (UTC+8) calendar day of a Unix timestamp in seconds."""
+    return datetime.fromtimestamp(time_stamp, CHINA_TIME).date()
+
+
+def is_test_day(day: date, test_day: date = TEST_DAY) -> bool | None:
+    """True for the test day, False for the training days before it, None for days after it."""
+    if day > test_day:
+        return None
+    return day == test_day
+
+
+def event_day_column(time_stamp: SparkColumn) -> SparkColumn:
+    """China-time calendar day of a Unix-seconds column, independent of the session time zone."""
+    from pyspark.sql import functions as sf
+
+    china_days = sf.floor((time_stamp + CHINA_UTC_OFFSET_SECONDS) / SECONDS_PER_DAY)
+    return sf.date_from_unix_date(china_days.cast("int"))
+
+
+def split_by_day(samples: DataFrame, test_day: date = TEST_DAY) -> tuple[DataFrame, DataFrame]:
+    """(train, test): the days before ``test_day``, and ``test_day`` itself (``is_test_day``)."""
+    from pyspark.sql import functions as sf
+
+    day = sf.col("event_day")
+    return samples.filter(day < sf.lit(test_day)), samples.filter(day == sf.lit(test_day))
+
+
+def dataset_path(base: str, table: TableFormat, data_format: Format = "csv") -> str:
+    """Path or URI of a table's file under a data directory or URI prefix."""
+    return f"{base.rstrip('/')}/{table.file_name(data_format)}"
+
+
+def load_table(
+    spark: SparkSession,
+    table: TableFormat,
+    path: str,
+    *,
+    data_format: Format = "csv",
+    persist: bool = True,
+) -> LoadResult:
+    """Load one published table from ``path`` (local path or any URI Spark reads).
+
+    With ``persist`` the classified rows are cached, so counting the rejections is the only
+    pass over the source and later uses of ``data`` read the cache.
+    """
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as sf
+
+    if data_format not in FORMATS:
+        raise IngestError(f"{table.name}: unknown format {data_format!r}; use csv or parquet")
+    fields, raw_row, field_count_ok = (
+        _csv_fields(spark, table, path) if data_format == "csv"
+        else _parquet_fields(spark, table, path)
+    )
+    values, reasons = _typed_values_and_reasons(table, fields)
+    reason = sf.coalesce(sf.when(~field_count_ok, sf.lit("wrong_field_count")), *reasons)
+    classified = fields.select(
+        *(values[column.name].alias(column.name) for column in table.columns),
+        reason.alias("reject_reason"),
+        sf.when(reason.isNotNull(), raw_row).alias("rejected_row"),
+    )
+    if persist:
+        classified = classified.persist(StorageLevel.MEMORY_AND_DISK)
+
+    summary = classified.groupBy("reject_reason").agg(
+        sf.count(sf.lit(1)).alias("rows"),
+        sf.first("rejected_row", ignorenulls=True).alias("example"),
+    ).collect()
+    total_rows = sum(row["rows"] for row in summary)
+    by_reason = {row["reject_reason"]: row for row in summary if row["reject_reason"] is not None}
+    rejected = {reason: by_reason[reason]["rows"] for reason in REJECT_REASONS
+                if reason in by_reason}
+    examples = {reason: by_reason[reason]["example"] for reason in rejected}
+
+    clean = classified.filter(sf.col("reject_reason").isNull()).select(
+        *(column.name for column in table.columns)
+    )
+    if table is RAW_SAMPLE:
+        clean = clean.withColumn("event_day", event_day_column(sf.col("time_stamp")))
+    result = LoadResult(table.name, path, clean, total_rows, rejected, examples,
+                        cached=classified if persist else None)
+    if rejected:
+        log.warning("%s", "\n".join(result.report_lines()))
+    return result
+
+
+def load_raw_sample(spark: SparkSession, path: str, **options) -> LoadResult:
+    return load_table(spark, RAW_SAMPLE, path, **options)
+
+
+def load_ad_feature(spark: SparkSession, path: str, **options) -> LoadResult:
+    return load_table(spark, AD_FEATURE, path, **options)
+
+
+def load_user_profile(spark: SparkSession, path: str, **options) -> LoadResult:
+    return load_table(spark, USER_PROFILE, path, **options)
+
+
+def load_behavior_log(spark: SparkSession, path: str, **options) -> LoadResult:
+    return load_table(spark, BEHAVIOR_LOG, path, **options)
+
+
+def load_dataset(
+    spark: SparkSession, base: str, *, data_format: Format = "csv", persist: bool = True
+) -> dict[str, LoadResult]:
+    """All four tables from a directory or URI prefix holding the published file names."""
+    return {
+        name: load_table(spark, table, dataset_path(base, table, data_format),
+                         data_format=data_format, persist=persist)
+        for name, table in TABLES.items()
+    }
+
+
+def _csv_fields(spark: SparkSession, table: TableFormat, path: str):
+    """One string column per published column, the raw line, and a field-count check."""
+    from pyspark.sql import functions as sf
+
+    lines = _read_or_explain(table, path, lambda: spark.read.text(path))
+    first = lines.first()
+    if first is None:
+        raise IngestError(
+            f"{table.name}: {path} is empty; expected the header line {table.header!r}"
+        )
+    if first["value"] != table.header:
+        raise IngestError(
+            f"{table.name}: {path} starts with {first['value']!r}, "
+            f"not the published header {table.header!r}"
+        )
+    # Directories of part files repeat the header in every part.
+    line = sf.col("value")
+    parts = sf.split(line, ",", -1)
+    fields = lines.filter(line != table.header).select(
+        line.alias("raw_row"),
+        (sf.size(parts) == len(table.columns)).alias("field_count_ok"),
+        *(sf.try_element_at(parts, sf.lit(position + 1)).alias(column.source)
+          for position, column in enumerate(table.columns)),
+    )
+    return fields, sf.col("raw_row"), sf.col("field_count_ok")
+
+
+def _parquet_fields(spark: SparkSession, table: TableFormat, path: str):
+    """Parquet columns (named like the CSV header) as strings, validated like CSV fields."""
+    from pyspark.sql import functions as sf
+
+    frame = _read_or_explain(table, path, lambda: spark.read.parquet(path))
+    expected = [column.source for column in table.columns]
+    if sorted(frame.columns) != sorted(expected):
+        raise IngestError(
+            f"{table.name}: {path} has columns {frame.columns}, "
+            f"not the published columns {expected} (header {table.header!r})"
+        )
+    as_text = [sf.col(f"`{name}`").cast("string").alias(name) for name in expected]
+    fields = frame.select(*as_text)
+    raw_row = sf.concat_ws(
+        ",", *(sf.coalesce(sf.col(f"`{name}`"), sf.lit("")) for name in expected)
+    )
+    return fields, raw_row, sf.lit(True)
+
+
+def _read_or_explain(table: TableFormat, path: str, read):
+    from pyspark.errors import AnalysisException
+
+    try:
+        return read()
+    except AnalysisException as exc:
+        if exc.getCondition() == "PATH_NOT_FOUND":
+            raise IngestError(f"{table.name}: no such file or directory: {path}") from exc
+        raise
+
+
+def _typed_values_and_reasons(table: TableFormat, fields: DataFrame):
+    """Per column: the typed value, and a reason expression that is null when the field is fine."""
+    from pyspark.sql import functions as sf
+
+    values: dict[str, SparkColumn] = {}
+    reasons: list[SparkColumn] = []
+    for column in table.columns:
+        text = sf.col(f"`{column.source}`")
+        value, reason = _VALIDATORS[column.kind](column, text)
+        values[column.name] = value
+        reasons.append(reason)
+    if table is RAW_SAMPLE:
+        clicked, not_clicked = values["clk"], values["nonclk"]
+        reasons.append(sf.when(clicked + not_clicked != 1, sf.lit("bad_label")))
+    return values, reasons
+
+
+def _missing(text: SparkColumn) -> SparkColumn:
+    return text.isNull() | (text == "")
+
+
+def _validate_id(column: ColumnSpec, text: SparkColumn):
+    from pyspark.sql import functions as sf
+
+    value = text.try_cast("int")
+    reason = (sf.when(value.isNull(), sf.lit("non_numeric_id"))
+              .when(value < 0, sf.lit("negative_id")))
+    return value, reason
+
+
+def _validate_brand(column: ColumnSpec, text: SparkColumn):
+    from pyspark.sql import functions as sf
+
+    # The published files write a missing brand as the literal NULL.
+    absent = _missing(text) | (text == NULL_BRAND)
+    value = sf.when(~absent, text.try_cast("int"))
+    reason = (sf.when(absent, sf.lit(None))
+              .when(value.isNull(), sf.lit("non_numeric_id"))
+              .when(value < 0, sf.lit("negative_id")))
+    return value, reason
+
+
+def _validate_timestamp(column: ColumnSpec, text: SparkColumn):
+    from pyspark.sql import functions as sf
+
+    value = text.try_cast("bigint")
+    return value, sf.when(value.isNull() | (value <= 0), sf.lit("bad_timestamp"))
+
+
+def _validate_label(column: ColumnSpec, text: SparkColumn):
+    from pyspark.sql import functions as sf
+
+    value = text.try_cast("int")
+    reason = (sf.when(value.isNull(), sf.lit("non_numeric_value"))
+              .when(~value.isin(0, 1), sf.lit("bad_label")))
+    return value, reason
+
+
+def _validate_choice(allowed: tuple[str, ...], reason_name: str):
+    def validate(column: ColumnSpec, text: SparkColumn):
+        from pyspark.sql import functions as sf
+
+        return text, sf.when(text.isNull() | ~text.isin(*allowed), sf.lit(reason_name))
+
+    return validate
+
+
+def _validate_price(column: ColumnSpec, text: SparkColumn):
+    from pyspark.sql import functions as sf
+
+    value = text.try_cast("double")
+    not_finite = value.isNull() | sf.isnan(value) | (sf.abs(value) == float("inf"))
+    reason = (sf.when(not_finite, sf.lit("non_numeric_value"))
+              .when(value < 0, sf.lit("negative_price")))
+    return value, reason
+
+
+def _validate_level(column: ColumnSpec, text: SparkColumn):
+    from pyspark.sql import functions as sf
+
+    absent = _missing(text) if column.optional else sf.lit(False)
+    value = sf.when(~absent, text.try_cast("int"))
+    low, high = column.domain if column.domain else (0, None)
+    outside = value < low if high is None else ~value.between(low, high)
+    reason = (sf.when(absent, sf.lit(None))
+              .when(value.isNull(), sf.lit("non_numeric_value"))
+              .when(outside, sf.lit("out_of_domain")))
+    return value, reason
+
+
+_VALIDATORS = {
+    "id": _validate_id,
+    "brand": _validate_brand,
+    "timestamp": _validate_timestamp,
+    "label": _validate_label,
+    "pid": _validate_choice(PIDS, "unknown_pid"),
+    "btag": _validate_choice(BTAGS, "unknown_btag"),
+    "price": _validate_price,
+    "level": _validate_level,
+}
