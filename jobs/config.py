@@ -17,11 +17,11 @@ STAGES = (
     "ingest",
     "ratings",
     "als",
+    "popular",
     "recall",
     "features",
     "ctr",
     "offline",
-    "popular",
     "publish",
 )
 
@@ -91,6 +91,10 @@ class JobConfig:
                                    parse=parse_float, check=in_range(0.0, 100.0))
     offline_top_n: int = setting("ADREC_JOB_OFFLINE_TOP_N", 50, "Offline list length",
                                  parse=parse_int, check=in_range(1, 500))
+    work_dir: str = setting(
+        "ADREC_JOB_WORK_DIR", "",
+        "Scratch folder or URI for intermediate data; required on a cluster (shared storage)",
+    )
     keep_versions: int = setting(
         "ADREC_JOB_KEEP_VERSIONS", 2, "Previous versions kept for rollback",
         parse=parse_int, check=in_range(0, 100),
@@ -107,7 +111,7 @@ class JobConfig:
     def digest(self) -> str:
         """Hash of every setting that shapes the published data (not where it comes from)."""
         shaping = dataclasses.asdict(self)
-        for operational in ("data", "master", "stages", "keep_versions"):
+        for operational in ("data", "master", "stages", "work_dir", "keep_versions"):
             shaping.pop(operational)
         canonical = json.dumps(shaping, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]

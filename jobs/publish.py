@@ -160,3 +160,33 @@ def used_memory(client: Any) -> int:
     # Redis Cluster answers per node.
     return sum(int(node["used_memory"]) for node in info.values())
 
+
+
+def family_memory(client: Any, version: str, sample_per_family: int = 200,
+                  scan_batch: int = 10_000) -> dict[str, dict[str, int]]:
+    """Keys and estimated bytes per key family of one version.
+
+    Counts are exact (one SCAN over the version); bytes are the mean ``MEMORY USAGE`` of
+    up to ``sample_per_family`` keys times the count, which is what an operator needs
+    to size Redis for one more kept version.
+    """
+    prefix_length = len(keys.version_pattern(version)) - 1
+    counts: dict[str, int] = {}
+    samples: dict[str, list[bytes]] = {}
+    for key in client.scan_iter(match=keys.version_pattern(version), count=scan_batch):
+        family = key[prefix_length:].split(b":", 1)[0].decode()
+        counts[family] = counts.get(family, 0) + 1
+        sampled = samples.setdefault(family, [])
+        if len(sampled) < sample_per_family:
+            sampled.append(key)
+    report = {}
+    for family, sampled in sorted(samples.items()):
+        pipe = client.pipeline(transaction=False)
+        for key in sampled:
+            pipe.memory_usage(key, samples=0)
+        sizes = [size or 0 for size in pipe.execute()]
+        report[family] = {
+            "keys": counts[family],
+            "bytes": round(sum(sizes) / len(sizes) * counts[family]),
+        }
+    return report

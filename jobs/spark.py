@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 
 from pyspark.sql import SparkSession
@@ -28,6 +29,14 @@ def build_session(master: str | None = None, app_name: str = "adrec-job",
     submitted = "PYSPARK_GATEWAY_PORT" in os.environ
     if master or not submitted:
         builder = builder.master(master or "local[*]")
+    local = (master or "local").startswith("local") and not submitted
+    if local:
+        # Local workers must run this interpreter: it is the one with adrec installed
+        # (a bare `python3` from PATH may be another environment entirely).
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        # Spark's default of 200 shuffle partitions makes every iterative step (ALS, LR)
+        # schedule hundreds of tiny tasks per iteration on a laptop.
+        builder = builder.config("spark.sql.shuffle.partitions", str(4 * (os.cpu_count() or 2)))
     for key, value in {**DEFAULT_CONF, **(conf or {})}.items():
         builder = builder.config(key, value)
     session = builder.getOrCreate()

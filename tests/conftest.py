@@ -5,13 +5,20 @@ Everything here is a real component; nothing is mocked.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import pytest
 import redis
 
 from adrec.core.redis_server import INSTALL_HINT, PrivateRedis, private_redis
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -43,19 +50,59 @@ def spark():
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         pytest.fail("Java 17 is required for Spark tests (apt-get install openjdk-17-jre-headless)",
                     pytrace=False)
-    from pyspark.sql import SparkSession
+    from adrec.jobs.spark import build_session
 
-    session = (
-        SparkSession.builder.master("local[2]")
-        .appName("adrec-tests")
-        .config("spark.sql.shuffle.partitions", "2")
-        .config("spark.default.parallelism", "2")
-        .config("spark.ui.enabled", "false")
-        .config("spark.sql.session.timeZone", "UTC")
-        .config("spark.driver.memory", "2g")
-        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-        .getOrCreate()
-    )
+    session = build_session("local[2]", "adrec-tests", {
+        "spark.sql.shuffle.partitions": "2",
+        "spark.default.parallelism": "2",
+        "spark.ui.enabled": "false",
+        "spark.driver.memory": "2g",
+    })
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()
+
+
+@dataclasses.dataclass(frozen=True)
+class PublishedData:
+    """The synthetic `tiny` data set, published by the real job into its own redis-server."""
+
+    data_dir: pathlib.Path
+    redis: PrivateRedis
+    version: str
+    report: dict
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> pathlib.Path:
+    from adrec.jobs.synthetic import generate
+
+    out = tmp_path_factory.mktemp("tiny")
+    generate("tiny", 7, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def published_tiny(tiny_data, tmp_path_factory) -> PublishedData:
+    """Runs the documented spark-submit command once for the whole test session."""
+    report_path = tmp_path_factory.mktemp("report") / "report.json"
+    with private_redis() as server:
+        env = {**os.environ, "PYSPARK_PYTHON": sys.executable,
+               "PYSPARK_DRIVER_PYTHON": sys.executable}
+        command = [
+            str(pathlib.Path(sys.executable).parent / "spark-submit"),
+            "--master", "local[2]",
+            "--conf", "spark.sql.shuffle.partitions=2",
+            "--conf", "spark.ui.enabled=false",
+            str(REPO_ROOT / "jobs" / "main.py"),
+            "--data", str(tiny_data),
+            "--redis", server.url,
+            "--report-json", str(report_path),
+        ]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800,
+                                check=False)
+        if result.returncode != 0:
+            pytest.fail(f"spark-submit job failed ({result.returncode}):\n{result.stderr[-4000:]}",
+                        pytrace=False)
+        report = json.loads(report_path.read_text())
+        yield PublishedData(tiny_data, server, report["version"], report)

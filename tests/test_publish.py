@@ -121,3 +121,16 @@ def test_reruns_are_idempotent(redis_client):
     assert store.read_recall_list(redis_client, "v3", 2).tolist() == \
         store.read_recall_list(redis_client, "v2", 2).tolist()
     assert len(redis_client.keys(b"adrec:v[0-9]*")) == 2 * (3 + 1)
+
+
+def test_family_memory_counts_every_key_and_estimates_bytes(redis_client):
+    from adrec.jobs.publish import family_memory
+
+    with Publication(redis_client) as pub:
+        pub.writer.put_recall_lists(range(1, 301), [np.arange(1, 501)] * 300)
+        pub.writer.put_popular("all", np.arange(1, 11))
+        memory = family_memory(redis_client, pub.version, sample_per_family=20)
+        pub.commit({})
+    assert memory["recall"]["keys"] == 300 and memory["popular"]["keys"] == 1
+    assert 300 * 2000 <= memory["recall"]["bytes"] <= 300 * 2600
+    assert set(memory) == {"recall", "popular"}

@@ -1,0 +1,134 @@
+"""The whole batch job on `tiny`: spark-submit end to end, the report, and bad input.
+
+The successful run is the session fixture ``published_tiny`` (the documented
+spark-submit command, real local Spark, a real redis-server); bad-input runs call
+``run_job`` in-process and stop at ingest or at the Redis check.
+"""
+
+import shutil
+
+import numpy as np
+import pytest
+import redis
+
+from adrec.core import keys, store
+from adrec.core.features import FULL
+from adrec.core.redis_conn import RedisSettings
+from adrec.core.redis_server import free_port
+from adrec.core.settings import load
+from adrec.jobs.config import STAGES, JobConfig
+from adrec.jobs.pipeline import JobInputError, run_job
+
+
+@pytest.fixture
+def published_client(published_tiny):
+    client = redis.Redis.from_url(published_tiny.redis.url)
+    yield client
+    client.close()
+
+
+def test_spark_submit_publishes_a_complete_active_version(published_tiny, published_client):
+    version = published_tiny.version
+    assert store.active_version(published_client) == version
+    meta = store.read_meta(published_client, version)
+    assert meta["feature_spec_id"] == FULL.spec_id
+    assert meta["counts"]["recall_lists"] > 1000
+    assert meta["report"]["config_digest"] == meta["config_digest"]
+    assert [s["name"] for s in published_tiny.report["stages"]] == list(STAGES)
+    for family in (keys.ADS, keys.CATE_FACTORS, keys.MODEL):
+        assert published_client.exists(family.key(version))
+    assert published_client.exists(keys.POPULAR.key(version, keys.POPULAR_ALL))
+    assert published_client.smembers(keys.PENDING_VERSIONS) == set()
+
+
+def test_recall_lists_are_distinct_and_known_ads(published_tiny, published_client):
+    version = published_tiny.version
+    ad_ids = set(store.read_ad_table(published_client, version)["adgroup_id"].tolist())
+    lengths = []
+    for key in list(published_client.scan_iter(match=f"adrec:{version}:recall:*", count=500))[:200]:
+        ids = store.read_recall_list(published_client, version, int(key.rsplit(b":", 1)[1]))
+        assert len(set(ids.tolist())) == len(ids)
+        assert set(ids.tolist()) <= ad_ids
+        lengths.append(len(ids))
+    assert max(lengths) == min(published_tiny.report["config"]["recall_size"], len(ad_ids))
+
+
+def test_report_has_every_quality_figure(published_tiny):
+    report = published_tiny.report
+    assert report["als"]["als_holdout_rmse"] > 0
+    hit_rate = report["recall"]["hit_rate"]
+    assert set(hit_rate) == {"uniform", "popular", "popularity_baseline"}
+    assert all(0 <= r["rate"] <= 1 for r in hit_rate.values())
+    for name in ("course", "full", "oracle"):
+        metrics = report["ctr"][name]
+        assert 0.5 < metrics["auc"] < 1, name
+        assert metrics["logloss"] > 0
+    assert report["ctr"]["full"]["auc"] > report["ctr"]["course"]["auc"]
+    assert report["memory"]["recall"]["keys"] == report["recall"]["users"]
+    assert report["offline"]["lists"] > 0
+
+
+def test_offline_lists_are_the_models_top_n(published_tiny, published_client):
+    version = published_tiny.version
+    model = store.read_model(published_client, version)
+    key = next(published_client.scan_iter(match=f"adrec:{version}:offline:*", count=500))
+    ids, ctrs = store.read_offline_list(published_client, version, int(key.rsplit(b":", 1)[1]))
+    assert 0 < len(ids) <= published_tiny.report["config"]["offline_top_n"]
+    assert (np.diff(ctrs) <= 1e-3).all()  # best first (float16 storage)
+    assert model.spec is FULL
+
+
+def job_config(data, **overrides):
+    env = {"ADREC_JOB_DATA": str(data), **overrides}
+    return load(JobConfig, env=env)
+
+
+def redis_at(url):
+    return load(RedisSettings, env={"REDIS_URL": url})
+
+
+@pytest.fixture
+def served_version(redis_client):
+    """A previously published version that bad runs must leave untouched and active."""
+    from adrec.jobs.publish import Publication
+
+    with Publication(redis_client) as pub:
+        pub.writer.put_recall_lists([1], [np.array([5, 6])])
+        pub.commit({})
+    return {k: redis_client.get(k) for k in redis_client.keys(b"adrec:*")}
+
+
+@pytest.mark.parametrize("damage", ["missing_file", "wrong_header", "empty_file"])
+def test_bad_input_fails_clearly_and_leaves_the_previous_version(
+    spark, tiny_data, tmp_path, redis_client, redis_url, served_version, damage
+):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    target = data / "ad_feature.csv"
+    if damage == "missing_file":
+        target.unlink()
+        expected = "ad_feature"
+    elif damage == "wrong_header":
+        target.write_text("adgroup,cate,campaign,customer,brand,price\n1,2,3,4,5,6.0\n")
+        expected = "header"
+    else:
+        target.write_text("")
+        expected = "empty"
+    with pytest.raises(JobInputError, match=expected):
+        run_job(job_config(data), redis_at(redis_url), spark=spark)
+    assert {k: redis_client.get(k) for k in redis_client.keys(b"adrec:*")} == served_version
+
+
+def test_unreachable_redis_fails_before_any_work(tiny_data):
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    with pytest.raises(JobInputError, match="cannot reach Redis"):
+        run_job(job_config(tiny_data), redis_at(url))
+
+
+def test_stages_without_publish_write_nothing(spark, tiny_data, redis_client, redis_url,
+                                              served_version):
+    config = job_config(tiny_data, ADREC_JOB_STAGES="ingest,ratings,als,popular")
+    result = run_job(config, redis_at(redis_url), spark=spark)
+    assert result.version is None
+    assert [s["name"] for s in result.report["stages"]] == ["ingest", "ratings", "als", "popular"]
+    assert {k: redis_client.get(k) for k in redis_client.keys(b"adrec:*")} == served_version
