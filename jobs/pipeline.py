@@ -26,6 +26,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+import redis
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F  # noqa: N812 - the conventional alias
@@ -68,7 +69,7 @@ def run_job(
     client = connect(redis_settings)
     try:
         client.ping()
-    except OSError as exc:  # redis.ConnectionError and socket errors alike
+    except (redis.RedisError, OSError) as exc:
         raise JobInputError(f"cannot reach Redis at {redacted(redis_settings.url)}: {exc}") \
             from None
     run = _JobRun(config, spark or build_session(config.master or None),
@@ -143,8 +144,6 @@ class _JobRun:
             for name, table in tables.items():
                 if table.clean_rows == 0:
                     raise JobInputError(f"{table.source}: no usable rows in {name}")
-                for line in table.report_lines()[1:]:
-                    self.progress.note(f"{name} rejected {line.strip()}")
             stage.rows = sum(t.clean_rows for t in tables.values())
         self.tables = {name: t.data for name, t in tables.items()}
         self.samples = self.tables["raw_sample"]

@@ -78,6 +78,11 @@ def test_offline_lists_are_the_models_top_n(published_tiny, published_client):
     assert model.spec is FULL
 
 
+def snapshot(client):
+    """Every adrec key with its serialized value, whatever its type."""
+    return {k: client.dump(k) for k in client.keys(b"adrec:*")}
+
+
 def job_config(data, **overrides):
     env = {"ADREC_JOB_DATA": str(data), **overrides}
     return load(JobConfig, env=env)
@@ -95,7 +100,7 @@ def served_version(redis_client):
     with Publication(redis_client) as pub:
         pub.writer.put_recall_lists([1], [np.array([5, 6])])
         pub.commit({})
-    return {k: redis_client.get(k) for k in redis_client.keys(b"adrec:*")}
+    return snapshot(redis_client)
 
 
 @pytest.mark.parametrize("damage", ["missing_file", "wrong_header", "empty_file"])
@@ -116,7 +121,7 @@ def test_bad_input_fails_clearly_and_leaves_the_previous_version(
         expected = "empty"
     with pytest.raises(JobInputError, match=expected):
         run_job(job_config(data), redis_at(redis_url), spark=spark)
-    assert {k: redis_client.get(k) for k in redis_client.keys(b"adrec:*")} == served_version
+    assert snapshot(redis_client) == served_version
 
 
 def test_unreachable_redis_fails_before_any_work(tiny_data):
@@ -131,4 +136,4 @@ def test_stages_without_publish_write_nothing(spark, tiny_data, redis_client, re
     result = run_job(config, redis_at(redis_url), spark=spark)
     assert result.version is None
     assert [s["name"] for s in result.report["stages"]] == ["ingest", "ratings", "als", "popular"]
-    assert {k: redis_client.get(k) for k in redis_client.keys(b"adrec:*")} == served_version
+    assert snapshot(redis_client) == served_version

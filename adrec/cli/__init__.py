@@ -13,7 +13,7 @@ import sys
 
 import redis
 
-COMMAND_GROUPS = ("data", "job", "publish", "serve", "recommend")
+COMMAND_GROUPS = ("data", "job", "publish", "serve", "recommend", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

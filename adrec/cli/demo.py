@@ -1,0 +1,192 @@
+"""`adrec demo`: the whole system on one machine, in a few minutes.
+
+Generates the `small` synthetic data set, starts a private redis-server (unless
+REDIS_URL is set), runs the batch job on local Spark, starts the three services,
+asks the gateway for five users in both modes and prints the answers, then stops
+everything it started (unless --keep-running).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from adrec.cli import UsageError
+
+JAVA_HINT = ("Java 17 is needed to run Spark: install it (Debian/Ubuntu: "
+             "`apt-get install openjdk-17-jre-headless`, macOS: `brew install openjdk@17`) "
+             "or set JAVA_HOME.")
+DEMO_USERS = 5
+SERVICE_START_TIMEOUT = 120.0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("demo", help="run the whole system locally on synthetic data",
+                                   description=__doc__)
+    parser.add_argument("--preset", default="small", help="synthetic data size (default small)")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--data-dir", type=pathlib.Path,
+                        help="where to write the data (default: a temporary folder)")
+    parser.add_argument("--keep-running", action="store_true",
+                        help="leave Redis and the services running until Ctrl-C")
+    parser.set_defaults(handler=_demo)
+
+
+def _say(message: str) -> None:
+    print(f"==> {message}", file=sys.stderr, flush=True)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        raise UsageError(JAVA_HINT)
+    with contextlib.ExitStack() as stack:
+        redis_url = _redis(stack)
+        data_dir = args.data_dir or pathlib.Path(stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="adrec-demo-")))
+        _generate(args.preset, args.seed, data_dir)
+        version = _run_job(data_dir, redis_url)
+        gateway = _start_services(stack, redis_url)
+        _show_recommendations(gateway, redis_url, version)
+        if args.keep_running:
+            _say(f"running: gateway {gateway}, REDIS_URL={redis_url}; Ctrl-C stops everything")
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(3600)
+        _say("stopping the services and Redis")
+    return 0
+
+
+def _redis(stack: contextlib.ExitStack) -> str:
+    from adrec.core.redis_server import RedisServerError, private_redis
+
+    if url := os.environ.get("REDIS_URL"):
+        _say(f"using REDIS_URL {url}")
+        return url
+    try:
+        server = stack.enter_context(private_redis())
+    except RedisServerError as exc:
+        raise UsageError(str(exc)) from None
+    _say(f"started a private redis-server on {server.url}")
+    return server.url
+
+
+def _generate(preset: str, seed: int, data_dir: pathlib.Path) -> None:
+    from adrec.jobs.synthetic import MANIFEST_FILE, generate
+
+    if (data_dir / MANIFEST_FILE).exists():
+        _say(f"reusing the data in {data_dir}")
+        return
+    _say(f"generating the {preset!r} synthetic data set into {data_dir}")
+    generate(preset, seed, data_dir, progress=False)
+
+
+def _run_job(data_dir: pathlib.Path, redis_url: str) -> str:
+    from adrec.core.redis_conn import RedisSettings
+    from adrec.core.settings import load
+    from adrec.jobs.config import JobConfig
+    from adrec.jobs.pipeline import run_job
+
+    _say("running the batch job on local Spark")
+    config = load(JobConfig, env={"ADREC_JOB_DATA": str(data_dir)})
+    result = run_job(config, load(RedisSettings, env={"REDIS_URL": redis_url}))
+    print(result.report_text(), flush=True)
+    return result.version
+
+
+def _start_services(stack: contextlib.ExitStack, redis_url: str) -> str:
+    _say("starting the recall, ranking and gateway services")
+    env = {**os.environ, "REDIS_URL": redis_url, "ADREC_HOST": "127.0.0.1",
+           "ADREC_RECALL_PORT": "0", "ADREC_RANKING_PORT": "0", "ADREC_GATEWAY_PORT": "0",
+           "ADREC_METRICS_PORT": "0", "ADREC_LOG_LEVEL": "warning"}
+    process = subprocess.Popen([sys.executable, "-m", "adrec", "serve", "all"], env=env,
+                               stdout=subprocess.PIPE, text=True)
+    stack.callback(_stop, process)
+    deadline = time.monotonic() + SERVICE_START_TIMEOUT
+    gateway = None
+    for line in process.stdout:
+        if line.startswith("gateway listening on "):
+            gateway = line.split()[-1]
+        if line.startswith("metrics listening on "):
+            break
+        if time.monotonic() > deadline:
+            break
+    if gateway is None:
+        raise UsageError("the services did not start; run `adrec serve all` to see why")
+    _wait_serving(gateway, deadline)
+    _say(f"gateway listening on {gateway}")
+    return gateway
+
+
+def _wait_serving(address: str, deadline: float) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            with contextlib.suppress(grpc.RpcError):
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            time.sleep(0.2)
+    raise UsageError(f"the gateway at {address} did not become SERVING")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def _demo_users(redis_url: str, version: str) -> list[int]:
+    """Four users with a recall list, and one the data has never seen."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    users = []
+    for key in client.scan_iter(match=f"adrec:{version}:recall:*", count=1000):
+        users.append(int(key.rsplit(b":", 1)[1]))
+        if len(users) == 4 * DEMO_USERS:
+            break
+    client.close()
+    return [*sorted(users)[:DEMO_USERS - 1], max(users, default=0) + 10_000_000]
+
+
+def _show_recommendations(gateway: str, redis_url: str, version: str) -> None:
+    import grpc
+
+    from adrec.api.gateway.v1 import gateway_service_pb2 as pb
+    from adrec.api.gateway.v1 import gateway_service_pb2_grpc
+
+    def name(enum, value: int) -> str:
+        return enum.Name(value).split("_", 2)[-1].lower()
+
+    rows = [("user", "mode", "served by", "ms", "top ads (id:ctr)")]
+    with grpc.insecure_channel(gateway) as channel:
+        stub = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+        for user in _demo_users(redis_url, version):
+            for mode in (pb.RECOMMEND_MODE_REALTIME, pb.RECOMMEND_MODE_OFFLINE):
+                started = time.perf_counter()
+                response = stub.Recommend(
+                    pb.RecommendRequest(user_id=user, pid="430548_1007", count=5, mode=mode),
+                    timeout=2.0,
+                )
+                elapsed = (time.perf_counter() - started) * 1000
+                ads = " ".join(f"{ad.ad_id}:{ad.ctr:.3f}" if ad.HasField("ctr")
+                               else str(ad.ad_id) for ad in response.ads)
+                rows.append((str(user), name(pb.RecommendMode, mode),
+                             name(pb.ServingPath, response.serving_path), f"{elapsed:.1f}", ads))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    print()
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+              + "  " + row[4])
