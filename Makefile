@@ -7,9 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 NPM_STAMP := node_modules/.installed-$(shell cat package-lock.json | cksum | cut -d' ' -f1)
 
-.PHONY: test demo lint protos check-system clean
+.PHONY: test demo lint protos check-system check-system-tests clean
 
-test: check-system $(STAMP) $(NPM_STAMP)
+test: check-system-tests $(STAMP) $(NPM_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
@@ -25,6 +25,9 @@ protos: $(STAMP)
 
 check-system:
 	@scripts/check-system
+
+check-system-tests:
+	@scripts/check-system --for-tests
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
