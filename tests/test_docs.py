@@ -21,3 +21,16 @@ def test_schema_doc_lists_every_key_family_and_global_key():
         assert f"`{key.decode()}`" in text
     module_globals = {v for k, v in vars(keys).items() if isinstance(v, bytes) and k.isupper()}
     assert module_globals == set(globals_), "a new global key needs a row in the schema doc"
+
+
+def test_configuration_doc_lists_every_setting():
+    from adrec.core.redis_conn import RedisSettings
+    from adrec.core.settings import env_names
+    from adrec.jobs.config import JobConfig
+    from adrec.services.runtime.settings import SETTINGS
+
+    text = (SCHEMA_DOC.parent / "configuration.md").read_text()
+    classes = [RedisSettings, JobConfig, *SETTINGS.values()]
+    missing = sorted({name for cls in classes for name in env_names(cls)
+                      if f"`{name}`" not in text})
+    assert missing == [], f"docs/configuration.md lacks {missing}"
