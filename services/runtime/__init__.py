@@ -1,4 +1,13 @@
-"""Shared server bootstrap: health, reflection, message bounds and graceful drain."""
+"""What the three services share, so none copies code from another.
+
+- ``server``: the gRPC server bootstrap (health, reflection, message bounds, graceful drain);
+- ``app``: running a data-backed service with a watcher of Redis and the active version;
+- ``settings``: every service's env vars and flags (``SETTINGS``);
+- ``metrics``: the standard gRPC server metrics interceptor, domain metrics, ``/metrics``;
+- ``data``: timed Redis reads and per-version popular lists;
+- ``requests``: request checks and their mapping to gRPC status codes;
+- ``logs``: JSON log lines.
+"""
 
 from adrec.services.runtime.health import set_serving_status
 from adrec.services.runtime.server import (

@@ -141,14 +141,19 @@ async def serve(
 
 
 async def run_until_signalled(
-    running: RunningServer, grace: float, signals: Iterable[signal.Signals] = DRAIN_SIGNALS
+    running: RunningServer | Sequence[RunningServer],
+    grace: float,
+    signals: Iterable[signal.Signals] = DRAIN_SIGNALS,
 ) -> signal.Signals | None:
     """Serve until one of `signals` arrives, then drain and return the signal.
 
     Draining reports NOT_SERVING, refuses new RPCs and waits up to `grace` seconds for the
-    in-flight ones. Returns None without draining when the server stops some other way.
+    in-flight ones. Several servers (one process running several services) are drained one
+    after the other in the given order, so a front service can finish calls that still need
+    the ones behind it. Returns None without draining when a server stops some other way.
     Must run in the main thread (signal handlers can only be installed there).
     """
+    servers = [running] if isinstance(running, RunningServer) else list(running)
     loop = asyncio.get_running_loop()
     received: asyncio.Future[signal.Signals] = loop.create_future()
 
@@ -160,9 +165,11 @@ async def run_until_signalled(
     for signum in watched:
         loop.add_signal_handler(signum, on_signal, signum)
     # Never cancelled: in grpc.aio that would cancel the server's own shutdown as well.
-    terminated = asyncio.ensure_future(running.server.wait_for_termination())
+    terminations = [
+        asyncio.ensure_future(server.server.wait_for_termination()) for server in servers
+    ]
     try:
-        await asyncio.wait({received, terminated}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({received, *terminations}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         # Restoring the default handlers first lets a second signal end a drain that hangs.
         for signum in watched:
@@ -172,8 +179,9 @@ async def run_until_signalled(
         return None
     signum = received.result()
     logger.info("received %s: draining for up to %.1f s", signum.name, grace)
-    await running.stop(grace)
-    await terminated
+    for server, terminated in zip(servers, terminations, strict=True):
+        await server.stop(grace)
+        await terminated
     return signum
 
 

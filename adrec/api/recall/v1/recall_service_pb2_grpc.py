@@ -28,8 +28,9 @@ if _version_not_supported:
 class RecallServiceStub:
     """Serves candidate ad sets, the first stage of a recommendation.
 
-    Reads the active published data version from Redis on every request, so a
-    recall set updated in place is served by the next request. The health
+    Follows the active published data version (the pointer is polled every
+    few seconds) and reads the user's recall set from Redis on every request,
+    so a recall set updated in place is served by the next request. The health
     status is NOT_SERVING until a published version is readable and while
     Redis is unreachable.
     """
@@ -50,8 +51,9 @@ class RecallServiceStub:
 class RecallServiceServicer:
     """Serves candidate ad sets, the first stage of a recommendation.
 
-    Reads the active published data version from Redis on every request, so a
-    recall set updated in place is served by the next request. The health
+    Follows the active published data version (the pointer is polled every
+    few seconds) and reads the user's recall set from Redis on every request,
+    so a recall set updated in place is served by the next request. The health
     status is NOT_SERVING until a published version is readable and while
     Redis is unreachable.
     """
@@ -88,8 +90,9 @@ def add_RecallServiceServicer_to_server(servicer, server):
 class RecallService:
     """Serves candidate ad sets, the first stage of a recommendation.
 
-    Reads the active published data version from Redis on every request, so a
-    recall set updated in place is served by the next request. The health
+    Follows the active published data version (the pointer is polled every
+    few seconds) and reads the user's recall set from Redis on every request,
+    so a recall set updated in place is served by the next request. The health
     status is NOT_SERVING until a published version is readable and while
     Redis is unreachable.
     """

@@ -1,0 +1,359 @@
+"""GatewayService: Recommend, composed from recall and ranking, degrading instead of failing.
+
+REALTIME: recall -> rank. When ranking is down or late: the user's offline list; without
+one: the candidates in recall order. When recall is down or late: the offline list, then
+popular ads. A user without a personal recall set gets popular ads (recall serves them).
+OFFLINE: the offline list; without one: recall order, or popular ads.
+
+Every downstream call gets min(the caller's remaining time minus a reserve kept for the
+fallback, that downstream's own budget); a caller without a deadline gets the configured
+request budget. Popular lists are held in memory per version, so an answer exists even
+while Redis and both downstream services are unreachable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+from typing import Any
+
+import grpc
+from redis.exceptions import RedisError
+
+from adrec.api.common.v1 import common_pb2
+from adrec.api.gateway.v1 import gateway_service_pb2 as gateway_pb2
+from adrec.api.gateway.v1 import gateway_service_pb2_grpc
+from adrec.api.ranking.v1 import ranking_service_pb2, ranking_service_pb2_grpc
+from adrec.api.recall.v1 import recall_service_pb2, recall_service_pb2_grpc
+from adrec.core import codecs, keys
+from adrec.services.gateway.versions import GatewayVersion
+from adrec.services.runtime.data import RedisReader
+from adrec.services.runtime.logs import LogThrottle, service_logger
+from adrec.services.runtime.metrics import GRPC_CODE_NAMES
+from adrec.services.runtime.requests import (
+    InvalidArgumentError,
+    UnavailableError,
+    grpc_errors,
+    in_range,
+    known_pid,
+    positive_id,
+)
+from adrec.services.runtime.server import ServiceSpec
+
+MAX_COUNT = 500
+#: Even a call past its deadline gets this long for the offline list before falling back.
+MIN_REDIS_WAIT_SECONDS = 0.001
+
+ScoredAd = common_pb2.ScoredAd
+RecommendResponse = gateway_pb2.RecommendResponse
+REALTIME = gateway_pb2.RECOMMEND_MODE_REALTIME
+OFFLINE = gateway_pb2.RECOMMEND_MODE_OFFLINE
+PERSONAL = common_pb2.CANDIDATE_SOURCE_PERSONAL
+POPULAR = common_pb2.CANDIDATE_SOURCE_POPULAR
+Reason = gateway_pb2.DegradationReason
+
+#: Downstream failure -> (reason when late, reason otherwise).
+_DOWNSTREAM_REASONS = {
+    "recall": (gateway_pb2.DEGRADATION_REASON_RECALL_DEADLINE_EXCEEDED,
+               gateway_pb2.DEGRADATION_REASON_RECALL_UNAVAILABLE),
+    "ranking": (gateway_pb2.DEGRADATION_REASON_RANKING_DEADLINE_EXCEEDED,
+                gateway_pb2.DEGRADATION_REASON_RANKING_UNAVAILABLE),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Budgets:
+    """Time budgets of one Recommend call, in seconds."""
+
+    request: float
+    recall: float
+    ranking: float
+    fallback_reserve: float
+
+
+def downstream_channel(target: str, max_message_bytes: int) -> grpc.aio.Channel:
+    """A channel spreading calls over every address `target` resolves to, never retrying.
+
+    With a headless Kubernetes Service (`dns:///ranking:50052`) that is every pod. A retry
+    would spend the caller's deadline the fallback needs; reconnects are kept short so a
+    restarted pod is used again within a second.
+    """
+    service_config = {"loadBalancingConfig": [{"round_robin": {}}]}
+    return grpc.aio.insecure_channel(
+        target,
+        options=[
+            ("grpc.service_config", json.dumps(service_config)),
+            ("grpc.enable_retries", 0),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ],
+    )
+
+
+class _Deadline:
+    """The call's end, and the share of it each downstream call may use."""
+
+    def __init__(self, time_remaining: float | None, budgets: Budgets):
+        self.budgets = budgets
+        total = budgets.request if time_remaining is None else time_remaining
+        self.end = time.monotonic() + total
+
+    def remaining(self) -> float:
+        return self.end - time.monotonic()
+
+    def for_downstream(self, cap: float) -> float:
+        return min(self.remaining() - self.budgets.fallback_reserve, cap)
+
+
+@dataclasses.dataclass
+class _Call:
+    """One Recommend call: what was asked, and the answer being put together."""
+
+    user_id: int
+    pid: str
+    count: int
+    mode: int
+    request_id: str
+    version: GatewayVersion
+    deadline: _Deadline
+    reasons: list[int] = dataclasses.field(default_factory=list)
+    ads: Any = ()
+    path: int = gateway_pb2.SERVING_PATH_UNSPECIFIED
+    source: int = common_pb2.CANDIDATE_SOURCE_UNSPECIFIED
+    data_version: str = ""
+    model_version: str = ""
+
+    def unscored(self, path: int, source: int, ad_ids: Any, data_version: str) -> None:
+        self.path, self.source, self.data_version = path, source, data_version
+        self.ads = [ScoredAd(ad_id=ad_id) for ad_id in ad_ids[: self.count]]
+
+    def response(self) -> RecommendResponse:
+        return RecommendResponse(
+            ads=self.ads,
+            serving_path=self.path,
+            degradation_reasons=self.reasons,
+            candidate_source=self.source,
+            mode=self.mode,
+            data_version=self.data_version,
+            model_version=self.model_version,
+            request_id=self.request_id,
+        )
+
+
+class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
+    """Recommend for ad-serving systems.
+
+    Readiness (health): Redis reachable and an active version loaded. It does not wait for
+    recall or ranking: without them it still answers from its fallbacks, and taking every
+    gateway out of rotation because a downstream is down would turn a degradation into an
+    outage.
+    """
+
+    name = "gateway"
+
+    def __init__(
+        self,
+        reader: RedisReader,
+        recall_channel: grpc.aio.Channel,
+        ranking_channel: grpc.aio.Channel,
+        budgets: Budgets,
+    ):
+        self.reader = reader
+        self.metrics = reader.metrics
+        self.log = service_logger(self.name)
+        self.recall = recall_service_pb2_grpc.RecallServiceStub(recall_channel)
+        self.ranking = ranking_service_pb2_grpc.RankingServiceStub(ranking_channel)
+        self.budgets = budgets
+        self.current: GatewayVersion | None = None
+        self._answers: dict[tuple[int, int], Any] = {}
+        self._downstream_latency: dict[tuple[str, str], Any] = {}
+        self._failure_logs = LogThrottle()
+
+    @property
+    def spec(self) -> ServiceSpec:
+        return ServiceSpec.of(
+            gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"],
+            self,
+            gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server,
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self.current is not None
+
+    async def load_version(self, version: str) -> None:
+        self.current = await GatewayVersion.read(self.reader, version, self.log)
+        self.metrics.set_data_version(version)
+        if self.current.model_version:
+            self.metrics.set_model_version(self.current.model_version)
+        self.log.info("following data version %s", version, extra={"version": version})
+
+    @grpc_errors
+    async def Recommend(
+        self, request: gateway_pb2.RecommendRequest, context: grpc.aio.ServicerContext
+    ) -> RecommendResponse:
+        user_id = positive_id("user_id", request.user_id)
+        pid = known_pid("pid", request.pid, required=True)
+        count = in_range("count", request.count, 1, MAX_COUNT)
+        mode = request.mode or REALTIME
+        if mode not in (REALTIME, OFFLINE):
+            raise InvalidArgumentError("mode", f"unknown mode {mode}")
+        current = self.current
+        if current is None:
+            raise UnavailableError("no published data version yet")
+
+        call = _Call(
+            user_id=user_id, pid=pid, count=count, mode=mode,
+            request_id=request.request_id or uuid.uuid4().hex, version=current,
+            deadline=_Deadline(context.time_remaining(), self.budgets),
+        )
+        await (self._realtime(call) if mode == REALTIME else self._offline(call))
+        self._record(call)
+        return call.response()
+
+    async def _realtime(self, call: _Call) -> None:
+        recalled = await self._recall(call)
+        if recalled is None:
+            if not await self._offline_list(call):
+                self._popular(call)
+            return
+        if recalled.source != PERSONAL:
+            call.reasons.append(gateway_pb2.DEGRADATION_REASON_NO_RECALL_SET)
+            call.unscored(gateway_pb2.SERVING_PATH_POPULAR, POPULAR, recalled.ad_ids,
+                          recalled.data_version)
+            return
+        ranked = await self._call(
+            "ranking", self.ranking.RankCandidates,
+            ranking_service_pb2.RankCandidatesRequest(
+                user_id=call.user_id, pid=call.pid, ad_ids=recalled.ad_ids, top_k=call.count,
+                request_id=call.request_id,
+            ),
+            call.deadline.for_downstream(self.budgets.ranking), call,
+        )
+        if ranked is not None:
+            call.ads = ranked.ads
+            call.path, call.source = gateway_pb2.SERVING_PATH_REALTIME_RANKED, PERSONAL
+            call.data_version, call.model_version = ranked.data_version, ranked.model_version
+            return
+        if not await self._offline_list(call):
+            call.unscored(gateway_pb2.SERVING_PATH_RECALL_ORDER, PERSONAL, recalled.ad_ids,
+                          recalled.data_version)
+
+    async def _offline(self, call: _Call) -> None:
+        if await self._offline_list(call):
+            return
+        recalled = await self._recall(call)
+        if recalled is None:
+            self._popular(call)
+        elif recalled.source != PERSONAL:
+            call.reasons.append(gateway_pb2.DEGRADATION_REASON_NO_RECALL_SET)
+            call.unscored(gateway_pb2.SERVING_PATH_POPULAR, POPULAR, recalled.ad_ids,
+                          recalled.data_version)
+        else:
+            call.unscored(gateway_pb2.SERVING_PATH_RECALL_ORDER, PERSONAL, recalled.ad_ids,
+                          recalled.data_version)
+
+    async def _recall(self, call: _Call) -> recall_service_pb2.GetCandidatesResponse | None:
+        recalled = await self._call(
+            "recall", self.recall.GetCandidates,
+            recall_service_pb2.GetCandidatesRequest(
+                user_id=call.user_id, pid=call.pid, request_id=call.request_id
+            ),
+            call.deadline.for_downstream(self.budgets.recall), call,
+        )
+        if recalled is not None:
+            self.metrics.candidates.observe(len(recalled.ad_ids))
+        return recalled
+
+    async def _call(
+        self, downstream: str, method: Any, request: Any, timeout: float, call: _Call
+    ) -> Any:
+        """The downstream's answer, or None with the degradation reason recorded."""
+        late, failed = _DOWNSTREAM_REASONS[downstream]
+        if timeout <= 0:
+            call.reasons.append(late)
+            return None
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return await method(request, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            code = error.code()
+            call.reasons.append(late if code == grpc.StatusCode.DEADLINE_EXCEEDED else failed)
+            held_back = self._failure_logs.allow((downstream, code))
+            if held_back is not None:
+                self.log.warning(
+                    "%s call failed: %s", downstream, error.details(),
+                    extra={"request_id": call.request_id, "grpc_code": code.name,
+                           "similar_failures_not_logged": held_back},
+                )
+            return None
+        finally:
+            self._observe_downstream(downstream, code, time.perf_counter() - start)
+
+    async def _offline_list(self, call: _Call) -> bool:
+        """Answer from the user's offline list; False (reason recorded) when there is none."""
+        current = call.version
+        try:
+            raw = await self.reader.get(
+                keys.OFFLINE.key(current.version, call.user_id), op="offline",
+                timeout=max(call.deadline.remaining(), MIN_REDIS_WAIT_SECONDS),
+            )
+        except RedisError as error:
+            held_back = self._failure_logs.allow(("redis", type(error)))
+            if held_back is not None:
+                self.log.warning("cannot read the offline list: %s", error,
+                                 extra={"request_id": call.request_id,
+                                        "similar_failures_not_logged": held_back})
+            raw = None
+        if not raw:
+            call.reasons.append(gateway_pb2.DEGRADATION_REASON_NO_OFFLINE_LIST)
+            return False
+        ad_ids, ctrs = codecs.decode_scored_ads(raw)
+        ad_ids, ctrs = ad_ids[: call.count], current.offline_ctrs(call.pid, ctrs[: call.count])
+        call.ads = [ScoredAd(ad_id=ad_id, ctr=ctr)
+                    for ad_id, ctr in zip(ad_ids.tolist(), ctrs.tolist(), strict=True)]
+        call.path, call.source = gateway_pb2.SERVING_PATH_OFFLINE_RANKED, PERSONAL
+        call.data_version, call.model_version = current.version, current.model_version
+        return True
+
+    def _popular(self, call: _Call) -> None:
+        call.unscored(gateway_pb2.SERVING_PATH_POPULAR, POPULAR,
+                      call.version.popular.for_pid(call.pid), call.version.version)
+
+    def _record(self, call: _Call) -> None:
+        key = (call.mode, call.path)
+        counter = self._answers.get(key)
+        if counter is None:
+            counter = self._answers[key] = self.metrics.metrics.recommendations.labels(
+                self.name,
+                gateway_pb2.RecommendMode.Name(call.mode).removeprefix("RECOMMEND_MODE_").lower(),
+                gateway_pb2.ServingPath.Name(call.path).removeprefix("SERVING_PATH_").lower(),
+            )
+        counter.inc()
+        if not call.reasons:
+            return
+        reasons = [Reason.Name(reason).removeprefix("DEGRADATION_REASON_").lower()
+                   for reason in call.reasons]
+        for reason in reasons:
+            self.metrics.fallback(reason)
+        self.log.info(
+            "degraded answer", extra={
+                "request_id": call.request_id, "reasons": reasons,
+                "serving_path": gateway_pb2.ServingPath.Name(call.path),
+            },
+        )
+
+    def _observe_downstream(self, downstream: str, code: grpc.StatusCode, seconds: float) -> None:
+        key = (downstream, code.name)
+        child = self._downstream_latency.get(key)
+        if child is None:
+            child = self._downstream_latency[key] = self.metrics.metrics.downstream_latency.labels(
+                self.name, downstream, GRPC_CODE_NAMES[code]
+            )
+        child.observe(seconds)

@@ -1,0 +1,137 @@
+"""RankingService: scores a user's candidate ads with the active version's LR model.
+
+The model, the ad feature table and the ALS category factors of the active version live in
+one immutable :class:`RankingSnapshot`, swapped as a whole when a new version is activated;
+the user's features are read from Redis on every request, so a profile update applies to
+the next one. A version whose model does not match this code's feature spec is refused:
+the previous snapshot keeps serving, and the refusal is logged and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+from redis.exceptions import RedisError
+
+from adrec.api.common.v1 import common_pb2
+from adrec.api.ranking.v1 import ranking_service_pb2, ranking_service_pb2_grpc
+from adrec.core import codecs, keys
+from adrec.core.codecs import UserFeatures
+from adrec.core.model import ModelArtifactError
+from adrec.services.ranking.snapshot import RankingSnapshot, SnapshotError
+from adrec.services.runtime.data import LOAD_TIMEOUT_SECONDS, RedisReader
+from adrec.services.runtime.logs import service_logger
+from adrec.services.runtime.requests import (
+    InvalidArgumentError,
+    UnavailableError,
+    grpc_errors,
+    in_range,
+    known_pid,
+    positive_id,
+)
+from adrec.services.runtime.server import ServiceSpec
+
+MAX_CANDIDATES = 1000
+MAX_TOP_K = 1000
+
+RankCandidatesResponse = ranking_service_pb2.RankCandidatesResponse
+ScoredAd = common_pb2.ScoredAd
+
+
+class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
+    name = "ranking"
+
+    def __init__(self, reader: RedisReader):
+        self.reader = reader
+        self.metrics = reader.metrics
+        self.log = service_logger(self.name)
+        self.snapshot: RankingSnapshot | None = None
+
+    @property
+    def spec(self) -> ServiceSpec:
+        return ServiceSpec.of(
+            ranking_service_pb2.DESCRIPTOR.services_by_name["RankingService"],
+            self,
+            ranking_service_pb2_grpc.add_RankingServiceServicer_to_server,
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self.snapshot is not None
+
+    async def load_version(self, version: str) -> None:
+        model_json, ad_table, cate_factors = [
+            await self.reader.get(family.key(version), op=f"load_{family.name}",
+                                  timeout=LOAD_TIMEOUT_SECONDS)
+            for family in (keys.MODEL, keys.ADS, keys.CATE_FACTORS)
+        ]
+        try:
+            # Decoding a large ad table takes a while: keep answering requests meanwhile.
+            snapshot = await asyncio.to_thread(
+                RankingSnapshot.build, version, model_json, ad_table, cate_factors
+            )
+        except (ModelArtifactError, SnapshotError) as error:
+            reason = ("model_spec_mismatch" if isinstance(error, ModelArtifactError)
+                      else "bad_version_data")
+            self.metrics.model_reload_failure(reason)
+            serving = self.snapshot.data_version if self.snapshot else None
+            self.log.error(
+                "refused data version %s; %s", version,
+                f"still serving {serving}" if serving else "nothing to serve yet",
+                extra={"version": version, "reason": reason, "error": str(error),
+                       "serving_version": serving},
+            )
+            return
+        self.snapshot = snapshot
+        self.metrics.set_data_version(snapshot.data_version)
+        self.metrics.set_model_version(snapshot.model_version)
+        self.log.info(
+            "loaded data version %s", version,
+            extra={"version": version, "model_version": snapshot.model_version,
+                   "ads": snapshot.ads, "categories": len(snapshot.cate_ids)},
+        )
+
+    @grpc_errors
+    async def RankCandidates(
+        self, request: ranking_service_pb2.RankCandidatesRequest, context: grpc.aio.ServicerContext
+    ) -> RankCandidatesResponse:
+        user_id = positive_id("user_id", request.user_id)
+        pid = known_pid("pid", request.pid, required=True)
+        top_k = in_range("top_k", request.top_k, 0, MAX_TOP_K)
+        count = len(request.ad_ids)
+        if count > MAX_CANDIDATES:
+            raise InvalidArgumentError("ad_ids", f"holds {count} ids; at most {MAX_CANDIDATES}")
+        candidates = np.array(request.ad_ids, dtype=np.int64)
+        if count and candidates.min() <= 0:
+            bad = int(np.argmax(candidates <= 0))
+            raise InvalidArgumentError(
+                "ad_ids", f"ids must be positive; ad_ids[{bad}] is {candidates[bad]}"
+            )
+        snapshot = self.snapshot
+        if snapshot is None:
+            raise UnavailableError("no CTR model loaded yet")
+
+        try:
+            raw = await self.reader.get(
+                keys.USER.key(snapshot.data_version, user_id), op="user_features"
+            )
+        except RedisError as error:
+            raise UnavailableError(f"cannot read the user's features: {error}") from None
+        user = codecs.decode_user_features(raw) if raw is not None else UserFeatures.missing()
+
+        scored = snapshot.score(pid, user, candidates, top_k)
+        self.metrics.candidates.observe(count)
+        if scored.unknown_ads:
+            self.metrics.unknown_ads.inc(scored.unknown_ads)
+        if raw is None:
+            self.metrics.user_profiles_missing.inc()
+        return RankCandidatesResponse(
+            ads=[ScoredAd(ad_id=ad_id, ctr=ctr)
+                 for ad_id, ctr in zip(scored.ad_ids, scored.ctrs, strict=True)],
+            model_version=snapshot.model_version,
+            data_version=snapshot.data_version,
+            unknown_ads_skipped=scored.unknown_ads,
+            user_profile_found=raw is not None,
+        )

@@ -1,0 +1,338 @@
+"""Prometheus metrics of the adrec services: the standard gRPC server metrics plus domain ones.
+
+Every metric the services export is declared here, so dashboards and alert rules have one
+place to read names and labels from. The gRPC metrics use the names, labels and code
+spellings of go-grpc-prometheus (`grpc_code="OK"`, `"InvalidArgument"`, ...), which the
+usual gRPC dashboards expect; the domain metrics carry a `service` label because
+`adrec serve all` runs the three services in one process behind one `/metrics`.
+
+    metrics = Metrics()                          # its own registry
+    server = grpc.aio.server(interceptors=[GrpcMetricsInterceptor(metrics)])
+    endpoint = start_metrics_endpoint(metrics.registry, "0.0.0.0", 9464)
+    recall = metrics.service("recall")
+    recall.fallback("no_recall_set")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import grpc
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    gc_collector,
+    make_wsgi_app,
+    platform_collector,
+    process_collector,
+)
+
+#: Latency buckets for calls that take milliseconds (seconds, as Prometheus wants).
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0,
+)
+#: Candidate list sizes: the job's recall lists hold 500, RankCandidates takes up to 1000.
+CANDIDATE_BUCKETS = (0, 1, 10, 25, 50, 100, 200, 300, 400, 500, 750, 1000)
+
+#: Status code names as go-grpc-prometheus spells them (Go's codes.Code.String()).
+GRPC_CODE_NAMES = {
+    grpc.StatusCode.OK: "OK",
+    grpc.StatusCode.CANCELLED: "Canceled",
+    grpc.StatusCode.UNKNOWN: "Unknown",
+    grpc.StatusCode.INVALID_ARGUMENT: "InvalidArgument",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "DeadlineExceeded",
+    grpc.StatusCode.NOT_FOUND: "NotFound",
+    grpc.StatusCode.ALREADY_EXISTS: "AlreadyExists",
+    grpc.StatusCode.PERMISSION_DENIED: "PermissionDenied",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "ResourceExhausted",
+    grpc.StatusCode.FAILED_PRECONDITION: "FailedPrecondition",
+    grpc.StatusCode.ABORTED: "Aborted",
+    grpc.StatusCode.OUT_OF_RANGE: "OutOfRange",
+    grpc.StatusCode.UNIMPLEMENTED: "Unimplemented",
+    grpc.StatusCode.INTERNAL: "Internal",
+    grpc.StatusCode.UNAVAILABLE: "Unavailable",
+    grpc.StatusCode.DATA_LOSS: "DataLoss",
+    grpc.StatusCode.UNAUTHENTICATED: "Unauthenticated",
+}
+
+
+class Metrics:
+    """Every metric family, registered in one registry (a fresh one unless given)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        for collector in (
+            process_collector.ProcessCollector,
+            platform_collector.PlatformCollector,
+            gc_collector.GCCollector,
+        ):
+            collector(registry=self.registry)
+        grpc_labels = ("grpc_type", "grpc_service", "grpc_method")
+        self.grpc_started = Counter(
+            "grpc_server_started_total", "RPCs started on the server.", grpc_labels,
+            registry=self.registry,
+        )
+        self.grpc_handled = Counter(
+            "grpc_server_handled_total", "RPCs completed on the server, by status code.",
+            (*grpc_labels, "grpc_code"),
+            registry=self.registry,
+        )
+        self.grpc_handling_seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Time from receiving an RPC to its completion on the server.",
+            grpc_labels, buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.candidates = Histogram(
+            "adrec_candidates_per_request", "Candidate ads handled per request.",
+            ("service",), buckets=CANDIDATE_BUCKETS,
+            registry=self.registry,
+        )
+        self.fallbacks = Counter(
+            "adrec_fallbacks_total",
+            "Requests answered from a fallback, by the reason the primary source failed.",
+            ("service", "reason"),
+            registry=self.registry,
+        )
+        self.recommendations = Counter(
+            "adrec_recommendations_total", "Recommend answers by requested mode and serving path.",
+            ("service", "mode", "path"),
+            registry=self.registry,
+        )
+        self.data_version = Gauge(
+            "adrec_data_version_info", "Published data version loaded (value 1).",
+            ("service", "version"),
+            registry=self.registry,
+        )
+        self.model_version = Gauge(
+            "adrec_model_version_info", "CTR model version loaded (value 1).",
+            ("service", "version"),
+            registry=self.registry,
+        )
+        self.version_loaded_at = Gauge(
+            "adrec_data_version_loaded_timestamp_seconds",
+            "When the loaded data version was loaded (Unix time).", ("service",),
+            registry=self.registry,
+        )
+        self.model_reload_failures = Counter(
+            "adrec_model_reload_failures_total",
+            "Published versions refused by the ranking service; the previous one kept serving.",
+            ("service", "reason"),
+            registry=self.registry,
+        )
+        self.unknown_ads = Counter(
+            "adrec_unknown_ads_total",
+            "Candidate ads skipped because the loaded version has no features for them.",
+            ("service",),
+            registry=self.registry,
+        )
+        self.user_profiles_missing = Counter(
+            "adrec_user_profiles_missing_total",
+            "Ranked requests for users without a profile (scored with missing levels).",
+            ("service",),
+            registry=self.registry,
+        )
+        self.redis_latency = Histogram(
+            "adrec_redis_latency_seconds", "Latency of Redis commands, by operation.",
+            ("service", "op"), buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.redis_errors = Counter(
+            "adrec_redis_errors_total", "Failed Redis commands, by operation.", ("service", "op"),
+            registry=self.registry,
+        )
+        self.redis_up = Gauge(
+            "adrec_redis_up", "1 when the last Redis check succeeded.", ("service",),
+            registry=self.registry,
+        )
+        self.downstream_latency = Histogram(
+            "adrec_downstream_latency_seconds",
+            "Latency of the gateway's calls to recall and ranking, by outcome.",
+            ("service", "downstream", "grpc_code"), buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def service(self, name: str) -> ServiceMetrics:
+        return ServiceMetrics(self, name)
+
+
+class ServiceMetrics:
+    """The domain metrics of one service, label children cached for the request path."""
+
+    def __init__(self, metrics: Metrics, service: str):
+        self.metrics = metrics
+        self.service = service
+        self.candidates = metrics.candidates.labels(service)
+        self.unknown_ads = metrics.unknown_ads.labels(service)
+        self.user_profiles_missing = metrics.user_profiles_missing.labels(service)
+        self._redis_latency: dict[str, Any] = {}
+        self._fallbacks: dict[str, Any] = {}
+        self._data_version: str | None = None
+        self._model_version: str | None = None
+
+    def fallback(self, reason: str) -> None:
+        child = self._fallbacks.get(reason)
+        if child is None:
+            child = self._fallbacks[reason] = self.metrics.fallbacks.labels(self.service, reason)
+        child.inc()
+
+    def redis_latency(self, op: str) -> Any:
+        child = self._redis_latency.get(op)
+        if child is None:
+            child = self._redis_latency[op] = self.metrics.redis_latency.labels(self.service, op)
+        return child
+
+    def redis_error(self, op: str) -> None:
+        self.metrics.redis_errors.labels(self.service, op).inc()
+
+    def set_redis_up(self, up: bool) -> None:
+        self.metrics.redis_up.labels(self.service).set(1 if up else 0)
+
+    def set_data_version(self, version: str) -> None:
+        self._data_version = _swap_info(
+            self.metrics.data_version, self.service, self._data_version, version
+        )
+        self.metrics.version_loaded_at.labels(self.service).set(time.time())
+
+    def set_model_version(self, version: str) -> None:
+        self._model_version = _swap_info(
+            self.metrics.model_version, self.service, self._model_version, version
+        )
+
+    def model_reload_failure(self, reason: str) -> None:
+        self.metrics.model_reload_failures.labels(self.service, reason).inc()
+
+
+def _swap_info(gauge: Gauge, service: str, old: str | None, new: str) -> str:
+    if old is not None and old != new:
+        gauge.remove(service, old)
+    gauge.labels(service, new).set(1)
+    return new
+
+
+class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Records grpc_server_{started,handled}_total and _handling_seconds for unary RPCs.
+
+    One instance per server: the instrumented handlers are cached by method name, and two
+    servers may register different handlers (health servicers) under the same name.
+    Streaming RPCs (health Watch, reflection) pass through unrecorded.
+    """
+
+    def __init__(self, metrics: Metrics):
+        self._metrics = metrics
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        cached = self._handlers.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            # Unknown methods are not cached: their names come from clients.
+            return handler
+        instrumented = self._instrument(method, handler)
+        self._handlers[method] = instrumented
+        return instrumented
+
+    def _instrument(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        service, _, name = method.lstrip("/").partition("/")
+        labels = ("unary", service, name)
+        started = self._metrics.grpc_started.labels(*labels)
+        seconds = self._metrics.grpc_handling_seconds.labels(*labels)
+        handled_by_code: dict[str, Any] = {}
+        handled_family = self._metrics.grpc_handled
+        behavior = handler.unary_unary
+
+        def handled(code: str) -> Any:
+            child = handled_by_code.get(code)
+            if child is None:
+                child = handled_by_code[code] = handled_family.labels(*labels, code)
+            return child
+
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started.inc()
+            start = time.perf_counter()
+            code = "OK"
+            try:
+                response = await behavior(request, context)
+                if context.code() is not None:
+                    code = GRPC_CODE_NAMES[context.code()]
+                return response
+            except asyncio.CancelledError:
+                remaining = context.time_remaining()
+                code = "DeadlineExceeded" if remaining is not None and remaining <= 0 \
+                    else "Canceled"
+                raise
+            except Exception:
+                # An abort has set the code; any other exception reaches the client as UNKNOWN.
+                set_code = context.code()
+                code = GRPC_CODE_NAMES[set_code] if set_code is not None else "Unknown"
+                raise
+            finally:
+                seconds.observe(time.perf_counter() - start)
+                handled(code).inc()
+
+        return grpc.unary_unary_rpc_method_handler(
+            observed,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes every few seconds are not news."""
+
+
+class _MetricsHTTPServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+@dataclasses.dataclass
+class MetricsEndpoint:
+    """A running `/metrics` HTTP server, in a daemon thread as prometheus_client runs it."""
+
+    server: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return self.server.server_port
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def start_metrics_endpoint(registry: CollectorRegistry, host: str, port: int) -> MetricsEndpoint:
+    """Serve `registry` on http://host:port/metrics; port 0 binds a free port."""
+    family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                flags=socket.AI_PASSIVE)[0][0]
+    server_class = type("MetricsHTTPServer", (_MetricsHTTPServer,), {"address_family": family})
+    try:
+        server = make_server(host, port, make_wsgi_app(registry), server_class,
+                             handler_class=_QuietHandler)
+    except OSError as error:
+        raise OSError(f"cannot serve metrics on {host}:{port}: {error}") from error
+    # A short poll keeps close() quick; the thread otherwise sleeps in select().
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              name="metrics-endpoint", daemon=True)
+    thread.start()
+    return MetricsEndpoint(server, thread)

@@ -1,0 +1,67 @@
+"""Request checks shared by the services, and the mapping of their failures to gRPC codes.
+
+A check raises :class:`InvalidArgumentError` naming the field; :func:`grpc_errors` turns it into
+INVALID_ARGUMENT (and :class:`UnavailableError` into UNAVAILABLE) before anything is read or
+written, so a bad request costs nothing and changes nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from adrec.core.features import KNOWN_PIDS
+
+#: The largest id the data set's int32 columns and Redis keys hold.
+MAX_ID = 2**31 - 1
+
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+
+
+class InvalidArgumentError(ValueError):
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+
+
+class UnavailableError(RuntimeError):
+    """The service cannot answer now (no data loaded, Redis unreachable); retry elsewhere."""
+
+
+def positive_id(field: str, value: int) -> int:
+    if not 0 < value <= MAX_ID:
+        raise InvalidArgumentError(field, f"must be a positive id up to {MAX_ID}, got {value}")
+    return value
+
+
+def in_range(field: str, value: int, low: int, high: int) -> int:
+    if not low <= value <= high:
+        raise InvalidArgumentError(field, f"must be between {low} and {high}, got {value}")
+    return value
+
+
+def known_pid(field: str, pid: str, *, required: bool) -> str:
+    if not pid and not required:
+        return pid
+    if pid not in KNOWN_PIDS:
+        shown = repr(pid) if pid else "empty"
+        raise InvalidArgumentError(field, f"{shown} is not a known placement; known: "
+                                     f"{', '.join(KNOWN_PIDS)}")
+    return pid
+
+
+def grpc_errors(method: Handler) -> Handler:
+    """Abort with INVALID_ARGUMENT / UNAVAILABLE when the handler raises those errors."""
+
+    @functools.wraps(method)
+    async def handle(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except InvalidArgumentError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except UnavailableError as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+
+    return handle  # type: ignore[return-value]

@@ -1,0 +1,337 @@
+"""GatewayService end to end: real recall and ranking services, real Redis, real gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+import pytest
+from grpc_helpers import loopback_channel
+from service_data import (
+    PIDS,
+    expected_ranking,
+    metric,
+    path,
+    publish_version,
+    reasons,
+    recommend,
+    run,
+    running_stack,
+    service_process,
+)
+
+from adrec.api.common.v1 import common_pb2
+from adrec.api.gateway.v1 import gateway_service_pb2 as gateway_pb2
+from adrec.api.gateway.v1 import gateway_service_pb2_grpc
+from adrec.core import keys
+from adrec.jobs.offline import OFFLINE_PID
+
+REALTIME = gateway_pb2.RECOMMEND_MODE_REALTIME
+OFFLINE = gateway_pb2.RECOMMEND_MODE_OFFLINE
+PERSONAL = common_pb2.CANDIDATE_SOURCE_PERSONAL
+POPULAR = common_pb2.CANDIDATE_SOURCE_POPULAR
+
+
+@contextlib.asynccontextmanager
+async def separate_services(redis_url: str, **gateway_env) -> AsyncIterator[dict]:
+    """Recall, ranking and gateway as three servers, so one can be stopped on its own."""
+    async with running_stack(redis_url, "recall") as recall, \
+            running_stack(redis_url, "ranking") as ranking:
+        env = {"ADREC_RECALL_ADDRESS": f"127.0.0.1:{recall.services['recall'].port}",
+               "ADREC_RANKING_ADDRESS": f"127.0.0.1:{ranking.services['ranking'].port}",
+               **gateway_env}
+        async with running_stack(redis_url, "gateway", **env) as gateway, \
+                loopback_channel(gateway.services["gateway"].port) as channel:
+            yield {"recall": recall.services["recall"], "ranking": ranking.services["ranking"],
+                   "gateway": gateway, "channel": channel}
+
+
+def test_realtime_recommend_end_to_end(redis_client, redis_url):
+    data = publish_version(redis_client)
+
+    async def scenario():
+        async with running_stack(redis_url) as stack, \
+                loopback_channel(stack.services["gateway"].port) as channel:
+            for user in (data.users_with_factors[0], data.users_without_profile[0]):
+                for pid in PIDS:
+                    response = await recommend(channel, user_id=user, pid=pid, count=10,
+                                               request_id=f"r-{user}-{pid}")
+                    ids, ctrs, _ = expected_ranking(data, user, pid, data.recall_lists[user])
+                    assert [ad.ad_id for ad in response.ads] == ids[:10]
+                    assert [ad.ctr for ad in response.ads] == pytest.approx(ctrs[:10], rel=1e-6)
+                    assert path(response) == "REALTIME_RANKED"
+                    assert list(response.degradation_reasons) == []
+                    assert response.candidate_source == PERSONAL
+                    assert response.mode == REALTIME
+                    assert response.data_version == data.version
+                    assert response.model_version == f"{data.version}/{data.model.spec.spec_id}"
+                    assert response.request_id == f"r-{user}-{pid}"
+            unspecified = await recommend(channel, user_id=data.users_with_factors[1],
+                                          pid=PIDS[0], count=3)
+            assert unspecified.mode == REALTIME and path(unspecified) == "REALTIME_RANKED"
+            assert len(unspecified.request_id) == 32  # generated
+            assert metric(stack, "adrec_recommendations_total", service="gateway",
+                          mode="realtime", path="realtime_ranked") == 5
+
+    run(scenario)
+
+
+def test_offline_recommend_serves_the_jobs_list_converted_to_the_placement(
+    redis_client, redis_url
+):
+    data = publish_version(redis_client)
+    user = data.users_with_factors[0]
+
+    async def scenario():
+        async with running_stack(redis_url) as stack, \
+                loopback_channel(stack.services["gateway"].port) as channel:
+            offline_ids, offline_ctrs = data.offline_lists[user]
+            for pid in PIDS:
+                response = await recommend(channel, user_id=user, pid=pid, count=10, mode=OFFLINE)
+                realtime = await recommend(channel, user_id=user, pid=pid, count=10)
+                assert path(response) == "OFFLINE_RANKED" and response.mode == OFFLINE
+                assert [ad.ad_id for ad in response.ads] == offline_ids[:10].tolist()
+                assert [ad.ad_id for ad in response.ads] == [ad.ad_id for ad in realtime.ads]
+                # Stored as float16: about three significant digits.
+                assert [ad.ctr for ad in response.ads] == pytest.approx(
+                    [ad.ctr for ad in realtime.ads], rel=2e-3)
+                if pid == OFFLINE_PID:
+                    stored = offline_ctrs[:10].astype(np.float16).astype(np.float32)
+                    assert [ad.ctr for ad in response.ads] == stored.tolist()
+                assert response.model_version == realtime.model_version
+                assert response.data_version == data.version
+
+    run(scenario)
+
+
+def test_unknown_users_get_popular_ads_in_both_modes(redis_client, redis_url):
+    data = publish_version(redis_client)
+
+    async def scenario():
+        async with running_stack(redis_url) as stack, \
+                loopback_channel(stack.services["gateway"].port) as channel:
+            for user in (data.users_without_recall[0], 55_555):
+                realtime = await recommend(channel, user_id=user, pid=PIDS[1], count=7)
+                assert path(realtime) == "POPULAR"
+                assert reasons(realtime) == ["NO_RECALL_SET"]
+                assert [ad.ad_id for ad in realtime.ads] == data.popular[PIDS[1]][:7].tolist()
+                assert not any(ad.HasField("ctr") for ad in realtime.ads)
+                assert realtime.candidate_source == POPULAR and realtime.model_version == ""
+                offline = await recommend(channel, user_id=user, pid=PIDS[1], count=7,
+                                          mode=OFFLINE)
+                assert path(offline) == "POPULAR"
+                assert reasons(offline) == ["NO_OFFLINE_LIST", "NO_RECALL_SET"]
+                assert list(offline.ads) == list(realtime.ads)
+            assert metric(stack, "adrec_fallbacks_total", service="gateway",
+                          reason="no_recall_set") == 4
+
+    run(scenario)
+
+
+def test_a_user_without_an_offline_list_gets_recall_order_in_offline_mode(
+    redis_client, redis_url
+):
+    data = publish_version(redis_client)
+    user = data.users_with_factors[4]
+    redis_client.delete(keys.OFFLINE.key(data.version, user))
+
+    async def scenario():
+        async with running_stack(redis_url) as stack, \
+                loopback_channel(stack.services["gateway"].port) as channel:
+            response = await recommend(channel, user_id=user, pid=PIDS[0], count=12, mode=OFFLINE)
+            assert path(response) == "RECALL_ORDER"
+            assert reasons(response) == ["NO_OFFLINE_LIST"]
+            assert [ad.ad_id for ad in response.ads] == data.recall_lists[user][:12].tolist()
+
+    run(scenario)
+
+
+def test_ranking_down_falls_back_to_the_offline_list_then_recall_order(redis_client, redis_url):
+    data = publish_version(redis_client)
+    with_offline = data.users_with_factors[0]
+    without_offline = data.users_with_factors[1]
+    redis_client.delete(keys.OFFLINE.key(data.version, without_offline))
+
+    async def scenario():
+        async with separate_services(redis_url) as services:
+            channel = services["channel"]
+            assert path(await recommend(channel, user_id=with_offline, pid=PIDS[0], count=5)) \
+                == "REALTIME_RANKED"
+            await services["ranking"].server.stop(grace=0)
+
+            offline = await recommend(channel, user_id=with_offline, pid=PIDS[0], count=5)
+            assert path(offline) == "OFFLINE_RANKED"
+            assert reasons(offline) == ["RANKING_UNAVAILABLE"]
+            assert [ad.ad_id for ad in offline.ads] == \
+                data.offline_lists[with_offline][0][:5].tolist()
+            assert all(ad.HasField("ctr") for ad in offline.ads)
+
+            recall_order = await recommend(channel, user_id=without_offline, pid=PIDS[0],
+                                           count=5)
+            assert path(recall_order) == "RECALL_ORDER"
+            assert reasons(recall_order) == ["RANKING_UNAVAILABLE", "NO_OFFLINE_LIST"]
+            assert [ad.ad_id for ad in recall_order.ads] == \
+                data.recall_lists[without_offline][:5].tolist()
+            assert not any(ad.HasField("ctr") for ad in recall_order.ads)
+            assert recall_order.candidate_source == PERSONAL
+            assert metric(services["gateway"], "adrec_fallbacks_total", service="gateway",
+                          reason="ranking_unavailable") == 2
+
+    run(scenario)
+
+
+def test_recall_down_falls_back_to_the_offline_list_then_popular(redis_client, redis_url):
+    data = publish_version(redis_client)
+    with_offline = data.users_with_factors[0]
+
+    async def scenario():
+        async with separate_services(redis_url) as services:
+            channel = services["channel"]
+            await services["recall"].server.stop(grace=0)
+            offline = await recommend(channel, user_id=with_offline, pid=PIDS[0], count=5)
+            assert path(offline) == "OFFLINE_RANKED"
+            assert reasons(offline) == ["RECALL_UNAVAILABLE"]
+
+            popular = await recommend(channel, user_id=data.users_without_recall[0],
+                                      pid=PIDS[1], count=5)
+            assert path(popular) == "POPULAR"
+            assert reasons(popular) == ["RECALL_UNAVAILABLE", "NO_OFFLINE_LIST"]
+            assert [ad.ad_id for ad in popular.ads] == data.popular[PIDS[1]][:5].tolist()
+            assert popular.data_version == data.version
+
+    run(scenario)
+
+
+def test_a_hung_ranking_costs_only_the_callers_deadline_and_serves_the_offline_list(
+    redis_client, redis_url
+):
+    data = publish_version(redis_client)
+    user = data.users_with_factors[0]
+
+    async def scenario():
+        async with running_stack(redis_url, "recall") as recall, \
+                service_process(redis_url, "ranking") as ranking:
+            env = {"ADREC_RECALL_ADDRESS": f"127.0.0.1:{recall.services['recall'].port}",
+                   "ADREC_RANKING_ADDRESS": f"127.0.0.1:{ranking.ports['ranking']}",
+                   # A budget far beyond the caller's deadline: the caller's must win.
+                   "ADREC_RANKING_TIMEOUT_MS": 30_000, "ADREC_FALLBACK_RESERVE_MS": 150}
+            async with running_stack(redis_url, "gateway", **env) as gateway, \
+                    loopback_channel(gateway.services["gateway"].port) as channel:
+
+                async def ranked():
+                    answer = await recommend(channel, user_id=user, pid=PIDS[0], count=5)
+                    return path(answer) == "REALTIME_RANKED"
+
+                deadline = time.monotonic() + 20
+                while not await ranked():  # the child process is still loading
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.05)
+
+                ranking.process.send_signal(signal.SIGSTOP)
+                try:
+                    started = time.monotonic()
+                    response = await recommend(channel, timeout=0.6, user_id=user, pid=PIDS[0],
+                                               count=5)
+                    elapsed = time.monotonic() - started
+                finally:
+                    ranking.process.send_signal(signal.SIGCONT)
+                assert path(response) == "OFFLINE_RANKED"
+                assert reasons(response) == ["RANKING_DEADLINE_EXCEEDED"]
+                assert [ad.ad_id for ad in response.ads] == data.offline_lists[user][0][:5].tolist()
+                # Ranking got the caller's 0.6 s minus the 0.15 s reserve, not its 30 s budget.
+                assert 0.4 < elapsed < 0.6
+
+    run(scenario, timeout=60)
+
+
+def test_a_caller_without_a_deadline_gets_the_configured_request_budget(
+    redis_client, redis_url
+):
+    data = publish_version(redis_client)
+    user = data.users_with_factors[0]
+
+    async def scenario():
+        async with running_stack(redis_url, "recall") as recall, \
+                service_process(redis_url, "ranking") as ranking:
+            env = {"ADREC_RECALL_ADDRESS": f"127.0.0.1:{recall.services['recall'].port}",
+                   "ADREC_RANKING_ADDRESS": f"127.0.0.1:{ranking.ports['ranking']}",
+                   "ADREC_REQUEST_TIMEOUT_MS": 400, "ADREC_RANKING_TIMEOUT_MS": 30_000,
+                   "ADREC_FALLBACK_RESERVE_MS": 100}
+            async with running_stack(redis_url, "gateway", **env) as gateway, \
+                    loopback_channel(gateway.services["gateway"].port) as channel:
+                stub = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+                request = gateway_pb2.RecommendRequest(user_id=user, pid=PIDS[0], count=5)
+                deadline = time.monotonic() + 20
+                while path(await stub.Recommend(request)) != "REALTIME_RANKED":
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.05)
+                ranking.process.send_signal(signal.SIGSTOP)
+                try:
+                    started = time.monotonic()
+                    response = await stub.Recommend(request)  # no deadline at all
+                    elapsed = time.monotonic() - started
+                finally:
+                    ranking.process.send_signal(signal.SIGCONT)
+                assert reasons(response) == ["RANKING_DEADLINE_EXCEEDED"]
+                assert 0.25 < elapsed < 0.4
+
+    run(scenario, timeout=60)
+
+
+INVALID_REQUESTS = [
+    ({"user_id": 0}, "user_id"),
+    ({"user_id": -5}, "user_id"),
+    ({"pid": ""}, "pid"),
+    ({"pid": "430548_1008"}, "pid"),
+    ({"count": 0}, "count"),
+    ({"count": 501}, "count"),
+    ({"count": -1}, "count"),
+    ({"mode": 7}, "mode"),
+]
+
+
+def test_bad_requests_are_invalid_argument_naming_the_field(redis_client, redis_url):
+    publish_version(redis_client)
+
+    async def scenario():
+        async with running_stack(redis_url) as stack, \
+                loopback_channel(stack.services["gateway"].port) as channel:
+            valid = {"user_id": 1001, "pid": PIDS[0], "count": 500}
+            assert len((await recommend(channel, **valid)).ads) == 492  # 8 unknown skipped
+            for change, field in INVALID_REQUESTS:
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    await recommend(channel, **{**valid, **change})
+                assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, change
+                assert error.value.details().startswith(f"{field}: "), error.value.details()
+            # Nothing reached the downstream services.
+            assert metric(stack, "grpc_server_started_total", grpc_type="unary",
+                          grpc_service="adrec.recall.v1.RecallService",
+                          grpc_method="GetCandidates") == 1
+
+    run(scenario)
+
+
+def test_count_bounds_the_answer_on_every_path(redis_client, redis_url):
+    data = publish_version(redis_client)
+    user = data.users_with_factors[0]
+
+    async def scenario():
+        async with running_stack(redis_url) as stack, \
+                loopback_channel(stack.services["gateway"].port) as channel:
+            for count in (1, 50, 500):
+                realtime = await recommend(channel, user_id=user, pid=PIDS[0], count=count)
+                assert len(realtime.ads) == min(count, 492)
+                offline = await recommend(channel, user_id=user, pid=PIDS[0], count=count,
+                                          mode=OFFLINE)
+                assert len(offline.ads) == min(count, 50)
+                popular = await recommend(channel, user_id=4242, pid=PIDS[0], count=count)
+                assert len(popular.ads) == min(count, 200)
+            ctrs = np.array([ad.ctr for ad in realtime.ads])
+            assert (np.diff(ctrs) <= 0).all()
+
+    run(scenario)

@@ -1,0 +1,312 @@
+"""What operators rely on: health, reflection, /metrics, JSON logs, settings, drain and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+from google.protobuf import descriptor_pool
+from grpc_health.v1 import health_pb2
+from grpc_helpers import health_status, loopback_channel, run_buf
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from prometheus_client.parser import text_string_to_metric_families
+from service_data import (
+    PIDS,
+    TEST_RELOAD_SECONDS,
+    expected_ranking,
+    path,
+    publish_version,
+    reasons,
+    recommend,
+    run,
+    running_stack,
+    service_process,
+    wait_until,
+)
+
+from adrec.cli import main
+from adrec.core.redis_server import free_port, private_redis
+from adrec.services.runtime.settings import SETTINGS, service_env_names
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICES = {
+    "recall": "adrec.recall.v1.RecallService",
+    "ranking": "adrec.ranking.v1.RankingService",
+    "gateway": "adrec.gateway.v1.GatewayService",
+}
+
+
+def test_health_follows_redis_down_and_back_while_answers_keep_coming():
+    with private_redis() as server:
+        client = redis.Redis.from_url(server.url)
+        data = publish_version(client, seed=1)
+        user = data.users_with_factors[0]
+
+        async def statuses(channels) -> set[int]:
+            return {await health_status(channel, service)
+                    for channel, service in zip(channels, SERVICES.values(), strict=True)}
+
+        async def scenario():
+            async with running_stack(server.url) as stack:
+                ports = [stack.services[name].port for name in SERVICES]
+                async with loopback_channel(ports[0]) as recall, \
+                        loopback_channel(ports[1]) as ranking, \
+                        loopback_channel(ports[2]) as gateway:
+                    channels = (recall, ranking, gateway)
+                    assert await statuses(channels) == {SERVING}
+
+                    await asyncio.to_thread(server.stop)
+                    await wait_until(async_equals(statuses, channels, {NOT_SERVING}))
+                    for channel in channels:
+                        assert await health_status(channel) == NOT_SERVING
+                    # Degraded, not failed: the gateway answers from memory.
+                    answer = await recommend(gateway, user_id=user, pid=PIDS[0], count=5)
+                    assert path(answer) == "POPULAR"
+                    assert reasons(answer) == ["RECALL_UNAVAILABLE", "NO_OFFLINE_LIST"]
+                    assert [ad.ad_id for ad in answer.ads] == data.popular[PIDS[0]][:5].tolist()
+
+                    # The restarted Redis lost everything; the job publishes again, and
+                    # reuses the version id "v1" for different data.
+                    await asyncio.to_thread(server.restart)
+                    republished = await asyncio.to_thread(
+                        publish_version, redis.Redis.from_url(server.url), seed=2
+                    )
+                    assert republished.version == data.version
+                    ids, _, _ = expected_ranking(republished, user, PIDS[0],
+                                                 republished.recall_lists[user])
+
+                    async def reloaded():
+                        answer = await recommend(gateway, user_id=user, pid=PIDS[0], count=5)
+                        return path(answer) == "REALTIME_RANKED" and \
+                            [ad.ad_id for ad in answer.ads] == ids[:5]
+
+                    await wait_until(reloaded)
+                    assert await statuses(channels) == {SERVING}
+                    assert await health_status(gateway) == SERVING
+
+        run(scenario)
+
+
+def async_equals(function, argument, expected):
+    async def check():
+        return await function(argument) == expected
+
+    return check
+
+
+def describe(port: int) -> set[str]:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        pool = descriptor_pool.DescriptorPool(database)
+        for name in services:
+            pool.FindServiceByName(name)  # resolvable, with its imports
+        return services
+
+
+def test_reflection_describes_every_service_to_grpc_and_buf_clients(redis_client, redis_url):
+    data = publish_version(redis_client)
+
+    async def scenario():
+        async with running_stack(redis_url) as stack:
+            for name, full_name in SERVICES.items():
+                port = stack.services[name].port
+                described = await asyncio.to_thread(describe, port)
+                assert described == {full_name, "grpc.health.v1.Health",
+                                     "grpc.reflection.v1alpha.ServerReflection"}
+                code, listed, errors = await run_buf(
+                    "curl", "--protocol", "grpc", "--http2-prior-knowledge", "--reflect",
+                    "--list-services", f"http://127.0.0.1:{port}")
+                assert code == 0, errors
+                assert full_name in listed.split()
+
+            user = data.users_with_factors[0]
+            code, output, errors = await run_buf(
+                "curl", "--protocol", "grpc", "--http2-prior-knowledge", "--reflect",
+                "--data", json.dumps({"userId": str(user), "pid": PIDS[0], "count": 3}),
+                f"http://127.0.0.1:{stack.services['gateway'].port}"
+                f"/{SERVICES['gateway']}/Recommend")
+            assert code == 0, errors
+            answer = json.loads(output)
+            assert answer["servingPath"] == "SERVING_PATH_REALTIME_RANKED"
+            assert [int(ad["adId"]) for ad in answer["ads"]] == \
+                expected_ranking(data, user, PIDS[0], data.recall_lists[user])[0][:3]
+
+    run(scenario)
+
+
+def scrape(port: int) -> dict[str, list]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def samples(families: dict, name: str, suffix: str = "", **labels: str) -> list[float]:
+    return [sample.value for sample in families[name]
+            if sample.name == name + suffix
+            and all(sample.labels.get(key) == value for key, value in labels.items())]
+
+
+def test_metrics_endpoint_serves_standard_grpc_and_domain_metrics(redis_client, redis_url):
+    data = publish_version(redis_client)
+
+    async def scenario():
+        async with running_stack(redis_url) as stack, \
+                loopback_channel(stack.services["gateway"].port) as channel:
+            for user in data.users_with_factors[:3]:
+                await recommend(channel, user_id=user, pid=PIDS[0], count=5)
+            await recommend(channel, user_id=424242, pid=PIDS[0], count=5)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await recommend(channel, user_id=-1, pid=PIDS[0], count=5)
+            families = await asyncio.to_thread(scrape, stack.metrics_port)
+
+        gateway = {"grpc_type": "unary", "grpc_service": SERVICES["gateway"],
+                   "grpc_method": "Recommend"}
+        assert samples(families, "grpc_server_started", "_total", **gateway) == [5]
+        assert samples(families, "grpc_server_handled", "_total", grpc_code="OK",
+                       **gateway) == [4]
+        assert samples(families, "grpc_server_handled", "_total", grpc_code="InvalidArgument",
+                       **gateway) == [1]
+        assert samples(families, "grpc_server_handling_seconds", "_count", **gateway) == [5]
+        buckets = samples(families, "grpc_server_handling_seconds", "_bucket", le="0.01",
+                          **gateway)
+        assert len(buckets) == 1 and 0 < buckets[0] <= 5
+        ranking = {"grpc_type": "unary", "grpc_service": SERVICES["ranking"],
+                   "grpc_method": "RankCandidates"}
+        assert samples(families, "grpc_server_handled", "_total", grpc_code="OK",
+                       **ranking) == [3]
+        assert samples(families, "adrec_candidates_per_request", "_count", service="ranking") \
+            == [3]
+        assert samples(families, "adrec_candidates_per_request", "_sum", service="recall") \
+            == [3 * 500 + 200]
+        assert samples(families, "adrec_fallbacks", "_total", service="gateway",
+                       reason="no_recall_set") == [1]
+        for service in SERVICES:
+            assert samples(families, "adrec_data_version_info", "", service=service,
+                           version=data.version) == [1]
+            assert samples(families, "adrec_redis_up", "", service=service) == [1]
+        model_version = f"{data.version}/{data.model.spec.spec_id}"
+        assert samples(families, "adrec_model_version_info", "", service="ranking",
+                       version=model_version) == [1]
+        assert samples(families, "adrec_unknown_ads", "_total", service="ranking") == [24]
+        assert samples(families, "adrec_redis_latency_seconds", "_count", service="ranking",
+                       op="user_features") == [3]
+        assert samples(families, "adrec_downstream_latency_seconds", "_count",
+                       service="gateway", downstream="ranking", grpc_code="OK") == [3]
+        assert "process_cpu_seconds" in families
+
+    run(scenario)
+
+
+def test_serve_all_process_answers_the_cli_logs_json_and_drains_on_sigterm(
+    redis_client, redis_url, tmp_path: Path, capsys
+):
+    data = publish_version(redis_client)
+    user = data.users_with_factors[0]
+    log_path = tmp_path / "serve.log"
+
+    async def scenario():
+        async with service_process(redis_url, "all", log_path=log_path) as served:
+            gateway = f"127.0.0.1:{served.ports['gateway']}"
+            async with loopback_channel(served.ports["gateway"]) as channel:
+                async def serving():
+                    return await health_status(channel) == SERVING
+
+                await wait_until(serving, timeout=20)
+
+            args = ["recommend", str(user), "--count", "4", "--gateway", gateway,
+                    "--request-id", "cli-1"]
+            assert await asyncio.to_thread(main, args) == 0
+            table = capsys.readouterr().out.splitlines()
+            assert table[0].startswith("path realtime_ranked  mode realtime  degraded: no")
+            assert table[1] == (f"data {data.version}  model {data.version}/"
+                                f"{data.model.spec.spec_id}  request cli-1")
+            ids, ctrs, _ = expected_ranking(data, user, PIDS[0], data.recall_lists[user])
+            assert [line.split() for line in table[3:]] == [
+                [str(rank), str(ad), f"{ctr:.5f}"]
+                for rank, (ad, ctr) in enumerate(zip(ids[:4], ctrs[:4], strict=True), start=1)
+            ]
+
+            args = ["recommend", "4242", "--mode", "offline", "--pid", PIDS[1], "--json",
+                    "--gateway", gateway, "--request-id", "cli-2"]
+            assert await asyncio.to_thread(main, args) == 0
+            answer = json.loads(capsys.readouterr().out)
+            assert answer["servingPath"] == "SERVING_PATH_POPULAR"
+            assert answer["degradationReasons"] == ["DEGRADATION_REASON_NO_OFFLINE_LIST",
+                                                    "DEGRADATION_REASON_NO_RECALL_SET"]
+
+            metrics = await asyncio.to_thread(scrape, served.ports["metrics"])
+            assert samples(metrics, "grpc_server_started", "_total",
+                           grpc_method="Recommend") == [2]
+
+            served.process.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(served.process.wait(), timeout=10) == 0
+
+        lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+        assert all({"ts", "level", "service", "msg"} <= set(line) for line in lines)
+        assert {line["service"] for line in lines} >= {"recall", "ranking", "gateway"}
+        degraded = [line for line in lines if line["msg"] == "degraded answer"]
+        assert [line["request_id"] for line in degraded] == ["cli-2"]
+        assert any(line["msg"].startswith("received SIGTERM") for line in lines)
+
+    run(scenario, timeout=60)
+
+
+def test_recommend_cli_reports_bad_input_and_an_unreachable_gateway(capsys):
+    gateway = f"127.0.0.1:{free_port()}"
+    assert main(["recommend", "0", "--gateway", gateway]) == 2
+    assert "USER: must be a positive id" in capsys.readouterr().err
+    assert main(["recommend", "7", "--count", "501", "--gateway", gateway]) == 2
+    assert "--count: must be between 1 and 500" in capsys.readouterr().err
+    assert main(["recommend", "7", "--pid", "x", "--gateway", gateway]) == 2
+    assert "--pid: 'x' is not a known placement" in capsys.readouterr().err
+    assert main(["recommend", "7", "--gateway", gateway, "--timeout", "2"]) == 1
+    assert f"cannot reach the gateway at {gateway}" in capsys.readouterr().err
+
+
+def test_bad_settings_stop_the_start_naming_each_env_var_and_flag(monkeypatch, capsys):
+    monkeypatch.setenv("ADREC_RECALL_PORT", "fifty")
+    monkeypatch.setenv("ADREC_RELOAD_INTERVAL_SECONDS", "0")
+    assert main(["serve", "recall", "--redis", "http://nope"]) == 2
+    error = capsys.readouterr().err
+    assert "ADREC_RECALL_PORT='fifty': expected an integer" in error
+    assert "ADREC_RELOAD_INTERVAL_SECONDS='0': must be between" in error
+    assert "--redis-url (or REDIS_URL)='http://nope'" in error
+
+    monkeypatch.delenv("ADREC_RECALL_PORT")
+    monkeypatch.delenv("ADREC_RELOAD_INTERVAL_SECONDS")
+    assert main(["serve", "gateway", "--ranking-timeout-ms", "0",
+                 "--fallback-reserve-ms", "500"]) == 2
+    error = capsys.readouterr().err
+    assert "--ranking-timeout-ms (or ADREC_RANKING_TIMEOUT_MS)='0'" in error
+
+    assert main(["serve", "gateway", "--fallback-reserve-ms", "500"]) == 2
+    assert "ADREC_FALLBACK_RESERVE_MS must be smaller than ADREC_REQUEST_TIMEOUT_MS" in \
+        capsys.readouterr().err
+
+    assert main(["serve", "ranking", "--redis", "http://nope"]) == 2
+    assert "REDIS_URL" in capsys.readouterr().err
+
+
+def test_each_service_declares_its_env_vars_and_ports():
+    assert set(SETTINGS) == {"recall", "ranking", "gateway", "all"}
+    assert {"ADREC_RECALL_PORT", "ADREC_METRICS_PORT", "REDIS_URL"} <= \
+        set(service_env_names("recall"))
+    assert "ADREC_RANKING_ADDRESS" in service_env_names("gateway")
+    assert "ADREC_GATEWAY_PORT" not in service_env_names("ranking")
+    defaults = {name: SETTINGS[name]() for name in ("recall", "ranking", "gateway")}
+    ports = {defaults["recall"].recall_port, defaults["ranking"].ranking_port,
+             defaults["gateway"].gateway_port}
+    assert len(ports) == 3
+    assert defaults["gateway"].ranking_address.endswith(f":{defaults['ranking'].ranking_port}")
+    assert defaults["recall"].reload_interval_seconds > TEST_RELOAD_SECONDS

@@ -1,0 +1,344 @@
+"""RankingService over real gRPC, a real redis-server and a version published by the writer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2
+from grpc_helpers import health_status, loopback_channel
+from service_data import (
+    PIDS,
+    TEST_RELOAD_SECONDS,
+    expected_ranking,
+    metric,
+    mismatched_model_json,
+    publish_version,
+    random_model,
+    rank,
+    run,
+    running_stack,
+    wait_until,
+)
+
+from adrec.core import features, store
+from adrec.core.codecs import UserFeatures
+from adrec.jobs.offline import OFFLINE_PID
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def ranking_port(stack) -> int:
+    return stack.services["ranking"].port
+
+
+@pytest.mark.parametrize("pid", PIDS)
+def test_top_k_and_ctrs_equal_the_model_on_the_shared_encoding(redis_client, redis_url, pid):
+    data = publish_version(redis_client)
+
+    async def scenario():
+        async with running_stack(redis_url, "ranking") as stack, \
+                loopback_channel(ranking_port(stack)) as channel:
+            assert stack.services["ranking"].service.snapshot.scorer is not None
+            for user in (data.users_with_factors[0], data.users_without_factors[0]):
+                candidates = data.recall_lists[user].tolist()
+                response = await rank(channel, user_id=user, pid=pid, ad_ids=candidates, top_k=20)
+                ids, ctrs, unknown = expected_ranking(data, user, pid, candidates)
+                assert [ad.ad_id for ad in response.ads] == ids[:20]
+                assert [ad.ctr for ad in response.ads] == pytest.approx(ctrs[:20], rel=1e-6)
+                assert response.unknown_ads_skipped == unknown == 8
+                assert response.user_profile_found
+                assert response.data_version == data.version
+                assert response.model_version == f"{data.version}/{data.model.spec.spec_id}"
+
+    run(scenario)
+
+
+def test_realtime_ranking_equals_the_jobs_offline_scoring(redis_client, redis_url):
+    data = publish_version(redis_client)
+
+    async def scenario():
+        async with running_stack(redis_url, "ranking") as stack, \
+                loopback_channel(ranking_port(stack)) as channel:
+            users = [*data.users_with_factors[:5], *data.users_without_factors[:2],
+                     *data.users_without_profile[:2]]
+            for user in users:
+                offline_ids, offline_ctrs = data.offline_lists[user]
+                response = await rank(channel, user_id=user, pid=OFFLINE_PID,
+                                      ad_ids=data.recall_lists[user].tolist(),
+                                      top_k=len(offline_ids))
+                assert [ad.ad_id for ad in response.ads] == offline_ids.tolist()
+                assert [ad.ctr for ad in response.ads] == pytest.approx(
+                    offline_ctrs.tolist(), rel=1e-6
+                )
+
+    run(scenario)
+
+
+def test_a_user_without_a_profile_is_scored_with_missing_levels(redis_client, redis_url):
+    data = publish_version(redis_client)
+    user = data.users_without_profile[0]
+
+    async def scenario():
+        async with running_stack(redis_url, "ranking") as stack, \
+                loopback_channel(ranking_port(stack)) as channel:
+            candidates = data.recall_lists[user].tolist()
+            response = await rank(channel, user_id=user, pid=PIDS[1], ad_ids=candidates)
+            assert not response.user_profile_found
+            ids, ctrs, _ = expected_ranking(data, user, PIDS[1], candidates)
+            assert [ad.ad_id for ad in response.ads] == ids
+            assert [ad.ctr for ad in response.ads] == pytest.approx(ctrs, rel=1e-6)
+            assert metric(stack, "adrec_user_profiles_missing_total", service="ranking") == 1
+
+    run(scenario)
+
+
+def test_unknown_and_repeated_ads_are_skipped_counted_and_scored_once(redis_client, redis_url):
+    data = publish_version(redis_client)
+    user = data.users_with_factors[1]
+    known = data.ads["adgroup_id"][:5].tolist()
+    unknown = data.unknown_ad_ids[:3].tolist()
+    candidates = [known[0], unknown[0], known[1], known[0], unknown[1], known[2], unknown[0],
+                  unknown[2], known[3], known[4]]
+
+    async def scenario():
+        async with running_stack(redis_url, "ranking") as stack, \
+                loopback_channel(ranking_port(stack)) as channel:
+            response = await rank(channel, user_id=user, pid=PIDS[0], ad_ids=candidates)
+            assert sorted(ad.ad_id for ad in response.ads) == sorted(known)
+            assert response.unknown_ads_skipped == 3
+            assert metric(stack, "adrec_unknown_ads_total", service="ranking") == 3
+
+            only_unknown = await rank(channel, user_id=user, pid=PIDS[0], ad_ids=unknown)
+            assert list(only_unknown.ads) == []
+            assert only_unknown.unknown_ads_skipped == 3
+
+            empty = await rank(channel, user_id=user, pid=PIDS[0], ad_ids=[])
+            assert list(empty.ads) == [] and empty.unknown_ads_skipped == 0
+
+    run(scenario)
+
+
+def test_ties_keep_the_request_order(redis_client, redis_url):
+    data = publish_version(redis_client)
+    table = data.ads
+    # Ads whose every feature is equal score equally for any user.
+    twins = [int(table["adgroup_id"][i]) for i in (3, 4, 5)]
+    for column in ("cate_id", "price", "ctr_ad", "ctr_cate", "ctr_brand"):
+        table[column][[4, 5]] = table[column][3]
+    store.VersionWriter(redis_client, data.version).put_ad_table(table)
+
+    async def scenario():
+        async with running_stack(redis_url, "ranking") as stack, \
+                loopback_channel(ranking_port(stack)) as channel:
+            for order in (twins, twins[::-1], [twins[1], twins[0], twins[2]]):
+                response = await rank(channel, user_id=data.users_with_factors[0], pid=PIDS[0],
+                                      ad_ids=order)
+                assert [ad.ad_id for ad in response.ads] == order
+                assert len({ad.ctr for ad in response.ads}) == 1
+
+    run(scenario)
+
+
+def test_a_profile_update_changes_the_next_answer(redis_client, redis_url):
+    data = publish_version(redis_client)
+    user = data.users_with_factors[2]
+    candidates = data.recall_lists[user].tolist()
+
+    async def scenario():
+        async with running_stack(redis_url, "ranking") as stack, \
+                loopback_channel(ranking_port(stack)) as channel:
+            before = await rank(channel, user_id=user, pid=PIDS[0], ad_ids=candidates, top_k=5)
+            old = data.user_features[user]
+            changed = {**old.profile, "age_level": (old.profile["age_level"] + 3) % 7,
+                       "gender": 3 - old.profile["gender"] if old.profile["gender"] in (1, 2)
+                       else 1.0}
+            data.user_features[user] = UserFeatures(changed, -old.als_factors)
+            store.VersionWriter(redis_client, data.version).put_user_features(
+                [user], [data.user_features[user]]
+            )
+            after = await rank(channel, user_id=user, pid=PIDS[0], ad_ids=candidates, top_k=5)
+            ids, ctrs, _ = expected_ranking(data, user, PIDS[0], candidates)
+            assert [ad.ad_id for ad in after.ads] == ids[:5]
+            assert [ad.ctr for ad in after.ads] == pytest.approx(ctrs[:5], rel=1e-6)
+            assert [ad.ad_id for ad in after.ads] != [ad.ad_id for ad in before.ads]
+
+    run(scenario)
+
+
+def test_hot_reload_switches_within_the_poll_interval_without_failing_calls(
+    redis_client, redis_url
+):
+    first = publish_version(redis_client, seed=1)
+
+    async def scenario():
+        async with running_stack(redis_url, "ranking") as stack, \
+                loopback_channel(ranking_port(stack)) as channel:
+            user = first.users_with_factors[0]
+            candidates = first.recall_lists[user].tolist()
+            seen: list[str] = []
+            stop = asyncio.Event()
+
+            async def keep_ranking():
+                while not stop.is_set():
+                    response = await rank(channel, user_id=user, pid=PIDS[0],
+                                          ad_ids=candidates, top_k=10)
+                    seen.append(response.data_version)
+
+            callers = [asyncio.ensure_future(keep_ranking()) for _ in range(4)]
+            await wait_until(lambda: len(seen) > 20)
+            second = await asyncio.to_thread(publish_version, redis_client, seed=2)
+            activated = asyncio.get_running_loop().time()
+            await wait_until(lambda: seen[-1] == second.version, timeout=5)
+            switch_seconds = asyncio.get_running_loop().time() - activated
+            count_at_switch = len(seen)
+            await wait_until(lambda: len(seen) > count_at_switch + 20)
+            stop.set()
+            await asyncio.gather(*callers)  # every call succeeded, before and after
+
+            assert switch_seconds < TEST_RELOAD_SECONDS + 1.0
+            assert set(seen) == {first.version, second.version}
+            switched = seen.index(second.version)
+            assert set(seen[switched + 8:]) == {second.version}
+            response = await rank(channel, user_id=second.users_with_factors[0], pid=PIDS[0],
+                                  ad_ids=second.recall_lists[second.users_with_factors[0]]
+                                  .tolist(), top_k=10)
+            ids, _, _ = expected_ranking(second, second.users_with_factors[0], PIDS[0],
+                                         second.recall_lists[second.users_with_factors[0]])
+            assert [ad.ad_id for ad in response.ads] == ids[:10]
+            assert metric(stack, "adrec_data_version_info", service="ranking",
+                          version=second.version) == 1
+            assert metric(stack, "adrec_data_version_info", service="ranking",
+                          version=first.version) == 0
+
+    run(scenario)
+
+
+def test_a_model_with_another_feature_spec_is_refused_and_the_old_one_keeps_serving(
+    redis_client, redis_url, caplog
+):
+    first = publish_version(redis_client, seed=1)
+    caplog.set_level(logging.INFO, logger="adrec.services.ranking")
+
+    async def scenario():
+        async with running_stack(redis_url, "ranking") as stack, \
+                loopback_channel(ranking_port(stack)) as channel:
+            refused = await asyncio.to_thread(
+                publish_version, redis_client, seed=2,
+                model_json=mismatched_model_json(random_model(np.random.default_rng(2))),
+            )
+            assert store.active_version(redis_client) == refused.version
+            await wait_until(lambda: metric(
+                stack, "adrec_model_reload_failures_total", service="ranking",
+                reason="model_spec_mismatch") == 1)
+            await asyncio.sleep(5 * TEST_RELOAD_SECONDS)  # refused once, not at every poll
+            assert metric(stack, "adrec_model_reload_failures_total", service="ranking",
+                          reason="model_spec_mismatch") == 1
+
+            user = first.users_with_factors[0]
+            response = await rank(channel, user_id=user, pid=PIDS[0],
+                                  ad_ids=first.recall_lists[user].tolist(), top_k=5)
+            assert response.data_version == first.version
+            assert [ad.ad_id for ad in response.ads] == expected_ranking(
+                first, user, PIDS[0], first.recall_lists[user])[0][:5]
+            assert await health_status(channel) == SERVING
+            assert metric(stack, "adrec_model_version_info", service="ranking",
+                          version=f"{first.version}/{first.model.spec.spec_id}") == 1
+
+            fixed = await asyncio.to_thread(publish_version, redis_client, seed=3)
+            await wait_until(lambda: stack.services["ranking"].service.snapshot.data_version
+                             == fixed.version)
+
+        refusals = [r for r in caplog.records if r.getMessage().startswith("refused data version")]
+        assert len(refusals) == 1
+        assert refusals[0].levelname == "ERROR"
+        assert refusals[0].version == refused.version
+        assert refusals[0].serving_version == first.version
+        assert "feature spec" in refusals[0].error
+
+    run(scenario)
+
+
+def test_not_serving_until_a_usable_model_is_published(redis_client, redis_url):
+    async def scenario():
+        async with running_stack(redis_url, "ranking") as stack, \
+                loopback_channel(ranking_port(stack)) as channel:
+            assert await health_status(channel) == NOT_SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as no_model:
+                await rank(channel, user_id=5, pid=PIDS[0], ad_ids=[1, 2])
+            assert no_model.value.code() == grpc.StatusCode.UNAVAILABLE
+
+            await asyncio.to_thread(
+                publish_version, redis_client,
+                model_json=mismatched_model_json(random_model(np.random.default_rng(0))),
+            )
+            await asyncio.sleep(5 * TEST_RELOAD_SECONDS)
+            assert await health_status(channel) == NOT_SERVING
+
+            await asyncio.to_thread(publish_version, redis_client, seed=4)
+
+            async def serving():
+                return await health_status(channel) == SERVING
+
+            await wait_until(serving)
+
+    run(scenario)
+
+
+INVALID_REQUESTS = [
+    ({"user_id": 0}, "user_id"),
+    ({"user_id": -3}, "user_id"),
+    ({"pid": ""}, "pid"),
+    ({"pid": "430548_9999"}, "pid"),
+    ({"top_k": -1}, "top_k"),
+    ({"top_k": 1001}, "top_k"),
+    ({"ad_ids": list(range(1, 1002))}, "ad_ids"),
+    ({"ad_ids": [5, 0, 7]}, "ad_ids"),
+    ({"ad_ids": [5, -7]}, "ad_ids"),
+]
+
+
+def test_bad_requests_are_invalid_argument_naming_the_field(redis_client, redis_url):
+    publish_version(redis_client)
+
+    async def scenario():
+        async with running_stack(redis_url, "ranking") as stack, \
+                loopback_channel(ranking_port(stack)) as channel:
+            valid = {"user_id": 1001, "pid": PIDS[0], "ad_ids": [1, 2, 3], "top_k": 2}
+            await rank(channel, **valid)
+            await rank(channel, **{**valid, "ad_ids": list(range(1, 1001)), "top_k": 1000})
+            for change, field in INVALID_REQUESTS:
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    await rank(channel, **{**valid, **change})
+                assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, change
+                assert error.value.details().startswith(f"{field}: "), error.value.details()
+            assert metric(stack, "grpc_server_handled_total", grpc_type="unary",
+                          grpc_service="adrec.ranking.v1.RankingService",
+                          grpc_method="RankCandidates",
+                          grpc_code="InvalidArgument") == len(INVALID_REQUESTS)
+
+    run(scenario)
+
+
+def test_a_course_feature_set_model_is_served_with_the_same_semantics(redis_client, redis_url):
+    model = random_model(np.random.default_rng(5), features.COURSE)
+    data = publish_version(redis_client, model=model)
+    user = data.users_with_factors[0]
+
+    async def scenario():
+        async with running_stack(redis_url, "ranking") as stack, \
+                loopback_channel(ranking_port(stack)) as channel:
+            snapshot = stack.services["ranking"].service.snapshot
+            assert snapshot.scorer is not None  # the split-by-column path, checked at load
+            candidates = data.recall_lists[user].tolist()
+            response = await rank(channel, user_id=user, pid=PIDS[1], ad_ids=candidates, top_k=30)
+            ids, ctrs, _ = expected_ranking(data, user, PIDS[1], candidates)
+            assert [ad.ad_id for ad in response.ads] == ids[:30]
+            assert [ad.ctr for ad in response.ads] == pytest.approx(ctrs[:30], rel=1e-6)
+            assert response.model_version == f"{data.version}/{features.COURSE.spec_id}"
+
+    run(scenario)
