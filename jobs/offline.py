@@ -1,0 +1,227 @@
+"""Offline ranking: every user's recall list scored by the CTR model, top N kept.
+
+Contract:
+
+- :func:`offline_top_n` ``(recall_lists, users, ads, cate_factors, model, pid, top_n)``
+  -> DataFrame(``user_id`` int, ``ad_ids`` array<int>, ``ctrs`` array<float>), best first.
+  ``recall_lists`` is (user_id, ad_ids array<int>), ``users`` the output of
+  :func:`adrec.jobs.features.user_features`, ``ads`` the column arrays of
+  :func:`adrec.jobs.features.ad_table`, ``cate_factors`` the ALS (cate_ids, factors).
+- :func:`rank_users` is the numpy core, one encode and one predict per batch of users.
+- :func:`write_offline_lists` loads the lists into a version from the executors.
+
+It computes what the ranking service computes for the same user: recall list -> drop
+ads missing from the ad table -> encode with the user's stored features (a user without
+features gets missing levels and no ALS factors) and the pid -> predict -> sort by CTR
+descending, ties by ad id ascending -> top N. Users left with no known ad get no list.
+
+One list per user, scored at the majority placement :data:`OFFLINE_PID`: the recall
+lists alone take most of the Redis budget at full scale, so a list per placement does
+not fit. Nothing is lost in the order: the model is additive and the pid enters it only
+through its own one-hot, so switching placement shifts every candidate's logit by the
+same amount and the ranking is identical for both placements; only the CTR values are
+the majority placement's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F  # noqa: N812 - the conventional alias
+
+from adrec.core import features as spec_features
+from adrec.core.features import USER_PROFILE_FIELDS
+from adrec.core.model import CtrModel
+from adrec.core.redis_conn import RedisSettings, connect
+from adrec.core.store import VersionWriter
+from adrec.jobs.ctr import encoder_inputs
+from adrec.jobs.features import factor_matrix
+
+#: The placement with 62% of the impressions.
+OFFLINE_PID = spec_features.KNOWN_PIDS[0]
+DEFAULT_TOP_N = 50
+#: Candidates encoded at once: bounds the feature matrix to a few tens of MB.
+CANDIDATES_PER_CHUNK = 50_000
+
+OFFLINE_SCHEMA = "user_id int, ad_ids array<int>, ctrs array<float>"
+
+_NO_FACTORS = (np.zeros(0, dtype=np.int32), np.zeros((0, 1), dtype=np.float32))
+
+
+#: Ad ids up to this many times the table's size get a dense id -> row index.
+DENSE_INDEX_SPREAD = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class RankingData:
+    """What ranking holds in memory: the ad table, the ALS category factors and the model."""
+
+    ads: Mapping[str, np.ndarray]
+    cate_factors: tuple[np.ndarray, np.ndarray] | None
+    model: CtrModel
+    #: Row of each ad id in ``ads`` (-1: unknown) when ids are dense enough; else None.
+    row_of_ad: np.ndarray | None = None
+
+    @classmethod
+    def as_served(
+        cls, ads: Mapping[str, np.ndarray], cate_factors: tuple[np.ndarray, np.ndarray] | None,
+        model: CtrModel,
+    ) -> RankingData:
+        """With the dtypes the service reads back from Redis (float32 factors)."""
+        factors = None if cate_factors is None else (
+            np.asarray(cate_factors[0], dtype=np.int32),
+            np.asarray(cate_factors[1], dtype=np.float32),
+        )
+        table = {name: np.asarray(column) for name, column in ads.items()}
+        ad_ids = table["adgroup_id"]
+        row_of_ad = None
+        # A lookup table turns the random-access binary search over every candidate, the
+        # costliest step at full scale, into one gather.
+        if len(ad_ids) and ad_ids[-1] <= DENSE_INDEX_SPREAD * len(ad_ids) + 1024:
+            row_of_ad = np.full(int(ad_ids[-1]) + 1, -1, dtype=np.int32)
+            row_of_ad[ad_ids] = np.arange(len(ad_ids), dtype=np.int32)
+        return cls(table, factors, model, row_of_ad)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.cate_factors is None else self.cate_factors[1].shape[1]
+
+    def rows(self, candidates: np.ndarray) -> np.ndarray:
+        """Row in ``ads`` of each candidate id, -1 for ads the table does not hold."""
+        if self.row_of_ad is not None:
+            inside = (candidates >= 0) & (candidates < len(self.row_of_ad))
+            return np.where(inside, self.row_of_ad[np.where(inside, candidates, 0)], -1)
+        ad_ids = self.ads["adgroup_id"]
+        if len(ad_ids) == 0:
+            return np.full(len(candidates), -1, dtype=np.int32)
+        position = np.minimum(np.searchsorted(ad_ids, candidates), len(ad_ids) - 1)
+        return np.where(ad_ids[position] == candidates, position, -1)
+
+
+def rank_users(
+    profiles: Mapping[str, np.ndarray],
+    user_factors: np.ndarray,
+    candidates: np.ndarray,
+    offsets: np.ndarray,
+    data: RankingData,
+    *,
+    pid: str = OFFLINE_PID,
+    top_n: int = DEFAULT_TOP_N,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top ``top_n`` candidates of ``m`` users: (ad ids, CTRs, offsets into them).
+
+    ``profiles`` holds ``m`` values per profile field (NaN = missing), ``user_factors`` is
+    ``(m, rank)`` with NaN rows for users without factors, and user ``i``'s candidates are
+    ``candidates[offsets[i]:offsets[i + 1]]``.
+    """
+    ads, model = data.ads, data.model
+    users = len(offsets) - 1
+    owner = np.repeat(np.arange(users), np.diff(offsets))
+    position = data.rows(candidates)
+    known = position >= 0
+    owner, position, candidates = owner[known], position[known], candidates[known]
+
+    columns: dict[str, np.ndarray | str] = {"pid": pid}
+    columns.update({field: np.asarray(profiles[field])[owner] for field in USER_PROFILE_FIELDS})
+    columns.update({name: ads[name][position] for name in spec_features.AD_NUMERIC_FIELDS})
+    if "als_affinity" in model.spec.input_columns:
+        cate_ids, vectors = data.cate_factors or _NO_FACTORS
+        columns["als_affinity"] = spec_features.als_affinity(
+            user_factors[owner], ads["cate_id"][position], cate_ids, vectors
+        )
+    ctrs = model.predict(model.spec.encode(columns))
+
+    # Per user: CTR descending, ties by ad id ascending; then the first top_n of each user.
+    order = np.lexsort((candidates, -ctrs, owner))
+    owner, candidates, ctrs = owner[order], candidates[order], ctrs[order]
+    starts = np.searchsorted(owner, np.arange(users))
+    rank = np.arange(len(owner)) - starts[owner]
+    keep = rank < top_n
+    kept_per_user = np.bincount(owner[keep], minlength=users)
+    top_offsets = np.concatenate([[0], np.cumsum(kept_per_user)])
+    return candidates[keep], ctrs[keep], top_offsets
+
+
+def offline_top_n(
+    recall_lists: DataFrame,
+    users: DataFrame,
+    ads: Mapping[str, np.ndarray],
+    cate_factors: tuple[np.ndarray, np.ndarray] | None,
+    model: CtrModel,
+    *,
+    pid: str = OFFLINE_PID,
+    top_n: int = DEFAULT_TOP_N,
+) -> DataFrame:
+    """Each recall list's top ``top_n`` ads by the model's CTR, scored on the executors."""
+    if pid not in spec_features.KNOWN_PIDS:
+        raise ValueError(f"unknown pid {pid!r}; known pids are {list(spec_features.KNOWN_PIDS)}")
+    if top_n < 1:
+        raise ValueError("top_n must be at least 1")
+    data = RankingData.as_served(ads, cate_factors, model)
+    shared = recall_lists.sparkSession.sparkContext.broadcast(data)
+    joined = recall_lists.select("user_id", "ad_ids").join(users, "user_id", "left")
+
+    def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        served = shared.value
+        for batch in batches:
+            for chunk in _chunks_by_candidates(batch):
+                yield _score_chunk(chunk, served, pid, top_n)
+
+    return joined.mapInArrow(score, OFFLINE_SCHEMA).where(F.size("ad_ids") > 0)
+
+
+def _chunks_by_candidates(batch: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
+    lengths = pc.list_value_length(batch.column("ad_ids")).fill_null(0).to_numpy()
+    ends = np.cumsum(lengths)
+    start = 0
+    while start < len(lengths):
+        budget = (ends[start - 1] if start else 0) + CANDIDATES_PER_CHUNK
+        stop = max(int(np.searchsorted(ends, budget, side="right")), start + 1)
+        yield batch.slice(start, stop - start)
+        start = stop
+
+
+def _score_chunk(chunk: pa.RecordBatch, data: RankingData, pid: str, top_n: int) -> pa.RecordBatch:
+    lists = chunk.column("ad_ids")
+    lengths = pc.list_value_length(lists).fill_null(0).to_numpy()
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    candidates = pc.list_flatten(lists).to_numpy(zero_copy_only=False).astype(np.int32)
+    profiles = encoder_inputs(chunk, USER_PROFILE_FIELDS)
+    factors = (factor_matrix(chunk.column("als_factors"), data.rank) if data.rank
+               else np.zeros((chunk.num_rows, 0), dtype=np.float32))
+    ids, ctrs, top_offsets = rank_users(
+        profiles, factors, candidates, offsets, data, pid=pid, top_n=top_n
+    )
+    offsets32 = pa.array(top_offsets.astype(np.int32))
+    return pa.RecordBatch.from_arrays(
+        [
+            chunk.column("user_id"),
+            pa.ListArray.from_arrays(offsets32, pa.array(ids.astype(np.int32))),
+            pa.ListArray.from_arrays(offsets32, pa.array(ctrs.astype(np.float32))),
+        ],
+        names=["user_id", "ad_ids", "ctrs"],
+    )
+
+
+def write_offline_lists(offline: DataFrame, redis: RedisSettings, version: str) -> int:
+    """Write every user's offline list from the executors; returns the number written."""
+
+    def write(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        client = connect(redis)
+        try:
+            writer = VersionWriter(client, version)
+            for batch in batches:
+                lists = zip(batch["ad_ids"], batch["ctrs"], strict=True)
+                written = writer.put_offline_lists(batch["user_id"].to_numpy(), lists)
+                yield pd.DataFrame({"written": [written]})
+        finally:
+            client.close()
+
+    written = offline.mapInPandas(write, "written long").agg(F.sum("written")).first()[0]
+    return int(written or 0)

@@ -1,0 +1,525 @@
+"""The ranking half of the batch job: features, smoothed CTRs, LR training, offline top-N.
+
+Real local Spark and a real redis-server; small hand-built frames, plus the tiny
+synthetic preset end to end.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+
+import numpy as np
+import pytest
+from pyspark.sql import functions as F  # noqa: N812
+from pyspark.sql import types as T  # noqa: N812
+
+from adrec.core import store
+from adrec.core.codecs import UserFeatures
+from adrec.core.features import COURSE, FULL, KNOWN_PIDS, USER_PROFILE_FIELDS, als_affinity
+from adrec.core.model import CtrModel
+from adrec.core.redis_conn import RedisSettings
+from adrec.jobs import ctr, ingest, offline, ratings
+from adrec.jobs import features as job_features
+from adrec.jobs.als import AlsConfig, train_als
+
+pytestmark = pytest.mark.spark
+
+VERSION = "v1"
+TRAIN_TIME = int(datetime(2017, 5, 7, 12, tzinfo=ingest.CHINA_TIME).timestamp())
+TEST_TIME = int(datetime(2017, 5, 13, 12, tzinfo=ingest.CHINA_TIME).timestamp())
+PID_A, PID_B = KNOWN_PIDS
+
+SAMPLE_SCHEMA = T.StructType([
+    T.StructField("user_id", T.IntegerType()),
+    T.StructField("time_stamp", T.LongType()),
+    T.StructField("adgroup_id", T.IntegerType()),
+    T.StructField("pid", T.StringType()),
+    T.StructField("nonclk", T.IntegerType()),
+    T.StructField("clk", T.IntegerType()),
+])
+AD_SCHEMA = T.StructType([
+    T.StructField("adgroup_id", T.IntegerType()),
+    T.StructField("cate_id", T.IntegerType()),
+    T.StructField("campaign_id", T.IntegerType()),
+    T.StructField("customer_id", T.IntegerType()),
+    T.StructField("brand_id", T.IntegerType()),
+    T.StructField("price", T.DoubleType()),
+])
+PROFILE_SCHEMA = T.StructType([
+    T.StructField("user_id", T.IntegerType()),
+    *(T.StructField(field, T.IntegerType()) for field in USER_PROFILE_FIELDS),
+])
+
+
+def samples_frame(spark, rows):
+    """rows: (user_id, time_stamp, adgroup_id, pid, clk) -> loader-shaped raw_sample."""
+    full_rows = [(u, t, a, p, 1 - c, c) for u, t, a, p, c in rows]
+    frame = spark.createDataFrame(full_rows, SAMPLE_SCHEMA)
+    return frame.withColumn("event_day", ingest.event_day_column(F.col("time_stamp")))
+
+
+def impressions(user, ad, clicks, total, time_stamp=TRAIN_TIME):
+    """``total`` impressions of ``ad`` to ``user``, the first ``clicks`` of them clicked."""
+    return [(user, time_stamp + i, ad, PID_A, int(i < clicks)) for i in range(total)]
+
+
+def ads_frame(spark, rows):
+    return spark.createDataFrame(rows, AD_SCHEMA)
+
+
+def profile_frame(spark, rows):
+    return spark.createDataFrame(rows, PROFILE_SCHEMA)
+
+
+def redis_settings(url):
+    return RedisSettings(url=url)
+
+
+# ------------------------------------------------------------------ smoothed CTRs
+
+HAND_ADS = [
+    (1, 10, 1, 1, 100, 50.0),
+    (2, 10, 1, 1, None, 20.0),
+    (3, 20, 2, 1, 100, 300.0),
+    (4, 20, 2, 2, 200, 9.9),  # never shown during training
+]
+HAND_TRAINING = (
+    impressions(7, 1, clicks=2, total=4)
+    + impressions(8, 2, clicks=0, total=2)
+    + impressions(9, 3, clicks=1, total=4)
+)
+
+
+def hand_expected_ctrs(strength):
+    prior = 3 / 10
+    cate = {
+        10: (2 + strength * prior) / (6 + strength),
+        20: (1 + strength * prior) / (4 + strength),
+    }
+    brand = {100: (3 + strength * prior) / (8 + strength), None: prior, 200: prior}
+    ad = {
+        1: (2 + strength * cate[10]) / (4 + strength),
+        2: (0 + strength * cate[10]) / (2 + strength),
+        3: (1 + strength * cate[20]) / (4 + strength),
+        4: cate[20],
+    }
+    return {
+        ad_id: (ad[ad_id], cate[cate_id], brand[brand_id])
+        for ad_id, cate_id, _, _, brand_id, _ in HAND_ADS
+    }
+
+
+def reference_ctrs(training_rows, ad_rows, smoothing):
+    """The smoothing written out plainly: {ad id: (ctr_ad, ctr_cate, ctr_brand)}."""
+    cate_of = {ad[0]: ad[1] for ad in ad_rows}
+    brand_of = {ad[0]: ad[4] for ad in ad_rows}
+    shown = [(ad, clk) for _, _, ad, _, clk in training_rows if ad in cate_of]
+
+    def counts(key_of):
+        totals = {}
+        for ad, clk in shown:
+            clicks, n = totals.get(key_of(ad), (0, 0))
+            totals[key_of(ad)] = (clicks + clk, n + 1)
+        return totals
+
+    def smoothed(totals, key, prior, strength):
+        clicks, n = totals.get(key, (0, 0))
+        return (clicks + strength * prior) / (n + strength)
+
+    prior = sum(clk for _, clk in shown) / len(shown)
+    by_ad, by_cate, by_brand = counts(lambda a: a), counts(cate_of.get), counts(brand_of.get)
+    expected = {}
+    for ad, cate_id in cate_of.items():
+        cate = smoothed(by_cate, cate_id, prior, smoothing.cate_strength)
+        brand = (prior if brand_of[ad] is None
+                 else smoothed(by_brand, brand_of[ad], prior, smoothing.brand_strength))
+        expected[ad] = (smoothed(by_ad, ad, cate, smoothing.ad_strength), cate, brand)
+    return expected
+
+
+def collected_ctrs(frame):
+    return {
+        row["adgroup_id"]: (row["ctr_ad"], row["ctr_cate"], row["ctr_brand"])
+        for row in frame.collect()
+    }
+
+
+def test_smoothed_ctrs_are_exact_and_use_training_days_only(spark):
+    smoothing = job_features.Smoothing(ad_strength=2, cate_strength=2, brand_strength=2, folds=1)
+    ads = ads_frame(spark, HAND_ADS)
+    test_day_clicks = impressions(7, 4, clicks=3, total=3, time_stamp=TEST_TIME) + impressions(
+        8, 1, clicks=1, total=1, time_stamp=TEST_TIME
+    )
+    expected = hand_expected_ctrs(2)
+    reference = reference_ctrs(HAND_TRAINING, HAND_ADS, smoothing)
+    assert all(reference[ad] == pytest.approx(expected[ad]) for ad in expected)
+    for rows in (HAND_TRAINING, HAND_TRAINING + test_day_clicks):
+        got = collected_ctrs(job_features.ad_features(ads, samples_frame(spark, rows), smoothing))
+        assert got.keys() == expected.keys()
+        for ad_id, values in expected.items():
+            assert got[ad_id] == pytest.approx(values, rel=1e-6), ad_id
+
+
+def test_ad_table_is_sorted_typed_and_round_trips_through_redis(spark, redis_url, redis_client):
+    smoothing = job_features.Smoothing(folds=1)
+    ads = job_features.ad_features(
+        ads_frame(spark, list(reversed(HAND_ADS))), samples_frame(spark, HAND_TRAINING), smoothing
+    )
+    table = job_features.ad_table(ads)
+    assert list(table) == list(job_features.AD_TABLE_DTYPES)
+    assert table["adgroup_id"].tolist() == [1, 2, 3, 4]
+    assert table["brand_id"].tolist() == [100, job_features.MISSING_BRAND, 100, 200]
+    assert {str(a.dtype) for a in table.values()} == {"int32", "float32"}
+
+    job_features.write_ad_table(table, redis_settings(redis_url), VERSION)
+    stored = store.read_ad_table(redis_client, VERSION)
+    for name, column in table.items():
+        np.testing.assert_array_equal(stored[name], column)
+
+
+def test_training_rows_get_out_of_fold_ctrs_and_test_rows_the_served_ones(spark):
+    rng = np.random.default_rng(3)
+    training = [
+        (int(rng.integers(1, 30)), TRAIN_TIME + int(rng.integers(0, 5 * 86400)),
+         int(rng.integers(1, 5)), KNOWN_PIDS[int(rng.integers(0, 2))], int(rng.random() < 0.3))
+        for _ in range(300)
+    ]
+    samples = samples_frame(spark, training + impressions(5, 2, clicks=1, total=3,
+                                                          time_stamp=TEST_TIME))
+    ads = ads_frame(spark, HAND_ADS)
+    smoothing = job_features.Smoothing(ad_strength=5, cate_strength=7, brand_strength=3, folds=3)
+    served = job_features.ad_features(ads, samples, smoothing)
+    users = job_features.user_features(profile_frame(spark, []), None)
+    examples = job_features.training_examples(samples, users, served, None, smoothing)
+    rows = examples.withColumn("fold", job_features.fold_of_sample(smoothing.folds)).collect()
+
+    fold_of = {(r["user_id"], r["time_stamp"], r["adgroup_id"], r["pid"]): r["fold"] for r in rows}
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert len(train_rows) == 300 and {r["fold"] for r in train_rows} == {0, 1, 2}
+    for fold in range(smoothing.folds):
+        # A fold's rows see exactly the CTRs the other folds' training rows alone give.
+        others = [row for row in training if fold_of[row[:4]] != fold]
+        expected = reference_ctrs(others, HAND_ADS, smoothing)
+        for row in (r for r in train_rows if r["fold"] == fold):
+            got = (row["ctr_ad"], row["ctr_cate"], row["ctr_brand"])
+            assert got == pytest.approx(expected[row["adgroup_id"]], rel=1e-6)
+
+    served_ctrs = reference_ctrs(training, HAND_ADS, smoothing)
+    for ad_id, values in collected_ctrs(served).items():
+        assert values == pytest.approx(served_ctrs[ad_id], rel=1e-6)
+    test_rows = [r for r in rows if r["split"] == "test"]
+    assert len(test_rows) == 3
+    for row in test_rows:
+        got = (row["ctr_ad"], row["ctr_cate"], row["ctr_brand"])
+        assert got == pytest.approx(served_ctrs[2], rel=1e-6)
+
+
+# ------------------------------------------------------------------ user features
+
+PROFILES = [
+    (1, 0, 3, 1, 2, None, 3, 0, None),
+    (2, 5, 8, 2, 4, 2, 1, 1, 4),
+    (3, None, None, None, None, None, None, None, None),
+]
+USER_FACTORS = (np.array([2, 4], dtype=np.int32),
+                np.array([[0.5, -1.0, 2.0], [1.0, 1.0, 1.0]], dtype=np.float32))
+CATE_FACTORS = (np.array([10, 30], dtype=np.int32),
+                np.array([[1.0, 0.0, 0.5], [2.0, 2.0, 2.0]], dtype=np.float32))
+
+
+def test_user_features_keep_missing_fields_and_join_als_factors(spark, redis_url, redis_client):
+    users = job_features.user_features(profile_frame(spark, PROFILES), USER_FACTORS)
+    rows = {row["user_id"]: row for row in users.collect()}
+    assert sorted(rows) == [1, 2, 3, 4]
+    assert rows[1]["pvalue_level"] is None and rows[1]["als_factors"] is None
+    assert rows[4]["gender"] is None and rows[4]["als_factors"] == [1.0, 1.0, 1.0]
+
+    written = job_features.write_user_features(users, redis_settings(redis_url), VERSION)
+    assert written == 4
+    first = store.read_user_features(redis_client, VERSION, 1)
+    assert first.als_factors is None
+    assert first.profile["cms_group_id"] == 3 and math.isnan(first.profile["pvalue_level"])
+    second = store.read_user_features(redis_client, VERSION, 2)
+    assert second.profile == {f: float(v) for f, v in zip(USER_PROFILE_FIELDS, PROFILES[1][1:],
+                                                           strict=True)}
+    np.testing.assert_array_equal(second.als_factors, USER_FACTORS[1][0])
+    without_profile = store.read_user_features(redis_client, VERSION, 4)
+    assert all(math.isnan(v) for v in without_profile.profile.values())
+    np.testing.assert_array_equal(without_profile.als_factors, USER_FACTORS[1][1])
+
+
+def test_training_examples_join_users_ads_and_als_affinity(spark):
+    ads = job_features.ad_features(
+        ads_frame(spark, HAND_ADS), samples_frame(spark, HAND_TRAINING),
+        job_features.Smoothing(folds=1),
+    )
+    users = job_features.user_features(profile_frame(spark, PROFILES), USER_FACTORS)
+    samples = samples_frame(spark, [
+        (2, TRAIN_TIME, 1, PID_A, 1),  # factors, cate 10 has factors
+        (2, TRAIN_TIME, 3, PID_B, 0),  # cate 20 has none
+        (1, TEST_TIME, 1, PID_A, 0),  # no user factors
+        (5, TEST_TIME, 2, PID_B, 1),  # no profile, no factors
+        (2, TEST_TIME, 99, PID_A, 1),  # unknown ad: dropped
+    ])
+    examples = job_features.training_examples(
+        samples, users, ads, CATE_FACTORS, job_features.Smoothing(folds=1)
+    )
+    assert tuple(examples.columns) == job_features.EXAMPLE_COLUMNS
+    rows = sorted(examples.collect(), key=lambda r: (r["split"], r["user_id"], r["adgroup_id"]))
+    assert [(r["split"], r["user_id"], r["adgroup_id"], r["label"]) for r in rows] == [
+        ("test", 1, 1, 0.0), ("test", 5, 2, 1.0), ("train", 2, 1, 1.0), ("train", 2, 3, 0.0),
+    ]
+    expected_affinity = float(np.dot(USER_FACTORS[1][0], CATE_FACTORS[1][0]))
+    assert rows[2]["als_affinity"] == pytest.approx(expected_affinity, rel=1e-12)
+    assert all(math.isnan(rows[i]["als_affinity"]) for i in (0, 1, 3))
+    assert rows[1]["gender"] is None and rows[0]["cms_group_id"] == 3
+
+
+# ------------------------------------------------------------------ training parity
+
+
+def random_examples(spark, rows=400, seed=11):
+    """Encoder-ready examples with every kind of value, missing ones included."""
+    rng = np.random.default_rng(seed)
+
+    def level(high, missing=0.2, low=0):
+        return None if rng.random() < missing else int(rng.integers(low, high + 1))
+
+    records = []
+    for i in range(rows):
+        affinity = None if rng.random() < 0.3 else float(rng.normal())
+        records.append((
+            "train" if i % 4 else "test", i + 1, int(rng.integers(1, 50)), TRAIN_TIME,
+            float(rng.random() < 0.25), int(rng.integers(1, 9)), KNOWN_PIDS[i % 2],
+            level(96), level(12), level(2, low=1), level(6), level(3, 0.5, low=1),
+            level(3, low=1), level(1), level(4, 0.3, low=1),
+            float(rng.lognormal(4, 1.5)), float(rng.uniform(0.01, 0.2)),
+            float(rng.uniform(0.02, 0.1)), float(rng.uniform(0.02, 0.1)),
+            float("nan") if affinity is None else affinity,
+        ))
+    schema = T.StructType([
+        T.StructField("split", T.StringType()), T.StructField("user_id", T.IntegerType()),
+        T.StructField("adgroup_id", T.IntegerType()), T.StructField("time_stamp", T.LongType()),
+        T.StructField("label", T.DoubleType()), T.StructField("cate_id", T.IntegerType()),
+        T.StructField("pid", T.StringType()),
+        *(T.StructField(f, T.IntegerType()) for f in USER_PROFILE_FIELDS),
+        *(T.StructField(f, T.FloatType()) for f in ("price", "ctr_ad", "ctr_cate", "ctr_brand")),
+        T.StructField("als_affinity", T.DoubleType()),
+    ])
+    return spark.createDataFrame(records, schema)
+
+
+def driver_columns(frame):
+    """Encoder input columns built on the driver from collected rows, None -> NaN."""
+    data = frame.toPandas()
+    columns = {"pid": data["pid"].to_numpy(dtype=str)}
+    for name in (*USER_PROFILE_FIELDS, "price", "ctr_ad", "ctr_cate", "ctr_brand",
+                 "als_affinity"):
+        columns[name] = data[name].astype("float64").to_numpy()
+    return columns
+
+
+@pytest.mark.parametrize("spec", [COURSE, FULL], ids=lambda s: s.name)
+def test_spark_side_encoding_equals_the_shared_encoder(spark, spec):
+    examples = random_examples(spark).orderBy("user_id")
+    encoded = ctr.encode_features(examples, spec).orderBy("user_id")
+    in_spark = np.array(encoded.select("features").toPandas()["features"].tolist(),
+                        dtype=np.float32)
+    on_driver = spec.encode(driver_columns(examples))
+    assert in_spark.shape == (400, spec.dim)
+    np.testing.assert_array_equal(in_spark, on_driver)
+
+
+def test_ctr_model_predicts_sparks_probabilities(spark):
+    examples = random_examples(spark, rows=600).cache()
+    config = ctr.CtrConfig(reg_param=0.01, max_iter=50)
+    fitted = ctr.fit(examples, FULL, config)
+    model = ctr.to_ctr_model(fitted, FULL)
+
+    train = ctr.encode_features(examples.where(F.col("split") == "train"), FULL).orderBy("user_id")
+    from pyspark.ml.functions import array_to_vector, vector_to_array
+
+    scored = fitted.transform(train.withColumn("features", array_to_vector("features")))
+    spark_probability = np.array(
+        scored.select(vector_to_array("probability")[1].alias("p")).toPandas()["p"]
+    )
+    ours = model.predict(FULL.encode(driver_columns(examples.where(F.col("split") == "train")
+                                                    .orderBy("user_id"))))
+    np.testing.assert_allclose(ours, spark_probability, atol=1e-9)
+
+    artifact = ctr.predict(examples.where(F.col("split") == "train").orderBy("user_id"), model)
+    np.testing.assert_allclose(artifact.toPandas()["probability"], spark_probability, atol=1e-9)
+    examples.unpersist()
+
+
+def test_trained_model_round_trips_through_redis(spark, redis_client):
+    model, metrics = ctr.train_ctr_model(random_examples(spark), COURSE, ctr.CtrConfig())
+    assert metrics["feature_set"] == "course" and metrics["train_rows"] == 300
+    assert metrics["test_rows"] == 100 and len(metrics["reliability"]) == 10
+    assert model.metrics == metrics
+
+    store.VersionWriter(redis_client, VERSION).put_model(model)
+    loaded = store.read_model(redis_client, VERSION)
+    np.testing.assert_array_equal(loaded.weights, model.weights)
+    assert loaded.intercept == model.intercept
+    assert loaded.spec == COURSE and loaded.metrics == metrics
+
+
+def test_evaluate_on_a_hand_computable_example():
+    labels = np.array([0, 0, 1, 1, 0, 1])
+    predicted = np.array([0.1, 0.4, 0.35, 0.8, 0.2, 0.9])
+    metrics = ctr.evaluate(labels, predicted, bins=3)
+    # Positive-negative pairs ranked right: 0.35 beats 0.1 and 0.2, 0.8 and 0.9 beat all.
+    assert metrics["auc"] == pytest.approx(8 / 9)
+    expected_logloss = -np.mean(np.log([0.9, 0.6, 0.35, 0.8, 0.8, 0.9]))
+    assert metrics["logloss"] == pytest.approx(expected_logloss)
+    assert metrics["observed_ctr"] == 0.5
+    assert metrics["mean_predicted"] == pytest.approx(2.75 / 6)
+    assert [(b["rows"], b["observed_ctr"]) for b in metrics["reliability"]] == [
+        (2, 0.0), (2, 0.5), (2, 1.0)
+    ]
+    assert metrics["reliability"][1]["mean_predicted"] == pytest.approx(0.375)
+    gaps = [abs(0.15 - 0.0), abs(0.375 - 0.5), abs(0.85 - 1.0)]
+    assert metrics["calibration_error"] == pytest.approx(sum(gaps) / 3)
+
+
+def test_evaluate_without_both_classes_has_no_auc():
+    assert ctr.evaluate(np.zeros(4), np.full(4, 0.1))["auc"] is None
+
+
+# ------------------------------------------------------------------ offline ranking
+
+
+def service_top_k(client, version, user_id, pid, k):
+    """What the ranking service computes, one user at a time, from what Redis holds."""
+    model = store.read_model(client, version)
+    ads = store.read_ad_table(client, version)
+    cate_ids, cate_factors = store.read_cate_factors(client, version)
+    user = store.read_user_features(client, version, user_id)
+    user = user or UserFeatures.missing()
+    candidates = store.read_recall_list(client, version, user_id)
+    ad_ids = ads["adgroup_id"]
+    position = np.minimum(np.searchsorted(ad_ids, candidates), len(ad_ids) - 1)
+    known = ad_ids[position] == candidates
+    candidates, position = candidates[known], position[known]
+    factors = user.als_factors if user.als_factors is not None else np.full(
+        cate_factors.shape[1], np.nan
+    )
+    columns = {
+        "pid": pid, **user.columns(),
+        **{name: ads[name][position] for name in ("price", "ctr_ad", "ctr_cate", "ctr_brand")},
+        "als_affinity": als_affinity(factors, ads["cate_id"][position], cate_ids, cate_factors),
+    }
+    ctrs = model.predict(model.spec.encode(columns))
+    order = sorted(range(len(candidates)), key=lambda i: (-ctrs[i], candidates[i]))[:k]
+    return candidates[order], ctrs[order]
+
+
+def test_offline_top_n_equals_per_user_service_scoring(spark, redis_url, redis_client):
+    rng = np.random.default_rng(5)
+    ad_rows = [
+        (ad_id, int(rng.choice([10, 20, 30])), 1, 1,
+         None if rng.random() < 0.3 else int(rng.integers(100, 104)),
+         float(rng.lognormal(4, 1)))
+        for ad_id in range(1, 41)
+    ]
+    ad_rows.append((41, 10, 1, 1, 100, 50.0))  # a twin of ad 42: same features, same CTR
+    ad_rows.append((42, 10, 1, 1, 100, 50.0))
+    ads_df = ads_frame(spark, ad_rows)
+    training = [
+        (int(rng.integers(1, 9)), TRAIN_TIME, int(rng.integers(1, 41)), PID_A,
+         int(rng.random() < 0.2))
+        for _ in range(200)
+    ]
+    ad_features = job_features.ad_features(ads_df, samples_frame(spark, training),
+                                           job_features.Smoothing(folds=1))
+    table = job_features.ad_table(ad_features)
+    users = job_features.user_features(profile_frame(spark, PROFILES), USER_FACTORS)
+    model = CtrModel(FULL, rng.normal(0, 1, FULL.dim), -3.0)
+
+    recall = {
+        1: [42, 41, 7, 999, 3, 12, 5],  # 999 is not in the ad table
+        2: list(rng.permutation(np.arange(1, 43))[:30]),
+        3: [8, 9],
+        4: list(range(1, 43)),
+        6: [5, 41, 42, 17],  # no stored features at all
+        7: [999],  # nothing known: no list
+    }
+    recall_df = spark.createDataFrame(
+        [(u, [int(a) for a in ids]) for u, ids in recall.items()],
+        "user_id int, ad_ids array<int>",
+    )
+    settings = redis_settings(redis_url)
+    writer = store.VersionWriter(redis_client, VERSION)
+    writer.put_recall_lists(list(recall), [np.array(ids) for ids in recall.values()])
+    writer.put_ad_table(table)
+    writer.put_cate_factors(*CATE_FACTORS)
+    writer.put_model(model)
+    job_features.write_user_features(users, settings, VERSION)
+
+    top_n = 5
+    lists = offline.offline_top_n(recall_df, users, table, CATE_FACTORS, model, top_n=top_n)
+    assert offline.write_offline_lists(lists, settings, VERSION) == 5
+    assert store.read_offline_list(redis_client, VERSION, 7) is None
+    for user_id in (1, 2, 3, 4, 6):
+        expected_ids, expected_ctrs = service_top_k(redis_client, VERSION, user_id,
+                                                    offline.OFFLINE_PID, top_n)
+        ids, ctrs = store.read_offline_list(redis_client, VERSION, user_id)
+        assert ids.tolist() == expected_ids.tolist(), user_id
+        np.testing.assert_allclose(ctrs, expected_ctrs, rtol=1e-3)
+    first_ids, _ = store.read_offline_list(redis_client, VERSION, 1)
+    if {41, 42} <= set(first_ids.tolist()):
+        assert first_ids.tolist().index(41) < first_ids.tolist().index(42)
+
+
+def test_offline_order_is_the_same_for_every_pid():
+    rng = np.random.default_rng(8)
+    ads = {
+        "adgroup_id": np.arange(1, 21, dtype=np.int32),
+        "cate_id": rng.choice([10, 30], 20).astype(np.int32),
+        "price": rng.lognormal(4, 1, 20).astype(np.float32),
+        **{name: rng.uniform(0.01, 0.1, 20).astype(np.float32)
+           for name in ("ctr_ad", "ctr_cate", "ctr_brand")},
+    }
+    model = CtrModel(FULL, rng.normal(0, 1, FULL.dim), -2.0)
+    data = offline.RankingData.as_served(ads, CATE_FACTORS, model)
+    profiles = {field: np.array([1.0, np.nan]) for field in USER_PROFILE_FIELDS}
+    factors = np.array([[0.3, 0.1, -0.2], [np.nan] * 3], dtype=np.float32)
+    candidates = np.concatenate([np.arange(1, 21), np.arange(20, 0, -1)]).astype(np.int32)
+    orders = [
+        offline.rank_users(profiles, factors, candidates, np.array([0, 20, 40]), data, pid=pid,
+                           top_n=8)
+        for pid in KNOWN_PIDS
+    ]
+    np.testing.assert_array_equal(orders[0][0], orders[1][0])
+    np.testing.assert_array_equal(orders[0][2], [0, 8, 16])
+    assert not np.allclose(orders[0][1], orders[1][1])
+
+
+# ------------------------------------------------------------------ the tiny preset
+
+
+def test_both_feature_sets_beat_chance_on_the_tiny_preset(spark, tiny_data):
+    tables = ingest.load_dataset(spark, str(tiny_data))
+    samples = tables["raw_sample"].data
+    als = train_als(ratings.ratings_from_behavior(tables["behavior_log"].data),
+                    AlsConfig(max_iter=5, holdout_fraction=0.0, blocks=2))
+    smoothing = job_features.Smoothing()
+    users = job_features.user_features(tables["user_profile"].data, als.user_factors)
+    ads = job_features.ad_features(tables["ad_feature"].data, samples, smoothing).cache()
+    examples = job_features.training_examples(
+        samples, users, ads, als.cate_factors, smoothing
+    ).cache()
+
+    metrics = {spec.name: ctr.train_ctr_model(examples, spec)[1] for spec in (COURSE, FULL)}
+    oracle = ctr.oracle_metrics(spark, str(tiny_data))
+    assert metrics["course"]["test_rows"] == oracle["test_rows"] > 0
+    assert metrics["course"]["auc"] > 0.5
+    assert 0.5 < metrics["full"]["auc"] < oracle["auc"]
+    for result in metrics.values():
+        assert result["mean_predicted"] == pytest.approx(result["observed_ctr"], rel=0.25)
+    examples.unpersist()
+    ads.unpersist()
+    for table in tables.values():
+        table.unpersist()
