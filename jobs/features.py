@@ -168,7 +168,6 @@ def write_user_features(users: DataFrame, redis: RedisSettings, version: str) ->
 # ------------------------------------------------------------------ ad features
 
 
-_LEVELS = (("ad", "adgroup_id"), ("cate", "cate_id"), ("brand", "brand_id"))
 CTR_COLUMNS = ("ctr_ad", "ctr_cate", "ctr_brand")
 
 
@@ -201,8 +200,8 @@ def _smoothed_ctrs(smoothing: Smoothing, counts) -> dict[str, Column]:
     }
 
 
-def _count_columns(prefix: str, folds: int) -> list[Column]:
-    """Clicks and impressions in total and, with folds, per fold (arrays indexed by fold)."""
+def _impression_counts(prefix: str, folds: int) -> list[Column]:
+    """Clicks and impressions of sample rows in total and, with folds, per fold (arrays)."""
     columns = [
         F.sum("clk").cast("double").alias(f"{prefix}_clicks"),
         F.count(F.lit(1)).cast("double").alias(f"{prefix}_impressions"),
@@ -218,18 +217,37 @@ def _count_columns(prefix: str, folds: int) -> list[Column]:
     return columns
 
 
+def _summed_counts(prefix: str, folds: int) -> list[Column]:
+    """The ad-level counts summed over a group of ads (a category, a brand, all ads)."""
+    columns = [
+        F.sum(f"ad_{count}").alias(f"{prefix}_{count}") for count in ("clicks", "impressions")
+    ]
+    if folds > 1:
+        columns += [
+            F.array(*(F.sum(F.col(f"ad_fold_{count}")[fold]) for fold in range(folds)))
+            .alias(f"{prefix}_fold_{count}")
+            for count in ("clicks", "impressions")
+        ]
+    return columns
+
+
 def _ctr_table(ads: DataFrame, samples: DataFrame, smoothing: Smoothing, folds: int) -> DataFrame:
     """``ads`` with the served CTRs and, when ``folds > 1``, ``oof_ctr_*`` arrays whose entry
     ``f`` is the CTR computed without the training impressions of fold ``f``."""
     train = train_samples(samples)
     if folds > 1:
         train = train.withColumn("fold", fold_of_sample(folds))
-    labelled = train.select("adgroup_id", "clk", *(["fold"] if folds > 1 else [])).join(
-        ads.select("adgroup_id", "cate_id", "brand_id"), "adgroup_id"
+    # The only pass over the samples: counts per ad. Categories, brands and the global
+    # prior add up the (much smaller) per-ad counts of the ads in the table.
+    per_ad = train.groupBy("adgroup_id").agg(*_impression_counts("ad", folds))
+    counted = ads.join(per_ad, "adgroup_id", "left")
+    table = (
+        counted
+        .join(counted.groupBy("cate_id").agg(*_summed_counts("cate", folds)), "cate_id", "left")
+        .join(counted.groupBy("brand_id").agg(*_summed_counts("brand", folds)), "brand_id",
+              "left")
+        .crossJoin(F.broadcast(counted.agg(*_summed_counts("all", folds))))
     )
-    table = ads.crossJoin(F.broadcast(labelled.agg(*_count_columns("all", folds))))
-    for prefix, key in _LEVELS:
-        table = table.join(labelled.groupBy(key).agg(*_count_columns(prefix, folds)), key, "left")
 
     served = _smoothed_ctrs(
         smoothing, lambda level: (F.col(f"{level}_clicks"), F.col(f"{level}_impressions"))
