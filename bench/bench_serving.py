@@ -16,7 +16,9 @@ One run, everything on this machine, all traffic to 127.0.0.1:
    candidates, count 10, random users. A rate is sustained when its p99 is at most 50 ms,
    at least 99% of the answers are realtime-ranked and the generator kept up; a step that
    misses is run once more (other work on a shared machine can stall one), and both
-   attempts are printed.
+   attempts are printed. Each step also reports the CPU time (user + system, from
+   /proc/<pid>/stat) each service process and the generator spent per answered request:
+   unlike latency, that does not depend on what else the machine is running.
 4. The course's way of scoring, in this process: a Spark ML LogisticRegressionModel
    ``transform`` over a per-request DataFrame of 500 candidates, median of 20 requests.
 
@@ -177,15 +179,39 @@ def echo_server(port: int) -> None:
     asyncio.run(serve())
 
 
+# ---------------------------------------------------------------- CPU time
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time process `pid` has used so far (Linux /proc)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # The command name may hold spaces and parentheses; the fields after it do not.
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
+    return {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+
 # ---------------------------------------------------------------- load generator
 
 
-def load(kind: str, port: int, rates: list[int], duration: float, users: int) -> None:
+def load(
+    kind: str, port: int, rates: list[int], duration: float, users: int,
+    cpu_pids: dict[str, int],
+) -> None:
     """Open-loop steps at each rate, one JSON line per step; stops after the first failure."""
-    asyncio.run(_load(kind, port, rates, duration, users))
+    asyncio.run(_load(kind, port, rates, duration, users,
+                      {**cpu_pids, "generator": os.getpid()}))
 
 
-async def _load(kind: str, port: int, rates: list[int], duration: float, users: int) -> None:
+async def _load(
+    kind: str, port: int, rates: list[int], duration: float, users: int,
+    cpu_pids: dict[str, int],
+) -> None:
     from adrec.api.gateway.v1 import gateway_service_pb2 as gateway_pb2
     from adrec.api.gateway.v1 import gateway_service_pb2_grpc
 
@@ -211,11 +237,13 @@ async def _load(kind: str, port: int, rates: list[int], duration: float, users: 
             def outcome(response: Any) -> str:
                 return "ECHO"
 
-        await _step(call, requests, outcome, rate=min(rates[0], 200), duration=2.0)  # warm-up
+        await _step(call, requests, outcome, rate=min(rates[0], 200), duration=2.0,
+                    cpu_pids={})  # warm-up
         for rate in rates:
             # Other work on a shared machine can stall one step; a rate fails on two misses.
             for _ in range(STEP_ATTEMPTS):
-                result = await _step(call, requests, outcome, rate=rate, duration=duration)
+                result = await _step(call, requests, outcome, rate=rate, duration=duration,
+                                     cpu_pids=cpu_pids)
                 print(json.dumps(result), flush=True)
                 if result["sustained"]:
                     break
@@ -224,8 +252,10 @@ async def _load(kind: str, port: int, rates: list[int], duration: float, users: 
 
 
 async def _step(
-    call: Any, requests: list[Any], outcome: Any, rate: int, duration: float
+    call: Any, requests: list[Any], outcome: Any, rate: int, duration: float,
+    cpu_pids: dict[str, int],
 ) -> dict[str, Any]:
+    """One open-loop step; with the CPU ms per answered request of each of `cpu_pids`."""
     loop = asyncio.get_running_loop()
     total = int(rate * duration)
     latencies: list[float] = []
@@ -243,6 +273,7 @@ async def _step(
         outcomes[outcome(response)] += 1
 
     tasks = []
+    cpu_before = cpu_snapshot(cpu_pids)
     for i in range(total):
         intended = start + i / rate
         delay = intended - loop.time()
@@ -253,6 +284,10 @@ async def _step(
         tasks.append(asyncio.ensure_future(send(requests[i % len(requests)], intended)))
     await asyncio.gather(*tasks)
     elapsed = loop.time() - start
+    cpu_after = cpu_snapshot(cpu_pids)
+    answered_count = len(latencies)
+    cpu_ms = {name: (cpu_after[name] - cpu_before[name]) * 1000 / answered_count
+              if answered_count else float("nan") for name in cpu_pids}
 
     answered = sorted(latencies)
     p50 = _percentile(answered, 50)
@@ -265,6 +300,7 @@ async def _step(
         "primary_share": primary / total, "outcomes": dict(outcomes),
         "achieved_rps": total / elapsed, "max_send_lag_ms": lag * 1000,
         "sustained": p99 <= P99_LIMIT_S and primary >= 0.99 * total and kept_up,
+        "cpu_ms_per_request": cpu_ms,
     }
 
 
@@ -275,10 +311,15 @@ def _percentile(sorted_values: list[float], percent: float) -> float:
     return sorted_values[max(index, 0)]
 
 
-def run_load(kind: str, port: int, rates: tuple[int, ...], duration: float) -> list[dict]:
+def run_load(
+    kind: str, port: int, rates: tuple[int, ...], duration: float, cpu_pids: dict[str, int]
+) -> list[dict]:
+    """Run the generator's steps, printing each; `cpu_pids` names the processes whose CPU
+    time per request is measured (the generator's own is always added)."""
     args = [sys.executable, __file__, "load", "--kind", kind, "--port", str(port),
             "--rates", ",".join(map(str, rates)), "--duration", str(duration),
-            "--users", str(USERS)]
+            "--users", str(USERS),
+            "--cpu-pids", ",".join(f"{name}={pid}" for name, pid in cpu_pids.items())]
     steps = []
     with subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT) as process:
         for line in process.stdout:
@@ -288,7 +329,18 @@ def run_load(kind: str, port: int, rates: tuple[int, ...], duration: float) -> l
                   f"p99 {step['p99_ms']:7.2f} ms  achieved {step['achieved_rps']:7.1f}  "
                   f"{step['outcomes']}  {'ok' if step['sustained'] else 'NOT sustained'}",
                   flush=True)
+            print(f"  {'':9} {'':>5}      CPU ms/request: {_cpu_text(step)}", flush=True)
     return steps
+
+
+def _cpu_text(step: dict) -> str:
+    cpu = step["cpu_ms_per_request"]
+    services = [name for name in cpu if name != "generator"]
+    parts = [f"{name} {cpu[name]:.2f}" for name in services]
+    if len(services) > 1:
+        parts.append(f"services total {sum(cpu[name] for name in services):.2f}")
+    parts.append(f"generator {cpu['generator']:.2f}")
+    return ", ".join(parts)
 
 
 # ---------------------------------------------------------------- the course's way
@@ -364,17 +416,21 @@ def run(quick: bool) -> int:
         services["gateway"].update({"ADREC_RECALL_ADDRESS": f"127.0.0.1:{ports['recall']}",
                                     "ADREC_RANKING_ADDRESS": f"127.0.0.1:{ports['ranking']}"})
         with contextlib.ExitStack() as stack:
-            for name, env in services.items():
-                stack.enter_context(started([*ADREC, "serve", name], env))
-            stack.enter_context(started(
+            pids = {
+                name: stack.enter_context(started([*ADREC, "serve", name], env)).pid
+                for name, env in services.items()
+            }
+            pids["echo"] = stack.enter_context(started(
                 [sys.executable, __file__, "echo-server", "--port", str(ports["echo"])], {}
-            ))
+            )).pid
             for name in ("recall", "ranking", "gateway"):
                 wait_serving(ports[name])
             print("Recommend REALTIME, 500 candidates, count 10:", flush=True)
-            recommend = run_load("recommend", ports["gateway"], RECOMMEND_RATES, duration)
+            recommend = run_load("recommend", ports["gateway"], RECOMMEND_RATES, duration,
+                                 {name: pids[name] for name in ("gateway", "recall", "ranking")})
             print("bare grpc.aio echo:", flush=True)
-            echo = run_load("echo", ports["echo"], ECHO_RATES, duration)
+            echo = run_load("echo", ports["echo"], ECHO_RATES, duration,
+                            {"echo": pids["echo"]})
 
     print("the course's way: Spark LR transform over a 500-row DataFrame per request ...",
           flush=True)
@@ -407,6 +463,12 @@ def report(recommend: list[dict], echo: list[dict], spark_seconds: float) -> int
     print()
     print("machine load average (1, 5, 15 min) at the end: "
           + ", ".join(f"{load:.1f}" for load in os.getloadavg()) + f" on {os.cpu_count()} cores")
+    print("CPU ms per answered Recommend (user + system, per process):")
+    for step in recommend:
+        print(f"  {step['rate']:>5} rps: {_cpu_text(step)}")
+    print("CPU ms per answered echo call:")
+    for step in echo:
+        print(f"  {step['rate']:>5} rps: {_cpu_text(step)}")
     for text, passed, target in checks:
         print(f"{'PASS' if passed else 'FAIL'}  {text}  (target {target})")
     print(f"INFO  the course's Spark LR transform: median {spark_seconds * 1000:.1f} ms per "
@@ -427,13 +489,17 @@ def main() -> int:
     generator.add_argument("--rates", required=True)
     generator.add_argument("--duration", type=float, required=True)
     generator.add_argument("--users", type=int, required=True)
+    generator.add_argument("--cpu-pids", default="",
+                           help="name=pid,... of processes to measure CPU time of")
     args = parser.parse_args()
     if args.command == "echo-server":
         echo_server(args.port)
         return 0
     if args.command == "load":
+        cpu_pids = {name: int(pid) for name, _, pid in
+                    (item.partition("=") for item in args.cpu_pids.split(",") if item)}
         load(args.kind, args.port, [int(r) for r in args.rates.split(",")], args.duration,
-             args.users)
+             args.users, cpu_pids)
         return 0
     return run(args.quick)
 
