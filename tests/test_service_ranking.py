@@ -24,9 +24,10 @@ from service_data import (
     wait_until,
 )
 
-from adrec.core import features, store
+from adrec.core import codecs, features, store
 from adrec.core.codecs import UserFeatures
 from adrec.jobs.offline import OFFLINE_PID
+from adrec.services.ranking.snapshot import DENSE_ID_LIMIT, RankingSnapshot
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -342,3 +343,43 @@ def test_a_course_feature_set_model_is_served_with_the_same_semantics(redis_clie
             assert response.model_version == f"{data.version}/{features.COURSE.spec_id}"
 
     run(scenario)
+
+
+def _snapshot(ad_ids: np.ndarray, rng: np.random.Generator) -> RankingSnapshot:
+    rows = len(ad_ids)
+    table = {"adgroup_id": ad_ids, "cate_id": rng.integers(1, 30, rows).astype(np.int32),
+             "price": rng.uniform(1, 500, rows).astype(np.float32),
+             **{name: rng.uniform(0, 0.2, rows).astype(np.float32)
+                for name in ("ctr_ad", "ctr_cate", "ctr_brand")}}
+    # Categories 20..29 have no factors: their ads' affinity is missing.
+    factors = {"cate_id": np.arange(1, 20, dtype=np.int32),
+               "factors": rng.normal(0, 0.5, (19, 4)).astype(np.float32)}
+    return RankingSnapshot.build("v1", random_model(np.random.default_rng(5)).to_json(),
+                                 codecs.encode_table(table), codecs.encode_table(factors))
+
+
+def test_ids_past_the_dense_lookup_table_score_the_same_by_binary_search():
+    rng = np.random.default_rng(11)
+    small_ids = np.sort(rng.choice(np.arange(1, 50_000), 400, replace=False)).astype(np.int64)
+    small = _snapshot(small_ids, np.random.default_rng(1))
+    # The same ads under ids too large for a dense table.
+    large = _snapshot(small_ids + DENSE_ID_LIMIT, np.random.default_rng(1))
+    assert small.row_by_id is not None and large.row_by_id is None
+    user = UserFeatures({field: 2.0 for field in features.USER_PROFILE_FIELDS},
+                        rng.normal(0, 0.5, 4).astype(np.float32))
+    for repeats in (False, True):
+        candidates = np.concatenate([rng.choice(small_ids, 120, replace=False),
+                                     [3, 60_000, 3]])  # ids neither table holds
+        if repeats:
+            candidates = np.concatenate([candidates, candidates[5:40]])
+        rng.shuffle(candidates)
+        for top_k in (0, 10):
+            expected = small.score(PIDS[0], user, candidates, top_k)
+            assert expected.unknown_ads == 2
+            assert len(expected.ad_ids) == (top_k or 120)
+            shifted = np.where(np.isin(candidates, small_ids), candidates + DENSE_ID_LIMIT,
+                               candidates)
+            scored = large.score(PIDS[0], user, shifted, top_k)
+            assert scored.ad_ids == [ad + DENSE_ID_LIMIT for ad in expected.ad_ids]
+            assert scored.ctrs == expected.ctrs
+            assert scored.unknown_ads == expected.unknown_ads
