@@ -111,13 +111,17 @@ async def serving(
     endpoint = start_metrics_endpoint(metrics.registry, host, service_settings.metrics_port)
     client = client_without_socket_timeouts(redis_settings)
     services: dict[str, Any] = {}
+    readers: list[RedisReader] = []
+
+    def reader(name: str) -> RedisReader:
+        readers.append(RedisReader(client, metrics.service(name), redis_settings.socket_timeout_s))
+        return readers[-1]
+
     try:
         async with contextlib.AsyncExitStack() as stack:
             for name, service_class in (("recall", RecallService), ("ranking", RankingService)):
                 if target in (name, "all"):
-                    service = service_class(RedisReader(
-                        client, metrics.service(name), redis_settings.socket_timeout_s
-                    ))
+                    service = service_class(reader(name))
                     services[name] = await stack.enter_async_context(running_service(
                         service, service.reader, metrics, service_settings,
                         host=host, port=getattr(service_settings, f"{name}_port"),
@@ -137,8 +141,7 @@ async def serving(
                 for channel in channels:
                     stack.push_async_callback(channel.close)
                 gateway = GatewayService(
-                    RedisReader(client, metrics.service("gateway"),
-                                redis_settings.socket_timeout_s),
+                    reader("gateway"),
                     *channels,
                     Budgets(
                         request=service_settings.request_timeout_ms / 1000,
@@ -153,6 +156,8 @@ async def serving(
                 ))
             yield Stack(services, metrics, endpoint.port)
     finally:
+        for each in readers:
+            await each.aclose()
         await client.aclose()
         endpoint.close()
 

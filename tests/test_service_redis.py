@@ -1,0 +1,108 @@
+"""The services' Redis reads: RedisReader over its direct GET connections."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+from redis.exceptions import RedisError
+from service_data import run
+
+from adrec.core.redis_conn import RedisSettings
+from adrec.core.redis_server import private_redis
+from adrec.services.runtime.data import DirectGets, RedisReader, client_without_socket_timeouts
+from adrec.services.runtime.metrics import Metrics
+
+
+def reader_of(url: str, timeout: float = 2.0) -> RedisReader:
+    client = client_without_socket_timeouts(RedisSettings(url=url))
+    return RedisReader(client, Metrics().service("recall"), timeout)
+
+
+def test_gets_values_and_misses_over_reused_connections(redis_client, redis_url):
+    redis_client.set(b"adrec:test:a", b"\x00\x01binary")
+
+    async def scenario():
+        reader = reader_of(redis_url)
+        assert isinstance(reader._direct, DirectGets)
+        try:
+            for _ in range(3):
+                assert await reader.get(b"adrec:test:a", op="recall") == b"\x00\x01binary"
+                assert await reader.get(b"adrec:test:missing", op="recall") is None
+            # Sequential GETs share one connection; concurrent ones open more.
+            assert len(reader._direct._made) == 1
+            values = await asyncio.gather(*(reader.get(b"adrec:test:a", op="recall")
+                                            for _ in range(5)))
+            assert values == [b"\x00\x01binary"] * 5
+            assert 1 < len(reader._direct._made) <= 5
+        finally:
+            await reader.aclose()
+            await reader.client.aclose()
+
+    run(scenario)
+
+
+def test_a_get_cancelled_mid_reply_leaves_no_reply_behind_for_the_next(redis_client, redis_url):
+    redis_client.set(b"adrec:test:a", b"a")
+    redis_client.set(b"adrec:test:b", b"b")
+
+    async def scenario():
+        reader = reader_of(redis_url)
+        try:
+            assert await reader.get(b"adrec:test:b", op="recall") == b"b"  # connected
+            # Out of time at once: the GET is written (no wait for that on an idle socket)
+            # and cut off waiting for its reply.
+            with pytest.raises(redis.exceptions.TimeoutError):
+                await reader.get(b"adrec:test:a", op="recall", timeout=0)
+            assert await reader.get(b"adrec:test:b", op="recall") == b"b"
+            assert len(reader._direct._made) == 1
+        finally:
+            await reader.aclose()
+            await reader.client.aclose()
+
+    run(scenario)
+
+
+def test_idle_connections_survive_a_redis_restart_and_fail_while_it_is_down():
+    with private_redis() as server:
+        redis.Redis.from_url(server.url).set(b"k", b"before")
+
+        async def scenario():
+            reader = reader_of(server.url, timeout=1.0)
+            try:
+                assert await reader.get(b"k", op="recall") == b"before"
+                await asyncio.to_thread(server.stop)
+                with pytest.raises(RedisError):
+                    await reader.get(b"k", op="recall")
+                await asyncio.to_thread(server.restart)
+                # The restarted server lost the key; what matters is an answer, not an error.
+                assert await reader.get(b"k", op="recall") is None
+            finally:
+                await reader.aclose()
+                await reader.client.aclose()
+
+        run(scenario)
+
+
+def test_stale_connection_is_retried_once_on_a_new_socket():
+    with private_redis() as server:
+        client = redis.Redis.from_url(server.url)
+        client.set(b"k", b"v")
+
+        async def scenario():
+            reader = reader_of(server.url)
+            try:
+                assert await reader.get(b"k", op="recall") == b"v"
+                # The server drops every client connection, as on a restart or idle timeout.
+                client.client_kill_filter(_type="normal", skipme=True)
+                assert await reader.get(b"k", op="recall") == b"v"
+                errors = reader.metrics.metrics.registry.get_sample_value(
+                    "adrec_redis_errors_total", {"service": "recall", "op": "recall"})
+                assert not errors
+            finally:
+                await reader.aclose()
+                await reader.client.aclose()
+
+        run(scenario)
+        client.close()
