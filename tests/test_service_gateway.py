@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -181,6 +182,33 @@ def test_ranking_down_falls_back_to_the_offline_list_then_recall_order(redis_cli
             assert recall_order.candidate_source == PERSONAL
             assert metric(services["gateway"], "adrec_fallbacks_total", service="gateway",
                           reason="ranking_unavailable") == 2
+
+    run(scenario)
+
+
+def test_an_outage_logs_a_line_a_second_per_kind_of_degraded_answer_and_counts_all(
+    redis_client, redis_url, caplog
+):
+    data = publish_version(redis_client)
+    user = data.users_with_factors[0]
+    caplog.set_level(logging.INFO, logger="adrec.services.gateway")
+
+    async def scenario():
+        async with separate_services(redis_url) as services:
+            await services["ranking"].server.stop(grace=0)
+            started = time.monotonic()
+            for _ in range(30):
+                answer = await recommend(services["channel"], user_id=user, pid=PIDS[0],
+                                         count=5)
+                assert reasons(answer) == ["RANKING_UNAVAILABLE"]
+            seconds = time.monotonic() - started
+            assert metric(services["gateway"], "adrec_fallbacks_total", service="gateway",
+                          reason="ranking_unavailable") == 30
+            logged = [record for record in caplog.records if record.msg == "degraded answer"]
+            assert 1 <= len(logged) <= seconds + 1
+            assert logged[0].reasons == ["ranking_unavailable"]
+            assert logged[0].similar_answers_not_logged == 0
+            assert len(logged) + sum(r.similar_answers_not_logged for r in logged) <= 30
 
     run(scenario)
 

@@ -53,6 +53,9 @@ OFFLINE = gateway_pb2.RECOMMEND_MODE_OFFLINE
 PERSONAL = common_pb2.CANDIDATE_SOURCE_PERSONAL
 POPULAR = common_pb2.CANDIDATE_SOURCE_POPULAR
 Reason = gateway_pb2.DegradationReason
+#: Degradation reason -> its name in metrics and logs ("ranking_unavailable", ...).
+_REASON_NAMES = {value: name.removeprefix("DEGRADATION_REASON_").lower()
+                 for name, value in Reason.items()}
 
 #: Downstream failure -> (reason when late, reason otherwise).
 _DOWNSTREAM_REASONS = {
@@ -173,6 +176,7 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
         self._answers: dict[tuple[int, int], Any] = {}
         self._downstream_latency: dict[tuple[str, str], Any] = {}
         self._failure_logs = LogThrottle()
+        self._degraded_logs = LogThrottle()
 
     @property
     def spec(self) -> ServiceSpec:
@@ -338,16 +342,20 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
         counter.inc()
         if not call.reasons:
             return
-        reasons = [Reason.Name(reason).removeprefix("DEGRADATION_REASON_").lower()
-                   for reason in call.reasons]
+        reasons = [_REASON_NAMES[reason] for reason in call.reasons]
         for reason in reasons:
             self.metrics.fallback(reason)
-        self.log.info(
-            "degraded answer", extra={
-                "request_id": call.request_id, "reasons": reasons,
-                "serving_path": gateway_pb2.ServingPath.Name(call.path),
-            },
-        )
+        # Every degraded answer is counted; an outage degrades every request, so the log
+        # gets one line a second per kind, with how many like it were not logged.
+        held_back = self._degraded_logs.allow((call.path, *call.reasons))
+        if held_back is not None:
+            self.log.info(
+                "degraded answer", extra={
+                    "request_id": call.request_id, "reasons": reasons,
+                    "serving_path": gateway_pb2.ServingPath.Name(call.path),
+                    "similar_answers_not_logged": held_back,
+                },
+            )
 
     def _observe_downstream(self, downstream: str, code: grpc.StatusCode, seconds: float) -> None:
         key = (downstream, code.name)
