@@ -29,7 +29,6 @@ import redis
 from adrec.api.gateway.v1 import gateway_service_pb2 as gateway_pb2
 from adrec.api.gateway.v1 import gateway_service_pb2_grpc
 from adrec.api.ranking.v1 import ranking_service_pb2, ranking_service_pb2_grpc
-from adrec.cli.serve import Stack, serving
 from adrec.core import features, keys
 from adrec.core.codecs import UserFeatures
 from adrec.core.model import CtrModel
@@ -37,6 +36,7 @@ from adrec.core.redis_conn import RedisSettings
 from adrec.core.settings import load
 from adrec.jobs.offline import OFFLINE_PID, RankingData, rank_users
 from adrec.jobs.publish import Publication
+from adrec.services.runtime.process import Stack, serving
 from adrec.services.runtime.settings import SETTINGS
 
 PIDS = features.KNOWN_PIDS

@@ -33,11 +33,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from service_data import PIDS, path, publish_version, recommend, run, service_settings
 
 from adrec.api.gateway.v1 import gateway_service_pb2 as gateway_pb2
-from adrec.cli.serve import serving
 from adrec.core.redis_conn import RedisSettings
 from adrec.core.settings import env_names, load
 from adrec.jobs.config import JobConfig
 from adrec.services.runtime.metrics import GRPC_CODE_NAMES
+from adrec.services.runtime.process import serving
 from adrec.services.runtime.settings import (
     DEFAULT_GATEWAY_PORT,
     DEFAULT_METRICS_PORT,

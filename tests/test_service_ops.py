@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -33,7 +35,9 @@ from service_data import (
 )
 
 from adrec.cli import main
+from adrec.core.redis_conn import RedisSettings
 from adrec.core.redis_server import free_port, private_redis
+from adrec.services.runtime import process
 from adrec.services.runtime.settings import SETTINGS, service_env_names
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -296,6 +300,24 @@ def test_bad_settings_stop_the_start_naming_each_env_var_and_flag(monkeypatch, c
 
     assert main(["serve", "ranking", "--redis", "http://nope"]) == 2
     assert "REDIS_URL" in capsys.readouterr().err
+
+
+def test_the_serve_command_only_parses_and_leaves_the_wiring_to_the_runtime():
+    # Building the command line must not import the services: `adrec --help` stays light.
+    probe = ("import sys; from adrec.cli import build_parser; build_parser(); "
+             "print(sorted(m for m in sys.modules if m.startswith('adrec.services.') "
+             "and m.split('.')[2] in ('recall', 'ranking', 'gateway')))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[]"
+    assert set(process.TARGETS) == set(SETTINGS)
+
+    async def unknown_target():
+        async with process.serving("search", SETTINGS["recall"](), RedisSettings()):
+            pass
+
+    with pytest.raises(ValueError, match="unknown target 'search'"):
+        run(unknown_target)
 
 
 def test_each_service_declares_its_env_vars_and_ports():

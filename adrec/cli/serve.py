@@ -9,18 +9,10 @@ that process. Bound addresses are printed on stdout, JSON logs go to stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
-from collections.abc import AsyncIterator
-from typing import Any
 
 from adrec.cli import UsageError
 from adrec.core import settings as settings_mod
-from adrec.core.redis_conn import RedisSettings, redacted
-
-TARGETS = ("recall", "ranking", "gateway", "all")
-#: Drain order: the gateway first, so its in-flight calls can still reach the others.
-SERVICE_ORDER = ("gateway", "recall", "ranking")
+from adrec.core.redis_conn import RedisSettings
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -31,13 +23,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n", 1)[1],
     )
     targets = parser.add_subparsers(dest="target", required=True, metavar="SERVICE")
-    for target in TARGETS:
+    for target, settings_class in SETTINGS.items():
         sub = targets.add_parser(
             target,
             help="all three services in one process (local use)" if target == "all"
             else f"the {target} service",
         )
-        settings_mod.add_flags(SETTINGS[target], sub)
+        settings_mod.add_flags(settings_class, sub)
         settings_mod.add_flags(RedisSettings, sub)
         sub.set_defaults(handler=_serve)
 
@@ -45,6 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
+    from adrec.services.runtime import process
     from adrec.services.runtime.logs import configure_logging
     from adrec.services.runtime.settings import SETTINGS
 
@@ -59,113 +52,4 @@ def _serve(args: argparse.Namespace) -> int:
     service_settings, redis_settings = loaded
     configure_logging(service_settings.log_level,
                       service="adrec" if args.target == "all" else args.target)
-    return asyncio.run(_run(args.target, service_settings, redis_settings))
-
-
-async def _run(target: str, service_settings: Any, redis_settings: RedisSettings) -> int:
-    import gc
-    import logging
-
-    from adrec.services.runtime import run_until_signalled
-
-    log = logging.getLogger("adrec.serve")
-    log.info("starting", extra={"target": target, "redis": redacted(redis_settings.url),
-                                "settings": settings_mod.describe(service_settings)})
-    async with serving(target, service_settings, redis_settings) as stack:
-        # Everything allocated so far lives as long as the process: keeping it out of the
-        # collector's full passes saves tens of milliseconds of pause each time one runs.
-        gc.freeze()
-        for name, running in stack.services.items():
-            print(f"{name} listening on {running.server.address}", flush=True)
-        print(f"metrics listening on {service_settings.host}:{stack.metrics_port}", flush=True)
-        servers = [stack.services[name].server for name in SERVICE_ORDER
-                   if name in stack.services]
-        signum = await run_until_signalled(servers, grace=service_settings.drain_seconds)
-    log.info("stopped", extra={"signal": signum.name if signum else None})
-    return 0
-
-
-@dataclasses.dataclass
-class Stack:
-    """The services of one `adrec serve` process and its metrics endpoint."""
-
-    services: dict[str, Any]
-    metrics: Any
-    metrics_port: int
-
-
-@contextlib.asynccontextmanager
-async def serving(
-    target: str, service_settings: Any, redis_settings: RedisSettings
-) -> AsyncIterator[Stack]:
-    """Start `target`'s services (all three for "all") with their metrics endpoint."""
-    from adrec.services.gateway.service import Budgets, GatewayService, downstream_channel
-    from adrec.services.ranking.service import RankingService
-    from adrec.services.recall.service import RecallService
-    from adrec.services.runtime.app import running_service
-    from adrec.services.runtime.data import RedisReader, client_without_socket_timeouts
-    from adrec.services.runtime.metrics import Metrics, start_metrics_endpoint
-
-    metrics = Metrics()
-    host = service_settings.host
-    endpoint = start_metrics_endpoint(metrics.registry, host, service_settings.metrics_port)
-    client = client_without_socket_timeouts(redis_settings)
-    services: dict[str, Any] = {}
-    readers: list[RedisReader] = []
-
-    def reader(name: str) -> RedisReader:
-        readers.append(RedisReader(client, metrics.service(name), redis_settings.socket_timeout_s))
-        return readers[-1]
-
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            for name, service_class in (("recall", RecallService), ("ranking", RankingService)):
-                if target in (name, "all"):
-                    service = service_class(reader(name))
-                    services[name] = await stack.enter_async_context(running_service(
-                        service, service.reader, metrics, service_settings,
-                        host=host, port=getattr(service_settings, f"{name}_port"),
-                    ))
-            if target in ("gateway", "all"):
-                if target == "all":
-                    local = _local_host(host)
-                    recall_target = f"{local}:{services['recall'].port}"
-                    ranking_target = f"{local}:{services['ranking'].port}"
-                else:
-                    recall_target = service_settings.recall_address
-                    ranking_target = service_settings.ranking_address
-                channels = [
-                    downstream_channel(address, service_settings.max_message_bytes)
-                    for address in (recall_target, ranking_target)
-                ]
-                for channel in channels:
-                    stack.push_async_callback(channel.close)
-                gateway = GatewayService(
-                    reader("gateway"),
-                    *channels,
-                    Budgets(
-                        request=service_settings.request_timeout_ms / 1000,
-                        recall=service_settings.recall_timeout_ms / 1000,
-                        ranking=service_settings.ranking_timeout_ms / 1000,
-                        fallback_reserve=service_settings.fallback_reserve_ms / 1000,
-                    ),
-                )
-                services["gateway"] = await stack.enter_async_context(running_service(
-                    gateway, gateway.reader, metrics, service_settings,
-                    host=host, port=service_settings.gateway_port,
-                ))
-            yield Stack(services, metrics, endpoint.port)
-    finally:
-        for each in readers:
-            await each.aclose()
-        await client.aclose()
-        endpoint.close()
-
-
-def _local_host(host: str) -> str:
-    """Where this process's own servers are reached when they listen on `host`."""
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
+    return asyncio.run(process.run(args.target, service_settings, redis_settings))

@@ -2,6 +2,7 @@
 
 - ``server``: the gRPC server bootstrap (health, reflection, message bounds, graceful drain);
 - ``app``: running a data-backed service with a watcher of Redis and the active version;
+- ``process``: the services of an ``adrec serve`` target wired together, run and drained;
 - ``settings``: every service's env vars and flags (``SETTINGS``);
 - ``metrics``: the standard gRPC server metrics interceptor, domain metrics, ``/metrics``;
 - ``data``: timed Redis reads and per-version popular lists;
