@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import signal
 import subprocess
@@ -35,9 +36,12 @@ from service_data import (
 )
 
 from adrec.cli import main
+from adrec.core import store
 from adrec.core.redis_conn import RedisSettings
 from adrec.core.redis_server import free_port, private_redis
 from adrec.services.runtime import process
+from adrec.services.runtime.data import created_at
+from adrec.services.runtime.metrics import Metrics
 from adrec.services.runtime.settings import SETTINGS, service_env_names
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -195,9 +199,13 @@ def test_metrics_endpoint_serves_standard_grpc_and_domain_metrics(redis_client, 
             == [3 * 500 + 200]
         assert samples(families, "adrec_fallbacks", "_total", service="gateway",
                        reason="no_recall_set") == [1]
+        created = dt.datetime.fromisoformat(
+            store.read_meta(redis_client, data.version)["created_at"]).timestamp()
         for service in SERVICES:
             assert samples(families, "adrec_data_version_info", "", service=service,
                            version=data.version) == [1]
+            assert samples(families, "adrec_data_version_created_timestamp_seconds", "",
+                           service=service) == [created]
             assert samples(families, "adrec_redis_up", "", service=service) == [1]
         model_version = f"{data.version}/{data.model.spec.spec_id}"
         assert samples(families, "adrec_model_version_info", "", service="ranking",
@@ -332,3 +340,29 @@ def test_each_service_declares_its_env_vars_and_ports():
     assert len(ports) == 3
     assert defaults["gateway"].ranking_address.endswith(f":{defaults['ranking'].ranking_port}")
     assert defaults["recall"].reload_interval_seconds > TEST_RELOAD_SECONDS
+
+
+def test_the_creation_time_of_a_version_comes_from_its_metadata_or_is_not_exported():
+    assert created_at({"created_at": "2026-11-28T02:30:00+00:00"}) == \
+        dt.datetime(2026, 11, 28, 2, 30, tzinfo=dt.UTC).timestamp()
+    assert created_at({"created_at": "2026-11-28T03:30:00+01:00"}) == \
+        dt.datetime(2026, 11, 28, 2, 30, tzinfo=dt.UTC).timestamp()
+    assert created_at({"created_at": "2026-11-28T02:30:00"}) == \
+        dt.datetime(2026, 11, 28, 2, 30, tzinfo=dt.UTC).timestamp()
+    for meta in ({}, {"created_at": "yesterday"}, {"created_at": 1764297000}):
+        assert created_at(meta) is None
+
+    metrics = Metrics()
+    recall = metrics.service("recall")
+
+    def exported() -> float | None:
+        return metrics.registry.get_sample_value(
+            "adrec_data_version_created_timestamp_seconds", {"service": "recall"})
+
+    recall.set_data_version("v1", 1764297000.0)
+    assert exported() == 1764297000.0
+    # A version whose metadata has no creation time must not inherit the previous one's.
+    recall.set_data_version("v2", None)
+    assert exported() is None
+    recall.set_data_version("v3", 1764383400.0)
+    assert exported() == 1764383400.0

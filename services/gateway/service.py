@@ -17,6 +17,7 @@ import dataclasses
 import json
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -29,7 +30,7 @@ from adrec.api.ranking.v1 import ranking_service_pb2, ranking_service_pb2_grpc
 from adrec.api.recall.v1 import recall_service_pb2, recall_service_pb2_grpc
 from adrec.core import codecs, keys
 from adrec.services.gateway.versions import GatewayVersion
-from adrec.services.runtime.data import RedisReader
+from adrec.services.runtime.data import RedisReader, created_at
 from adrec.services.runtime.logs import LogThrottle, service_logger
 from adrec.services.runtime.metrics import GRPC_CODE_NAMES
 from adrec.services.runtime.requests import (
@@ -190,9 +191,9 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
     def ready(self) -> bool:
         return self.current is not None
 
-    async def load_version(self, version: str) -> None:
-        self.current = await GatewayVersion.read(self.reader, version, self.log)
-        self.metrics.set_data_version(version)
+    async def load_version(self, version: str, meta: Mapping[str, Any]) -> None:
+        self.current = await GatewayVersion.read(self.reader, version, meta, self.log)
+        self.metrics.set_data_version(version, created_at(meta))
         if self.current.model_version:
             self.metrics.set_model_version(self.current.model_version)
         self.log.info("following data version %s", version, extra={"version": version})

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
-from adrec.core import codecs, keys
+from adrec.core import keys
 from adrec.core.features import KNOWN_PIDS
 from adrec.core.model import CtrModel, ModelArtifactError
 from adrec.services.runtime.data import PopularLists, RedisReader, model_version
@@ -41,12 +42,11 @@ class GatewayVersion:
 
     @classmethod
     async def read(
-        cls, reader: RedisReader, version: str, log: ServiceLogger
+        cls, reader: RedisReader, version: str, meta: Mapping[str, Any], log: ServiceLogger
     ) -> GatewayVersion:
+        """The version's state; `meta` is its metadata ({} when it has none)."""
         popular = await PopularLists.read(reader, version)
-        meta_raw = await reader.get(keys.META.key(version), op="load_meta")
         model_raw = await reader.get(keys.MODEL.key(version), op="load_model")
-        meta = codecs.decode_json(meta_raw) if meta_raw is not None else {}
         offline_pid = meta.get("report", {}).get("offline", {}).get("pid", DEFAULT_OFFLINE_PID)
         spec_id, shifts = "", {}
         if model_raw is not None:

@@ -10,6 +10,8 @@ the previous snapshot keeps serving, and the refusal is logged and counted.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from typing import Any
 
 import grpc
 import numpy as np
@@ -21,7 +23,7 @@ from adrec.core import codecs, keys
 from adrec.core.codecs import UserFeatures
 from adrec.core.model import ModelArtifactError
 from adrec.services.ranking.snapshot import RankingSnapshot, SnapshotError
-from adrec.services.runtime.data import LOAD_TIMEOUT_SECONDS, RedisReader
+from adrec.services.runtime.data import LOAD_TIMEOUT_SECONDS, RedisReader, created_at
 from adrec.services.runtime.logs import service_logger
 from adrec.services.runtime.requests import (
     InvalidArgumentError,
@@ -61,7 +63,7 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
     def ready(self) -> bool:
         return self.snapshot is not None
 
-    async def load_version(self, version: str) -> None:
+    async def load_version(self, version: str, meta: Mapping[str, Any]) -> None:
         model_json, ad_table, cate_factors = [
             await self.reader.get(family.key(version), op=f"load_{family.name}",
                                   timeout=LOAD_TIMEOUT_SECONDS)
@@ -85,7 +87,7 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
             )
             return
         self.snapshot = snapshot
-        self.metrics.set_data_version(snapshot.data_version)
+        self.metrics.set_data_version(snapshot.data_version, created_at(meta))
         self.metrics.set_model_version(snapshot.model_version)
         self.log.info(
             "loaded data version %s", version,

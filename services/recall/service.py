@@ -8,6 +8,8 @@ placement, which is read once per version and answered from memory.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import grpc
 from redis.exceptions import RedisError
@@ -15,7 +17,7 @@ from redis.exceptions import RedisError
 from adrec.api.common.v1 import common_pb2
 from adrec.api.recall.v1 import recall_service_pb2, recall_service_pb2_grpc
 from adrec.core import codecs, keys
-from adrec.services.runtime.data import PopularLists, RedisReader
+from adrec.services.runtime.data import PopularLists, RedisReader, created_at
 from adrec.services.runtime.logs import service_logger
 from adrec.services.runtime.requests import (
     InvalidArgumentError,
@@ -56,10 +58,10 @@ class RecallService(recall_service_pb2_grpc.RecallServiceServicer):
     def ready(self) -> bool:
         return self.current is not None
 
-    async def load_version(self, version: str) -> None:
+    async def load_version(self, version: str, meta: Mapping[str, Any]) -> None:
         popular = await PopularLists.read(self.reader, version)
         self.current = RecallVersion(version, popular)
-        self.metrics.set_data_version(version)
+        self.metrics.set_data_version(version, created_at(meta))
         self.log.info(
             "following data version %s", version,
             extra={"version": version,

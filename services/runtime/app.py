@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
@@ -40,8 +40,9 @@ class VersionedService(Protocol):
         """True once the service can answer requests from a loaded version."""
         ...
 
-    async def load_version(self, version: str) -> None:
-        """Prepare the state of a newly active version.
+    async def load_version(self, version: str, meta: Mapping[str, Any]) -> None:
+        """Prepare the state of a newly active version, whose metadata is `meta` ({} when
+        it has none).
 
         Raise to be asked again at the next poll (e.g. Redis failed mid-load); return to be
         done with the version, including after refusing it.
@@ -79,9 +80,13 @@ class VersionWatcher:
                     self._warned_no_version = True
             else:
                 version = raw.decode()
-                identity = (version, await self._run_id(version))
+                meta = await self._meta(version)
+                # A Redis that lost its data (restarted without persistence) hands out
+                # version ids again, so the id alone can name other data: the publishing
+                # run's id tells them apart.
+                identity = (version, meta.get("run_id"))
                 if identity != self.identity:
-                    await self.service.load_version(version)
+                    await self.service.load_version(version, meta)
                     self.version, self.identity = version, identity
                     self._warned_no_version = False
             self._set_redis_up(True)
@@ -91,11 +96,9 @@ class VersionWatcher:
             log.exception("loading the active data version failed; retrying at the next poll")
         await self._update_health()
 
-    async def _run_id(self, version: str) -> str | None:
-        """The publishing run of `version`: a Redis that lost its data (restarted without
-        persistence) hands out version ids again, so the id alone can name other data."""
+    async def _meta(self, version: str) -> dict[str, Any]:
         meta = await self.reader.get(keys.META.key(version), op="version_meta")
-        return codecs.decode_json(meta).get("run_id") if meta is not None else None
+        return codecs.decode_json(meta) if meta is not None else {}
 
     async def run(self) -> None:
         """Check every interval until :meth:`stop`."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -25,6 +26,21 @@ def model_version(data_version: str, feature_spec_id: str) -> str:
     the job scored with the same model, so the two compare equal.
     """
     return f"{data_version}/{feature_spec_id}"
+
+
+def created_at(meta: Mapping[str, Any]) -> float | None:
+    """A version's creation time (Unix seconds) from its metadata's ISO 8601 `created_at`;
+    None when the metadata has none or it does not parse."""
+    value = meta.get("created_at")
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)  # the job writes UTC
+    return moment.timestamp()
 
 
 #: Bound on reading a whole version's bulk data (the ad table is tens of MB at full scale).

@@ -125,6 +125,12 @@ class Metrics:
             "When the loaded data version was loaded (Unix time).", ("service",),
             registry=self.registry,
         )
+        self.version_created_at = Gauge(
+            "adrec_data_version_created_timestamp_seconds",
+            "When the loaded data version was created, from its metadata (Unix time).",
+            ("service",),
+            registry=self.registry,
+        )
         self.model_reload_failures = Counter(
             "adrec_model_reload_failures_total",
             "Published versions refused by the ranking service; the previous one kept serving.",
@@ -199,11 +205,18 @@ class ServiceMetrics:
     def set_redis_up(self, up: bool) -> None:
         self.metrics.redis_up.labels(self.service).set(1 if up else 0)
 
-    def set_data_version(self, version: str) -> None:
+    def set_data_version(self, version: str, created_at: float | None = None) -> None:
+        """Report `version` as loaded now; `created_at` is its creation time (Unix), None
+        when its metadata does not say, which exports no creation time rather than a wrong one.
+        """
         self._data_version = _swap_info(
             self.metrics.data_version, self.service, self._data_version, version
         )
         self.metrics.version_loaded_at.labels(self.service).set(time.time())
+        if created_at is None:
+            self.metrics.version_created_at.remove(self.service)
+        else:
+            self.metrics.version_created_at.labels(self.service).set(created_at)
 
     def set_model_version(self, version: str) -> None:
         self._model_version = _swap_info(
