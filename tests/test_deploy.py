@@ -36,6 +36,7 @@ from adrec.api.gateway.v1 import gateway_service_pb2 as gateway_pb2
 from adrec.core.redis_conn import RedisSettings
 from adrec.core.settings import env_names, load
 from adrec.jobs.config import JobConfig
+from adrec.services.runtime import LIVENESS_SERVICE_NAME
 from adrec.services.runtime.metrics import GRPC_CODE_NAMES
 from adrec.services.runtime.process import serving
 from adrec.services.runtime.settings import (
@@ -286,10 +287,12 @@ def test_ports_and_grpc_probes_match_the_settings_defaults(rendered, overlay, se
     assert int(env.get("ADREC_METRICS_PORT", DEFAULT_METRICS_PORT)) == DEFAULT_METRICS_PORT
 
     for probe in ("readinessProbe", "livenessProbe"):
-        grpc_probe = container[probe]["grpc"]
-        assert grpc_probe["port"] == port, probe
-        # The empty name asks for the server's overall status, which the services set.
-        assert grpc_probe.get("service", "") == "", probe
+        assert container[probe]["grpc"]["port"] == port, probe
+    # Readiness asks for the server's overall status, which follows Redis and the data;
+    # liveness for the name that stays SERVING while the process runs, so a Redis outage
+    # takes pods out of rotation without restarting them.
+    assert container["readinessProbe"]["grpc"].get("service", "") == ""
+    assert container["livenessProbe"]["grpc"]["service"] == LIVENESS_SERVICE_NAME
 
     # Draining must finish inside the grace period, after the preStop pause.
     drain = float(env.get("ADREC_DRAIN_SECONDS", 20))

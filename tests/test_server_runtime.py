@@ -22,7 +22,13 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from adrec.api.common.v1 import common_pb2
 from adrec.api.recall.v1 import recall_service_pb2, recall_service_pb2_grpc
-from adrec.services.runtime import RunningServer, ServiceSpec, run_until_signalled, serve
+from adrec.services.runtime import (
+    LIVENESS_SERVICE_NAME,
+    RunningServer,
+    ServiceSpec,
+    run_until_signalled,
+    serve,
+)
 
 RECALL = recall_service_pb2.DESCRIPTOR.services_by_name["RecallService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -125,6 +131,19 @@ def test_health_is_not_serving_until_set_for_the_server_and_each_service_togethe
             with pytest.raises(grpc.aio.AioRpcError) as unknown:
                 await health_status(channel, "adrec.nope.v1.NopeService")
             assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+    run(scenario)
+
+
+def test_the_liveness_name_is_serving_whatever_the_readiness_status():
+    async def scenario():
+        async with recall_server() as (running, _), loopback_channel(running.port) as channel:
+            assert await health_status(channel, LIVENESS_SERVICE_NAME) == SERVING
+            assert await health_status(channel, "") == NOT_SERVING
+            await running.set_serving(True)
+            assert await health_status(channel, LIVENESS_SERVICE_NAME) == SERVING
+            await running.set_serving(False)
+            assert await health_status(channel, LIVENESS_SERVICE_NAME) == SERVING
 
     run(scenario)
 

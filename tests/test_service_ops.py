@@ -39,7 +39,7 @@ from adrec.cli import main
 from adrec.core import store
 from adrec.core.redis_conn import RedisSettings
 from adrec.core.redis_server import free_port, private_redis
-from adrec.services.runtime import process
+from adrec.services.runtime import LIVENESS_SERVICE_NAME, process
 from adrec.services.runtime.data import created_at
 from adrec.services.runtime.metrics import Metrics
 from adrec.services.runtime.settings import SETTINGS, service_env_names
@@ -76,6 +76,8 @@ def test_health_follows_redis_down_and_back_while_answers_keep_coming():
                     await wait_until(async_equals(statuses, channels, {NOT_SERVING}))
                     for channel in channels:
                         assert await health_status(channel) == NOT_SERVING
+                        # Out of rotation, but alive: the liveness probe must not restart it.
+                        assert await health_status(channel, LIVENESS_SERVICE_NAME) == SERVING
                     # Degraded, not failed: the gateway answers from memory.
                     answer = await recommend(gateway, user_id=user, pid=PIDS[0], count=5)
                     assert path(answer) == "POPULAR"

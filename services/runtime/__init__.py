@@ -10,7 +10,7 @@
 - ``logs``: JSON log lines.
 """
 
-from adrec.services.runtime.health import set_serving_status
+from adrec.services.runtime.health import LIVENESS_SERVICE_NAME, set_serving_status
 from adrec.services.runtime.server import (
     DEFAULT_MAX_MESSAGE_BYTES,
     RunningServer,
@@ -21,6 +21,7 @@ from adrec.services.runtime.server import (
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "LIVENESS_SERVICE_NAME",
     "RunningServer",
     "ServiceSpec",
     "run_until_signalled",

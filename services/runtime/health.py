@@ -1,4 +1,14 @@
-"""Serving status of the standard health service (`grpc.health.v1.Health`)."""
+"""Serving status of the standard health service (`grpc.health.v1.Health`).
+
+Two kinds of status, for the two kinds of probe:
+
+- readiness: the whole server ("") and each application service, set together by
+  :func:`set_serving_status`: SERVING only while the service can answer (data loaded,
+  Redis reachable);
+- liveness: :data:`LIVENESS_SERVICE_NAME`, SERVING from start until shutdown whatever
+  Redis does. Answering it at all shows the event loop runs, which is what a liveness
+  probe should restart a pod for; a Redis outage only takes pods out of rotation.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +17,9 @@ from collections.abc import Iterable
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import OVERALL_HEALTH
 from grpc_health.v1.health import aio as health_aio
+
+#: Health service name that reports SERVING for as long as the server runs.
+LIVENESS_SERVICE_NAME = "liveness"
 
 
 async def set_serving_status(

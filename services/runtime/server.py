@@ -1,8 +1,8 @@
 """Asyncio gRPC server bootstrap shared by the recall, ranking and gateway services.
 
 Every service runs in the same frame: the standard health service, which reports NOT_SERVING
-until the service declares itself ready, server reflection for grpcurl and `buf curl`,
-bounded message sizes, and a graceful stop.
+until the service declares itself ready (and SERVING for the liveness name all along),
+server reflection for grpcurl and `buf curl`, bounded message sizes, and a graceful stop.
 
     spec = ServiceSpec.of(
         recall_service_pb2.DESCRIPTOR.services_by_name["RecallService"],
@@ -27,12 +27,12 @@ from typing import Any
 import grpc
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import ServiceDescriptor
-from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from adrec.services.runtime.health import set_serving_status
+from adrec.services.runtime.health import LIVENESS_SERVICE_NAME, set_serving_status
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +101,9 @@ async def serve(
     """Start a server for `services` plus health and reflection; stop it on exit.
 
     `port=0` binds a free port, reported as `RunningServer.port`. Health starts NOT_SERVING
-    for "" and every service until `RunningServer.set_serving(True)`. Leaving the context
-    stops the server at once; call `RunningServer.stop` first for a graceful stop.
+    for "" and every service until `RunningServer.set_serving(True)`; the liveness name
+    (LIVENESS_SERVICE_NAME) is SERVING until the server stops. Leaving the context stops the
+    server at once; call `RunningServer.stop` first for a graceful stop.
     """
     service_names = _validated_service_names(services)
     if max_message_bytes <= 0:
@@ -124,6 +125,7 @@ async def serve(
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     await set_serving_status(health, service_names, serving=False)
+    await health.set(LIVENESS_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
         (*service_names, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
     )
