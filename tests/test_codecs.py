@@ -9,10 +9,17 @@ from adrec.core import codecs
 from adrec.core.features import USER_PROFILE_FIELDS
 
 
-def test_ad_id_list_layout_is_little_endian_int32():
+def test_ad_id_list_layout_is_a_width_byte_then_little_endian_uint24():
     raw = codecs.encode_ad_ids([1, 258, 846811])
-    assert raw == b"\x01\x00\x00\x00\x02\x01\x00\x00\xdb\xeb\x0c\x00"
+    assert raw == b"\x03" + b"\x01\x00\x00" + b"\x02\x01\x00" + b"\xdb\xeb\x0c"
     assert codecs.decode_ad_ids(raw).tolist() == [1, 258, 846811]
+
+
+def test_ad_id_list_widens_to_int32_when_an_id_needs_it():
+    raw = codecs.encode_ad_ids([5, 2**24])
+    assert raw == b"\x04" + b"\x05\x00\x00\x00" + b"\x00\x00\x00\x01"
+    assert codecs.decode_ad_ids(raw).tolist() == [5, 2**24]
+    assert codecs.decode_ad_ids(codecs.encode_ad_ids([2**31 - 1])).tolist() == [2**31 - 1]
 
 
 def test_ad_id_list_round_trip_keeps_order_and_duplicates_out():
@@ -20,7 +27,7 @@ def test_ad_id_list_round_trip_keeps_order_and_duplicates_out():
     decoded = codecs.decode_ad_ids(codecs.encode_ad_ids(ids))
     assert decoded.dtype == np.int32
     assert decoded.tolist() == ids.tolist()
-    assert len(codecs.encode_ad_ids(ids)) == 2000
+    assert len(codecs.encode_ad_ids(ids)) == 1 + 3 * 500
 
 
 def test_empty_ad_id_list():
@@ -33,14 +40,20 @@ def test_ad_id_list_rejects_out_of_range(bad):
         codecs.encode_ad_ids(bad)
 
 
-def test_ad_id_list_rejects_torn_bytes():
-    with pytest.raises(codecs.CodecError, match="multiple of 4"):
-        codecs.decode_ad_ids(b"\x01\x00\x00")
+@pytest.mark.parametrize(("raw", "problem"), [
+    (b"\x03\x01\x00\x00\x02", "multiple of 3"),
+    (b"\x04\x01\x00\x00", "multiple of 4"),
+    (b"\x01\x00\x00\x00", "width byte 3 or 4, not 01"),
+    (b"", "width byte 3 or 4, not nothing"),
+])
+def test_ad_id_list_rejects_torn_or_foreign_bytes(raw, problem):
+    with pytest.raises(codecs.CodecError, match=problem):
+        codecs.decode_ad_ids(raw)
 
 
 def test_scored_ads_layout_and_round_trip():
     raw = codecs.encode_scored_ads(np.array([7, 9]), np.array([0.5, 0.25]))
-    assert raw == b"\x07\x00\x00\x00\x09\x00\x00\x00" + np.array([0.5, 0.25], "<f2").tobytes()
+    assert raw == b"\x03\x07\x00\x00\x09\x00\x00" + np.array([0.5, 0.25], "<f2").tobytes()
     ids, ctrs = codecs.decode_scored_ads(raw)
     assert ids.tolist() == [7, 9]
     assert ctrs.tolist() == [0.5, 0.25]
@@ -57,8 +70,10 @@ def test_scored_ads_validation():
         codecs.encode_scored_ads(np.array([1, 2]), np.array([0.1]))
     with pytest.raises(ValueError, match="probabilities"):
         codecs.encode_scored_ads(np.array([1]), np.array([1.5]))
-    with pytest.raises(codecs.CodecError):
-        codecs.decode_scored_ads(b"\x00" * 7)
+    with pytest.raises(codecs.CodecError, match="1 \\+ a multiple of 5"):
+        codecs.decode_scored_ads(b"\x03" + b"\x00" * 7)
+    with pytest.raises(codecs.CodecError, match="width byte"):
+        codecs.decode_scored_ads(b"\x00" * 6)
 
 
 def test_user_features_layout_and_round_trip():

@@ -132,5 +132,6 @@ def test_family_memory_counts_every_key_and_estimates_bytes(redis_client):
         memory = family_memory(redis_client, pub.version, sample_per_family=20)
         pub.commit({})
     assert memory["recall"]["keys"] == 300 and memory["popular"]["keys"] == 1
-    assert 300 * 2000 <= memory["recall"]["bytes"] <= 300 * 2600
+    # 1,501-byte values live in jemalloc's 1,536-byte class, plus key and entry overhead.
+    assert 300 * 1536 <= memory["recall"]["bytes"] <= 300 * 2000
     assert set(memory) == {"recall", "popular"}

@@ -30,46 +30,92 @@ class CodecError(ValueError):
 # ------------------------------------------------------------------ id lists
 
 
+# The real data's ad ids run 1..846,811, so three bytes hold them: a 500-id list takes
+# 1,501 bytes instead of 2,000, which moves it from jemalloc's 2,048-byte size class to
+# the 1,536 one and saves about 0.6 GB of Redis at 1.14M users. Larger ids get four.
+_NARROW_WIDTH = 3
+_WIDE_WIDTH = 4
+_NARROW_LIMIT = 1 << (8 * _NARROW_WIDTH)
+
+
 def encode_ad_ids(ad_ids: np.ndarray | list[int]) -> bytes:
-    """Ordered ad ids as packed int32: recall lists and popular lists."""
-    ids = np.asarray(ad_ids)
-    if ids.ndim != 1:
-        raise ValueError("ad ids must be a 1-d sequence")
-    if ids.size and (ids.min() <= 0 or ids.max() > _INT32_MAX):
-        raise ValueError("ad ids must be positive 32-bit integers")
-    return ids.astype(AD_ID_DTYPE, copy=False).tobytes()
+    """Ordered ad ids (recall and popular lists): a width byte (3 or 4), then each id
+    little-endian in that many bytes; 3 whenever every id is below 2**24."""
+    ids = _checked_ids(ad_ids)
+    return _packed_ids(ids)
 
 
 def decode_ad_ids(raw: bytes) -> np.ndarray:
-    if len(raw) % AD_ID_DTYPE.itemsize:
-        raise CodecError(f"ad id list of {len(raw)} bytes is not a multiple of 4")
-    return np.frombuffer(raw, dtype=AD_ID_DTYPE)
+    return _unpacked_ids(raw, count=None)[0]
 
 
 def encode_scored_ads(ad_ids: np.ndarray, ctrs: np.ndarray) -> bytes:
-    """Offline top-N: ``n`` int32 ids then ``n`` float16 CTRs.
+    """Offline top-N: the ad id list encoding, then one float16 CTR per id.
 
-    float16 keeps ~3 significant digits of a CTR and saves a quarter of the memory of
-    the offline family at 1M+ users, which is what fits the full data set in budget.
+    float16 keeps ~3 significant digits of a CTR and halves the CTRs' share of the
+    offline family at 1M+ users, which is what fits the full data set in budget.
     """
-    ids = np.asarray(ad_ids)
+    ids = _checked_ids(ad_ids)
     scores = np.asarray(ctrs, dtype=np.float64)
     if ids.shape != scores.shape:
         raise ValueError(f"{ids.size} ad ids but {scores.size} CTRs")
     if scores.size and (np.isnan(scores).any() or scores.min() < 0 or scores.max() > 1):
         raise ValueError("CTRs must be probabilities in [0, 1]")
-    return encode_ad_ids(ids) + scores.astype(CTR_DTYPE).tobytes()
+    return _packed_ids(ids) + scores.astype(CTR_DTYPE).tobytes()
 
 
 def decode_scored_ads(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
-    width = AD_ID_DTYPE.itemsize + CTR_DTYPE.itemsize
-    if len(raw) % width:
-        raise CodecError(f"scored ad list of {len(raw)} bytes is not a multiple of {width}")
-    n = len(raw) // width
-    split = n * AD_ID_DTYPE.itemsize
-    ids = np.frombuffer(raw, dtype=AD_ID_DTYPE, count=n)
-    ctrs = np.frombuffer(raw, dtype=CTR_DTYPE, count=n, offset=split).astype(np.float32)
+    width = _id_width(raw)
+    per_ad = width + CTR_DTYPE.itemsize
+    if (len(raw) - 1) % per_ad:
+        raise CodecError(f"scored ad list of {len(raw)} bytes is not 1 + a multiple of {per_ad}")
+    count = (len(raw) - 1) // per_ad
+    ids, rest = _unpacked_ids(raw, count=count)
+    ctrs = np.frombuffer(rest, dtype=CTR_DTYPE).astype(np.float32)
     return ids, ctrs
+
+
+def _checked_ids(ad_ids: np.ndarray | list[int]) -> np.ndarray:
+    ids = np.asarray(ad_ids)
+    if ids.ndim != 1:
+        raise ValueError("ad ids must be a 1-d sequence")
+    if ids.size and (ids.min() <= 0 or ids.max() > _INT32_MAX):
+        raise ValueError("ad ids must be positive 32-bit integers")
+    return ids
+
+
+def _packed_ids(ids: np.ndarray) -> bytes:
+    wide = ids.astype(AD_ID_DTYPE, copy=False)
+    if ids.size and int(ids.max()) >= _NARROW_LIMIT:
+        return bytes([_WIDE_WIDTH]) + wide.tobytes()
+    narrow = wide.view(np.uint8).reshape(-1, _WIDE_WIDTH)[:, :_NARROW_WIDTH]
+    return bytes([_NARROW_WIDTH]) + narrow.tobytes()
+
+
+def _id_width(raw: bytes) -> int:
+    if not raw or raw[0] not in (_NARROW_WIDTH, _WIDE_WIDTH):
+        head = raw[:1].hex() or "nothing"
+        raise CodecError(f"ad id list must start with a width byte 3 or 4, not {head}")
+    return raw[0]
+
+
+def _unpacked_ids(raw: bytes, count: int | None) -> tuple[np.ndarray, memoryview]:
+    """The ids after the width byte (all of them, or ``count``) and the bytes after them."""
+    width = _id_width(raw)
+    body = memoryview(raw)[1:]
+    if count is None:
+        if len(body) % width:
+            raise CodecError(f"ad id list of {len(body)} bytes is not a multiple of {width}")
+        count = len(body) // width
+    end = count * width
+    if width == _WIDE_WIDTH:
+        ids = np.frombuffer(body, dtype=AD_ID_DTYPE, count=count)
+    else:
+        widened = np.zeros((count, _WIDE_WIDTH), dtype=np.uint8)
+        widened[:, :_NARROW_WIDTH] = np.frombuffer(body, dtype=np.uint8, count=end).reshape(
+            count, _NARROW_WIDTH)
+        ids = widened.view(AD_ID_DTYPE).reshape(count)
+    return ids, body[end:]
 
 
 # ------------------------------------------------------------------ user features
