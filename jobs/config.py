@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 
 from adrec.core.features import FEATURE_SETS
 from adrec.core.settings import in_range, one_of, parse_float, parse_int, setting
@@ -47,6 +48,12 @@ def _check_stages(stages: tuple[str, ...]) -> str | None:
     return None
 
 
+def _memory_size(value: str) -> str | None:
+    if re.fullmatch(r"[1-9][0-9]*[mg]", value) is None:
+        return "must be a JVM memory size such as 4g or 2048m"
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class JobConfig:
     data: str = setting(
@@ -64,6 +71,12 @@ class JobConfig:
         "ADREC_JOB_STAGES", STAGES,
         "Comma-separated stages to run, from the first; without 'publish' nothing is written",
         parse=_stage_list, check=_check_stages, aliases=("--stages",),
+    )
+    local_memory: str = setting(
+        "ADREC_JOB_LOCAL_MEMORY", "4g",
+        "JVM heap of a local run (Spark's 1g default cannot cache medium data); "
+        "under spark-submit its --driver-memory and --executor-memory apply",
+        check=_memory_size,
     )
     seed: int = setting("ADREC_JOB_SEED", 42, "Seed for ALS and recall sampling", parse=parse_int)
     als_rank: int = setting("ADREC_JOB_ALS_RANK", 10, "ALS rank", parse=parse_int,
@@ -111,7 +124,8 @@ class JobConfig:
     def digest(self) -> str:
         """Hash of every setting that shapes the published data (not where it comes from)."""
         shaping = dataclasses.asdict(self)
-        for operational in ("data", "master", "stages", "work_dir", "keep_versions"):
+        for operational in ("data", "master", "stages", "work_dir", "keep_versions",
+                            "local_memory"):
             shaping.pop(operational)
         canonical = json.dumps(shaping, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -72,7 +72,8 @@ def run_job(
     except (redis.RedisError, OSError) as exc:
         raise JobInputError(f"cannot reach Redis at {redacted(redis_settings.url)}: {exc}") \
             from None
-    run = _JobRun(config, spark or build_session(config.master or None),
+    run = _JobRun(config, spark or build_session(config.master or None,
+                                                    local_memory=config.local_memory),
                   progress or Progress(config.stages))
     with run.work_dir():
         run.ingest()

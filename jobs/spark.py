@@ -18,7 +18,7 @@ DEFAULT_CONF = {
 
 
 def build_session(master: str | None = None, app_name: str = "adrec-job",
-                  conf: Mapping[str, str] | None = None):
+                  conf: Mapping[str, str] | None = None, local_memory: str = "4g"):
     """Get or create the session.
 
     Under ``spark-submit`` the master comes from the submit command and ``master`` is
@@ -37,6 +37,8 @@ def build_session(master: str | None = None, app_name: str = "adrec-job",
         # Spark's default of 200 shuffle partitions makes every iterative step (ALS, LR)
         # schedule hundreds of tiny tasks per iteration on a laptop.
         builder = builder.config("spark.sql.shuffle.partitions", str(4 * (os.cpu_count() or 2)))
+        # Driver and executors share this one JVM; its heap is fixed when it starts.
+        builder = builder.config("spark.driver.memory", local_memory)
     for key, value in {**DEFAULT_CONF, **(conf or {})}.items():
         builder = builder.config(key, value)
     session = builder.getOrCreate()
