@@ -11,8 +11,11 @@ seeded); a model fitted on the larger part is scored on the held-out part, where
 pairs of users or categories unseen in training are dropped (ALS cannot score them).
 The published factors then come from a second fit on *all* ratings, so every rated
 user and category gets factors: a 10% holdout would otherwise strip the factors of
-every user whose few ratings all landed in it. The price is a second ALS fit;
-``holdout_fraction=0`` skips the evaluation.
+every user whose few ratings all landed in it. The price is a second ALS fit, kept
+small by evaluating on the ratings of at most ``evaluation_users`` users (a seeded
+sample by user id hash; every user below that): 50,000 users' ratings estimate an
+RMSE to the third digit, and at 200k users the evaluation fit costs a quarter of a
+full one. ``holdout_fraction=0`` skips the evaluation.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class AlsConfig:
     reg_param: float = 0.1
     seed: int = 42
     holdout_fraction: float = 0.1
+    evaluation_users: int = 50_000
     # User and item blocks (Spark's numUserBlocks/numItemBlocks): parallelism of each
     # iteration; Spark's default of 10 suits a cluster, fewer suit a laptop.
     blocks: int = 10
@@ -45,6 +49,8 @@ class AlsConfig:
             raise ValueError("ALS reg_param must not be negative")
         if not 0 <= self.holdout_fraction < 1:
             raise ValueError("holdout_fraction must be in [0, 1)")
+        if self.evaluation_users < 1:
+            raise ValueError("evaluation_users must be positive")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -99,14 +105,14 @@ def train_als(ratings: DataFrame, config: AlsConfig = AlsConfig()) -> AlsResult:
         holdout_rmse = baseline_rmse = None
         holdout_count = 0
         if config.holdout_fraction > 0:
-            train, holdout = ratings.randomSplit(
+            train, holdout = _evaluation_sample(ratings, config).randomSplit(
                 [1 - config.holdout_fraction, config.holdout_fraction], seed=config.seed
             )
             holdout_rmse, baseline_rmse, holdout_count = _holdout_errors(
                 _estimator(config).fit(train), train, holdout
             )
         model = _estimator(config).fit(ratings)
-        train_count = ratings.count() - holdout_count
+        train_count = ratings.count()
     finally:
         ratings.unpersist()
     user_ids, user_vectors = _factors(model.userFactors, config.rank)
@@ -122,6 +128,16 @@ def train_als(ratings: DataFrame, config: AlsConfig = AlsConfig()) -> AlsResult:
         holdout_ratings=holdout_count,
         model=model,
     )
+
+
+def _evaluation_sample(ratings: DataFrame, config: AlsConfig) -> DataFrame:
+    users = ratings.select("user_id").distinct().count()
+    if users <= config.evaluation_users:
+        return ratings
+    buckets = 1 << 20
+    kept = round(buckets * config.evaluation_users / users)
+    bucket = sf.pmod(sf.xxhash64(sf.col("user_id"), sf.lit(config.seed)), sf.lit(buckets))
+    return ratings.where(bucket < kept)
 
 
 def _estimator(config: AlsConfig) -> ALS:

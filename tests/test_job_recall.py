@@ -122,9 +122,18 @@ def test_als_gives_factors_for_every_rated_user_and_a_finite_rmse(spark):
     assert result.user_vectors.shape == (len(result.user_ids), RANK)
     assert result.user_vectors.dtype == result.cate_vectors.dtype == np.float32
     assert np.isfinite(result.holdout_rmse) and result.holdout_rmse < result.baseline_rmse
-    assert result.train_ratings + result.holdout_ratings == len(rows)
+    assert result.train_ratings == len(rows)
+    assert 0 < result.holdout_ratings < len(rows) / 4
     frame_ids = sorted(r.user_id for r in result.user_factor_frame().collect())
     assert frame_ids == result.user_ids.tolist()
+
+    # Evaluating on a sample of users still publishes factors for everyone.
+    sampled = train_als(ratings, AlsConfig(rank=RANK, max_iter=3, seed=7, blocks=2,
+                                           holdout_fraction=0.5, evaluation_users=15))
+    assert sampled.user_ids.tolist() == result.user_ids.tolist()
+    assert sampled.train_ratings == len(rows)
+    assert 0 < sampled.holdout_ratings < len(rows) / 4
+    assert np.isfinite(sampled.holdout_rmse)
 
 
 # ------------------------------------------------------------------ recall lists (numpy)
