@@ -62,12 +62,13 @@ from adrec.jobs.ingest import (
 )
 from adrec.jobs.synthetic_presets import PRESETS, REAL_BEHAVIOR_ROWS, Preset
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 TRUTH_FILE = "raw_sample_truth.csv"
 TRUTH_HEADER = "user,time_stamp,adgroup_id,pid,clk,click_probability"
 MANIFEST_FILE = "manifest.json"
 
-LATENT_RANK = 8
+# Distinct tastes: enough that a 500-ad popular list cannot cover every taste's ads.
+LATENT_RANK = 24
 # Part of the output definition: the random streams are drawn per block of this many users.
 USERS_PER_BLOCK = 4096
 # Users drawn once, from their own stream, to calibrate the intercepts before generation.
@@ -92,12 +93,19 @@ _WRITE_OPTIONS = pa_csv.WriteOptions(include_header=False, quoting_style="none")
 class PlantedTruth:
     """Every parameter of the planted model; recorded in the manifest."""
 
-    # Preferences: topic loadings of a category ~ popularity^exponent * Gamma(sparsity);
-    # users' topic mixes ~ Dirichlet(concentration).
+    # Preferences: topic loadings of a category ~ popularity^exponent * Gamma(shape) with
+    # shape = topic_categories / categories, so that about that many categories carry a
+    # topic's weight whatever the preset's size; users' topic mixes ~
+    # Dirichlet(concentration). A popularity exponent near 1 would instead pile
+    # every topic onto the same few popular categories (one category drew 62% of all
+    # clicks at medium when it was 1.2), a world where nothing beats a popularity list.
     category_popularity_zipf: float = 1.0
-    topic_popularity_exponent: float = 1.2
-    topic_sparsity: float = 0.1
-    user_topic_concentration: float = 0.15
+    # Ads per category ~ popularity^exponent: popular categories hold more ads, less than
+    # proportionally (the largest holds ~0.3% of all ads at medium, not 12%).
+    category_size_exponent: float = 0.3
+    topic_popularity_exponent: float = 0.5
+    topic_categories: float = 18.0
+    user_topic_concentration: float = 0.05
     behavior_brand_zipf: float = 1.1
     non_pv_share: float = 0.048
     # Per unit of log(user's preference / average user's preference) for the category.
@@ -105,10 +113,11 @@ class PlantedTruth:
     # Shares of cart, fav and buy among the non-pv rows (2.2% : 1.3% : 1.3% of all rows).
     non_pv_btag_mix: tuple[float, float, float] = (2.2 / 4.8, 1.3 / 4.8, 1.3 / 4.8)
     bad_timestamp_share: float = 5e-5
-    # Impressions: this share of a user's impressions follow their preferences, the rest
-    # follow category popularity; ads within a category follow Zipf-like popularity.
-    impression_preference_share: float = 0.6
-    ad_popularity_zipf: float = 0.9
+    # Impressions: this share of a user's impressions follow their preferences (the ads
+    # were targeted), the rest follow category popularity; ads within a category follow
+    # Zipf-like popularity.
+    impression_preference_share: float = 0.95
+    ad_popularity_zipf: float = 0.6
     ad_brand_zipf: float = 1.3
     null_brand_share: float = 0.29
     pid_shares: tuple[float, float] = (0.62, 0.38)
@@ -298,10 +307,11 @@ def _build_categories(preset: Preset, seed: int, truth: PlantedTruth) -> dict[st
     popularity = popularity[order]
 
     ad_popularity = popularity[:with_ads] / popularity[:with_ads].sum()
-    ad_count = 1 + rng.multinomial(preset.ads - with_ads, ad_popularity)
+    ad_count = 1 + rng.multinomial(preset.ads - with_ads,
+                                   _normalized(ad_popularity**truth.category_size_exponent))
     brand_count = 1 + rng.multinomial(preset.brands - total, _normalized(popularity**0.7))
 
-    loadings = rng.gamma(truth.topic_sparsity, 1.0, (LATENT_RANK, total))
+    loadings = rng.gamma(truth.topic_categories / total, 1.0, (LATENT_RANK, total))
     topics = loadings * popularity**truth.topic_popularity_exponent
     topics /= topics.sum(axis=1, keepdims=True)
     ad_topics = topics[:, :with_ads] / topics[:, :with_ads].sum(axis=1, keepdims=True)

@@ -91,7 +91,8 @@ PRESETS: dict[str, Preset] = {
             customers=30_000,
             brands=80_000,
             samples=3_000_000,
-            behavior_rows=20_000_000,
+            # 200 rows per user: enough to rank a user's categories (the real log has ~630).
+            behavior_rows=40_000_000,
         ),
         # The real data's counts; only the behavior log is scaled down.
         Preset(
