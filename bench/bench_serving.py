@@ -176,7 +176,9 @@ def echo_server(port: int) -> None:
         await server.start()
         await server.wait_for_termination()
 
-    asyncio.run(serve())
+    from adrec.services.runtime import loop
+
+    loop.run(serve())
 
 
 # ---------------------------------------------------------------- CPU time
@@ -204,8 +206,10 @@ def load(
     cpu_pids: dict[str, int],
 ) -> None:
     """Open-loop steps at each rate, one JSON line per step; stops after the first failure."""
-    asyncio.run(_load(kind, port, rates, duration, users,
-                      {**cpu_pids, "generator": os.getpid()}))
+    from adrec.services.runtime import loop
+
+    loop.run(_load(kind, port, rates, duration, users,
+                   {**cpu_pids, "generator": os.getpid()}))
 
 
 async def _load(
@@ -256,11 +260,12 @@ async def _step(
     cpu_pids: dict[str, int],
 ) -> dict[str, Any]:
     """One open-loop step; with the CPU ms per answered request of each of `cpu_pids`."""
-    loop = asyncio.get_running_loop()
+    # uvloop's loop.time() counts whole milliseconds: latencies need a finer clock.
+    clock = time.perf_counter
     total = int(rate * duration)
     latencies: list[float] = []
     outcomes: Counter[str] = Counter()
-    start = loop.time() + 0.05
+    start = clock() + 0.05
     lag = 0.0
 
     async def send(request: Any, intended: float) -> None:
@@ -269,21 +274,21 @@ async def _step(
         except grpc.aio.AioRpcError as error:
             outcomes[error.code().name] += 1
             return
-        latencies.append(loop.time() - intended)
+        latencies.append(clock() - intended)
         outcomes[outcome(response)] += 1
 
     tasks = []
     cpu_before = cpu_snapshot(cpu_pids)
     for i in range(total):
         intended = start + i / rate
-        delay = intended - loop.time()
+        delay = intended - clock()
         if delay > 0:
             await asyncio.sleep(delay)
         else:
             lag = max(lag, -delay)
         tasks.append(asyncio.ensure_future(send(requests[i % len(requests)], intended)))
     await asyncio.gather(*tasks)
-    elapsed = loop.time() - start
+    elapsed = clock() - start
     cpu_after = cpu_snapshot(cpu_pids)
     answered_count = len(latencies)
     cpu_ms = {name: (cpu_after[name] - cpu_before[name]) * 1000 / answered_count

@@ -35,9 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from adrec.services.runtime import process
+    from adrec.services.runtime import loop, process
     from adrec.services.runtime.logs import configure_logging
     from adrec.services.runtime.settings import SETTINGS
 
@@ -52,4 +50,4 @@ def _serve(args: argparse.Namespace) -> int:
     service_settings, redis_settings = loaded
     configure_logging(service_settings.log_level,
                       service="adrec" if args.target == "all" else args.target)
-    return asyncio.run(process.run(args.target, service_settings, redis_settings))
+    return loop.run(process.run(args.target, service_settings, redis_settings))
