@@ -796,7 +796,7 @@ def _manifest(world: _World, totals: _Totals) -> dict:
             "click_intercept": round(world.click_intercept, 6),
             "non_pv_intercept": round(world.non_pv_intercept, 6),
         },
-        "planted_truth": asdict(world.truth),
+        "planted_truth": {"latent_rank": LATENT_RANK, **asdict(world.truth)},
         "preset_sizes": preset.as_dict(),
     }
 
