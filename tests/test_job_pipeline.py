@@ -15,7 +15,7 @@ from adrec.core import keys, store
 from adrec.core.features import FULL
 from adrec.core.redis_conn import RedisSettings
 from adrec.core.redis_server import free_port
-from adrec.core.settings import load
+from adrec.core.settings import SettingsError, load
 from adrec.jobs.config import STAGES, JobConfig
 from adrec.jobs.pipeline import JobInputError, run_job
 
@@ -137,3 +137,19 @@ def test_stages_without_publish_write_nothing(spark, tiny_data, redis_client, re
     assert result.version is None
     assert [s["name"] for s in result.report["stages"]] == ["ingest", "ratings", "als", "popular"]
     assert snapshot(redis_client) == served_version
+
+
+@pytest.mark.parametrize(("env", "problem"), [
+    ({"ADREC_JOB_LOCAL_MEMORY": "4gb"}, "ADREC_JOB_LOCAL_MEMORY"),
+    ({"ADREC_JOB_STAGES": "ratings,ingest"}, "ADREC_JOB_STAGES"),
+    ({"ADREC_JOB_ALS_RANK": "0"}, "ADREC_JOB_ALS_RANK"),
+])
+def test_bad_job_settings_are_named(env, problem):
+    with pytest.raises(SettingsError, match=problem):
+        load(JobConfig, env={"ADREC_JOB_DATA": "data", **env})
+
+
+def test_job_settings_accept_a_local_memory_size():
+    config = load(JobConfig, env={"ADREC_JOB_DATA": "data", "ADREC_JOB_LOCAL_MEMORY": "6g"})
+    assert config.local_memory == "6g"
+    assert config.digest() == load(JobConfig, env={"ADREC_JOB_DATA": "data"}).digest()
