@@ -146,18 +146,10 @@ def started(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen]:
 
 
 def wait_serving(port: int, timeout: float = 60) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from adrec.services.runtime.health import wait_until_serving
 
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            with contextlib.suppress(grpc.RpcError):
-                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            time.sleep(0.1)
-    raise RuntimeError(f"service on port {port} did not become SERVING in {timeout} s")
+    if not wait_until_serving(f"127.0.0.1:{port}", timeout):
+        raise RuntimeError(f"service on port {port} did not become SERVING in {timeout} s")
 
 
 def echo_server(port: int) -> None:

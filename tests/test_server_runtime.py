@@ -29,6 +29,7 @@ from adrec.services.runtime import (
     run_until_signalled,
     serve,
 )
+from adrec.services.runtime.health import wait_until_serving
 
 RECALL = recall_service_pb2.DESCRIPTOR.services_by_name["RecallService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -131,6 +132,17 @@ def test_health_is_not_serving_until_set_for_the_server_and_each_service_togethe
             with pytest.raises(grpc.aio.AioRpcError) as unknown:
                 await health_status(channel, "adrec.nope.v1.NopeService")
             assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+    run(scenario)
+
+
+def test_wait_until_serving_polls_the_overall_status_of_a_started_process():
+    async def scenario():
+        async with recall_server() as (running, _):
+            address = f"127.0.0.1:{running.port}"
+            assert not await asyncio.to_thread(wait_until_serving, address, 0.5)
+            await running.set_serving(True)
+            assert await asyncio.to_thread(wait_until_serving, address, 5)
 
     run(scenario)
 

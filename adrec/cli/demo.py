@@ -119,24 +119,12 @@ def _start_services(stack: contextlib.ExitStack, redis_url: str) -> str:
             break
     if gateway is None:
         raise UsageError("the services did not start; run `adrec serve all` to see why")
-    _wait_serving(gateway, deadline)
+    from adrec.services.runtime.health import wait_until_serving
+
+    if not wait_until_serving(gateway, deadline - time.monotonic()):
+        raise UsageError(f"the gateway at {gateway} did not become SERVING")
     _say(f"gateway listening on {gateway}")
     return gateway
-
-
-def _wait_serving(address: str, deadline: float) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            with contextlib.suppress(grpc.RpcError):
-                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            time.sleep(0.2)
-    raise UsageError(f"the gateway at {address} did not become SERVING")
 
 
 def _stop(process: subprocess.Popen) -> None:

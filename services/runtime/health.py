@@ -12,9 +12,12 @@ Two kinds of status, for the two kinds of probe:
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Iterable
 
-from grpc_health.v1 import health_pb2
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import OVERALL_HEALTH
 from grpc_health.v1.health import aio as health_aio
 
@@ -40,3 +43,21 @@ async def set_serving_status(
         ordered = [OVERALL_HEALTH, *names]
     for name in ordered:
         await health.set(name, status)
+
+
+def wait_until_serving(address: str, timeout: float) -> bool:
+    """Poll the server at ``address`` until its overall status is SERVING.
+
+    For whoever starts servers as processes (the demo, benchmarks); False when it is not
+    SERVING within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            with contextlib.suppress(grpc.RpcError):
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            time.sleep(0.1)
+    return False
