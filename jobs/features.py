@@ -44,6 +44,7 @@ from adrec.core.features import USER_PROFILE_FIELDS
 from adrec.core.redis_conn import RedisSettings, connect
 from adrec.core.store import VersionWriter
 from adrec.jobs.ingest import SAMPLE_FIRST_DAY, TEST_DAY
+from adrec.jobs.load import write_from_executors
 
 #: Training days are SAMPLE_FIRST_DAY up to the day before TEST_DAY (China time).
 TRAIN_DAYS = (SAMPLE_FIRST_DAY, TEST_DAY - timedelta(days=1))
@@ -149,20 +150,11 @@ def _user_records(batch: pd.DataFrame) -> list[UserFeatures]:
 def write_user_features(users: DataFrame, redis: RedisSettings, version: str) -> int:
     """Write every user's features from the executors, one pipelined batch at a time."""
 
-    def write(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        client = connect(redis)
-        try:
-            writer = VersionWriter(client, version)
-            for batch in batches:
-                written = writer.put_user_features(
-                    batch["user_id"].to_numpy(), _user_records(batch)
-                )
-                yield pd.DataFrame({"written": [written]})
-        finally:
-            client.close()
+    def put(writer: VersionWriter, batch: pa.RecordBatch) -> int:
+        rows = batch.to_pandas()
+        return writer.put_user_features(rows["user_id"].to_numpy(), _user_records(rows))
 
-    written = users.mapInPandas(write, "written long").agg(F.sum("written")).first()[0]
-    return int(written or 0)
+    return write_from_executors(users, redis, version, put)
 
 
 # ------------------------------------------------------------------ ad features

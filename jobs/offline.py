@@ -29,7 +29,6 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyspark.sql import DataFrame
@@ -38,10 +37,11 @@ from pyspark.sql import functions as F  # noqa: N812 - the conventional alias
 from adrec.core import features as spec_features
 from adrec.core.features import USER_PROFILE_FIELDS
 from adrec.core.model import CtrModel
-from adrec.core.redis_conn import RedisSettings, connect
+from adrec.core.redis_conn import RedisSettings
 from adrec.core.store import VersionWriter
 from adrec.jobs.ctr import encoder_inputs
 from adrec.jobs.features import factor_matrix
+from adrec.jobs.load import write_from_executors
 
 #: The placement with 62% of the impressions.
 OFFLINE_PID = spec_features.KNOWN_PIDS[0]
@@ -212,16 +212,9 @@ def _score_chunk(chunk: pa.RecordBatch, data: RankingData, pid: str, top_n: int)
 def write_offline_lists(offline: DataFrame, redis: RedisSettings, version: str) -> int:
     """Write every user's offline list from the executors; returns the number written."""
 
-    def write(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        client = connect(redis)
-        try:
-            writer = VersionWriter(client, version)
-            for batch in batches:
-                lists = zip(batch["ad_ids"], batch["ctrs"], strict=True)
-                written = writer.put_offline_lists(batch["user_id"].to_numpy(), lists)
-                yield pd.DataFrame({"written": [written]})
-        finally:
-            client.close()
+    def put(writer: VersionWriter, batch: pa.RecordBatch) -> int:
+        rows = batch.to_pandas()
+        lists = zip(rows["ad_ids"], rows["ctrs"], strict=True)
+        return writer.put_offline_lists(rows["user_id"].to_numpy(), lists)
 
-    written = offline.mapInPandas(write, "written long").agg(F.sum("written")).first()[0]
-    return int(written or 0)
+    return write_from_executors(offline.select("user_id", "ad_ids", "ctrs"), redis, version, put)

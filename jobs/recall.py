@@ -66,6 +66,7 @@ from threadpoolctl import threadpool_limits
 
 from adrec.core.redis_conn import RedisSettings, connect
 from adrec.core.store import VersionWriter
+from adrec.jobs.load import write_from_executors
 
 STRATEGIES = ("uniform", "popular")
 
@@ -694,24 +695,14 @@ def recall_stats(recall_lists: DataFrame, list_length: int) -> RecallStats:
 def write_recall_lists(recall_lists: DataFrame, redis: RedisSettings, version: str) -> int:
     """Load precomputed (user_id, ad_ids) rows into ``version``; returns keys written."""
 
-    def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        client = connect(redis)
-        try:
-            writer = VersionWriter(client, version)
-            for batch in batches:
-                lists = batch.column("ad_ids")
-                flat = pc.list_flatten(lists).to_numpy()
-                bounds = pc.list_value_length(lists).to_numpy().cumsum()
-                written = writer.put_recall_lists(
-                    batch.column("user_id").to_numpy(), np.split(flat, bounds[:-1])
-                )
-                yield pa.RecordBatch.from_arrays([pa.array([written], pa.int64())],
-                                                 names=["written"])
-        finally:
-            client.close()
+    def put(writer: VersionWriter, batch: pa.RecordBatch) -> int:
+        lists = batch.column("ad_ids")
+        flat = pc.list_flatten(lists).to_numpy()
+        bounds = pc.list_value_length(lists).to_numpy().cumsum()
+        return writer.put_recall_lists(batch.column("user_id").to_numpy(),
+                                       np.split(flat, bounds[:-1]))
 
-    rows = recall_lists.select("user_id", "ad_ids").mapInArrow(write, "written long")
-    return int(rows.agg(sf.sum("written")).first()[0] or 0)
+    return write_from_executors(recall_lists.select("user_id", "ad_ids"), redis, version, put)
 
 
 def _partition_recall(
