@@ -30,6 +30,13 @@ def test_ad_id_list_round_trip_keeps_order_and_duplicates_out():
     assert len(codecs.encode_ad_ids(ids)) == 1 + 3 * 500
 
 
+def test_ad_id_list_accepts_strided_views():
+    every_other = np.arange(1, 11, dtype=np.int32)[::2]
+    assert codecs.decode_ad_ids(codecs.encode_ad_ids(every_other)).tolist() == [1, 3, 5, 7, 9]
+    ids, _ = codecs.decode_scored_ads(codecs.encode_scored_ads(every_other, np.zeros(5)))
+    assert ids.tolist() == [1, 3, 5, 7, 9]
+
+
 def test_empty_ad_id_list():
     assert codecs.decode_ad_ids(codecs.encode_ad_ids([])).tolist() == []
 

@@ -85,7 +85,7 @@ def _checked_ids(ad_ids: np.ndarray | list[int]) -> np.ndarray:
 
 
 def _packed_ids(ids: np.ndarray) -> bytes:
-    wide = ids.astype(AD_ID_DTYPE, copy=False)
+    wide = np.ascontiguousarray(ids, dtype=AD_ID_DTYPE)
     if ids.size and int(ids.max()) >= _NARROW_LIMIT:
         return bytes([_WIDE_WIDTH]) + wide.tobytes()
     narrow = wide.view(np.uint8).reshape(-1, _WIDE_WIDTH)[:, :_NARROW_WIDTH]
