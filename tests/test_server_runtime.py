@@ -30,6 +30,7 @@ from adrec.services.runtime import (
     serve,
 )
 from adrec.services.runtime.health import wait_until_serving
+from adrec.services.runtime.metrics import Metrics, grpc_server_observer
 
 RECALL = recall_service_pb2.DESCRIPTOR.services_by_name["RecallService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -49,6 +50,10 @@ class FixedRecallServicer(recall_service_pb2_grpc.RecallServiceServicer):
         self.release_held_calls = asyncio.Event()
 
     async def GetCandidates(self, request, context):
+        if request.request_id == "abort":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "limit: too big")
+        if request.request_id == "crash":
+            raise RuntimeError("a bug")
         if request.request_id == HOLD:
             self.held_call_started.set()
             await self.release_held_calls.wait()
@@ -375,27 +380,75 @@ def test_a_port_in_use_fails_loudly_instead_of_sharing_traffic():
     run(scenario)
 
 
-class MethodRecorder(grpc.aio.ServerInterceptor):
+class MethodRecorder:
+    """An observer noting which methods it wraps and which wrapped methods are called."""
+
     def __init__(self) -> None:
-        self.methods: list[str] = []
+        self.wrapped: set[tuple[str, str]] = set()
+        self.calls: list[str] = []
 
-    async def intercept_service(self, continuation, handler_call_details):
-        self.methods.append(handler_call_details.method)
-        return await continuation(handler_call_details)
+    def __call__(self, service: str, method: str, behavior):
+        self.wrapped.add((service, method))
+
+        async def observed(request, context):
+            self.calls.append(f"/{service}/{method}")
+            return await behavior(request, context)
+
+        return observed
 
 
-def test_interceptors_see_application_and_health_calls():
+def test_the_observer_wraps_the_unary_methods_of_the_services_and_health():
     async def scenario():
         recorder = MethodRecorder()
         async with (
-            recall_server(interceptors=[recorder]) as (running, _),
+            recall_server(observer=recorder) as (running, _),
             loopback_channel(running.port) as channel,
         ):
             await get_candidates(channel, user_id=7)
             await health_status(channel)
-        assert recorder.methods == [
+        # Health's streaming Watch and reflection pass through unwrapped.
+        assert recorder.wrapped == {(RECALL, "GetCandidates"), ("grpc.health.v1.Health", "Check"),
+                                    ("grpc.health.v1.Health", "List")}
+        assert recorder.calls == [
             f"/{RECALL}/GetCandidates",
             "/grpc.health.v1.Health/Check",
         ]
+
+    run(scenario)
+
+
+def test_grpc_server_metrics_count_each_call_by_its_status_code():
+    async def scenario():
+        metrics = Metrics()
+        async with (
+            recall_server(observer=grpc_server_observer(metrics)) as (running, servicer),
+            loopback_channel(running.port) as channel,
+        ):
+            await get_candidates(channel, user_id=7)
+            for request_id, code in (("abort", grpc.StatusCode.INVALID_ARGUMENT),
+                                     ("crash", grpc.StatusCode.UNKNOWN)):
+                with pytest.raises(grpc.aio.AioRpcError) as failure:
+                    await get_candidates(channel, user_id=7, request_id=request_id)
+                assert failure.value.code() == code
+            stub = recall_service_pb2_grpc.RecallServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as late:
+                await stub.GetCandidates(
+                    recall_service_pb2.GetCandidatesRequest(user_id=7, request_id=HOLD),
+                    timeout=0.2)
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+            def handled(code: str) -> float | None:
+                return metrics.registry.get_sample_value("grpc_server_handled_total", {
+                    "grpc_type": "unary", "grpc_service": RECALL,
+                    "grpc_method": "GetCandidates", "grpc_code": code})
+
+            await wait_until(lambda: handled("DeadlineExceeded") == 1)
+            servicer.release_held_calls.set()
+        labels = {"grpc_type": "unary", "grpc_service": RECALL, "grpc_method": "GetCandidates"}
+        assert {code: handled(code) for code in ("OK", "InvalidArgument", "Unknown")} \
+            == {"OK": 1, "InvalidArgument": 1, "Unknown": 1}
+        assert metrics.registry.get_sample_value("grpc_server_started_total", labels) == 4
+        assert metrics.registry.get_sample_value(
+            "grpc_server_handling_seconds_count", labels) == 4
 
     run(scenario)

@@ -88,7 +88,7 @@ class CompiledScorer:
         request = self.model.intercept + self.pid_margins.get(pid, 0.0)
         for field, table in self.profile_margins.items():
             request += table[_profile_index(user.profile[field])]
-        margins = self.ad_margins[position] + request
+        margins = self.ad_margins.take(position) + request
         if self.pair is not None and affinity is not None:
             offset, slope, missing = self.pair
             values = affinity.astype(np.float32).astype(np.float64)

@@ -145,7 +145,7 @@ class RankingSnapshot:
     def _rows(self, candidates: np.ndarray) -> np.ndarray:
         """Row of each candidate id in the ad table, -1 for ids the table lacks."""
         if self.row_by_id is not None:
-            return self.row_by_id[np.minimum(candidates, len(self.row_by_id) - 1)]
+            return self.row_by_id.take(np.minimum(candidates, len(self.row_by_id) - 1))
         if not self.ads:
             return np.full(len(candidates), -1, dtype=np.int64)
         return _rows_in(self.ad_ids, candidates)
@@ -169,8 +169,10 @@ class RankingSnapshot:
                 or not len(self.cate_ids):
             # No factors (or factors of another ALS rank): missing, as the job encodes it.
             return np.full(len(rows), np.nan)
-        cate_rows = self.ad_cate_rows[rows]
-        scores = self.cate_factors[np.maximum(cate_rows, 0)] @ np.asarray(factors, np.float64)
+        # take() gathers rows several times faster than fancy indexing does.
+        cate_rows = self.ad_cate_rows.take(rows)
+        scores = self.cate_factors.take(np.maximum(cate_rows, 0), axis=0) \
+            @ np.asarray(factors, np.float64)
         scores[cate_rows < 0] = np.nan
         return scores
 

@@ -4,7 +4,7 @@
 - ``app``: running a data-backed service with a watcher of Redis and the active version;
 - ``process``: the services of an ``adrec serve`` target wired together, run and drained;
 - ``settings``: every service's env vars and flags (``SETTINGS``);
-- ``metrics``: the standard gRPC server metrics interceptor, domain metrics, ``/metrics``;
+- ``metrics``: the standard gRPC server metrics, domain metrics, ``/metrics``;
 - ``data``: timed Redis reads and per-version popular lists;
 - ``requests``: request checks and their mapping to gRPC status codes;
 - ``logs``: JSON log lines.

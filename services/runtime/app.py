@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from adrec.core import codecs, keys
 from adrec.services.runtime.data import RedisReader
 from adrec.services.runtime.logs import ServiceLogger
-from adrec.services.runtime.metrics import GrpcMetricsInterceptor, Metrics
+from adrec.services.runtime.metrics import Metrics, grpc_server_observer
 from adrec.services.runtime.server import RunningServer, ServiceSpec, serve
 from adrec.services.runtime.settings import ServerSettings
 
@@ -166,7 +166,7 @@ async def running_service(
         host=host,
         port=port,
         max_message_bytes=settings.max_message_bytes,
-        interceptors=[GrpcMetricsInterceptor(metrics)],
+        observer=grpc_server_observer(metrics),
         options=options,
     ) as running:
         watcher = VersionWatcher(service, reader, running, settings.reload_interval_seconds)

@@ -7,7 +7,7 @@ usual gRPC dashboards expect; the domain metrics carry a `service` label because
 `adrec serve all` runs the three services in one process behind one `/metrics`.
 
     metrics = Metrics()                          # its own registry
-    server = grpc.aio.server(interceptors=[GrpcMetricsInterceptor(metrics)])
+    async with serve(spec, observer=grpc_server_observer(metrics)): ...
     endpoint = start_metrics_endpoint(metrics.registry, "0.0.0.0", 9464)
     recall = metrics.service("recall")
     recall.fallback("no_recall_set")
@@ -20,7 +20,7 @@ import dataclasses
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -234,48 +234,20 @@ def _swap_info(gauge: Gauge, service: str, old: str | None, new: str) -> str:
     return new
 
 
-class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Records grpc_server_{started,handled}_total and _handling_seconds for unary RPCs.
+def grpc_server_observer(metrics: Metrics) -> Callable[[str, str, Any], Any]:
+    """A `serve(observer=...)` recording grpc_server_{started,handled}_total and
+    _handling_seconds for each unary method it wraps."""
 
-    One instance per server: the instrumented handlers are cached by method name, and two
-    servers may register different handlers (health servicers) under the same name.
-    Streaming RPCs (health Watch, reflection) pass through unrecorded.
-    """
-
-    def __init__(self, metrics: Metrics):
-        self._metrics = metrics
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        method = handler_call_details.method
-        cached = self._handlers.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            # Unknown methods are not cached: their names come from clients.
-            return handler
-        instrumented = self._instrument(method, handler)
-        self._handlers[method] = instrumented
-        return instrumented
-
-    def _instrument(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        service, _, name = method.lstrip("/").partition("/")
-        labels = ("unary", service, name)
-        started = self._metrics.grpc_started.labels(*labels)
-        seconds = self._metrics.grpc_handling_seconds.labels(*labels)
+    def observe(service: str, method: str, behavior: Any) -> Any:
+        labels = ("unary", service, method)
+        started = metrics.grpc_started.labels(*labels)
+        seconds = metrics.grpc_handling_seconds.labels(*labels)
         handled_by_code: dict[str, Any] = {}
-        handled_family = self._metrics.grpc_handled
-        behavior = handler.unary_unary
 
         def handled(code: str) -> Any:
             child = handled_by_code.get(code)
             if child is None:
-                child = handled_by_code[code] = handled_family.labels(*labels, code)
+                child = handled_by_code[code] = metrics.grpc_handled.labels(*labels, code)
             return child
 
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -301,11 +273,9 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
                 seconds.observe(time.perf_counter() - start)
                 handled(code).inc()
 
-        return grpc.unary_unary_rpc_method_handler(
-            observed,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return observed
+
+    return observe
 
 
 class _QuietHandler(WSGIRequestHandler):

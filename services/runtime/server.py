@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +43,11 @@ DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 
 DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
+#: A unary-unary method's behaviour: ``async (request, context) -> response``.
+UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+#: Wraps a unary-unary behaviour, given its service's full name and the method's name.
+UnaryObserver = Callable[[str, str, UnaryBehavior], UnaryBehavior]
+
 
 @dataclass(frozen=True)
 class ServiceSpec:
@@ -51,6 +56,8 @@ class ServiceSpec:
     full_name: str
     servicer: object
     add_to_server: Callable[[Any, grpc.aio.Server], None]
+    #: The methods an observer wraps (streaming ones pass through).
+    unary_methods: tuple[str, ...] = ()
 
     @classmethod
     def of(
@@ -59,7 +66,37 @@ class ServiceSpec:
         servicer: object,
         add_to_server: Callable[[Any, grpc.aio.Server], None],
     ) -> ServiceSpec:
-        return cls(descriptor.full_name, servicer, add_to_server)
+        unary = tuple(method.name for method in descriptor.methods
+                      if not method.client_streaming and not method.server_streaming)
+        return cls(descriptor.full_name, servicer, add_to_server, unary)
+
+    def register(self, server: grpc.aio.Server, observer: UnaryObserver | None) -> None:
+        servicer = self.servicer
+        if observer is not None and self.unary_methods:
+            servicer = _ObservedServicer(servicer, self.full_name, self.unary_methods, observer)
+        self.add_to_server(servicer, server)
+
+
+class _ObservedServicer:
+    """A servicer as the generated ``add_..._to_server`` reads it: its unary methods wrapped.
+
+    Wrapping each method once at registration costs a call nothing beyond the wrapper
+    itself, where a server interceptor runs for every call before the handler is found.
+    """
+
+    def __init__(
+        self, servicer: object, service: str, methods: tuple[str, ...], observer: UnaryObserver
+    ):
+        self._servicer = servicer
+        self._service = service
+        self._methods = frozenset(methods)
+        self._observer = observer
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._servicer, name)
+        if name in self._methods:
+            return self._observer(self._service, name, attribute)
+        return attribute
 
 
 @dataclass
@@ -95,22 +132,22 @@ async def serve(
     host: str = "127.0.0.1",
     port: int = 0,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    observer: UnaryObserver | None = None,
     options: Iterable[tuple[str, Any]] = (),
 ) -> AsyncIterator[RunningServer]:
     """Start a server for `services` plus health and reflection; stop it on exit.
 
-    `port=0` binds a free port, reported as `RunningServer.port`. Health starts NOT_SERVING
-    for "" and every service until `RunningServer.set_serving(True)`; the liveness name
-    (LIVENESS_SERVICE_NAME) is SERVING until the server stops. Leaving the context stops the
-    server at once; call `RunningServer.stop` first for a graceful stop.
+    `observer`, when given, wraps every unary method of the services and of health (the
+    gRPC server metrics). `port=0` binds a free port, reported as `RunningServer.port`.
+    Health starts NOT_SERVING for "" and every service until `RunningServer.set_serving(True)`;
+    the liveness name (LIVENESS_SERVICE_NAME) is SERVING until the server stops. Leaving the
+    context stops the server at once; call `RunningServer.stop` first for a graceful stop.
     """
     service_names = _validated_service_names(services)
     if max_message_bytes <= 0:
         raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
 
     server = grpc.aio.server(
-        interceptors=list(interceptors),
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -120,10 +157,11 @@ async def serve(
             *options,
         ],
     )
-    for spec in services:
-        spec.add_to_server(spec.servicer, server)
     health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    health_spec = ServiceSpec.of(health_pb2.DESCRIPTOR.services_by_name["Health"], health,
+                                 health_pb2_grpc.add_HealthServicer_to_server)
+    for spec in (*services, health_spec):
+        spec.register(server, observer)
     await set_serving_status(health, service_names, serving=False)
     await health.set(LIVENESS_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
