@@ -9,7 +9,9 @@ One run, everything on this machine, all traffic to 127.0.0.1:
    500-id recall lists and profiles with ALS factors, 100k ads, 5k categories and a
    full-feature-set CTR model with random weights (timing does not depend on their values).
 2. The three services start as separate processes (``adrec serve recall|ranking|gateway``),
-   and so does a bare one-hop grpc.aio echo service.
+   and so do a bare one-hop grpc.aio echo service and, for reference, Recommend's skeleton
+   without its work: a bare front server calling two bare servers in turn (three processes,
+   three hops, the same message sizes and per-call deadlines as the gateway's).
 3. An open-loop load generator, in its own process, sends at fixed rates for a bounded time
    and measures each latency from the request's intended send time, so a stall is charged
    to every request it delays (no coordinated omission). Recommend: REALTIME, 500
@@ -23,7 +25,8 @@ One run, everything on this machine, all traffic to 127.0.0.1:
    ``transform`` over a per-request DataFrame of 500 candidates, median of 20 requests.
 
 Targets (2 cores): Recommend p99 <= 15 ms at 100 rps; >= 600 rps sustained; sustained rate
-at least 0.2 of the echo's.
+at least 0.2 of the echo's. The chain's rate is reported, not a target: it shows how much of
+Recommend's cost is the three gRPC hops themselves.
 """
 
 from __future__ import annotations
@@ -152,13 +155,43 @@ def wait_serving(port: int, timeout: float = 60) -> None:
         raise RuntimeError(f"service on port {port} did not become SERVING in {timeout} s")
 
 
-def echo_server(port: int) -> None:
-    """A bare grpc.aio server answering one unary method with the request's bytes."""
+def downstream_reply_sizes() -> tuple[int, int]:
+    """Serialized sizes of a recall answer of CANDIDATES ids and a ranking answer of COUNT
+    scored ads, so the bare chain carries Recommend's payloads."""
+    from adrec.api.common.v1 import common_pb2
+    from adrec.api.ranking.v1 import ranking_service_pb2
+    from adrec.api.recall.v1 import recall_service_pb2
 
-    async def echo(request: bytes, context: Any) -> bytes:
-        return request
+    version = "20260101T000000Z-0000"
+    # Ids as publish() draws them: their varints take as many bytes.
+    candidates = np.random.default_rng(0).integers(1, 1_000_000, CANDIDATES).tolist()
+    recalled = recall_service_pb2.GetCandidatesResponse(
+        ad_ids=candidates, source=common_pb2.CANDIDATE_SOURCE_PERSONAL, data_version=version)
+    ranked = ranking_service_pb2.RankCandidatesResponse(
+        ads=[common_pb2.ScoredAd(ad_id=ad, ctr=0.05) for ad in candidates[:COUNT]],
+        model_version=f"{version}/full", data_version=version, user_profile_found=True)
+    return recalled.ByteSize(), ranked.ByteSize()
+
+
+def echo_server(port: int, reply_bytes: int = 0, chain: tuple[int, ...] = ()) -> None:
+    """A bare grpc.aio server answering one unary method.
+
+    Alone it answers with the request's bytes, or with `reply_bytes` bytes. With `chain`
+    (ports of other such servers) it is Recommend's skeleton without its work: it sends the
+    request to the first, that answer to the next, and so on, each call with a deadline as
+    the gateway's, and answers with the last answer.
+    """
+    reply = b"x" * reply_bytes
 
     async def serve() -> None:
+        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{hop}") for hop in chain]
+        hops = [channel.unary_unary(ECHO_METHOD) for channel in channels]
+
+        async def echo(request: bytes, context: Any) -> bytes:
+            for hop in hops:
+                request = await hop(request, timeout=REQUEST_TIMEOUT_S)
+            return reply or request
+
         server = grpc.aio.server()
         handler = grpc.unary_unary_rpc_method_handler(echo)
         server.add_generic_rpc_handlers(
@@ -402,7 +435,8 @@ def run(quick: bool) -> int:
         publish(redis_server.url)
         print(f"  published in {time.monotonic() - started_at:.1f} s", flush=True)
 
-        ports = {name: free_port() for name in ("recall", "ranking", "gateway", "echo")}
+        ports = {name: free_port() for name in
+                 ("recall", "ranking", "gateway", "echo", "chain", "chain_a", "chain_b")}
         common = {"REDIS_URL": redis_server.url, "ADREC_HOST": "127.0.0.1",
                   "ADREC_LOG_LEVEL": "warning"}
         services = {
@@ -417,9 +451,18 @@ def run(quick: bool) -> int:
                 name: stack.enter_context(started([*ADREC, "serve", name], env)).pid
                 for name, env in services.items()
             }
-            pids["echo"] = stack.enter_context(started(
-                [sys.executable, __file__, "echo-server", "--port", str(ports["echo"])], {}
-            )).pid
+            recall_bytes, ranking_bytes = downstream_reply_sizes()
+            bare = {
+                "echo": [],
+                "chain_a": ["--reply-bytes", str(recall_bytes)],
+                "chain_b": ["--reply-bytes", str(ranking_bytes)],
+                "chain": ["--chain", f"{ports['chain_a']},{ports['chain_b']}"],
+            }
+            for name, options in bare.items():
+                pids[name] = stack.enter_context(started(
+                    [sys.executable, __file__, "echo-server", "--port", str(ports[name]),
+                     *options], {}
+                )).pid
             for name in ("recall", "ranking", "gateway"):
                 wait_serving(ports[name])
             print("Recommend REALTIME, 500 candidates, count 10:", flush=True)
@@ -428,26 +471,39 @@ def run(quick: bool) -> int:
             print("bare grpc.aio echo:", flush=True)
             echo = run_load("echo", ports["echo"], ECHO_RATES, duration,
                             {"echo": pids["echo"]})
+            print("bare grpc.aio chain of three hops, Recommend's skeleton:", flush=True)
+            chain = run_load("chain", ports["chain"], RECOMMEND_RATES, duration,
+                             {name: pids[name] for name in ("chain", "chain_a", "chain_b")})
 
     print("the course's way: Spark LR transform over a 500-row DataFrame per request ...",
           flush=True)
     spark_seconds = spark_transform_latency()
-    return report(recommend, echo, spark_seconds)
+    return report(recommend, echo, chain, spark_seconds)
 
 
 def _best_sustained(steps: list[dict]) -> int:
     return max((step["rate"] for step in steps if step["sustained"]), default=0)
 
 
+def _ratio(rate: int, reference: int) -> float:
+    return rate / reference if reference else float("nan")
+
+
+def _total_cpu_ms(step: dict) -> float:
+    return sum(step["cpu_ms_per_request"].values())
+
+
 def _best_attempt(steps: list[dict], rate: int) -> dict:
     return min((step for step in steps if step["rate"] == rate), key=lambda s: s["p99_ms"])
 
 
-def report(recommend: list[dict], echo: list[dict], spark_seconds: float) -> int:
+def report(
+    recommend: list[dict], echo: list[dict], chain: list[dict], spark_seconds: float
+) -> int:
     at_100 = _best_attempt(recommend, 100)
     sustained = _best_sustained(recommend)
     echo_sustained = _best_sustained(echo)
-    ratio = sustained / echo_sustained if echo_sustained else float("nan")
+    ratio = _ratio(sustained, echo_sustained)
     spark_ratio = spark_seconds / (at_100["p50_ms"] / 1000)
     checks = [
         (f"Recommend p99 at 100 rps: {at_100['p99_ms']:.2f} ms (p50 {at_100['p50_ms']:.2f} ms)",
@@ -466,8 +522,26 @@ def report(recommend: list[dict], echo: list[dict], spark_seconds: float) -> int
     print("CPU ms per answered echo call:")
     for step in echo:
         print(f"  {step['rate']:>5} rps: {_cpu_text(step)}")
+    print("CPU ms per answered call of the bare chain:")
+    for step in chain:
+        print(f"  {step['rate']:>5} rps: {_cpu_text(step)}")
     for text, passed, target in checks:
         print(f"{'PASS' if passed else 'FAIL'}  {text}  (target {target})")
+    chain_sustained = _best_sustained(chain)
+    print(f"INFO  bare three-hop chain highest sustained rate: {chain_sustained} rps; "
+          f"chain/echo = {_ratio(chain_sustained, echo_sustained):.2f}, "
+          f"Recommend/chain = {_ratio(sustained, chain_sustained):.2f}")
+    if sustained and echo_sustained and chain_sustained:
+        # Every run ends where the two cores run out, so the CPU one answer costs predicts
+        # the rate ratios with less noise from whatever else the machine is running.
+        cpu = {name: _total_cpu_ms(_best_attempt(steps, rate)) for name, steps, rate in (
+            ("Recommend", recommend, sustained), ("echo", echo, echo_sustained),
+            ("chain", chain, chain_sustained))}
+        print("INFO  CPU per answer at the highest sustained rate (every process, the "
+              "generator's included): " + ", ".join(f"{name} {ms:.2f} ms"
+                                                    for name, ms in cpu.items())
+              + f"; echo/Recommend = {cpu['echo'] / cpu['Recommend']:.2f}, "
+              f"echo/chain = {cpu['echo'] / cpu['chain']:.2f}")
     print(f"INFO  the course's Spark LR transform: median {spark_seconds * 1000:.1f} ms per "
           f"request = {spark_ratio:.0f}x Recommend's p50 (which includes recall, Redis and "
           f"three gRPC hops)")
@@ -480,8 +554,10 @@ def main() -> int:
     commands = parser.add_subparsers(dest="command")
     echo = commands.add_parser("echo-server", help="(internal) the bare echo service")
     echo.add_argument("--port", type=int, required=True)
+    echo.add_argument("--reply-bytes", type=int, default=0)
+    echo.add_argument("--chain", default="", help="ports to call in turn, comma-separated")
     generator = commands.add_parser("load", help="(internal) the load generator")
-    generator.add_argument("--kind", choices=("recommend", "echo"), required=True)
+    generator.add_argument("--kind", choices=("recommend", "echo", "chain"), required=True)
     generator.add_argument("--port", type=int, required=True)
     generator.add_argument("--rates", required=True)
     generator.add_argument("--duration", type=float, required=True)
@@ -490,7 +566,8 @@ def main() -> int:
                            help="name=pid,... of processes to measure CPU time of")
     args = parser.parse_args()
     if args.command == "echo-server":
-        echo_server(args.port)
+        echo_server(args.port, args.reply_bytes,
+                    tuple(int(port) for port in args.chain.split(",") if port))
         return 0
     if args.command == "load":
         cpu_pids = {name: int(pid) for name, _, pid in
