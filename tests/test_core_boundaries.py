@@ -27,3 +27,43 @@ def test_every_core_module_is_checked():
 
     present = {p.stem for p in pathlib.Path(adrec.core.__file__).parent.glob("*.py")} - {"__init__"}
     assert present == set(CORE_MODULES)
+
+
+JOB_PACKAGES = ("pyspark", "pandas", "pyarrow", "sklearn")
+
+# Everything the services image runs: the three services, their process wiring, and the
+# operator's CLI commands there (serve, recommend, publish).
+SERVING_MODULES = [
+    "adrec.cli", "adrec.cli.publish", "adrec.cli.recommend", "adrec.cli.serve",
+    "adrec.jobs.publish", "adrec.services.runtime.process", "adrec.services.recall.service",
+    "adrec.services.ranking.service", "adrec.services.gateway.service",
+]
+
+
+def test_the_services_and_their_cli_commands_import_none_of_the_job_packages():
+    imports = "; ".join(f"import {module}" for module in SERVING_MODULES)
+    probe = (
+        f"import sys; {imports}; "
+        "adrec.cli.build_parser(); "  # every group's flags, as `adrec --help` shows them
+        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {JOB_PACKAGES!r}); "
+        "print(','.join(bad))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == ""
+
+
+def test_a_job_command_without_the_job_packages_says_what_to_install(tmp_path):
+    # As in the services image: the job extra's packages cannot be imported.
+    out = str(tmp_path / "d")
+    probe = (
+        "import sys; sys.modules['pyarrow'] = None; "
+        "from adrec.cli import main; "
+        f"sys.exit(main(['data', 'generate', '--preset', 'tiny', '--out', {out!r}]))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 2, result.stderr
+    assert "needs the batch job's packages (pyarrow is not installed)" in result.stderr
+    assert "pip install 'adrec[job]'" in result.stderr
+    assert not (tmp_path / "d").exists()

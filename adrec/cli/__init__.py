@@ -2,7 +2,8 @@
 
 Each command group lives in its own module exposing ``add_parser(subparsers)``; the
 group's heavy imports (pyspark, grpc) happen inside its handlers, so ``adrec --help``
-stays fast and the services image never needs pyspark.
+stays fast and the services image, without the `job` extra, runs every command that
+does not need the batch job's packages.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 import redis
 
 COMMAND_GROUPS = ("data", "job", "publish", "serve", "recommend", "demo")
+#: Packages of the `job` extra, which the services image does not carry.
+JOB_PACKAGES = ("pyspark", "pandas", "pyarrow", "sklearn")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     except redis.ConnectionError as exc:
         print(f"adrec {args.command}: error: cannot reach Redis: {exc}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in JOB_PACKAGES:
+            raise
+        print(f"adrec {args.command}: error: this command needs the batch job's packages "
+              f"({exc.name} is not installed): pip install 'adrec[job]', or use the job image",
+              file=sys.stderr)
+        return 2
 
 
 class UsageError(Exception):
