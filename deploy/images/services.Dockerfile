@@ -2,8 +2,9 @@
 #
 # adrec services image: `adrec serve recall|ranking|gateway`.
 #
-# No Java and no Spark: the package is installed without its `job` extra, so pyspark is
-# never pulled. Build from the repository root (BuildKit):
+# No Java and no Spark: the package is installed without its `job` extra, so pyspark,
+# pandas, pyarrow and scikit-learn are never pulled. Build from the repository root
+# (BuildKit):
 #
 #   docker build -f deploy/images/services.Dockerfile -t adrec-services:0.1.0 .
 #
