@@ -383,3 +383,19 @@ def test_ids_past_the_dense_lookup_table_score_the_same_by_binary_search():
             assert scored.ad_ids == [ad + DENSE_ID_LIMIT for ad in expected.ad_ids]
             assert scored.ctrs == expected.ctrs
             assert scored.unknown_ads == expected.unknown_ads
+
+
+def test_affinity_is_the_shared_encoders_and_missing_for_categories_without_factors():
+    rng = np.random.default_rng(12)
+    ad_ids = np.sort(rng.choice(np.arange(1, 50_000), 400, replace=False)).astype(np.int64)
+    snapshot = _snapshot(ad_ids, np.random.default_rng(2))
+    factors = rng.normal(0, 0.5, 4).astype(np.float32)
+    user = UserFeatures({field: 1.0 for field in features.USER_PROFILE_FIELDS}, factors)
+    rows = np.arange(len(ad_ids))
+    known = np.isin(snapshot.ad_cate_ids, snapshot.cate_ids)
+    assert known.any() and not known.all()
+    affinity = snapshot._affinity(user, rows)
+    expected = features.als_affinity(factors, snapshot.ad_cate_ids, snapshot.cate_ids,
+                                     snapshot.cate_factors[:len(snapshot.cate_ids)])
+    assert np.array_equal(affinity, expected, equal_nan=True)
+    assert np.isnan(affinity[~known]).all() and not np.isnan(affinity[known]).any()

@@ -50,7 +50,8 @@ class RankingSnapshot:
     ad_cate_ids: np.ndarray
     ad_numeric: dict[str, np.ndarray]
     cate_ids: np.ndarray
-    #: float64 (the float32 stored values, exactly), row-aligned with cate_ids.
+    #: float64 (the float32 stored values, exactly), row-aligned with cate_ids, plus a last
+    #: row of NaN: the factors of every category without any, so their affinity is missing.
     cate_factors: np.ndarray
     #: None when the model's spec cannot be split: every request is then encoded.
     scorer: CompiledScorer | None
@@ -58,7 +59,7 @@ class RankingSnapshot:
     #: Ad id -> row of the ad table, -1 for ids it lacks; the last entry stands for every id
     #: past the largest. None when the ids are too large for a dense table.
     row_by_id: np.ndarray | None
-    #: Row of each ad's category in cate_factors, -1 when the category has no factors.
+    #: Row of each ad's category in cate_factors (the NaN row when it has no factors).
     ad_cate_rows: np.ndarray
 
     @classmethod
@@ -93,6 +94,11 @@ class RankingSnapshot:
             raise SnapshotError(f"version {data_version}: category factors are not sorted")
         ad_numeric = {name: table[name].astype(np.float64) for name in features.AD_NUMERIC_FIELDS}
         ad_cate_ids = table["cate_id"].astype(np.int64)
+        # Stored as float32: widening once here gives the values als_affinity computes with
+        # after widening the rows it gathers.
+        cate_factors = factors["factors"].astype(np.float32).astype(np.float64)
+        missing_factors = np.full((1, cate_factors.shape[1]), np.nan)
+        ad_cate_rows = _rows_in(cate_ids, ad_cate_ids)
         return cls(
             data_version=data_version,
             model_version=model_version(data_version, model.spec.spec_id),
@@ -101,13 +107,11 @@ class RankingSnapshot:
             ad_cate_ids=ad_cate_ids,
             ad_numeric=ad_numeric,
             cate_ids=cate_ids,
-            # Stored as float32: widening once here gives the values als_affinity computes
-            # with after widening the rows it gathers.
-            cate_factors=factors["factors"].astype(np.float32).astype(np.float64),
+            cate_factors=np.vstack([cate_factors, missing_factors]),
             scorer=CompiledScorer.compile(model, ad_numeric) if len(ad_ids) else None,
             uses_affinity="als_affinity" in model.spec.input_columns,
             row_by_id=_dense_rows(ad_ids),
-            ad_cate_rows=_rows_in(cate_ids, ad_cate_ids),
+            ad_cate_rows=np.where(ad_cate_rows < 0, len(cate_ids), ad_cate_rows),
         )
 
     @property
@@ -169,12 +173,10 @@ class RankingSnapshot:
                 or not len(self.cate_ids):
             # No factors (or factors of another ALS rank): missing, as the job encodes it.
             return np.full(len(rows), np.nan)
-        # take() gathers rows several times faster than fancy indexing does.
-        cate_rows = self.ad_cate_rows.take(rows)
-        scores = self.cate_factors.take(np.maximum(cate_rows, 0), axis=0) \
+        # take() gathers rows several times faster than fancy indexing does; an ad whose
+        # category has no factors meets the NaN row, so its product is NaN.
+        return self.cate_factors.take(self.ad_cate_rows.take(rows), axis=0) \
             @ np.asarray(factors, np.float64)
-        scores[cate_rows < 0] = np.nan
-        return scores
 
 
 def _rows_in(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
