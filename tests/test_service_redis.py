@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import redis
@@ -15,18 +17,24 @@ from adrec.services.runtime.data import DirectGets, RedisReader, client_without_
 from adrec.services.runtime.metrics import Metrics
 
 
-def reader_of(url: str, timeout: float = 2.0) -> RedisReader:
+@asynccontextmanager
+async def reader_of(url: str, timeout: float = 2.0) -> AsyncIterator[RedisReader]:
+    """A reader as the services make one; its connections and its client closed after."""
     client = client_without_socket_timeouts(RedisSettings(url=url))
-    return RedisReader(client, Metrics().service("recall"), timeout)
+    reader = RedisReader(client, Metrics().service("recall"), timeout)
+    try:
+        yield reader
+    finally:
+        await reader.aclose()
+        await client.aclose()
 
 
 def test_gets_values_and_misses_over_reused_connections(redis_client, redis_url):
     redis_client.set(b"adrec:test:a", b"\x00\x01binary")
 
     async def scenario():
-        reader = reader_of(redis_url)
-        assert isinstance(reader._direct, DirectGets)
-        try:
+        async with reader_of(redis_url) as reader:
+            assert isinstance(reader._direct, DirectGets)
             for _ in range(3):
                 assert await reader.get(b"adrec:test:a", op="recall") == b"\x00\x01binary"
                 assert await reader.get(b"adrec:test:missing", op="recall") is None
@@ -36,9 +44,6 @@ def test_gets_values_and_misses_over_reused_connections(redis_client, redis_url)
                                             for _ in range(5)))
             assert values == [b"\x00\x01binary"] * 5
             assert 1 < len(reader._direct._made) <= 5
-        finally:
-            await reader.aclose()
-            await reader.client.aclose()
 
     run(scenario)
 
@@ -48,8 +53,7 @@ def test_a_get_cancelled_mid_reply_leaves_no_reply_behind_for_the_next(redis_cli
     redis_client.set(b"adrec:test:b", b"b")
 
     async def scenario():
-        reader = reader_of(redis_url)
-        try:
+        async with reader_of(redis_url) as reader:
             assert await reader.get(b"adrec:test:b", op="recall") == b"b"  # connected
             # Out of time at once: the GET is written (no wait for that on an idle socket)
             # and cut off waiting for its reply.
@@ -57,9 +61,6 @@ def test_a_get_cancelled_mid_reply_leaves_no_reply_behind_for_the_next(redis_cli
                 await reader.get(b"adrec:test:a", op="recall", timeout=0)
             assert await reader.get(b"adrec:test:b", op="recall") == b"b"
             assert len(reader._direct._made) == 1
-        finally:
-            await reader.aclose()
-            await reader.client.aclose()
 
     run(scenario)
 
@@ -69,8 +70,7 @@ def test_idle_connections_survive_a_redis_restart_and_fail_while_it_is_down():
         redis.Redis.from_url(server.url).set(b"k", b"before")
 
         async def scenario():
-            reader = reader_of(server.url, timeout=1.0)
-            try:
+            async with reader_of(server.url, timeout=1.0) as reader:
                 assert await reader.get(b"k", op="recall") == b"before"
                 await asyncio.to_thread(server.stop)
                 with pytest.raises(RedisError):
@@ -78,9 +78,6 @@ def test_idle_connections_survive_a_redis_restart_and_fail_while_it_is_down():
                 await asyncio.to_thread(server.restart)
                 # The restarted server lost the key; what matters is an answer, not an error.
                 assert await reader.get(b"k", op="recall") is None
-            finally:
-                await reader.aclose()
-                await reader.client.aclose()
 
         run(scenario)
 
@@ -91,8 +88,7 @@ def test_stale_connection_is_retried_once_on_a_new_socket():
         client.set(b"k", b"v")
 
         async def scenario():
-            reader = reader_of(server.url)
-            try:
+            async with reader_of(server.url) as reader:
                 assert await reader.get(b"k", op="recall") == b"v"
                 # The server drops every client connection, as on a restart or idle timeout.
                 client.client_kill_filter(_type="normal", skipme=True)
@@ -100,9 +96,6 @@ def test_stale_connection_is_retried_once_on_a_new_socket():
                 errors = reader.metrics.metrics.registry.get_sample_value(
                     "adrec_redis_errors_total", {"service": "recall", "op": "recall"})
                 assert not errors
-            finally:
-                await reader.aclose()
-                await reader.client.aclose()
 
         run(scenario)
         client.close()
