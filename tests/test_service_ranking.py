@@ -345,25 +345,29 @@ def test_a_course_feature_set_model_is_served_with_the_same_semantics(redis_clie
     run(scenario)
 
 
-def _snapshot(ad_ids: np.ndarray, rng: np.random.Generator) -> RankingSnapshot:
+def _snapshot(table: dict, factors: dict) -> RankingSnapshot:
+    return RankingSnapshot.build("v1", random_model(np.random.default_rng(5)).to_json(),
+                                 codecs.encode_table(table), codecs.encode_table(factors))
+
+
+def _ad_data(ad_ids: np.ndarray, rng: np.random.Generator) -> tuple[dict, dict]:
+    """An ad table and category factors; categories 20..29 have no factors."""
     rows = len(ad_ids)
     table = {"adgroup_id": ad_ids, "cate_id": rng.integers(1, 30, rows).astype(np.int32),
              "price": rng.uniform(1, 500, rows).astype(np.float32),
              **{name: rng.uniform(0, 0.2, rows).astype(np.float32)
                 for name in ("ctr_ad", "ctr_cate", "ctr_brand")}}
-    # Categories 20..29 have no factors: their ads' affinity is missing.
     factors = {"cate_id": np.arange(1, 20, dtype=np.int32),
                "factors": rng.normal(0, 0.5, (19, 4)).astype(np.float32)}
-    return RankingSnapshot.build("v1", random_model(np.random.default_rng(5)).to_json(),
-                                 codecs.encode_table(table), codecs.encode_table(factors))
+    return table, factors
 
 
 def test_ids_past_the_dense_lookup_table_score_the_same_by_binary_search():
     rng = np.random.default_rng(11)
     small_ids = np.sort(rng.choice(np.arange(1, 50_000), 400, replace=False)).astype(np.int64)
-    small = _snapshot(small_ids, np.random.default_rng(1))
+    small = _snapshot(*_ad_data(small_ids, np.random.default_rng(1)))
     # The same ads under ids too large for a dense table.
-    large = _snapshot(small_ids + DENSE_ID_LIMIT, np.random.default_rng(1))
+    large = _snapshot(*_ad_data(small_ids + DENSE_ID_LIMIT, np.random.default_rng(1)))
     assert small.row_by_id is not None and large.row_by_id is None
     user = UserFeatures({field: 2.0 for field in features.USER_PROFILE_FIELDS},
                         rng.normal(0, 0.5, 4).astype(np.float32))
@@ -388,14 +392,17 @@ def test_ids_past_the_dense_lookup_table_score_the_same_by_binary_search():
 def test_affinity_is_the_shared_encoders_and_missing_for_categories_without_factors():
     rng = np.random.default_rng(12)
     ad_ids = np.sort(rng.choice(np.arange(1, 50_000), 400, replace=False)).astype(np.int64)
-    snapshot = _snapshot(ad_ids, np.random.default_rng(2))
+    table, cate_factors = _ad_data(ad_ids, np.random.default_rng(2))
+    snapshot = _snapshot(table, cate_factors)
     factors = rng.normal(0, 0.5, 4).astype(np.float32)
     user = UserFeatures({field: 1.0 for field in features.USER_PROFILE_FIELDS}, factors)
-    rows = np.arange(len(ad_ids))
-    known = np.isin(snapshot.ad_cate_ids, snapshot.cate_ids)
+    known = np.isin(table["cate_id"], cate_factors["cate_id"])
     assert known.any() and not known.all()
-    affinity = snapshot._affinity(user, rows)
-    expected = features.als_affinity(factors, snapshot.ad_cate_ids, snapshot.cate_ids,
-                                     snapshot.cate_factors[:len(snapshot.cate_ids)])
+    affinity = snapshot._affinity(user, np.arange(len(ad_ids)))
+    expected = features.als_affinity(factors, table["cate_id"], cate_factors["cate_id"],
+                                     cate_factors["factors"])
     assert np.array_equal(affinity, expected, equal_nan=True)
     assert np.isnan(affinity[~known]).all() and not np.isnan(affinity[known]).any()
+    # A version whose categories have no factors at all: every affinity is missing.
+    no_factors = {"cate_id": np.zeros(0, np.int32), "factors": np.zeros((0, 4), np.float32)}
+    assert np.isnan(_snapshot(table, no_factors)._affinity(user, np.arange(len(ad_ids)))).all()

@@ -47,7 +47,6 @@ class RankingSnapshot:
     model_version: str
     model: CtrModel
     ad_ids: np.ndarray
-    ad_cate_ids: np.ndarray
     ad_numeric: dict[str, np.ndarray]
     cate_ids: np.ndarray
     #: float64 (the float32 stored values, exactly), row-aligned with cate_ids, plus a last
@@ -93,18 +92,16 @@ class RankingSnapshot:
         if len(cate_ids) > 1 and not (np.diff(cate_ids) > 0).all():
             raise SnapshotError(f"version {data_version}: category factors are not sorted")
         ad_numeric = {name: table[name].astype(np.float64) for name in features.AD_NUMERIC_FIELDS}
-        ad_cate_ids = table["cate_id"].astype(np.int64)
         # Stored as float32: widening once here gives the values als_affinity computes with
         # after widening the rows it gathers.
         cate_factors = factors["factors"].astype(np.float32).astype(np.float64)
         missing_factors = np.full((1, cate_factors.shape[1]), np.nan)
-        ad_cate_rows = _rows_in(cate_ids, ad_cate_ids)
+        ad_cate_rows = _rows_in(cate_ids, table["cate_id"].astype(np.int64))
         return cls(
             data_version=data_version,
             model_version=model_version(data_version, model.spec.spec_id),
             model=model,
             ad_ids=ad_ids,
-            ad_cate_ids=ad_cate_ids,
             ad_numeric=ad_numeric,
             cate_ids=cate_ids,
             cate_factors=np.vstack([cate_factors, missing_factors]),
@@ -169,8 +166,7 @@ class RankingSnapshot:
         """features.als_affinity of the ads at `rows`, with their categories looked up once
         per version: the same products of the same values, so the same results."""
         factors = user.als_factors
-        if factors is None or len(factors) != self.cate_factors.shape[1] \
-                or not len(self.cate_ids):
+        if factors is None or len(factors) != self.cate_factors.shape[1]:
             # No factors (or factors of another ALS rank): missing, as the job encodes it.
             return np.full(len(rows), np.nan)
         # take() gathers rows several times faster than fancy indexing does; an ad whose
