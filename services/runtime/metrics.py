@@ -20,7 +20,6 @@ import dataclasses
 import socket
 import threading
 import time
-from collections.abc import Callable
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -36,6 +35,8 @@ from prometheus_client import (
     platform_collector,
     process_collector,
 )
+
+from adrec.services.runtime.server import UnaryBehavior, UnaryObserver
 
 #: Latency buckets for calls that take milliseconds (seconds, as Prometheus wants).
 LATENCY_BUCKETS = (
@@ -234,11 +235,11 @@ def _swap_info(gauge: Gauge, service: str, old: str | None, new: str) -> str:
     return new
 
 
-def grpc_server_observer(metrics: Metrics) -> Callable[[str, str, Any], Any]:
+def grpc_server_observer(metrics: Metrics) -> UnaryObserver:
     """A `serve(observer=...)` recording grpc_server_{started,handled}_total and
     _handling_seconds for each unary method it wraps."""
 
-    def observe(service: str, method: str, behavior: Any) -> Any:
+    def observe(service: str, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
         labels = ("unary", service, method)
         started = metrics.grpc_started.labels(*labels)
         seconds = metrics.grpc_handling_seconds.labels(*labels)
