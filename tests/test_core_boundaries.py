@@ -1,7 +1,13 @@
 """The shared core stays importable in the services image: no grpc, no pyspark."""
 
+import importlib.metadata
+import pathlib
+import re
 import subprocess
 import sys
+import tomllib
+
+from adrec.cli import JOB_PACKAGES
 
 CORE_MODULES = [
     "codecs", "features", "keys", "model", "redis_conn", "redis_server", "settings", "store",
@@ -29,7 +35,14 @@ def test_every_core_module_is_checked():
     assert present == set(CORE_MODULES)
 
 
-JOB_PACKAGES = ("pyspark", "pandas", "pyarrow", "sklearn")
+
+def test_the_cli_knows_every_package_of_the_job_extra():
+    pyproject = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
+    extra = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]["job"]
+    pinned = {re.split(r"[=<>~!\[ ]", requirement)[0].lower() for requirement in extra}
+    distributions = importlib.metadata.packages_distributions()
+    named = {dist.lower() for package in JOB_PACKAGES for dist in distributions[package]}
+    assert named == pinned
 
 # Everything the services image runs: the three services, their process wiring, and the
 # operator's CLI commands there (serve, recommend, publish).
