@@ -68,11 +68,11 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict:
     from pyspark import StorageLevel
 
     from adrec.core.features import COURSE, FULL
-    from adrec.jobs import ctr, ingest, ratings
-    from adrec.jobs import features as job_features
-    from adrec.jobs.als import AlsConfig, train_als
-    from adrec.jobs.spark import build_session
-    from adrec.jobs.synthetic import MANIFEST_FILE, generate
+    from adrec.synthetic.generator import MANIFEST_FILE, generate
+    from jobs import ctr, ingest, ratings
+    from jobs import features as job_features
+    from jobs.als import AlsConfig, train_als
+    from jobs.spark import build_session
 
     timings: dict[str, float] = {}
 
@@ -155,8 +155,8 @@ def _loads(spark, clock, users, ad_table, als, model, offline_users: int, seed: 
 
     from adrec.core.redis_conn import RedisSettings, connect
     from adrec.core.redis_server import private_redis
-    from adrec.jobs import features as job_features
-    from adrec.jobs import offline
+    from jobs import features as job_features
+    from jobs import offline
 
     rng = np.random.default_rng(seed)
     user_ids = als.user_ids[:offline_users]

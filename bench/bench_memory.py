@@ -5,7 +5,7 @@ redis-server grows to about 3 GB). ``--users 100000`` gives a quick smaller run 
 extrapolates to the full size.
 
 One version is written into a private redis-server through the job's own writers
-(:class:`adrec.jobs.publish.Publication` and :class:`adrec.core.store.VersionWriter`, so
+(:class:`adrec.core.catalog.Publication` and :class:`adrec.core.store.VersionWriter`, so
 the keys and value codecs are exactly the published ones) with every family at the real
 data's sizes: a 500-ad recall list and a 50-ad offline list per sample user, user
 features (profile and ALS factors) per user, the ad table, ALS category factors, the
@@ -24,12 +24,12 @@ import time
 import numpy as np
 
 from adrec.core import features, keys
+from adrec.core.catalog import Publication, family_memory, used_memory
 from adrec.core.codecs import UserFeatures
 from adrec.core.model import CtrModel
 from adrec.core.redis_conn import RedisSettings, connect
 from adrec.core.redis_server import private_redis
-from adrec.jobs.features import AD_TABLE_DTYPES
-from adrec.jobs.publish import Publication, family_memory, used_memory
+from jobs.features import AD_TABLE_DTYPES
 
 FULL_USERS = 1_141_729
 FULL_ADS = 846_811

@@ -5,7 +5,7 @@ of RAM for its private redis-server). ``--users 100000`` gives a quick smaller r
 
 What it measures:
 
-1. The stage as the job runs it (:func:`adrec.jobs.recall.publish_recall_lists`): Spark
+1. The stage as the job runs it (:func:`jobs.recall.publish_recall_lists`): Spark
    executors score every user, sample 500 distinct ads and write them to a private
    redis-server, per strategy. Users/s, wall time against the 5-minute target, and the
    Redis memory of the recall family (``used_memory`` before and after).
@@ -61,8 +61,8 @@ def main() -> int:
 
     from adrec.core.redis_conn import RedisSettings, connect
     from adrec.core.redis_server import private_redis
-    from adrec.jobs.recall import RecallConfig, build_catalog
-    from adrec.jobs.spark import build_session
+    from jobs.recall import RecallConfig, build_catalog
+    from jobs.spark import build_session
 
     rng = np.random.default_rng(args.seed)
     print(f"recall benchmark: {args.users:,} users, {args.ads:,} ads, {args.categories:,} "
@@ -154,7 +154,7 @@ def _used_memory(client) -> int:
 
 
 def _spark_run(client, settings, factors, catalog, config, *, version, args) -> dict:
-    from adrec.jobs.recall import publish_recall_lists
+    from jobs.recall import publish_recall_lists
 
     users = args.users
     before = _used_memory(client)
@@ -182,7 +182,7 @@ def _driver_run(client, catalog, config, world, sample) -> None:
     from threadpoolctl import threadpool_limits
 
     from adrec.core.store import VersionWriter
-    from adrec.jobs.recall import recall_chunk
+    from jobs.recall import recall_chunk
 
     writer = VersionWriter(client, "v99")
     compute = write = 0.0

@@ -78,9 +78,9 @@ def publish(redis_url: str, seed: int = 1) -> list[int]:
     import redis
 
     from adrec.core import features, keys
+    from adrec.core.catalog import Publication
     from adrec.core.codecs import UserFeatures
     from adrec.core.model import CtrModel
-    from adrec.jobs.publish import Publication
 
     rng = np.random.default_rng(seed)
     ad_ids = np.sort(rng.choice(np.arange(1, 1_000_000), ADS, replace=False)).astype(np.int32)
@@ -151,7 +151,7 @@ def started(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen]:
 
 
 def wait_serving(port: int, timeout: float = 60) -> None:
-    from adrec.services.runtime.health import wait_until_serving
+    from services.runtime.health import wait_until_serving
 
     if not wait_until_serving(f"127.0.0.1:{port}", timeout):
         raise RuntimeError(f"service on port {port} did not become SERVING in {timeout} s")
@@ -203,7 +203,7 @@ def echo_server(port: int, reply_bytes: int = 0, chain: tuple[int, ...] = ()) ->
         await server.start()
         await server.wait_for_termination()
 
-    from adrec.services.runtime import loop
+    from services.runtime import loop
 
     loop.run(serve())
 
@@ -233,7 +233,7 @@ def load(
     cpu_pids: dict[str, int],
 ) -> None:
     """Open-loop steps at each rate, one JSON line per step; stops after the first failure."""
-    from adrec.services.runtime import loop
+    from services.runtime import loop
 
     loop.run(_load(kind, port, rates, duration, users,
                    {**cpu_pids, "generator": os.getpid()}))

@@ -1,7 +1,7 @@
 """Spark ML ALS over (user, category) ratings, with a held-out RMSE.
 
 Contract: :func:`train_als` takes ``(user_id, cate_id, rating)`` rows (see
-``adrec.jobs.ratings``) and an :class:`AlsConfig` (the course's explicit-feedback
+``jobs.ratings``) and an :class:`AlsConfig` (the course's explicit-feedback
 defaults: rank 10, 10 iterations, regParam 0.1) and returns an :class:`AlsResult`:
 user and category factors as numpy arrays (ids ascending, float32 matrices), the
 held-out RMSE and the fitted model.

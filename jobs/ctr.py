@@ -37,10 +37,10 @@ from pyspark.sql import functions as F  # noqa: N812 - the conventional alias
 from pyspark.sql import types as T  # noqa: N812
 from sklearn.metrics import log_loss, roc_auc_score
 
+from adrec.core.dataset import TEST_DAY, TRUTH_FILE
 from adrec.core.features import FeatureSpec
 from adrec.core.model import CtrModel
-from adrec.jobs.ingest import TEST_DAY, event_day_column
-from adrec.jobs.synthetic import TRUTH_FILE
+from jobs.ingest import event_day_column
 
 RELIABILITY_BINS = 10
 

@@ -40,11 +40,11 @@ from pyspark.sql import types as T  # noqa: N812
 
 from adrec.core import features as spec_features
 from adrec.core.codecs import UserFeatures
+from adrec.core.dataset import SAMPLE_FIRST_DAY, TEST_DAY
 from adrec.core.features import USER_PROFILE_FIELDS
 from adrec.core.redis_conn import RedisSettings, connect
 from adrec.core.store import VersionWriter
-from adrec.jobs.ingest import SAMPLE_FIRST_DAY, TEST_DAY
-from adrec.jobs.load import write_from_executors
+from jobs.load import write_from_executors
 
 #: Training days are SAMPLE_FIRST_DAY up to the day before TEST_DAY (China time).
 TRAIN_DAYS = (SAMPLE_FIRST_DAY, TEST_DAY - timedelta(days=1))

@@ -1,150 +1,50 @@
 """Load the four Taobao display-ad files exactly as published, quirks included.
 
 Every loader reads its file as raw lines (CSV) or as columns (Parquet), checks the header
-against the published one, and classifies each row with at most one ``reject_reason``.
-A single aggregation over the classified rows yields the total and the per-reason rejected
-counts (plus one example row per reason), so one bad row never crashes a load and never
-vanishes silently. Clean rows come out with normalized column names and explicit types.
+against the published one (:mod:`adrec.core.dataset`), and classifies each row with at
+most one ``reject_reason``. A single aggregation over the classified rows yields the total
+and the per-reason rejected counts (plus one example row per reason), so one bad row never
+crashes a load and never vanishes silently. Clean rows come out with normalized column
+names and explicit types.
 
 Lines are split on ``,`` rather than parsed by Spark's CSV reader because that reader
 silently pads or truncates rows with the wrong number of fields; the published files never
 quote a field, so splitting is exact.
-
-The published format (file names, headers, value domains, time windows) is declared here
-once and shared with the synthetic generator, which must stay importable without pyspark:
-pyspark is therefore imported inside the functions that need it, never at module level.
 """
 
-# pyspark is imported inside functions on purpose (see above).
-# ruff: noqa: PLC0415
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Literal
+from datetime import date
 
-if TYPE_CHECKING:
-    from pyspark.sql import Column as SparkColumn
-    from pyspark.sql import DataFrame, SparkSession
+from pyspark import StorageLevel
+from pyspark.errors import AnalysisException
+from pyspark.sql import Column as SparkColumn
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as sf
+from pyspark.sql import types as st
+
+from adrec.core.dataset import (
+    AD_FEATURE,
+    BEHAVIOR_LOG,
+    BTAGS,
+    CHINA_UTC_OFFSET_SECONDS,
+    FORMATS,
+    NULL_BRAND,
+    PIDS,
+    RAW_SAMPLE,
+    REJECT_REASONS,
+    SECONDS_PER_DAY,
+    TABLES,
+    TEST_DAY,
+    USER_PROFILE,
+    ColumnSpec,
+    Format,
+    TableFormat,
+)
 
 log = logging.getLogger(__name__)
-
-CHINA_TIME = timezone(timedelta(hours=8), "UTC+8")
-CHINA_UTC_OFFSET_SECONDS = 8 * 3600
-SECONDS_PER_DAY = 86_400
-
-# raw_sample covers 8 China-time days; the last one is the standard test day.
-SAMPLE_FIRST_DAY = date(2017, 5, 6)
-TEST_DAY = date(2017, 5, 13)
-# behavior_log covers the 22 China-time days that end with the sample window.
-BEHAVIOR_FIRST_DAY = date(2017, 4, 22)
-
-PIDS = ("430548_1007", "430539_1007")
-BTAGS = ("pv", "cart", "fav", "buy")
-NULL_BRAND = "NULL"
-
-Format = Literal["csv", "parquet"]
-FORMATS: tuple[Format, ...] = ("csv", "parquet")
-
-# Every reason a row can be rejected for, in the order they are checked and reported.
-REJECT_REASONS = (
-    "wrong_field_count",
-    "non_numeric_id",
-    "negative_id",
-    "bad_timestamp",
-    "unknown_pid",
-    "unknown_btag",
-    "bad_label",
-    "non_numeric_value",
-    "negative_price",
-    "out_of_domain",
-)
-
-ColumnKind = Literal["id", "brand", "timestamp", "label", "pid", "btag", "price", "level"]
-
-
-@dataclass(frozen=True)
-class ColumnSpec:
-    """One published column: its header name, normalized name and validation rule."""
-
-    source: str
-    name: str
-    kind: ColumnKind
-    # Inclusive bounds for "level" columns; None means any non-negative integer.
-    domain: tuple[int, int] | None = None
-    # Whether an empty field means "missing" (kept as null) rather than a bad row.
-    optional: bool = False
-
-
-@dataclass(frozen=True)
-class TableFormat:
-    name: str
-    columns: tuple[ColumnSpec, ...]
-
-    @property
-    def header(self) -> str:
-        """The exact published header line, without the line break."""
-        return ",".join(column.source for column in self.columns)
-
-    @property
-    def csv_file(self) -> str:
-        return f"{self.name}.csv"
-
-    def file_name(self, data_format: Format) -> str:
-        return f"{self.name}.{data_format}"
-
-
-RAW_SAMPLE = TableFormat(
-    "raw_sample",
-    (
-        ColumnSpec("user", "user_id", "id"),
-        ColumnSpec("time_stamp", "time_stamp", "timestamp"),
-        ColumnSpec("adgroup_id", "adgroup_id", "id"),
-        ColumnSpec("pid", "pid", "pid"),
-        ColumnSpec("nonclk", "nonclk", "label"),
-        ColumnSpec("clk", "clk", "label"),
-    ),
-)
-AD_FEATURE = TableFormat(
-    "ad_feature",
-    (
-        ColumnSpec("adgroup_id", "adgroup_id", "id"),
-        ColumnSpec("cate_id", "cate_id", "id"),
-        ColumnSpec("campaign_id", "campaign_id", "id"),
-        ColumnSpec("customer", "customer_id", "id"),
-        ColumnSpec("brand", "brand_id", "brand"),
-        ColumnSpec("price", "price", "price"),
-    ),
-)
-USER_PROFILE = TableFormat(
-    "user_profile",
-    (
-        ColumnSpec("userid", "user_id", "id"),
-        ColumnSpec("cms_segid", "cms_segid", "level", (0, 96), optional=True),
-        ColumnSpec("cms_group_id", "cms_group_id", "level", (0, 12), optional=True),
-        ColumnSpec("final_gender_code", "gender", "level", (1, 2), optional=True),
-        ColumnSpec("age_level", "age_level", "level", (0, 6), optional=True),
-        ColumnSpec("pvalue_level", "pvalue_level", "level", (1, 3), optional=True),
-        ColumnSpec("shopping_level", "shopping_level", "level", (1, 3), optional=True),
-        ColumnSpec("occupation", "occupation", "level", (0, 1), optional=True),
-        # The published header really has a trailing space in this last name.
-        ColumnSpec("new_user_class_level ", "new_user_class_level", "level", (1, 4), optional=True),
-    ),
-)
-BEHAVIOR_LOG = TableFormat(
-    "behavior_log",
-    (
-        ColumnSpec("user", "user_id", "id"),
-        ColumnSpec("time_stamp", "time_stamp", "timestamp"),
-        ColumnSpec("btag", "btag", "btag"),
-        ColumnSpec("cate", "cate_id", "id"),
-        ColumnSpec("brand", "brand_id", "brand"),
-    ),
-)
-TABLES: dict[str, TableFormat] = {
-    table.name: table for table in (RAW_SAMPLE, AD_FEATURE, USER_PROFILE, BEHAVIOR_LOG)
-}
 
 _SPARK_TYPE_BY_KIND = {
     "id": "int",
@@ -207,7 +107,6 @@ def output_schema(table: TableFormat):
     ``nullable`` marks the columns that can hold nulls in clean rows (missing brand and
     profile fields); Spark itself flags every loaded column as nullable.
     """
-    from pyspark.sql import types as st
 
     spark_types = {"int": st.IntegerType(), "bigint": st.LongType(), "double": st.DoubleType(),
                    "string": st.StringType()}
@@ -221,21 +120,8 @@ def output_schema(table: TableFormat):
     return st.StructType(fields)
 
 
-def china_day(time_stamp: int) -> date:
-    """The China-time (UTC+8) calendar day of a Unix timestamp in seconds."""
-    return datetime.fromtimestamp(time_stamp, CHINA_TIME).date()
-
-
-def is_test_day(day: date, test_day: date = TEST_DAY) -> bool | None:
-    """True for the test day, False for the training days before it, None for days after it."""
-    if day > test_day:
-        return None
-    return day == test_day
-
-
 def event_day_column(time_stamp: SparkColumn) -> SparkColumn:
     """China-time calendar day of a Unix-seconds column, independent of the session time zone."""
-    from pyspark.sql import functions as sf
 
     china_days = sf.floor((time_stamp + CHINA_UTC_OFFSET_SECONDS) / SECONDS_PER_DAY)
     return sf.date_from_unix_date(china_days.cast("int"))
@@ -243,7 +129,6 @@ def event_day_column(time_stamp: SparkColumn) -> SparkColumn:
 
 def split_by_day(samples: DataFrame, test_day: date = TEST_DAY) -> tuple[DataFrame, DataFrame]:
     """(train, test): the days before ``test_day``, and ``test_day`` itself (``is_test_day``)."""
-    from pyspark.sql import functions as sf
 
     day = sf.col("event_day")
     return samples.filter(day < sf.lit(test_day)), samples.filter(day == sf.lit(test_day))
@@ -267,8 +152,6 @@ def load_table(
     With ``persist`` the classified rows are cached, so counting the rejections is the only
     pass over the source and later uses of ``data`` read the cache.
     """
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as sf
 
     if data_format not in FORMATS:
         raise IngestError(f"{table.name}: unknown format {data_format!r}; use csv or parquet")
@@ -337,7 +220,6 @@ def load_dataset(
 
 def _csv_fields(spark: SparkSession, table: TableFormat, path: str):
     """One string column per published column, the raw line, and a field-count check."""
-    from pyspark.sql import functions as sf
 
     lines = _read_or_explain(table, path, lambda: spark.read.text(path))
     first = lines.first()
@@ -364,7 +246,6 @@ def _csv_fields(spark: SparkSession, table: TableFormat, path: str):
 
 def _parquet_fields(spark: SparkSession, table: TableFormat, path: str):
     """Parquet columns (named like the CSV header) as strings, validated like CSV fields."""
-    from pyspark.sql import functions as sf
 
     frame = _read_or_explain(table, path, lambda: spark.read.parquet(path))
     expected = [column.source for column in table.columns]
@@ -382,7 +263,6 @@ def _parquet_fields(spark: SparkSession, table: TableFormat, path: str):
 
 
 def _read_or_explain(table: TableFormat, path: str, read):
-    from pyspark.errors import AnalysisException
 
     try:
         return read()
@@ -394,7 +274,6 @@ def _read_or_explain(table: TableFormat, path: str, read):
 
 def _typed_values_and_reasons(table: TableFormat, fields: DataFrame):
     """Per column: the typed value, and a reason expression that is null when the field is fine."""
-    from pyspark.sql import functions as sf
 
     values: dict[str, SparkColumn] = {}
     reasons: list[SparkColumn] = []
@@ -414,7 +293,6 @@ def _missing(text: SparkColumn) -> SparkColumn:
 
 
 def _validate_id(column: ColumnSpec, text: SparkColumn):
-    from pyspark.sql import functions as sf
 
     value = text.try_cast("int")
     reason = (sf.when(value.isNull(), sf.lit("non_numeric_id"))
@@ -423,7 +301,6 @@ def _validate_id(column: ColumnSpec, text: SparkColumn):
 
 
 def _validate_brand(column: ColumnSpec, text: SparkColumn):
-    from pyspark.sql import functions as sf
 
     # The published files write a missing brand as the literal NULL.
     absent = _missing(text) | (text == NULL_BRAND)
@@ -435,14 +312,12 @@ def _validate_brand(column: ColumnSpec, text: SparkColumn):
 
 
 def _validate_timestamp(column: ColumnSpec, text: SparkColumn):
-    from pyspark.sql import functions as sf
 
     value = text.try_cast("bigint")
     return value, sf.when(value.isNull() | (value <= 0), sf.lit("bad_timestamp"))
 
 
 def _validate_label(column: ColumnSpec, text: SparkColumn):
-    from pyspark.sql import functions as sf
 
     value = text.try_cast("int")
     reason = (sf.when(value.isNull(), sf.lit("non_numeric_value"))
@@ -452,7 +327,6 @@ def _validate_label(column: ColumnSpec, text: SparkColumn):
 
 def _validate_choice(allowed: tuple[str, ...], reason_name: str):
     def validate(column: ColumnSpec, text: SparkColumn):
-        from pyspark.sql import functions as sf
 
         return text, sf.when(text.isNull() | ~text.isin(*allowed), sf.lit(reason_name))
 
@@ -460,7 +334,6 @@ def _validate_choice(allowed: tuple[str, ...], reason_name: str):
 
 
 def _validate_price(column: ColumnSpec, text: SparkColumn):
-    from pyspark.sql import functions as sf
 
     value = text.try_cast("double")
     not_finite = value.isNull() | sf.isnan(value) | (sf.abs(value) == float("inf"))
@@ -470,7 +343,6 @@ def _validate_price(column: ColumnSpec, text: SparkColumn):
 
 
 def _validate_level(column: ColumnSpec, text: SparkColumn):
-    from pyspark.sql import functions as sf
 
     absent = _missing(text) if column.optional else sf.lit(False)
     value = sf.when(~absent, text.try_cast("int"))

@@ -1,14 +1,71 @@
-"""spark-submit entry point: the same job as `adrec job run`, with the same options.
+"""The batch job's entry point: `adrec job run` and spark-submit both land here.
 
     spark-submit --master local[2] jobs/main.py --data DIR --redis URL
 
 On a cluster, add ``--py-files adrec.zip`` (from `adrec job package`) unless the
 executors' image has adrec installed, and set ``--job-work-dir`` to shared storage.
+It imports neither the command line nor grpc: the Spark driver loads only the job.
 """
 
+from __future__ import annotations
+
+import argparse
+import pathlib
 import sys
 
-from adrec.cli import main
+import redis
+
+from adrec.core import settings
+from adrec.core.redis_conn import RedisSettings
+from jobs.config import JobConfig
+
+
+class JobUsageError(Exception):
+    """Bad settings or input files: one clear line, exit code 2."""
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """Every job setting and Redis setting as a flag, plus where to write the report."""
+    settings.add_flags(JobConfig, parser)
+    settings.add_flags(RedisSettings, parser)
+    parser.add_argument("--report-json", type=pathlib.Path,
+                        help="also write the quality report to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the job with the parsed flags (env vars fill the rest); prints the report."""
+    try:
+        config = settings.load(JobConfig, flags=args)
+        redis_settings = settings.load(RedisSettings, flags=args)
+    except settings.SettingsError as exc:
+        raise JobUsageError(str(exc)) from None
+    from jobs.pipeline import JobInputError, run_job  # noqa: PLC0415 - pyspark after validation
+
+    try:
+        result = run_job(config, redis_settings)
+    except JobInputError as exc:
+        raise JobUsageError(str(exc)) from None
+    if args.report_json:
+        args.report_json.write_text(result.report_json())
+    print(result.report_text())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="jobs/main.py", description="Run the adrec batch job and publish a new version."
+    )
+    add_run_flags(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except JobUsageError as exc:
+        print(f"adrec job: error: {exc}", file=sys.stderr)
+        return 2
+    except redis.ConnectionError as exc:
+        print(f"adrec job: error: cannot reach Redis: {exc}", file=sys.stderr)
+        return 1
+
 
 if __name__ == "__main__":
-    sys.exit(main(["job", "run", *sys.argv[1:]]))
+    sys.exit(main())

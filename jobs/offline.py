@@ -5,8 +5,8 @@ Contract:
 - :func:`offline_top_n` ``(recall_lists, users, ads, cate_factors, model, pid, top_n)``
   -> DataFrame(``user_id`` int, ``ad_ids`` array<int>, ``ctrs`` array<float>), best first.
   ``recall_lists`` is (user_id, ad_ids array<int>), ``users`` the output of
-  :func:`adrec.jobs.features.user_features`, ``ads`` the column arrays of
-  :func:`adrec.jobs.features.ad_table`, ``cate_factors`` the ALS (cate_ids, factors).
+  :func:`jobs.features.user_features`, ``ads`` the column arrays of
+  :func:`jobs.features.ad_table`, ``cate_factors`` the ALS (cate_ids, factors).
 - :func:`rank_users` is the numpy core, one encode and one predict per batch of users.
 - :func:`write_offline_lists` loads the lists into a version from the executors.
 
@@ -39,9 +39,9 @@ from adrec.core.features import USER_PROFILE_FIELDS
 from adrec.core.model import CtrModel
 from adrec.core.redis_conn import RedisSettings
 from adrec.core.store import VersionWriter
-from adrec.jobs.ctr import encoder_inputs
-from adrec.jobs.features import factor_matrix
-from adrec.jobs.load import write_from_executors
+from jobs.ctr import encoder_inputs
+from jobs.features import factor_matrix
+from jobs.load import write_from_executors
 
 #: The placement with 62% of the impressions.
 OFFLINE_PID = spec_features.KNOWN_PIDS[0]

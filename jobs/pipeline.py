@@ -32,16 +32,16 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F  # noqa: N812 - the conventional alias
 
 from adrec.core import keys
+from adrec.core.catalog import Publication, family_memory
+from adrec.core.dataset import TRUTH_FILE
 from adrec.core.features import COURSE, FULL, feature_spec
 from adrec.core.redis_conn import RedisSettings, connect, redacted
-from adrec.jobs import ctr, features, ingest, offline, popular, ratings, recall
-from adrec.jobs.als import AlsConfig, train_als
-from adrec.jobs.config import JobConfig
-from adrec.jobs.progress import Progress
-from adrec.jobs.publish import Publication, family_memory
-from adrec.jobs.report import render_report
-from adrec.jobs.spark import build_session
-from adrec.jobs.synthetic import TRUTH_FILE
+from jobs import ctr, features, ingest, offline, popular, ratings, recall
+from jobs.als import AlsConfig, train_als
+from jobs.config import JobConfig
+from jobs.progress import Progress
+from jobs.report import render_report
+from jobs.spark import build_session
 
 
 class JobInputError(Exception):

@@ -1,7 +1,7 @@
 """Implicit ratings of (user, category) pairs from the behavior log: the course's rule.
 
 Contract: :func:`ratings_from_behavior` takes the behavior log as loaded by
-``adrec.jobs.ingest`` (``user_id``, ``time_stamp``, ``btag``, ``cate_id``, ...) and
+``jobs.ingest`` (``user_id``, ``time_stamp``, ``btag``, ``cate_id``, ...) and
 returns one row per (user, category) the user interacted with:
 ``user_id`` int, ``cate_id`` int, ``rating`` double.
 

@@ -11,7 +11,7 @@ Contract
 - :func:`build_recall_lists` ``(user_factors, catalog, config)`` -> DataFrame
   ``user_id`` int, ``ad_ids`` array<int>, ``personal`` int, computed on the executors.
   ``user_factors`` has ``user_id`` int and ``als_factors`` array<float> (see
-  :meth:`adrec.jobs.als.AlsResult.user_factor_frame`).
+  :meth:`jobs.als.AlsResult.user_factor_frame`).
 - :func:`write_recall_lists` loads such a DataFrame into a version from the executors;
   :func:`publish_recall_lists` computes and writes in one pass (the fast path),
   optionally saving the lists as parquet (:func:`save_recall_lists`), and returns
@@ -66,7 +66,7 @@ from threadpoolctl import threadpool_limits
 
 from adrec.core.redis_conn import RedisSettings, connect
 from adrec.core.store import VersionWriter
-from adrec.jobs.load import write_from_executors
+from jobs.load import write_from_executors
 
 STRATEGIES = ("uniform", "popular")
 

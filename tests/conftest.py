@@ -50,7 +50,7 @@ def spark():
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         pytest.fail("Java 17 is required for Spark tests (apt-get install openjdk-17-jre-headless)",
                     pytrace=False)
-    from adrec.jobs.spark import build_session
+    from jobs.spark import build_session
 
     session = build_session("local[2]", "adrec-tests", {
         "spark.sql.shuffle.partitions": "2",
@@ -75,7 +75,7 @@ class PublishedData:
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> pathlib.Path:
-    from adrec.jobs.synthetic import generate
+    from adrec.synthetic.generator import generate
 
     out = tmp_path_factory.mktemp("tiny")
     generate("tiny", 7, out, progress=False)

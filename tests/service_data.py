@@ -30,14 +30,14 @@ from adrec.api.gateway.v1 import gateway_service_pb2 as gateway_pb2
 from adrec.api.gateway.v1 import gateway_service_pb2_grpc
 from adrec.api.ranking.v1 import ranking_service_pb2, ranking_service_pb2_grpc
 from adrec.core import features, keys
+from adrec.core.catalog import Publication
 from adrec.core.codecs import UserFeatures
 from adrec.core.model import CtrModel
 from adrec.core.redis_conn import RedisSettings
 from adrec.core.settings import load
-from adrec.jobs.offline import OFFLINE_PID, RankingData, rank_users
-from adrec.jobs.publish import Publication
-from adrec.services.runtime.process import Stack, serving
-from adrec.services.runtime.settings import SETTINGS
+from jobs.offline import OFFLINE_PID, RankingData, rank_users
+from services.process import Stack, serving
+from services.runtime.settings import SETTINGS
 
 PIDS = features.KNOWN_PIDS
 ALS_RANK = 6

@@ -7,8 +7,8 @@ import pytest
 
 from adrec.cli import main
 from adrec.core import store
+from adrec.core.catalog import Publication
 from adrec.core.codecs import UserFeatures
-from adrec.jobs.publish import Publication
 
 
 def publish(client, offset):

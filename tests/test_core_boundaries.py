@@ -7,10 +7,13 @@ import subprocess
 import sys
 import tomllib
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
 from adrec.cli import JOB_PACKAGES
 
 CORE_MODULES = [
-    "codecs", "features", "keys", "model", "redis_conn", "redis_server", "settings", "store",
+    "catalog", "codecs", "dataset", "features", "keys", "model", "redis_conn", "redis_server",
+    "settings", "store",
 ]
 
 
@@ -48,8 +51,8 @@ def test_the_cli_knows_every_package_of_the_job_extra():
 # operator's CLI commands there (serve, recommend, publish).
 SERVING_MODULES = [
     "adrec.cli", "adrec.cli.publish", "adrec.cli.recommend", "adrec.cli.serve",
-    "adrec.jobs.publish", "adrec.services.runtime.process", "adrec.services.recall.service",
-    "adrec.services.ranking.service", "adrec.services.gateway.service",
+    "adrec.core.catalog", "services.process", "services.recall.service",
+    "services.ranking.service", "services.gateway.service",
 ]
 
 
@@ -80,3 +83,30 @@ def test_a_job_command_without_the_job_packages_says_what_to_install(tmp_path):
     assert "needs the batch job's packages (pyarrow is not installed)" in result.stderr
     assert "pip install 'adrec[job]'" in result.stderr
     assert not (tmp_path / "d").exists()
+
+
+def _loaded_after(code: str) -> set[str]:
+    probe = f"import sys; {code}; print(','.join(sorted(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True)
+    return set(result.stdout.strip().split(","))
+
+
+def test_the_help_loads_neither_grpc_nor_the_job_packages():
+    loaded = _loaded_after("import adrec.cli; adrec.cli.build_parser()")
+    heavy = {m for m in loaded if m.split(".")[0] in ("grpc", *JOB_PACKAGES)}
+    assert heavy == set()
+
+
+def test_the_spark_driver_entry_loads_neither_the_cli_nor_grpc():
+    loaded = _loaded_after("import jobs.main, jobs.pipeline")
+    assert {m for m in loaded if m.split(".")[0] == "grpc" or m.startswith("adrec.cli")} == set()
+    assert not {m for m in loaded if m.split(".")[0] == "services"}
+
+
+def test_the_shared_runtime_imports_no_service():
+    modules = [p.stem for p in (ROOT / "services" / "runtime").glob("*.py")]
+    loaded = _loaded_after("; ".join(f"import services.runtime.{m}" for m in modules))
+    served = {m for m in loaded if m.split(".")[:2] in (
+        ["services", "recall"], ["services", "ranking"], ["services", "gateway"])}
+    assert served == set()

@@ -35,11 +35,11 @@ from service_data import PIDS, path, publish_version, recommend, run, service_se
 from adrec.api.gateway.v1 import gateway_service_pb2 as gateway_pb2
 from adrec.core.redis_conn import RedisSettings
 from adrec.core.settings import env_names, load
-from adrec.jobs.config import JobConfig
-from adrec.services.runtime import LIVENESS_SERVICE_NAME
-from adrec.services.runtime.metrics import GRPC_CODE_NAMES
-from adrec.services.runtime.process import serving
-from adrec.services.runtime.settings import (
+from jobs.config import JobConfig
+from services.process import serving
+from services.runtime.health import LIVENESS_SERVICE_NAME
+from services.runtime.metrics import GRPC_CODE_NAMES
+from services.runtime.settings import (
     DEFAULT_GATEWAY_PORT,
     DEFAULT_METRICS_PORT,
     DEFAULT_RANKING_PORT,
@@ -87,7 +87,7 @@ JOB_DEPLOY_ONLY_ENV = {"POD_NAME", "POD_NAMESPACE", "POD_IP", "SUBMIT_IMAGE",
                        "SUBMIT_DRIVER_MEMORY", "SUBMIT_EXECUTOR_INSTANCES",
                        "SUBMIT_EXECUTOR_CORES", "SUBMIT_EXECUTOR_MEMORY",
                        "SUBMIT_EXECUTOR_MEMORY_OVERHEAD"}
-JOB_MAIN = "local:///opt/adrec/jobs/main.py"
+JOB_MAIN = "local:///opt/jobs/main.py"
 
 #: Metrics in the rules that no adrec service exports, and who does.
 EXTERNAL_METRICS = {
@@ -322,7 +322,7 @@ def test_the_gateway_reaches_recall_and_ranking_through_headless_services(render
 
 def test_the_gateway_channel_balances_round_robin():
     """The client side of the headless Services (services/gateway)."""
-    from adrec.services.gateway.service import downstream_channel
+    from services.gateway.service import downstream_channel
 
     source = Path(downstream_channel.__code__.co_filename).read_text()
     assert '"round_robin"' in source

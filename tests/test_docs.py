@@ -26,8 +26,8 @@ def test_schema_doc_lists_every_key_family_and_global_key():
 def test_configuration_doc_lists_every_setting():
     from adrec.core.redis_conn import RedisSettings
     from adrec.core.settings import env_names
-    from adrec.jobs.config import JobConfig
-    from adrec.services.runtime.settings import SETTINGS
+    from jobs.config import JobConfig
+    from services.runtime.settings import SETTINGS
 
     text = (SCHEMA_DOC.parent / "configuration.md").read_text()
     classes = [RedisSettings, JobConfig, *SETTINGS.values()]

@@ -8,15 +8,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from adrec.jobs.ingest import (
+from adrec.core.dataset import (
     AD_FEATURE,
     BEHAVIOR_LOG,
     RAW_SAMPLE,
     TABLES,
     USER_PROFILE,
-    IngestError,
     china_day,
     is_test_day,
+)
+from jobs.ingest import (
+    IngestError,
     load_ad_feature,
     load_behavior_log,
     load_dataset,

@@ -14,20 +14,20 @@ import pytest
 from pyspark.sql import functions as F  # noqa: N812
 from pyspark.sql import types as T  # noqa: N812
 
-from adrec.core import store
+from adrec.core import dataset, store
 from adrec.core.codecs import UserFeatures
 from adrec.core.features import COURSE, FULL, KNOWN_PIDS, USER_PROFILE_FIELDS, als_affinity
 from adrec.core.model import CtrModel
 from adrec.core.redis_conn import RedisSettings
-from adrec.jobs import ctr, ingest, offline, ratings
-from adrec.jobs import features as job_features
-from adrec.jobs.als import AlsConfig, train_als
+from jobs import ctr, ingest, offline, ratings
+from jobs import features as job_features
+from jobs.als import AlsConfig, train_als
 
 pytestmark = pytest.mark.spark
 
 VERSION = "v1"
-TRAIN_TIME = int(datetime(2017, 5, 7, 12, tzinfo=ingest.CHINA_TIME).timestamp())
-TEST_TIME = int(datetime(2017, 5, 13, 12, tzinfo=ingest.CHINA_TIME).timestamp())
+TRAIN_TIME = int(datetime(2017, 5, 7, 12, tzinfo=dataset.CHINA_TIME).timestamp())
+TEST_TIME = int(datetime(2017, 5, 13, 12, tzinfo=dataset.CHINA_TIME).timestamp())
 PID_A, PID_B = KNOWN_PIDS
 
 SAMPLE_SCHEMA = T.StructType([

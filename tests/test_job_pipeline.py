@@ -16,8 +16,8 @@ from adrec.core.features import FULL
 from adrec.core.redis_conn import RedisSettings
 from adrec.core.redis_server import free_port
 from adrec.core.settings import SettingsError, load
-from adrec.jobs.config import STAGES, JobConfig
-from adrec.jobs.pipeline import JobInputError, run_job
+from jobs.config import STAGES, JobConfig
+from jobs.pipeline import JobInputError, run_job
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def redis_at(url):
 @pytest.fixture
 def served_version(redis_client):
     """A previously published version that bad runs must leave untouched and active."""
-    from adrec.jobs.publish import Publication
+    from adrec.core.catalog import Publication
 
     with Publication(redis_client) as pub:
         pub.writer.put_recall_lists([1], [np.array([5, 6])])

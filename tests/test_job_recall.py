@@ -15,11 +15,11 @@ from pyspark.sql.types import ArrayType, FloatType, IntegerType, StructField, St
 
 from adrec.core import keys, store
 from adrec.core.redis_conn import RedisSettings, connect
-from adrec.jobs import recall
-from adrec.jobs.als import AlsConfig, train_als
-from adrec.jobs.popular import ad_impressions, collect_popular, popular_lists, write_popular
-from adrec.jobs.ratings import MAX_RATING, ratings_from_behavior
-from adrec.jobs.recall import (
+from jobs import recall
+from jobs.als import AlsConfig, train_als
+from jobs.popular import ad_impressions, collect_popular, popular_lists, write_popular
+from jobs.ratings import MAX_RATING, ratings_from_behavior
+from jobs.recall import (
     RecallConfig,
     build_catalog,
     build_recall_lists,
@@ -382,14 +382,15 @@ def test_hit_rate_counts_clicked_pairs_found_in_the_lists(spark):
 
 
 def test_tiny_preset_end_to_end(spark, redis_url, tmp_path):
-    from adrec.jobs import ingest
-    from adrec.jobs.synthetic import generate
+    from adrec.core import dataset
+    from adrec.synthetic.generator import generate
+    from jobs import ingest
 
     generate("tiny", 5, tmp_path, progress=False)
     base = str(tmp_path)
-    behavior = ingest.load_behavior_log(spark, ingest.dataset_path(base, ingest.BEHAVIOR_LOG))
-    samples = ingest.load_raw_sample(spark, ingest.dataset_path(base, ingest.RAW_SAMPLE))
-    ads = ingest.load_ad_feature(spark, ingest.dataset_path(base, ingest.AD_FEATURE))
+    behavior = ingest.load_behavior_log(spark, ingest.dataset_path(base, dataset.BEHAVIOR_LOG))
+    samples = ingest.load_raw_sample(spark, ingest.dataset_path(base, dataset.RAW_SAMPLE))
+    ads = ingest.load_ad_feature(spark, ingest.dataset_path(base, dataset.AD_FEATURE))
     train, test = ingest.split_by_day(samples.data)
 
     als = train_als(ratings_from_behavior(behavior.data),

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from adrec.core import keys, store
-from adrec.jobs.publish import Publication, PublishLockedError, rollback, version_summaries
+from adrec.core.catalog import Publication, PublishLockedError, rollback, version_summaries
 
 
 def publish(client, users=3, offset=0, keep=2):
@@ -59,7 +59,7 @@ def test_only_one_publisher_at_a_time(redis_client):
 KILLED_WRITER = textwrap.dedent("""
     import sys, time
     import numpy as np, redis
-    from adrec.jobs.publish import Publication
+    from adrec.core.catalog import Publication
     client = redis.Redis.from_url(sys.argv[1])
     pub = Publication(client, lock_ttl=1.0).__enter__()
     pub.writer.put_recall_lists(range(1, 1001), [np.arange(1, 501)] * 1000)
@@ -124,7 +124,7 @@ def test_reruns_are_idempotent(redis_client):
 
 
 def test_family_memory_counts_every_key_and_estimates_bytes(redis_client):
-    from adrec.jobs.publish import family_memory
+    from adrec.core.catalog import family_memory
 
     with Publication(redis_client) as pub:
         pub.writer.put_recall_lists(range(1, 301), [np.arange(1, 501)] * 300)

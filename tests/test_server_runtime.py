@@ -22,15 +22,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from adrec.api.common.v1 import common_pb2
 from adrec.api.recall.v1 import recall_service_pb2, recall_service_pb2_grpc
-from adrec.services.runtime import (
-    LIVENESS_SERVICE_NAME,
-    RunningServer,
-    ServiceSpec,
-    run_until_signalled,
-    serve,
-)
-from adrec.services.runtime.health import wait_until_serving
-from adrec.services.runtime.metrics import Metrics, grpc_server_observer
+from services.runtime.health import LIVENESS_SERVICE_NAME, wait_until_serving
+from services.runtime.metrics import Metrics, grpc_server_observer
+from services.runtime.server import RunningServer, ServiceSpec, run_until_signalled, serve
 
 RECALL = recall_service_pb2.DESCRIPTOR.services_by_name["RecallService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING

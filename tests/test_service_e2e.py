@@ -18,8 +18,8 @@ from adrec.cli import main
 from adrec.core import keys, store
 from adrec.core.features import feature_spec
 from adrec.core.redis_server import private_redis
-from adrec.jobs.config import JobConfig
-from adrec.jobs.offline import OFFLINE_PID
+from jobs.config import JobConfig
+from jobs.offline import OFFLINE_PID
 
 pytestmark = pytest.mark.spark
 

@@ -30,7 +30,7 @@ from adrec.api.common.v1 import common_pb2
 from adrec.api.gateway.v1 import gateway_service_pb2 as gateway_pb2
 from adrec.api.gateway.v1 import gateway_service_pb2_grpc
 from adrec.core import keys
-from adrec.jobs.offline import OFFLINE_PID
+from jobs.offline import OFFLINE_PID
 
 REALTIME = gateway_pb2.RECOMMEND_MODE_REALTIME
 OFFLINE = gateway_pb2.RECOMMEND_MODE_OFFLINE
@@ -191,7 +191,7 @@ def test_an_outage_logs_a_line_a_second_per_kind_of_degraded_answer_and_counts_a
 ):
     data = publish_version(redis_client)
     user = data.users_with_factors[0]
-    caplog.set_level(logging.INFO, logger="adrec.services.gateway")
+    caplog.set_level(logging.INFO, logger="services.gateway")
 
     async def scenario():
         async with separate_services(redis_url) as services:

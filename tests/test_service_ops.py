@@ -39,10 +39,11 @@ from adrec.cli import main
 from adrec.core import store
 from adrec.core.redis_conn import RedisSettings
 from adrec.core.redis_server import free_port, private_redis
-from adrec.services.runtime import LIVENESS_SERVICE_NAME, process
-from adrec.services.runtime.data import created_at
-from adrec.services.runtime.metrics import Metrics
-from adrec.services.runtime.settings import SETTINGS, service_env_names
+from services import process
+from services.runtime.data import created_at
+from services.runtime.health import LIVENESS_SERVICE_NAME
+from services.runtime.metrics import Metrics
+from services.runtime.settings import SETTINGS, service_env_names
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -315,7 +316,7 @@ def test_bad_settings_stop_the_start_naming_each_env_var_and_flag(monkeypatch, c
 def test_the_serve_command_only_parses_and_leaves_the_wiring_to_the_runtime():
     # Building the command line must not import the services: `adrec --help` stays light.
     probe = ("import sys; from adrec.cli import build_parser; build_parser(); "
-             "print(sorted(m for m in sys.modules if m.startswith('adrec.services.') "
+             "print(sorted(m for m in sys.modules if m.startswith('services.') "
              "and m.split('.')[2] in ('recall', 'ranking', 'gateway')))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             check=True)

@@ -26,8 +26,8 @@ from service_data import (
 
 from adrec.core import codecs, features, store
 from adrec.core.codecs import UserFeatures
-from adrec.jobs.offline import OFFLINE_PID
-from adrec.services.ranking.snapshot import DENSE_ID_LIMIT, RankingSnapshot
+from jobs.offline import OFFLINE_PID
+from services.ranking.snapshot import DENSE_ID_LIMIT, RankingSnapshot
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -223,7 +223,7 @@ def test_a_model_with_another_feature_spec_is_refused_and_the_old_one_keeps_serv
     redis_client, redis_url, caplog
 ):
     first = publish_version(redis_client, seed=1)
-    caplog.set_level(logging.INFO, logger="adrec.services.ranking")
+    caplog.set_level(logging.INFO, logger="services.ranking")
 
     async def scenario():
         async with running_stack(redis_url, "ranking") as stack, \

@@ -13,8 +13,8 @@ from service_data import run
 
 from adrec.core.redis_conn import RedisSettings
 from adrec.core.redis_server import private_redis
-from adrec.services.runtime.data import DirectGets, RedisReader, client_without_socket_timeouts
-from adrec.services.runtime.metrics import Metrics
+from services.runtime.data import DirectGets, RedisReader, client_without_socket_timeouts
+from services.runtime.metrics import Metrics
 
 
 @asynccontextmanager

@@ -13,9 +13,9 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from adrec.cli import main
-from adrec.jobs import synthetic
-from adrec.jobs.ingest import BTAGS, PIDS, TABLES, load_dataset
-from adrec.jobs.synthetic import (
+from adrec.core.dataset import BTAGS, PIDS, TABLES
+from adrec.synthetic import generator as synthetic
+from adrec.synthetic.generator import (
     BEHAVIOR_START,
     MANIFEST_FILE,
     SAMPLE_END,
@@ -23,7 +23,8 @@ from adrec.jobs.synthetic import (
     TRUTH_FILE,
     generate,
 )
-from adrec.jobs.synthetic_presets import PRESETS
+from adrec.synthetic.presets import PRESETS
+from jobs.ingest import load_dataset
 
 TINY = PRESETS["tiny"]
 DATA_FILES = [table.csv_file for table in TABLES.values()]
@@ -189,7 +190,7 @@ def test_an_interrupted_run_leaves_no_manifest_and_no_partial_file(monkeypatch, 
 
 
 def test_generator_does_not_import_pyspark():
-    code = "import sys, adrec.jobs.synthetic; print('pyspark' in sys.modules)"
+    code = "import sys, adrec.synthetic.generator; print('pyspark' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "False"

@@ -51,7 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from adrec.jobs.synthetic import generate
+    from adrec.synthetic.generator import generate
 
     if args.seed < 0:
         raise UsageError(f"--seed must be a non-negative integer, got {args.seed}")
@@ -79,7 +79,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
     from pyspark.sql import SparkSession
 
-    from adrec.jobs.ingest import TABLES, IngestError, dataset_path, load_table
+    from adrec.core.dataset import TABLES
+    from jobs.ingest import IngestError, dataset_path, load_table
 
     existing = SparkSession.getActiveSession()
     spark = existing or (

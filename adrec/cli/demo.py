@@ -78,7 +78,7 @@ def _redis(stack: contextlib.ExitStack) -> str:
 
 
 def _generate(preset: str, seed: int, data_dir: pathlib.Path) -> None:
-    from adrec.jobs.synthetic import MANIFEST_FILE, generate
+    from adrec.synthetic.generator import MANIFEST_FILE, generate
 
     if (data_dir / MANIFEST_FILE).exists():
         _say(f"reusing the data in {data_dir}")
@@ -90,8 +90,8 @@ def _generate(preset: str, seed: int, data_dir: pathlib.Path) -> None:
 def _run_job(data_dir: pathlib.Path, redis_url: str) -> str:
     from adrec.core.redis_conn import RedisSettings
     from adrec.core.settings import load
-    from adrec.jobs.config import JobConfig
-    from adrec.jobs.pipeline import run_job
+    from jobs.config import JobConfig
+    from jobs.pipeline import run_job
 
     _say("running the batch job on local Spark")
     config = load(JobConfig, env={"ADREC_JOB_DATA": str(data_dir)})
@@ -119,7 +119,7 @@ def _start_services(stack: contextlib.ExitStack, redis_url: str) -> str:
             break
     if gateway is None:
         raise UsageError("the services did not start; run `adrec serve all` to see why")
-    from adrec.services.runtime.health import wait_until_serving
+    from services.runtime.health import wait_until_serving
 
     if not wait_until_serving(gateway, deadline - time.monotonic()):
         raise UsageError(f"the gateway at {gateway} did not become SERVING")

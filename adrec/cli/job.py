@@ -8,11 +8,14 @@ import sys
 import zipfile
 
 from adrec.cli import UsageError
-from adrec.core import settings
-from adrec.core.redis_conn import RedisSettings
+
+#: The import packages a Spark executor needs, zipped by `adrec job package`.
+JOB_IMPORT_PACKAGES = ("adrec", "jobs")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from jobs import main as job_main
+
     parser = subparsers.add_parser("job", help="run the Spark batch job")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
@@ -22,58 +25,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Runs every stage and publishes a new version atomically. Every option "
         "can also be set through the environment variable shown in its help.",
     )
-    from adrec.jobs.config import JobConfig
-
-    settings.add_flags(JobConfig, run)
-    settings.add_flags(RedisSettings, run)
-    run.add_argument("--report-json", type=pathlib.Path,
-                     help="also write the quality report to this file")
+    job_main.add_run_flags(run)
     run.set_defaults(handler=_run)
 
     package = actions.add_parser(
-        "package", help="zip the adrec package for spark-submit --py-files on a cluster"
+        "package", help="zip the adrec and jobs packages for spark-submit --py-files"
     )
     package.add_argument("--out", type=pathlib.Path, default=pathlib.Path("dist/adrec.zip"))
     package.set_defaults(handler=_package)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from adrec.jobs.config import JobConfig
+    from jobs import main as job_main
 
     try:
-        config = settings.load(JobConfig, flags=args)
-        redis_settings = settings.load(RedisSettings, flags=args)
-    except settings.SettingsError as exc:
+        return job_main.run(args)
+    except job_main.JobUsageError as exc:
         raise UsageError(str(exc)) from None
-    from adrec.jobs.pipeline import JobInputError, run_job
-
-    try:
-        result = run_job(config, redis_settings)
-    except JobInputError as exc:
-        raise UsageError(str(exc)) from None
-    if args.report_json:
-        args.report_json.write_text(result.report_json())
-    print(result.report_text())
-    return 0
 
 
 def _package(args: argparse.Namespace) -> int:
-    import adrec
-    import adrec.jobs
-    import adrec.services
+    import importlib
 
-    roots = {
-        "adrec": pathlib.Path(adrec.__file__).parent,
-        "adrec/jobs": pathlib.Path(adrec.jobs.__file__).parent,
-        "adrec/services": pathlib.Path(adrec.services.__file__).parent,
-    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(args.out, "w", zipfile.ZIP_DEFLATED) as archive:
-        for prefix, root in roots.items():
+        for name in JOB_IMPORT_PACKAGES:
+            root = pathlib.Path(importlib.import_module(name).__file__).parent
             for source in sorted(root.rglob("*.py")):
-                relative = source.relative_to(root)
-                if prefix == "adrec" and relative.parts[0] in ("jobs", "services"):
-                    continue
-                archive.write(source, f"{prefix}/{relative.as_posix()}")
+                archive.write(source, f"{name}/{source.relative_to(root).as_posix()}")
     print(f"wrote {args.out}; pass it to spark-submit with --py-files", file=sys.stderr)
     return 0

@@ -52,7 +52,7 @@ def _client(args: argparse.Namespace):
 
 
 def _list(args: argparse.Namespace) -> int:
-    from adrec.jobs.publish import version_summaries
+    from adrec.core.catalog import version_summaries
 
     rows = version_summaries(_client(args))
     if args.json:
@@ -73,8 +73,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _rollback(args: argparse.Namespace) -> int:
+    from adrec.core.catalog import rollback
     from adrec.core.store import VersionNotFoundError
-    from adrec.jobs.publish import rollback
 
     try:
         previous = rollback(_client(args), args.version)

@@ -12,7 +12,7 @@ from adrec.cli import UsageError
 from adrec.core import settings as settings_mod
 from adrec.core.features import KNOWN_PIDS
 from adrec.core.settings import in_range, parse_float, setting
-from adrec.services.runtime.settings import DEFAULT_GATEWAY_PORT
+from services.runtime.settings import DEFAULT_GATEWAY_PORT
 
 MODES = ("realtime", "offline")
 
@@ -54,7 +54,7 @@ def _recommend(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
 
     from adrec.api.gateway.v1 import gateway_service_pb2, gateway_service_pb2_grpc
-    from adrec.services.runtime.requests import (
+    from services.runtime.requests import (
         InvalidArgumentError,
         in_range,
         known_pid,

@@ -16,7 +16,7 @@ from adrec.core.redis_conn import RedisSettings
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from adrec.services.runtime.settings import SETTINGS
+    from services.runtime.settings import SETTINGS
 
     parser = subparsers.add_parser(
         "serve", help="run the recall, ranking and gateway gRPC services",
@@ -35,9 +35,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from adrec.services.runtime import loop, process
-    from adrec.services.runtime.logs import configure_logging
-    from adrec.services.runtime.settings import SETTINGS
+    from services import process
+    from services.runtime import loop
+    from services.runtime.logs import configure_logging
+    from services.runtime.settings import SETTINGS
 
     loaded, problems = [], []
     for settings_class in (SETTINGS[args.target], RedisSettings):

@@ -29,11 +29,11 @@ from adrec.api.gateway.v1 import gateway_service_pb2_grpc
 from adrec.api.ranking.v1 import ranking_service_pb2, ranking_service_pb2_grpc
 from adrec.api.recall.v1 import recall_service_pb2, recall_service_pb2_grpc
 from adrec.core import codecs, keys
-from adrec.services.gateway.versions import GatewayVersion
-from adrec.services.runtime.data import RedisReader, created_at
-from adrec.services.runtime.logs import LogThrottle, service_logger
-from adrec.services.runtime.metrics import GRPC_CODE_NAMES
-from adrec.services.runtime.requests import (
+from services.gateway.versions import GatewayVersion
+from services.runtime.data import RedisReader, created_at
+from services.runtime.logs import LogThrottle, service_logger
+from services.runtime.metrics import GRPC_CODE_NAMES
+from services.runtime.requests import (
     InvalidArgumentError,
     UnavailableError,
     grpc_errors,
@@ -41,7 +41,7 @@ from adrec.services.runtime.requests import (
     known_pid,
     positive_id,
 )
-from adrec.services.runtime.server import ServiceSpec
+from services.runtime.server import ServiceSpec
 
 MAX_COUNT = 500
 #: Even a call past its deadline gets this long for the offline list before falling back.

@@ -18,8 +18,8 @@ import numpy as np
 from adrec.core import keys
 from adrec.core.features import KNOWN_PIDS
 from adrec.core.model import CtrModel, ModelArtifactError
-from adrec.services.runtime.data import PopularLists, RedisReader, model_version
-from adrec.services.runtime.logs import ServiceLogger
+from services.runtime.data import PopularLists, RedisReader, model_version
+from services.runtime.logs import ServiceLogger
 
 #: Placement the job scores offline lists at, unless the version's job report names another.
 DEFAULT_OFFLINE_PID = KNOWN_PIDS[0]

@@ -22,10 +22,10 @@ from adrec.api.ranking.v1 import ranking_service_pb2, ranking_service_pb2_grpc
 from adrec.core import codecs, keys
 from adrec.core.codecs import UserFeatures
 from adrec.core.model import ModelArtifactError
-from adrec.services.ranking.snapshot import RankingSnapshot, SnapshotError
-from adrec.services.runtime.data import LOAD_TIMEOUT_SECONDS, RedisReader, created_at
-from adrec.services.runtime.logs import service_logger
-from adrec.services.runtime.requests import (
+from services.ranking.snapshot import RankingSnapshot, SnapshotError
+from services.runtime.data import LOAD_TIMEOUT_SECONDS, RedisReader, created_at
+from services.runtime.logs import service_logger
+from services.runtime.requests import (
     InvalidArgumentError,
     UnavailableError,
     grpc_errors,
@@ -33,7 +33,7 @@ from adrec.services.runtime.requests import (
     known_pid,
     positive_id,
 )
-from adrec.services.runtime.server import ServiceSpec
+from services.runtime.server import ServiceSpec
 
 MAX_CANDIDATES = 1000
 MAX_TOP_K = 1000

@@ -18,8 +18,8 @@ import numpy as np
 from adrec.core import codecs, features
 from adrec.core.codecs import UserFeatures
 from adrec.core.model import CtrModel
-from adrec.services.ranking.scorer import CompiledScorer
-from adrec.services.runtime.data import model_version
+from services.ranking.scorer import CompiledScorer
+from services.runtime.data import model_version
 
 #: Ad table columns the ranking service needs (the table may hold more).
 AD_COLUMNS = ("adgroup_id", "cate_id", *features.AD_NUMERIC_FIELDS)

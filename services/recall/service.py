@@ -17,16 +17,16 @@ from redis.exceptions import RedisError
 from adrec.api.common.v1 import common_pb2
 from adrec.api.recall.v1 import recall_service_pb2, recall_service_pb2_grpc
 from adrec.core import codecs, keys
-from adrec.services.runtime.data import PopularLists, RedisReader, created_at
-from adrec.services.runtime.logs import service_logger
-from adrec.services.runtime.requests import (
+from services.runtime.data import PopularLists, RedisReader, created_at
+from services.runtime.logs import service_logger
+from services.runtime.requests import (
     InvalidArgumentError,
     UnavailableError,
     grpc_errors,
     known_pid,
     positive_id,
 )
-from adrec.services.runtime.server import ServiceSpec
+from services.runtime.server import ServiceSpec
 
 GetCandidatesResponse = recall_service_pb2.GetCandidatesResponse
 

@@ -18,11 +18,11 @@ from typing import Any, Protocol
 from redis.exceptions import RedisError
 
 from adrec.core import codecs, keys
-from adrec.services.runtime.data import RedisReader
-from adrec.services.runtime.logs import ServiceLogger
-from adrec.services.runtime.metrics import Metrics, grpc_server_observer
-from adrec.services.runtime.server import RunningServer, ServiceSpec, serve
-from adrec.services.runtime.settings import ServerSettings
+from services.runtime.data import RedisReader
+from services.runtime.logs import ServiceLogger
+from services.runtime.metrics import Metrics, grpc_server_observer
+from services.runtime.server import RunningServer, ServiceSpec, serve
+from services.runtime.settings import ServerSettings
 
 #: Longest wait for the version watcher to finish its current check on shutdown.
 WATCHER_STOP_SECONDS = 10.0

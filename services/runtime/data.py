@@ -16,7 +16,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from adrec.core import codecs, keys
 from adrec.core.features import KNOWN_PIDS
 from adrec.core.redis_conn import RedisSettings, connect_async
-from adrec.services.runtime.metrics import ServiceMetrics
+from services.runtime.metrics import ServiceMetrics
 
 
 def model_version(data_version: str, feature_spec_id: str) -> str:

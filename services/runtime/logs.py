@@ -70,7 +70,7 @@ class ServiceLogger(logging.LoggerAdapter):
 
 
 def service_logger(service: str) -> ServiceLogger:
-    return ServiceLogger(logging.getLogger(f"adrec.services.{service}"), {"service": service})
+    return ServiceLogger(logging.getLogger(f"services.{service}"), {"service": service})
 
 
 class LogThrottle:

@@ -36,7 +36,7 @@ from prometheus_client import (
     process_collector,
 )
 
-from adrec.services.runtime.server import UnaryBehavior, UnaryObserver
+from services.runtime.server import UnaryBehavior, UnaryObserver
 
 #: Latency buckets for calls that take milliseconds (seconds, as Prometheus wants).
 LATENCY_BUCKETS = (

@@ -32,14 +32,10 @@ from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from adrec.services.runtime.health import LIVENESS_SERVICE_NAME, set_serving_status
+from services.runtime.health import LIVENESS_SERVICE_NAME, set_serving_status
+from services.runtime.settings import DEFAULT_MAX_MESSAGE_BYTES
 
 logger = logging.getLogger(__name__)
-
-# The largest legitimate message is a RankCandidates request of 1000 ids (about 10 KB) or a
-# 500-ad Recommend response; 1 MiB leaves ample headroom while capping the memory one call
-# can claim, a quarter of gRPC's 4 MiB receive default.
-DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 
 DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

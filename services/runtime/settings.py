@@ -22,9 +22,12 @@ from adrec.core.settings import (
     port_number,
     setting,
 )
-from adrec.services.runtime.logs import LOG_LEVELS
-from adrec.services.runtime.server import DEFAULT_MAX_MESSAGE_BYTES
+from services.runtime.logs import LOG_LEVELS
 
+# The largest legitimate message is a RankCandidates request of 1000 ids (about 10 KB) or a
+# 500-ad Recommend response; 1 MiB leaves ample headroom while capping the memory one call
+# can claim, a quarter of gRPC's 4 MiB receive default.
+DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 DEFAULT_RECALL_PORT = 50051
 DEFAULT_RANKING_PORT = 50052
 DEFAULT_GATEWAY_PORT = 50053

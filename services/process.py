@@ -20,14 +20,14 @@ from typing import Any
 
 from adrec.core import settings as settings_mod
 from adrec.core.redis_conn import RedisSettings, redacted
-from adrec.services.gateway.service import Budgets, GatewayService, downstream_channel
-from adrec.services.ranking.service import RankingService
-from adrec.services.recall.service import RecallService
-from adrec.services.runtime.app import RunningService, running_service
-from adrec.services.runtime.data import RedisReader, client_without_socket_timeouts
-from adrec.services.runtime.metrics import Metrics, start_metrics_endpoint
-from adrec.services.runtime.server import run_until_signalled
-from adrec.services.runtime.settings import SETTINGS
+from services.gateway.service import Budgets, GatewayService, downstream_channel
+from services.ranking.service import RankingService
+from services.recall.service import RecallService
+from services.runtime.app import RunningService, running_service
+from services.runtime.data import RedisReader, client_without_socket_timeouts
+from services.runtime.metrics import Metrics, start_metrics_endpoint
+from services.runtime.server import run_until_signalled
+from services.runtime.settings import SETTINGS
 
 #: `adrec serve` targets: one service each, or all three in one process (local use).
 TARGETS = tuple(SETTINGS)

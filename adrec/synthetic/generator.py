@@ -47,25 +47,25 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
-from adrec.jobs.ingest import (
+from adrec.core.dataset import (
     AD_FEATURE,
     BEHAVIOR_FIRST_DAY,
     BEHAVIOR_LOG,
     BTAGS,
     CHINA_TIME,
+    MANIFEST_FILE,
     NULL_BRAND,
     PIDS,
     RAW_SAMPLE,
     SAMPLE_FIRST_DAY,
     TEST_DAY,
+    TRUTH_FILE,
     USER_PROFILE,
 )
-from adrec.jobs.synthetic_presets import PRESETS, REAL_BEHAVIOR_ROWS, Preset
+from adrec.synthetic.presets import PRESETS, REAL_BEHAVIOR_ROWS, Preset
 
 GENERATOR_VERSION = "2"
-TRUTH_FILE = "raw_sample_truth.csv"
 TRUTH_HEADER = "user,time_stamp,adgroup_id,pid,clk,click_probability"
-MANIFEST_FILE = "manifest.json"
 
 # Distinct tastes: enough that a 500-ad popular list cannot cover every taste's ads.
 LATENT_RANK = 24

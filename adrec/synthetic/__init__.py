@@ -1,0 +1,1 @@
+"""Synthetic data in the Taobao data set's published format, with a planted, known truth."""
