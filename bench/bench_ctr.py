@@ -67,8 +67,9 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict:
 
     from pyspark import StorageLevel
 
+    from adrec.core.dataset import MANIFEST_FILE
     from adrec.core.features import COURSE, FULL
-    from adrec.synthetic.generator import MANIFEST_FILE, generate
+    from adrec.synthetic import generate
     from jobs import ctr, ingest, ratings
     from jobs import features as job_features
     from jobs.als import AlsConfig, train_als

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_generator(args: argparse.Namespace) -> int:
-    from adrec.synthetic.generator import generate
+    from adrec.synthetic import generate
 
     result = generate(args.preset, args.seed, args.out, workers=args.workers)
     print(json.dumps(result.seconds))

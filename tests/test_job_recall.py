@@ -25,8 +25,11 @@ from jobs.recall import (
     build_recall_lists,
     collect_catalog,
     publish_recall_lists,
+    randomness,
+    ranking,
     recall_chunk,
     recall_hit_rate,
+    sampler,
     write_recall_lists,
 )
 
@@ -236,13 +239,13 @@ def test_keyed_and_drawn_samples_follow_the_same_distribution():
     weights = np.arange(1, 41)
     catalog = make_catalog([40], impressions=weights - 1)
     n = 4000
-    streams = recall._user_streams(3, np.arange(1, n + 1))
-    segments = recall._Segments(row=np.arange(n), cate=np.zeros(n, dtype=np.int64),
+    streams = randomness.user_streams(3, np.arange(1, n + 1))
+    segments = sampler.Segments(row=np.arange(n), cate=np.zeros(n, dtype=np.int64),
                                 take=np.full(n, 5), size=np.full(n, 40),
                                 start=np.zeros(n, dtype=np.int64))
     keyed, drawn = np.zeros((n, 5), np.int32), np.zeros((n, 5), np.int32)
-    recall._sample_by_keys(catalog, True, streams, segments, keyed)
-    recall._sample_by_draws(catalog, True, streams, segments, drawn)
+    sampler.sample_by_keys(catalog, True, streams, segments, keyed)
+    sampler.sample_by_draws(catalog, True, streams, segments, drawn)
 
     first_expected = weights / weights.sum()
     for sample in (keyed, drawn):
@@ -267,7 +270,7 @@ def test_top_categories_match_a_full_sort_despite_many_ties():
     rng = np.random.default_rng(8)
     cate_factors = rng.integers(-2, 3, (2_000, 3)).astype(np.float32)
     factors = rng.integers(-2, 3, (60, 3)).astype(np.float32)
-    top = recall._top_categories(factors, cate_factors, 5)
+    top = ranking.top_categories(factors, cate_factors, 5)
     scores = factors @ cate_factors.T
     for row in range(60):
         expected = sorted(range(2_000), key=lambda c: (-scores[row, c], c))[:5]
@@ -383,7 +386,7 @@ def test_hit_rate_counts_clicked_pairs_found_in_the_lists(spark):
 
 def test_tiny_preset_end_to_end(spark, redis_url, tmp_path):
     from adrec.core import dataset
-    from adrec.synthetic.generator import generate
+    from adrec.synthetic import generate
     from jobs import ingest
 
     generate("tiny", 5, tmp_path, progress=False)

@@ -13,17 +13,11 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from adrec.cli import main
-from adrec.core.dataset import BTAGS, PIDS, TABLES
-from adrec.synthetic import generator as synthetic
-from adrec.synthetic.generator import (
-    BEHAVIOR_START,
-    MANIFEST_FILE,
-    SAMPLE_END,
-    SAMPLE_START,
-    TRUTH_FILE,
-    generate,
-)
+from adrec.core.dataset import BTAGS, MANIFEST_FILE, PIDS, TABLES, TRUTH_FILE
+from adrec.synthetic import blocks, generate
+from adrec.synthetic.manifest import GENERATOR_VERSION
 from adrec.synthetic.presets import PRESETS
+from adrec.synthetic.truth import BEHAVIOR_START, SAMPLE_END, SAMPLE_START
 from jobs.ingest import load_dataset
 
 TINY = PRESETS["tiny"]
@@ -61,7 +55,7 @@ def test_headers_are_the_published_bytes(tiny):
 def test_manifest_counts_match_the_files(tiny):
     manifest = json.loads((tiny / MANIFEST_FILE).read_text())
     assert (manifest["preset"], manifest["seed"]) == ("tiny", 7)
-    assert manifest["generator_version"] == synthetic.GENERATOR_VERSION
+    assert manifest["generator_version"] == GENERATOR_VERSION
     for name, info in manifest["files"].items():
         lines = (tiny / name).read_bytes().count(b"\n")
         assert info["rows"] == lines - 1, name
@@ -181,7 +175,7 @@ def test_an_interrupted_run_leaves_no_manifest_and_no_partial_file(monkeypatch, 
     def fail(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(synthetic, "_draw_block", fail)
+    monkeypatch.setattr(blocks, "draw_block", fail)
     (tmp_path / MANIFEST_FILE).write_text("{}")  # left by an earlier complete run
     with pytest.raises(KeyboardInterrupt):
         generate("tiny", 7, tmp_path, progress=False)
@@ -189,11 +183,16 @@ def test_an_interrupted_run_leaves_no_manifest_and_no_partial_file(monkeypatch, 
     assert names == ["ad_feature.csv", "user_profile.csv"]
 
 
-def test_generator_does_not_import_pyspark():
-    code = "import sys, adrec.synthetic.generator; print('pyspark' in sys.modules)"
+def test_synthetic_package_does_not_import_pyspark():
+    code = (
+        "import importlib, pkgutil, sys, adrec.synthetic as package\n"
+        "names = [m.name for m in pkgutil.iter_modules(package.__path__, 'adrec.synthetic.')]\n"
+        "for name in names: importlib.import_module(name)\n"
+        "print(len(names) > 1, 'pyspark' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
-    assert result.stdout.strip() == "False"
+    assert result.stdout.strip() == "True False"
 
 
 def test_loaders_accept_generated_files(spark, tiny):

@@ -78,7 +78,8 @@ def _redis(stack: contextlib.ExitStack) -> str:
 
 
 def _generate(preset: str, seed: int, data_dir: pathlib.Path) -> None:
-    from adrec.synthetic.generator import MANIFEST_FILE, generate
+    from adrec.core.dataset import MANIFEST_FILE
+    from adrec.synthetic import generate
 
     if (data_dir / MANIFEST_FILE).exists():
         _say(f"reusing the data in {data_dir}")
