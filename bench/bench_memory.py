@@ -26,6 +26,7 @@ import numpy as np
 from adrec.core import features, keys
 from adrec.core.catalog import Publication, family_memory, used_memory
 from adrec.core.codecs import UserFeatures
+from adrec.core.metadata import VersionContent
 from adrec.core.model import CtrModel
 from adrec.core.redis_conn import RedisSettings, connect
 from adrec.core.redis_server import private_redis
@@ -59,7 +60,7 @@ def main() -> int:
         with Publication(client, keep_versions=0) as publication:
             _write_version(publication.writer, rng, args.users)
             families = family_memory(client, publication.version)
-            publication.commit({"bench": "memory"})
+            publication.commit(VersionContent())
         after = used_memory(client)
         seconds = time.perf_counter() - started
 

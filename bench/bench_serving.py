@@ -80,6 +80,7 @@ def publish(redis_url: str, seed: int = 1) -> list[int]:
     from adrec.core import features, keys
     from adrec.core.catalog import Publication
     from adrec.core.codecs import UserFeatures
+    from adrec.core.metadata import VersionContent, VersionCounts
     from adrec.core.model import CtrModel
 
     rng = np.random.default_rng(seed)
@@ -121,7 +122,7 @@ def publish(redis_url: str, seed: int = 1) -> list[int]:
         )
         for scope in (keys.POPULAR_ALL, *features.KNOWN_PIDS):
             writer.put_popular(scope, ad_ids[:500])
-        publication.commit({"counts": {"users": USERS, "ads": ADS}, "bench": True})
+        publication.commit(VersionContent(counts=VersionCounts(users=USERS, ads=ADS)))
     client.close()
     return user_ids.tolist()
 

@@ -37,10 +37,10 @@ from pyspark.sql import functions as F  # noqa: N812 - the conventional alias
 from pyspark.sql import types as T  # noqa: N812
 from sklearn.metrics import log_loss, roc_auc_score
 
-from adrec.core.dataset import TEST_DAY, TRUTH_FILE
+from adrec.core.dataset import TRUTH_FILE
 from adrec.core.features import FeatureSpec
 from adrec.core.model import CtrModel
-from jobs.ingest import event_day_column
+from jobs.ingest import event_day_column, on_test_day
 
 RELIABILITY_BINS = 10
 
@@ -239,7 +239,7 @@ def oracle_metrics(spark: SparkSession, data_dir: str) -> dict[str, Any]:
               "click_probability double")
     truth = spark.read.csv(f"{data_dir.rstrip('/')}/{TRUTH_FILE}", schema=schema, header=True,
                            mode="FAILFAST")
-    test = truth.where(event_day_column(F.col("time_stamp")) == F.lit(TEST_DAY)).select(
+    test = truth.where(on_test_day(event_day_column(F.col("time_stamp")))).select(
         "clk", "click_probability"
     ).toPandas()
     return evaluate(test["clk"].to_numpy(), test["click_probability"].to_numpy())

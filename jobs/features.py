@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from datetime import timedelta
 
 import numpy as np
 import pandas as pd
@@ -40,14 +39,11 @@ from pyspark.sql import types as T  # noqa: N812
 
 from adrec.core import features as spec_features
 from adrec.core.codecs import UserFeatures
-from adrec.core.dataset import SAMPLE_FIRST_DAY, TEST_DAY
 from adrec.core.features import USER_PROFILE_FIELDS
 from adrec.core.redis_conn import RedisSettings, connect
 from adrec.core.store import VersionWriter
+from jobs.ingest import in_training_days, on_test_day
 from jobs.load import write_from_executors
-
-#: Training days are SAMPLE_FIRST_DAY up to the day before TEST_DAY (China time).
-TRAIN_DAYS = (SAMPLE_FIRST_DAY, TEST_DAY - timedelta(days=1))
 
 #: Ad table columns in storage order, with their stored dtypes.
 AD_TABLE_DTYPES = {
@@ -88,11 +84,11 @@ class Smoothing:
 
 
 def _is_train() -> Column:
-    return F.col("event_day").between(F.lit(TRAIN_DAYS[0]), F.lit(TRAIN_DAYS[1]))
+    return in_training_days(F.col("event_day"))
 
 
 def _is_test() -> Column:
-    return F.col("event_day") == F.lit(TEST_DAY)
+    return on_test_day(F.col("event_day"))
 
 
 def train_samples(samples: DataFrame) -> DataFrame:

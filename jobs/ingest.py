@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import date
 
 from pyspark import StorageLevel
 from pyspark.errors import AnalysisException
@@ -38,6 +37,7 @@ from adrec.core.dataset import (
     SECONDS_PER_DAY,
     TABLES,
     TEST_DAY,
+    TRAIN_DAYS,
     USER_PROFILE,
     ColumnSpec,
     Format,
@@ -127,11 +127,19 @@ def event_day_column(time_stamp: SparkColumn) -> SparkColumn:
     return sf.date_from_unix_date(china_days.cast("int"))
 
 
-def split_by_day(samples: DataFrame, test_day: date = TEST_DAY) -> tuple[DataFrame, DataFrame]:
-    """(train, test): the days before ``test_day``, and ``test_day`` itself (``is_test_day``)."""
+def in_training_days(day: SparkColumn) -> SparkColumn:
+    """Whether a China-time day column falls in the standard split's training days."""
+    return day.between(sf.lit(TRAIN_DAYS[0]), sf.lit(TRAIN_DAYS[1]))
 
+
+def on_test_day(day: SparkColumn) -> SparkColumn:
+    return day == sf.lit(TEST_DAY)
+
+
+def split_by_day(samples: DataFrame) -> tuple[DataFrame, DataFrame]:
+    """(train, test) of the standard split (:func:`adrec.core.dataset.split_of`)."""
     day = sf.col("event_day")
-    return samples.filter(day < sf.lit(test_day)), samples.filter(day == sf.lit(test_day))
+    return samples.filter(in_training_days(day)), samples.filter(on_test_day(day))
 
 
 def dataset_path(base: str, table: TableFormat, data_format: Format = "csv") -> str:

@@ -32,6 +32,7 @@ from adrec.api.ranking.v1 import ranking_service_pb2, ranking_service_pb2_grpc
 from adrec.core import features, keys
 from adrec.core.catalog import Publication
 from adrec.core.codecs import UserFeatures
+from adrec.core.metadata import VersionContent, VersionCounts
 from adrec.core.model import CtrModel
 from adrec.core.redis_conn import RedisSettings
 from adrec.core.settings import load
@@ -165,11 +166,12 @@ def publish_version(
         writer.put_offline_lists(list(offline_lists), list(offline_lists.values()))
         for scope, ids in popular.items():
             writer.put_popular(scope, ids)
-        publication.commit({
-            "counts": {"users": len(user_ids), "ads": ads},
-            "feature_spec_id": model.spec.spec_id,
-            "report": {"offline": {"pid": OFFLINE_PID, "top_n": OFFLINE_TOP_N}},
-        })
+        publication.commit(VersionContent(
+            counts=VersionCounts(users=len(user_ids), ads=ads),
+            feature_spec_id=model.spec.spec_id,
+            offline_pid=OFFLINE_PID,
+            report={"offline": {"pid": OFFLINE_PID, "top_n": OFFLINE_TOP_N}},
+        ))
         version = publication.version
 
     return PublishedData(
@@ -234,11 +236,11 @@ async def running_stack(
         yield stack
 
 
-def run(scenario: Callable[[], Coroutine[Any, Any, None]], timeout: float = 30) -> None:
+def run(scenario: Callable[[], Coroutine[Any, Any, None]], timeout: float = 60) -> None:
     asyncio.run(asyncio.wait_for(scenario(), timeout=timeout))
 
 
-async def wait_until(condition: Callable[[], Any], timeout: float = 5) -> None:
+async def wait_until(condition: Callable[[], Any], timeout: float = 20) -> None:
     """Poll `condition` (a function or a coroutine function) until it is true."""
     deadline = time.monotonic() + timeout
     while True:

@@ -9,6 +9,7 @@ from adrec.cli import main
 from adrec.core import store
 from adrec.core.catalog import Publication
 from adrec.core.codecs import UserFeatures
+from adrec.core.metadata import VersionContent, VersionCounts
 
 
 def publish(client, offset):
@@ -17,7 +18,7 @@ def publish(client, offset):
         pub.writer.put_user_features(
             [1], [UserFeatures({"age_level": 2, "gender": 1}, np.ones(3, dtype=np.float32))]
         )
-        pub.commit({"counts": {"recall_lists": 2}, "config_digest": "abc123"})
+        pub.commit(VersionContent(counts=VersionCounts(recall_lists=2), config_digest="abc123"))
 
 
 def test_list_and_rollback(redis_client, redis_url, capsys):

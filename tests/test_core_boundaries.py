@@ -7,13 +7,13 @@ import subprocess
 import sys
 import tomllib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
 from adrec.cli import JOB_PACKAGES
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
 CORE_MODULES = [
-    "catalog", "codecs", "dataset", "features", "keys", "model", "redis_conn", "redis_server",
-    "settings", "store",
+    "catalog", "codecs", "dataset", "features", "keys", "metadata", "model", "redis_conn",
+    "redis_server", "settings", "store",
 ]
 
 

@@ -3,13 +3,16 @@
 import numpy as np
 import pytest
 
+from adrec.core.dataset import USER_PROFILE
 from adrec.core.features import (
     COURSE,
     FULL,
     KNOWN_PIDS,
+    TRANSFORM_CONSTANTS,
     USER_PROFILE_FIELDS,
     als_affinity,
     feature_spec,
+    profile_levels,
 )
 
 NAN = float("nan")
@@ -98,13 +101,44 @@ def test_user_broadcast_equals_row_by_row_encoding():
     np.testing.assert_array_equal(broadcast, explicit)
 
 
-def test_encoding_is_deterministic_and_spec_ids_are_stable():
+def test_encoding_is_deterministic():
     np.testing.assert_array_equal(FULL.encode(rows()), FULL.encode(rows()))
-    assert COURSE.spec_id.startswith("course-v1-")
-    assert FULL.spec_id.startswith("full-v1-")
-    assert COURSE.spec_id != FULL.spec_id
-    # the id depends only on the declared features, never on process state
-    assert COURSE.spec_id == feature_spec("course").spec_id
+
+
+def test_spec_ids_are_pinned():
+    # Published models carry these ids; a change here refuses every model trained before it,
+    # so it must be deliberate (and SCHEMA_VERSION bumped when the semantics change).
+    assert COURSE.spec_id == "course-v1-83e1fbcbae14"
+    assert FULL.spec_id == "full-v1-28f149313532"
+
+
+@pytest.mark.parametrize("constant", sorted(TRANSFORM_CONSTANTS))
+def test_every_transform_constant_is_part_of_the_spec_id(monkeypatch, constant):
+    before = {spec.name: spec.spec_id for spec in (COURSE, FULL)}
+    # A CTR of 1 meets the clipping bound and a NaN the missing value.
+    inputs = rows(ctr_ad=np.array([0.05, 1.0, NAN]))
+    encoded = FULL.encode(inputs)
+    monkeypatch.setitem(TRANSFORM_CONSTANTS, constant, TRANSFORM_CONSTANTS[constant] * 0.5)
+    assert FULL.spec_id != before["full"] and COURSE.spec_id != before["course"]
+    # and each constant really is used: halving it changes some encoded value
+    assert not np.array_equal(FULL.encode(inputs), encoded)
+
+
+def test_one_hot_index_finds_a_levels_weight_slot():
+    for spec in (COURSE, FULL):
+        for pid in KNOWN_PIDS:
+            assert spec.feature_names[spec.one_hot_index("pid", pid)] == f"pid={pid}"
+        assert spec.feature_names[spec.one_hot_index("age_level", 6)] == "age_level=6"
+    assert COURSE.one_hot_index("age_level", 7) is None
+    assert COURSE.one_hot_index("pid", "1_1") is None
+    assert COURSE.one_hot_index("price", 1) is None
+
+
+def test_profile_levels_are_the_published_value_domains():
+    for column in USER_PROFILE.columns:
+        if column.name in {block.column for block in COURSE.blocks}:
+            low, high = column.domain
+            assert profile_levels(column.name) == tuple(range(low, high + 1))
 
 
 def test_bad_inputs_are_named():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, datetime
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,11 +11,12 @@ import pytest
 from adrec.core.dataset import (
     AD_FEATURE,
     BEHAVIOR_LOG,
+    CHINA_TIME,
     RAW_SAMPLE,
     TABLES,
     USER_PROFILE,
     china_day,
-    is_test_day,
+    split_of,
 )
 from jobs.ingest import (
     IngestError,
@@ -155,8 +156,19 @@ def test_day_split_is_at_china_midnight(spark, tmp_path):
     assert sorted(row.time_stamp for row in test.collect()) == [MAY_13_CHINA, MAY_14_CHINA - 1]
     assert china_day(MAY_13_CHINA - 1) == date(2017, 5, 12)
     assert china_day(MAY_13_CHINA) == date(2017, 5, 13)
-    assert [is_test_day(china_day(ts)) for ts in (MAY_13_CHINA - 1, MAY_13_CHINA, MAY_14_CHINA)] \
-        == [False, True, None]
+    assert [split_of(china_day(ts)) for ts in (MAY_13_CHINA - 1, MAY_13_CHINA, MAY_14_CHINA)] \
+        == ["train", "test", None]
+
+
+def test_samples_before_the_first_day_are_in_neither_split(spark, tmp_path):
+    before = int(datetime(2017, 5, 5, 12, tzinfo=CHINA_TIME).timestamp())
+    csv = RAW_SAMPLE_CSV + f"7,{before},1,430548_1007,1,0\n"
+    result = load_raw_sample(spark, write(tmp_path, "raw_sample.csv", csv))
+    train, test = split_by_day(result.data)
+
+    assert before not in {row.time_stamp for row in train.collect() + test.collect()}
+    assert split_of(date(2017, 5, 5)) is None
+    assert split_of(date(2017, 5, 6)) == "train"
 
 
 def test_day_column_ignores_session_time_zone(spark, tmp_path):

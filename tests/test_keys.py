@@ -1,8 +1,10 @@
 """The Redis key schema: exact bytes are pinned, since any change strands published data."""
 
+import numpy as np
 import pytest
 
 from adrec.core import keys
+from adrec.core.codecs import UserFeatures
 
 
 def test_global_keys_are_pinned():
@@ -68,3 +70,32 @@ def test_version_ids_and_patterns():
     assert keys.version_pattern("v42") == b"adrec:v42:*"
     with pytest.raises(ValueError):
         keys.version_id(0)
+
+
+def test_every_family_pairs_its_key_with_one_codec():
+    samples = {
+        "recall": np.array([7, 3, 9]),
+        "popular": np.array([2, 1]),
+        "offline": (np.array([4, 8]), np.array([0.25, 0.5])),
+        "user": UserFeatures({"age_level": 3.0}, np.array([0.5, -1.0], dtype=np.float32)),
+        "ads": {"adgroup_id": np.array([1, 2], dtype=np.int32)},
+        "cate_factors": {"cate_id": np.array([5], dtype=np.int32),
+                         "factors": np.ones((1, 2), dtype=np.float32)},
+    }
+    for family in keys.VERSIONED_FAMILIES:
+        if family.name not in samples:
+            continue
+        value = samples[family.name]
+        decoded = family.decode(family.encode(value))
+        if family.name == "offline":
+            assert decoded[0].tolist() == [4, 8] and decoded[1].tolist() == [0.25, 0.5]
+        elif family.name == "user":
+            assert decoded.profile["age_level"] == 3.0
+            assert decoded.als_factors.tolist() == [0.5, -1.0]
+        elif isinstance(value, dict):
+            assert {k: v.tolist() for k, v in decoded.items()} == \
+                {k: v.tolist() for k, v in value.items()}
+        else:
+            assert decoded.tolist() == value.tolist()
+    assert keys.RECALL.codec is keys.POPULAR.codec  # both are ordered ad id lists
+    assert keys.RECALL.codec.describe.startswith("ad ids in order: a width byte (3 or 4)")

@@ -37,10 +37,10 @@ from service_data import (
 
 from adrec.cli import main
 from adrec.core import store
+from adrec.core.metadata import VersionContent, VersionMeta
 from adrec.core.redis_conn import RedisSettings
 from adrec.core.redis_server import free_port, private_redis
 from services import process
-from services.runtime.data import created_at
 from services.runtime.health import LIVENESS_SERVICE_NAME
 from services.runtime.metrics import Metrics
 from services.runtime.settings import SETTINGS, service_env_names
@@ -203,7 +203,7 @@ def test_metrics_endpoint_serves_standard_grpc_and_domain_metrics(redis_client, 
         assert samples(families, "adrec_fallbacks", "_total", service="gateway",
                        reason="no_recall_set") == [1]
         created = dt.datetime.fromisoformat(
-            store.read_meta(redis_client, data.version)["created_at"]).timestamp()
+            store.read_meta(redis_client, data.version).created_at).timestamp()
         for service in SERVICES:
             assert samples(families, "adrec_data_version_info", "", service=service,
                            version=data.version) == [1]
@@ -265,7 +265,7 @@ def test_serve_all_process_answers_the_cli_logs_json_and_drains_on_sigterm(
                            grpc_method="Recommend") == [2]
 
             served.process.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(served.process.wait(), timeout=10) == 0
+            assert await asyncio.wait_for(served.process.wait(), timeout=30) == 0
 
         lines = [json.loads(line) for line in log_path.read_text().splitlines()]
         assert all({"ts", "level", "service", "msg"} <= set(line) for line in lines)
@@ -316,8 +316,9 @@ def test_bad_settings_stop_the_start_naming_each_env_var_and_flag(monkeypatch, c
 def test_the_serve_command_only_parses_and_leaves_the_wiring_to_the_runtime():
     # Building the command line must not import the services: `adrec --help` stays light.
     probe = ("import sys; from adrec.cli import build_parser; build_parser(); "
-             "print(sorted(m for m in sys.modules if m.startswith('services.') "
-             "and m.split('.')[2] in ('recall', 'ranking', 'gateway')))")
+             "print(sorted(m for m in sys.modules if m.split('.')[:2] in "
+             "(['services', 'recall'], ['services', 'ranking'], ['services', 'gateway'], "
+             "['services', 'process'])))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "[]"
@@ -346,14 +347,17 @@ def test_each_service_declares_its_env_vars_and_ports():
 
 
 def test_the_creation_time_of_a_version_comes_from_its_metadata_or_is_not_exported():
-    assert created_at({"created_at": "2026-11-28T02:30:00+00:00"}) == \
+    def created_at(text: str) -> float | None:
+        return VersionMeta("v1", "run", text, 0, VersionContent()).created_at_unix
+
+    assert created_at("2026-11-28T02:30:00+00:00") == \
         dt.datetime(2026, 11, 28, 2, 30, tzinfo=dt.UTC).timestamp()
-    assert created_at({"created_at": "2026-11-28T03:30:00+01:00"}) == \
+    assert created_at("2026-11-28T03:30:00+01:00") == \
         dt.datetime(2026, 11, 28, 2, 30, tzinfo=dt.UTC).timestamp()
-    assert created_at({"created_at": "2026-11-28T02:30:00"}) == \
+    assert created_at("2026-11-28T02:30:00") == \
         dt.datetime(2026, 11, 28, 2, 30, tzinfo=dt.UTC).timestamp()
-    for meta in ({}, {"created_at": "yesterday"}, {"created_at": 1764297000}):
-        assert created_at(meta) is None
+    for text in ("", "yesterday"):
+        assert created_at(text) is None
 
     metrics = Metrics()
     recall = metrics.service("recall")

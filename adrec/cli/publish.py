@@ -54,21 +54,20 @@ def _client(args: argparse.Namespace):
 def _list(args: argparse.Namespace) -> int:
     from adrec.core.catalog import version_summaries
 
-    rows = version_summaries(_client(args))
+    summaries = version_summaries(_client(args))
     if args.json:
+        rows = [{"active": active, **json.loads(meta.to_json())} for meta, active in summaries]
         print(json.dumps(rows, indent=2, sort_keys=True))
         return 0
-    if not rows:
+    if not summaries:
         print("no published versions")
         return 0
     print(f"{'':2}{'version':<9}{'created (UTC)':<27}{'users':>9}{'memory MB':>11}  config")
-    for row in rows:
-        marker = "* " if row["active"] else "  "
-        users = row.get("counts", {}).get("recall_lists", row.get("counts", {}).get("users", ""))
-        memory = row.get("memory_bytes")
-        memory_mb = f"{memory / 1e6:.1f}" if memory is not None else ""
-        print(f"{marker}{row['version']:<9}{row.get('created_at', ''):<27}{users!s:>9}"
-              f"{memory_mb:>11}  {row.get('config_digest', '')[:12]}")
+    for meta, active in summaries:
+        counts = meta.content.counts
+        print(f"{'* ' if active else '  '}{meta.version:<9}{meta.created_at:<27}"
+              f"{counts.recall_lists or counts.users:>9}{meta.memory_bytes / 1e6:>11.1f}"
+              f"  {meta.content.config_digest[:12]}")
     return 0
 
 

@@ -5,7 +5,7 @@ A run publishes inside a :class:`Publication`::
     with Publication(client, keep_versions=2) as pub:
         pub.writer.put_recall_lists(...)        # every key under pub.version
         ...
-        pub.commit(report)                      # metadata, then the atomic switch
+        pub.commit(VersionContent(...))         # metadata, then the atomic switch
 
 Guarantees:
 - readers only ever follow ``adrec:active``, which moves with one SET after the new
@@ -22,12 +22,12 @@ services image.
 
 from __future__ import annotations
 
-import datetime as dt
 import threading
 import uuid
 from typing import Any
 
-from adrec.core import keys, store
+from adrec.core import codecs, keys, store
+from adrec.core.metadata import VersionContent, VersionMeta, now_utc
 from adrec.core.store import VersionWriter
 
 _RELEASE_IF_OWNER = """
@@ -84,16 +84,17 @@ class Publication:
             raise
         return self
 
-    def commit(self, meta: dict[str, Any]) -> str | None:
+    def commit(self, content: VersionContent) -> str | None:
         """Write the metadata, switch readers to this version, prune old ones."""
-        document = {
-            **meta,
-            "version": self.version,
-            "run_id": self.run_id,
-            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "memory_bytes": max(used_memory(self.client) - self._memory_at_start, 0),
-        }
-        self.writer.put_meta(document)
+        if not isinstance(content, VersionContent):  # TEMPORARY until the job passes one
+            content = VersionMeta.from_json(codecs.encode_json(content)).content
+        self.writer.put_meta(VersionMeta(
+            version=self.version,
+            run_id=self.run_id,
+            created_at=now_utc(),
+            memory_bytes=max(used_memory(self.client) - self._memory_at_start, 0),
+            content=content,
+        ))
         previous = store.activate(self.client, self.version)
         self.committed = True
         self.client.srem(keys.PENDING_VERSIONS, self.version)
@@ -143,14 +144,15 @@ def rollback(client: Any, version: str) -> str | None:
     return store.activate(client, keys.check_version(version))
 
 
-def version_summaries(client: Any) -> list[dict[str, Any]]:
-    """Every kept version with its metadata, newest first, for ``adrec publish list``."""
+def version_summaries(client: Any) -> list[tuple[VersionMeta, bool]]:
+    """Every kept version's metadata and whether it is active, newest first."""
     active = store.active_version(client)
-    rows = []
+    summaries = []
     for version in reversed(store.list_versions(client)):
-        meta = store.read_meta(client, version) or {}
-        rows.append({"version": version, "active": version == active, **meta})
-    return rows
+        meta = store.read_meta(client, version)
+        if meta is not None:
+            summaries.append((meta, version == active))
+    return summaries
 
 
 def used_memory(client: Any) -> int:

@@ -17,6 +17,10 @@ SECONDS_PER_DAY = 86_400
 # raw_sample covers 8 China-time days; the last one is the standard test day.
 SAMPLE_FIRST_DAY = date(2017, 5, 6)
 TEST_DAY = date(2017, 5, 13)
+#: The standard split (China-time days, inclusive): the first seven sample days train, the
+#: eighth tests. Everything that trains or evaluates uses this one definition.
+TRAIN_DAYS = (SAMPLE_FIRST_DAY, TEST_DAY - timedelta(days=1))
+Split = Literal["train", "test"]
 # behavior_log covers the 22 China-time days that end with the sample window.
 BEHAVIOR_FIRST_DAY = date(2017, 4, 22)
 
@@ -138,8 +142,8 @@ def china_day(time_stamp: int) -> date:
     return datetime.fromtimestamp(time_stamp, CHINA_TIME).date()
 
 
-def is_test_day(day: date, test_day: date = TEST_DAY) -> bool | None:
-    """True for the test day, False for the training days before it, None for days after it."""
-    if day > test_day:
-        return None
-    return day == test_day
+def split_of(day: date) -> Split | None:
+    """The side of the standard split a China-time day's samples fall on; None outside it."""
+    if TRAIN_DAYS[0] <= day <= TRAIN_DAYS[1]:
+        return "train"
+    return "test" if day == TEST_DAY else None

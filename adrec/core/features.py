@@ -22,11 +22,12 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from adrec.core.dataset import PIDS, USER_PROFILE
+
 #: Feature spec format version; bump when encoding semantics change.
 SCHEMA_VERSION = 1
 
-#: The two placements of the Taobao display-ad data set.
-KNOWN_PIDS = ("430548_1007", "430539_1007")
+KNOWN_PIDS = PIDS
 
 #: Profile fields stored per user, in storage order (see codecs.UserFeatures).
 USER_PROFILE_FIELDS = (
@@ -45,9 +46,18 @@ AD_NUMERIC_FIELDS = ("price", "ctr_ad", "ctr_cate", "ctr_brand")
 
 INPUT_COLUMNS = ("pid", *USER_PROFILE_FIELDS, *AD_NUMERIC_FIELDS, "als_affinity")
 
-PRICE_CAP = 10_000.0
-MAX_PRICE = 1e8
-_CTR_EPS = 1e-6
+#: Every constant a transform uses. Part of :attr:`FeatureSpec.spec_id`, so a model trained
+#: under other constants is refused rather than scored with shifted inputs.
+TRANSFORM_CONSTANTS: dict[str, float] = {
+    # linear_capped: price / cap, clipped to [0, 1].
+    "price_cap": 10_000.0,
+    # log_scaled: log1p(price) / log1p(max_price), the data set's largest price.
+    "max_price": 1e8,
+    # logit: probabilities clipped to [eps, 1 - eps] before the log-odds.
+    "ctr_eps": 1e-6,
+    # logit: the probability a missing CTR stands for (log-odds 0).
+    "ctr_missing": 0.5,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,15 +131,18 @@ class MissingIndicator:
 
 
 def _price_linear(price: np.ndarray) -> np.ndarray:
-    return np.clip(np.nan_to_num(price, nan=0.0), 0.0, PRICE_CAP) / PRICE_CAP
+    cap = TRANSFORM_CONSTANTS["price_cap"]
+    return np.clip(np.nan_to_num(price, nan=0.0), 0.0, cap) / cap
 
 
 def _log_price(price: np.ndarray) -> np.ndarray:
-    return np.log1p(np.clip(np.nan_to_num(price, nan=0.0), 0.0, MAX_PRICE)) / np.log1p(MAX_PRICE)
+    most = TRANSFORM_CONSTANTS["max_price"]
+    return np.log1p(np.clip(np.nan_to_num(price, nan=0.0), 0.0, most)) / np.log1p(most)
 
 
 def _logit(probability: np.ndarray) -> np.ndarray:
-    p = np.clip(np.nan_to_num(probability, nan=0.5), _CTR_EPS, 1.0 - _CTR_EPS)
+    eps = TRANSFORM_CONSTANTS["ctr_eps"]
+    p = np.clip(np.nan_to_num(probability, nan=TRANSFORM_CONSTANTS["ctr_missing"]), eps, 1.0 - eps)
     return np.log(p / (1.0 - p))
 
 
@@ -146,14 +159,19 @@ _TRANSFORMS = {
 
 Block = OneHot | PidOneHot | Numeric | MissingIndicator
 
-_PROFILE_BLOCKS: tuple[Block, ...] = (
-    OneHot("cms_group_id", tuple(range(13))),
-    OneHot("gender", (1, 2)),
-    OneHot("age_level", tuple(range(7))),
-    OneHot("shopping_level", (1, 2, 3)),
-    OneHot("occupation", (0, 1)),
-    OneHot("pvalue_level", (1, 2, 3)),
-    OneHot("new_user_class_level", (1, 2, 3, 4)),
+def profile_levels(field: str) -> tuple[int, ...]:
+    """The known levels of a profile field: its published value domain."""
+    for column in USER_PROFILE.columns:
+        if column.name == field and column.domain is not None:
+            low, high = column.domain
+            return tuple(range(low, high + 1))
+    raise ValueError(f"{field!r} is not a profile field with a value domain")
+
+
+_PROFILE_BLOCKS: tuple[Block, ...] = tuple(
+    OneHot(field, profile_levels(field))
+    for field in ("cms_group_id", "gender", "age_level", "shopping_level", "occupation",
+                  "pvalue_level", "new_user_class_level")
 )
 
 
@@ -178,11 +196,25 @@ class FeatureSpec:
     def spec_id(self) -> str:
         """Identifies the exact encoding; a model trained under another id is refused."""
         definition = json.dumps(
-            {"schema": SCHEMA_VERSION, "name": self.name, "features": self.feature_names},
+            {"schema": SCHEMA_VERSION, "name": self.name, "features": self.feature_names,
+             "constants": TRANSFORM_CONSTANTS},
             sort_keys=True,
         )
         digest = hashlib.sha256(definition.encode()).hexdigest()[:12]
         return f"{self.name}-v{SCHEMA_VERSION}-{digest}"
+
+    def one_hot_index(self, column: str, level: int | str) -> int | None:
+        """Position of `column`'s one-hot slot for `level` in the feature vector (and so in
+        a model's weights); None when the spec has no such slot."""
+        start = 0
+        for block in self.blocks:
+            if block.column == column and isinstance(block, OneHot | PidOneHot):
+                slots: tuple[int | str, ...] = (
+                    block.levels if isinstance(block, OneHot) else KNOWN_PIDS)
+                if level in slots:
+                    return start + slots.index(level)
+            start += len(block.names)
+        return None
 
     def encode(self, columns: Mapping[str, np.ndarray | float | str]) -> np.ndarray:
         """Encode ``n`` rows into a float32 ``(n, dim)`` matrix.

@@ -1,4 +1,4 @@
-"""Reads and writes of adrec data in Redis: the one place that pairs keys with codecs.
+"""Reads and writes of adrec data in Redis, each through its key family and that family's codec.
 
 The batch job writes through :class:`VersionWriter` (from the driver or from Spark
 executors, one pipelined batch at a time), the CLI updates a single user through
@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-from adrec.core import codecs, keys
+from adrec.core import keys
 from adrec.core.codecs import UserFeatures
+from adrec.core.metadata import VersionMeta
 from adrec.core.model import CtrModel
+
+Value = TypeVar("Value")
 
 #: Keys per pipeline round trip: large enough to amortise latency, small enough
 #: that one batch of recall lists (~2 KB each) stays a few MB.
@@ -51,7 +54,7 @@ class VersionWriter:
 
     def put_recall_lists(self, user_ids: Sequence[int], lists: Iterable[np.ndarray]) -> int:
         return self._put_many(
-            (keys.RECALL.key(self.version, int(u)), codecs.encode_ad_ids(ids))
+            (keys.RECALL.key(self.version, int(u)), keys.RECALL.encode(ids))
             for u, ids in zip(user_ids, lists, strict=True)
         )
 
@@ -59,32 +62,32 @@ class VersionWriter:
         self, user_ids: Sequence[int], lists: Iterable[tuple[np.ndarray, np.ndarray]]
     ) -> int:
         return self._put_many(
-            (keys.OFFLINE.key(self.version, int(u)), codecs.encode_scored_ads(ids, ctrs))
-            for u, (ids, ctrs) in zip(user_ids, lists, strict=True)
+            (keys.OFFLINE.key(self.version, int(u)), keys.OFFLINE.encode(scored))
+            for u, scored in zip(user_ids, lists, strict=True)
         )
 
     def put_user_features(self, user_ids: Sequence[int], users: Iterable[UserFeatures]) -> int:
         return self._put_many(
-            (keys.USER.key(self.version, int(u)), codecs.encode_user_features(f))
+            (keys.USER.key(self.version, int(u)), keys.USER.encode(f))
             for u, f in zip(user_ids, users, strict=True)
         )
 
     def put_popular(self, scope: str, ad_ids: np.ndarray) -> None:
-        self.client.set(keys.POPULAR.key(self.version, scope), codecs.encode_ad_ids(ad_ids))
+        self.client.set(keys.POPULAR.key(self.version, scope), keys.POPULAR.encode(ad_ids))
 
     def put_ad_table(self, table: Mapping[str, np.ndarray]) -> None:
-        self.client.set(keys.ADS.key(self.version), codecs.encode_table(table))
+        self.client.set(keys.ADS.key(self.version), keys.ADS.encode(dict(table)))
 
     def put_cate_factors(self, cate_ids: np.ndarray, factors: np.ndarray) -> None:
         table = {"cate_id": np.asarray(cate_ids, dtype=np.int32),
                  "factors": np.asarray(factors, dtype=np.float32)}
-        self.client.set(keys.CATE_FACTORS.key(self.version), codecs.encode_table(table))
+        self.client.set(keys.CATE_FACTORS.key(self.version), keys.CATE_FACTORS.encode(table))
 
     def put_model(self, model: CtrModel) -> None:
-        self.client.set(keys.MODEL.key(self.version), model.to_json())
+        self.client.set(keys.MODEL.key(self.version), keys.MODEL.encode(model))
 
-    def put_meta(self, meta: Mapping[str, Any]) -> None:
-        self.client.set(keys.META.key(self.version), codecs.encode_json(meta))
+    def put_meta(self, meta: VersionMeta) -> None:
+        self.client.set(keys.META.key(self.version), keys.META.encode(meta))
 
 
 # ------------------------------------------------------------------ catalog
@@ -99,9 +102,8 @@ def active_version(client: Any) -> str | None:
     return raw.decode() if raw is not None else None
 
 
-def read_meta(client: Any, version: str) -> dict[str, Any] | None:
-    raw = client.get(keys.META.key(version))
-    return codecs.decode_json(raw) if raw is not None else None
+def read_meta(client: Any, version: str) -> VersionMeta | None:
+    return read(client, keys.META, version)
 
 
 def activate(client: Any, version: str) -> str | None:
@@ -145,42 +147,39 @@ def _unlink(client: Any, batch: list[bytes]) -> int:
 # ------------------------------------------------------------------ reads
 
 
+def read(client: Any, family: keys.KeyFamily[Value], version: str,
+         member: int | str | None = None) -> Value | None:
+    """One key's decoded value, None when the key does not exist."""
+    raw = client.get(family.key(version, member))
+    return family.decode(raw) if raw is not None else None
+
+
 def read_recall_list(client: Any, version: str, user_id: int) -> np.ndarray | None:
-    raw = client.get(keys.RECALL.key(version, user_id))
-    return codecs.decode_ad_ids(raw) if raw is not None else None
+    return read(client, keys.RECALL, version, user_id)
 
 
 def read_offline_list(
     client: Any, version: str, user_id: int
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    raw = client.get(keys.OFFLINE.key(version, user_id))
-    return codecs.decode_scored_ads(raw) if raw is not None else None
+    return read(client, keys.OFFLINE, version, user_id)
 
 
 def read_user_features(client: Any, version: str, user_id: int) -> UserFeatures | None:
-    raw = client.get(keys.USER.key(version, user_id))
-    return codecs.decode_user_features(raw) if raw is not None else None
+    return read(client, keys.USER, version, user_id)
 
 
 def read_popular(client: Any, version: str, scope: str) -> np.ndarray | None:
-    raw = client.get(keys.POPULAR.key(version, scope))
-    return codecs.decode_ad_ids(raw) if raw is not None else None
+    return read(client, keys.POPULAR, version, scope)
 
 
 def read_ad_table(client: Any, version: str) -> dict[str, np.ndarray] | None:
-    raw = client.get(keys.ADS.key(version))
-    return codecs.decode_table(raw) if raw is not None else None
+    return read(client, keys.ADS, version)
 
 
 def read_cate_factors(client: Any, version: str) -> tuple[np.ndarray, np.ndarray] | None:
-    raw = client.get(keys.CATE_FACTORS.key(version))
-    if raw is None:
-        return None
-    table = codecs.decode_table(raw)
-    return table["cate_id"], table["factors"]
+    table = read(client, keys.CATE_FACTORS, version)
+    return (table["cate_id"], table["factors"]) if table is not None else None
 
 
 def read_model(client: Any, version: str) -> CtrModel | None:
-    raw = client.get(keys.MODEL.key(version))
-    return CtrModel.from_json(raw) if raw is not None else None
-
+    return read(client, keys.MODEL, version)

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -28,9 +27,10 @@ from adrec.api.gateway.v1 import gateway_service_pb2 as gateway_pb2
 from adrec.api.gateway.v1 import gateway_service_pb2_grpc
 from adrec.api.ranking.v1 import ranking_service_pb2, ranking_service_pb2_grpc
 from adrec.api.recall.v1 import recall_service_pb2, recall_service_pb2_grpc
-from adrec.core import codecs, keys
+from adrec.core import keys
+from adrec.core.metadata import VersionMeta
 from services.gateway.versions import GatewayVersion
-from services.runtime.data import RedisReader, created_at
+from services.runtime.data import RedisReader
 from services.runtime.logs import LogThrottle, service_logger
 from services.runtime.metrics import GRPC_CODE_NAMES
 from services.runtime.requests import (
@@ -191,9 +191,9 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
     def ready(self) -> bool:
         return self.current is not None
 
-    async def load_version(self, version: str, meta: Mapping[str, Any]) -> None:
+    async def load_version(self, version: str, meta: VersionMeta | None) -> None:
         self.current = await GatewayVersion.read(self.reader, version, meta, self.log)
-        self.metrics.set_data_version(version, created_at(meta))
+        self.metrics.set_data_version(version, meta.created_at_unix if meta else None)
         if self.current.model_version:
             self.metrics.set_model_version(self.current.model_version)
         self.log.info("following data version %s", version, extra={"version": version})
@@ -305,8 +305,8 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
         """Answer from the user's offline list; False (reason recorded) when there is none."""
         current = call.version
         try:
-            raw = await self.reader.get(
-                keys.OFFLINE.key(current.version, call.user_id), op="offline",
+            scored = await self.reader.read(
+                keys.OFFLINE, current.version, call.user_id, op="offline",
                 timeout=max(call.deadline.remaining(), MIN_REDIS_WAIT_SECONDS),
             )
         except RedisError as error:
@@ -315,11 +315,11 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
                 self.log.warning("cannot read the offline list: %s", error,
                                  extra={"request_id": call.request_id,
                                         "similar_failures_not_logged": held_back})
-            raw = None
-        if not raw:
+            scored = None
+        if scored is None or not len(scored[0]):
             call.reasons.append(gateway_pb2.DEGRADATION_REASON_NO_OFFLINE_LIST)
             return False
-        ad_ids, ctrs = codecs.decode_scored_ads(raw)
+        ad_ids, ctrs = scored
         ad_ids, ctrs = ad_ids[: call.count], current.offline_ctrs(call.pid, ctrs[: call.count])
         call.ads = [ScoredAd(ad_id=ad_id, ctr=ctr)
                     for ad_id, ctr in zip(ad_ids.tolist(), ctrs.tolist(), strict=True)]

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 
 from adrec.core import keys
-from adrec.core.features import KNOWN_PIDS
+from adrec.core.dataset import PIDS
+from adrec.core.metadata import VersionMeta
 from adrec.core.model import CtrModel, ModelArtifactError
 from services.runtime.data import PopularLists, RedisReader, model_version
 from services.runtime.logs import ServiceLogger
 
 #: Placement the job scores offline lists at, unless the version's job report names another.
-DEFAULT_OFFLINE_PID = KNOWN_PIDS[0]
+DEFAULT_OFFLINE_PID = PIDS[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,24 +42,23 @@ class GatewayVersion:
 
     @classmethod
     async def read(
-        cls, reader: RedisReader, version: str, meta: Mapping[str, Any], log: ServiceLogger
+        cls, reader: RedisReader, version: str, meta: VersionMeta | None, log: ServiceLogger
     ) -> GatewayVersion:
-        """The version's state; `meta` is its metadata ({} when it has none)."""
+        """The version's state; `meta` is its metadata (None when it has none)."""
         popular = await PopularLists.read(reader, version)
-        model_raw = await reader.get(keys.MODEL.key(version), op="load_model")
-        offline_pid = meta.get("report", {}).get("offline", {}).get("pid", DEFAULT_OFFLINE_PID)
+        offline_pid = (meta.content.offline_pid if meta else None) or DEFAULT_OFFLINE_PID
         spec_id, shifts = "", {}
-        if model_raw is not None:
-            try:
-                model = CtrModel.from_json(model_raw)
-            except ModelArtifactError as error:
-                # The job scored the lists with this artifact all the same; serve them as
-                # stored, for the placement they were scored at.
-                log.warning(
-                    "offline CTRs of version %s are served as scored for placement %s: %s",
-                    version, offline_pid, error, extra={"version": version},
-                )
-            else:
+        try:
+            model = await reader.read(keys.MODEL, version, op="load_model")
+        except ModelArtifactError as error:
+            # The job scored the lists with this artifact all the same; serve them as
+            # stored, for the placement they were scored at.
+            log.warning(
+                "offline CTRs of version %s are served as scored for placement %s: %s",
+                version, offline_pid, error, extra={"version": version},
+            )
+        else:
+            if model is not None:
                 spec_id = model.spec.spec_id
                 shifts = _placement_shifts(model, offline_pid)
         return cls(
@@ -71,8 +70,10 @@ class GatewayVersion:
 
 
 def _placement_shifts(model: CtrModel, offline_pid: str) -> dict[str, float]:
-    weights = dict(zip(model.spec.feature_names, model.weights.tolist(), strict=True))
-    base = weights.get(f"pid={offline_pid}")
+    slots = {pid: model.spec.one_hot_index("pid", pid) for pid in PIDS}
+    base = slots.get(offline_pid)
     if base is None:
         return {}
-    return {pid: weights[f"pid={pid}"] - base for pid in KNOWN_PIDS if f"pid={pid}" in weights}
+    weights = model.weights
+    return {pid: float(weights[slot] - weights[base])
+            for pid, slot in slots.items() if slot is not None}

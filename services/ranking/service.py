@@ -10,8 +10,6 @@ the previous snapshot keeps serving, and the refusal is logged and counted.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from typing import Any
 
 import grpc
 import numpy as np
@@ -19,11 +17,12 @@ from redis.exceptions import RedisError
 
 from adrec.api.common.v1 import common_pb2
 from adrec.api.ranking.v1 import ranking_service_pb2, ranking_service_pb2_grpc
-from adrec.core import codecs, keys
+from adrec.core import keys
 from adrec.core.codecs import UserFeatures
+from adrec.core.metadata import VersionMeta
 from adrec.core.model import ModelArtifactError
 from services.ranking.snapshot import RankingSnapshot, SnapshotError
-from services.runtime.data import LOAD_TIMEOUT_SECONDS, RedisReader, created_at
+from services.runtime.data import LOAD_TIMEOUT_SECONDS, RedisReader
 from services.runtime.logs import service_logger
 from services.runtime.requests import (
     InvalidArgumentError,
@@ -63,7 +62,7 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
     def ready(self) -> bool:
         return self.snapshot is not None
 
-    async def load_version(self, version: str, meta: Mapping[str, Any]) -> None:
+    async def load_version(self, version: str, meta: VersionMeta | None) -> None:
         model_json, ad_table, cate_factors = [
             await self.reader.get(family.key(version), op=f"load_{family.name}",
                                   timeout=LOAD_TIMEOUT_SECONDS)
@@ -87,7 +86,8 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
             )
             return
         self.snapshot = snapshot
-        self.metrics.set_data_version(snapshot.data_version, created_at(meta))
+        self.metrics.set_data_version(snapshot.data_version,
+                                     meta.created_at_unix if meta else None)
         self.metrics.set_model_version(snapshot.model_version)
         self.log.info(
             "loaded data version %s", version,
@@ -116,18 +116,18 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
             raise UnavailableError("no CTR model loaded yet")
 
         try:
-            raw = await self.reader.get(
-                keys.USER.key(snapshot.data_version, user_id), op="user_features"
+            stored = await self.reader.read(
+                keys.USER, snapshot.data_version, user_id, op="user_features"
             )
         except RedisError as error:
             raise UnavailableError(f"cannot read the user's features: {error}") from None
-        user = codecs.decode_user_features(raw) if raw is not None else UserFeatures.missing()
+        user = stored if stored is not None else UserFeatures.missing()
 
         scored = snapshot.score(pid, user, candidates, top_k)
         self.metrics.candidates.observe(count)
         if scored.unknown_ads:
             self.metrics.unknown_ads.inc(scored.unknown_ads)
-        if raw is None:
+        if stored is None:
             self.metrics.user_profiles_missing.inc()
         return RankCandidatesResponse(
             ads=[ScoredAd(ad_id=ad_id, ctr=ctr)
@@ -135,5 +135,5 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
             model_version=snapshot.model_version,
             data_version=snapshot.data_version,
             unknown_ads_skipped=scored.unknown_ads,
-            user_profile_found=raw is not None,
+            user_profile_found=stored is not None,
         )

@@ -8,16 +8,15 @@ placement, which is read once per version and answered from memory.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
 
 import grpc
 from redis.exceptions import RedisError
 
 from adrec.api.common.v1 import common_pb2
 from adrec.api.recall.v1 import recall_service_pb2, recall_service_pb2_grpc
-from adrec.core import codecs, keys
-from services.runtime.data import PopularLists, RedisReader, created_at
+from adrec.core import keys
+from adrec.core.metadata import VersionMeta
+from services.runtime.data import PopularLists, RedisReader
 from services.runtime.logs import service_logger
 from services.runtime.requests import (
     InvalidArgumentError,
@@ -58,10 +57,10 @@ class RecallService(recall_service_pb2_grpc.RecallServiceServicer):
     def ready(self) -> bool:
         return self.current is not None
 
-    async def load_version(self, version: str, meta: Mapping[str, Any]) -> None:
+    async def load_version(self, version: str, meta: VersionMeta | None) -> None:
         popular = await PopularLists.read(self.reader, version)
         self.current = RecallVersion(version, popular)
-        self.metrics.set_data_version(version, created_at(meta))
+        self.metrics.set_data_version(version, meta.created_at_unix if meta else None)
         self.log.info(
             "following data version %s", version,
             extra={"version": version,
@@ -82,11 +81,10 @@ class RecallService(recall_service_pb2_grpc.RecallServiceServicer):
             raise UnavailableError("no published data version yet")
 
         try:
-            raw = await self.reader.get(keys.RECALL.key(current.version, user_id), op="recall")
+            ids = await self.reader.read(keys.RECALL, current.version, user_id, op="recall")
         except RedisError as error:
             raise UnavailableError(f"cannot read the recall set: {error}") from None
-        if raw:
-            ids = codecs.decode_ad_ids(raw)
+        if ids is not None and len(ids):
             if limit:
                 ids = ids[:limit]
             self.metrics.candidates.observe(len(ids))

@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Mapping
-from typing import Any, Protocol
+from collections.abc import AsyncIterator
+from typing import Protocol
 
 from redis.exceptions import RedisError
 
-from adrec.core import codecs, keys
+from adrec.core import keys
+from adrec.core.metadata import VersionMeta
 from services.runtime.data import RedisReader
 from services.runtime.logs import ServiceLogger
 from services.runtime.metrics import Metrics, grpc_server_observer
@@ -40,8 +41,8 @@ class VersionedService(Protocol):
         """True once the service can answer requests from a loaded version."""
         ...
 
-    async def load_version(self, version: str, meta: Mapping[str, Any]) -> None:
-        """Prepare the state of a newly active version, whose metadata is `meta` ({} when
+    async def load_version(self, version: str, meta: VersionMeta | None) -> None:
+        """Prepare the state of a newly active version, whose metadata is `meta` (None when
         it has none).
 
         Raise to be asked again at the next poll (e.g. Redis failed mid-load); return to be
@@ -84,7 +85,7 @@ class VersionWatcher:
                 # A Redis that lost its data (restarted without persistence) hands out
                 # version ids again, so the id alone can name other data: the publishing
                 # run's id tells them apart.
-                identity = (version, meta.get("run_id"))
+                identity = (version, meta.run_id if meta is not None else None)
                 if identity != self.identity:
                     await self.service.load_version(version, meta)
                     self.version, self.identity = version, identity
@@ -96,9 +97,8 @@ class VersionWatcher:
             log.exception("loading the active data version failed; retrying at the next poll")
         await self._update_health()
 
-    async def _meta(self, version: str) -> dict[str, Any]:
-        meta = await self.reader.get(keys.META.key(version), op="version_meta")
-        return codecs.decode_json(meta) if meta is not None else {}
+    async def _meta(self, version: str) -> VersionMeta | None:
+        return await self.reader.read(keys.META, version, op="version_meta")
 
     async def run(self) -> None:
         """Check every interval until :meth:`stop`."""

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime as dt
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from adrec.core import codecs, keys
+from adrec.core import keys
 from adrec.core.features import KNOWN_PIDS
 from adrec.core.redis_conn import RedisSettings, connect_async
 from services.runtime.metrics import ServiceMetrics
+
+Value = TypeVar("Value")
 
 
 def model_version(data_version: str, feature_spec_id: str) -> str:
@@ -26,21 +27,6 @@ def model_version(data_version: str, feature_spec_id: str) -> str:
     the job scored with the same model, so the two compare equal.
     """
     return f"{data_version}/{feature_spec_id}"
-
-
-def created_at(meta: Mapping[str, Any]) -> float | None:
-    """A version's creation time (Unix seconds) from its metadata's ISO 8601 `created_at`;
-    None when the metadata has none or it does not parse."""
-    value = meta.get("created_at")
-    if not isinstance(value, str):
-        return None
-    try:
-        moment = dt.datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.UTC)  # the job writes UTC
-    return moment.timestamp()
 
 
 #: Bound on reading a whole version's bulk data (the ad table is tens of MB at full scale).
@@ -133,6 +119,13 @@ class RedisReader:
         finally:
             latency.observe(time.perf_counter() - start)
 
+    async def read(self, family: keys.KeyFamily[Value], version: str,
+                   member: int | str | None = None, *, op: str,
+                   timeout: float | None = None) -> Value | None:
+        """One key of `family`, decoded by the family's codec; None when it does not exist."""
+        raw = await self.get(family.key(version, member), op=op, timeout=timeout)
+        return family.decode(raw) if raw is not None else None
+
     async def aclose(self) -> None:
         """Close the connections of this reader's own (the client's pool closes its own)."""
         if self._direct is not None:
@@ -154,7 +147,7 @@ class PopularLists:
     async def read(cls, reader: RedisReader, version: str) -> PopularLists:
         by_scope = {}
         for scope in (keys.POPULAR_ALL, *KNOWN_PIDS):
-            raw = await reader.get(keys.POPULAR.key(version, scope), op="popular")
-            if raw is not None:
-                by_scope[scope] = tuple(codecs.decode_ad_ids(raw).tolist())
+            ids = await reader.read(keys.POPULAR, version, scope, op="popular")
+            if ids is not None:
+                by_scope[scope] = tuple(ids.tolist())
         return cls(by_scope)
