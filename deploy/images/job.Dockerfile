@@ -30,11 +30,15 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 
 WORKDIR /src
+# Every dependency at the version the lock file pins, the one the tests ran with.
+COPY requirements/job.txt ./requirements/
+RUN pip wheel --wheel-dir /wheels -r requirements/job.txt \
+    && cp requirements/job.txt /wheels/requirements.txt
 COPY pyproject.toml README.md ./
 COPY adrec ./adrec
 COPY services ./services
 COPY jobs ./jobs
-RUN pip wheel --wheel-dir /wheels '.[job]'
+RUN pip wheel --no-deps --wheel-dir /wheels .
 
 # ---- runtime ---------------------------------------------------------------------------
 FROM python:3.11.15-slim-bookworm
@@ -62,7 +66,7 @@ COPY --from=jre /opt/java/openjdk /opt/java/openjdk
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     python -m venv --without-pip /opt/venv \
     && pip --python /opt/venv/bin/python install --no-cache-dir --no-index \
-        --find-links /wheels 'adrec[job]' \
+        --find-links /wheels -r /wheels/requirements.txt 'adrec[job]' \
     && groupadd --system --gid 10001 adrec \
     && useradd --system --uid 10001 --gid adrec --no-create-home --home-dir /tmp \
         --shell /usr/sbin/nologin adrec \

@@ -24,12 +24,16 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 
 WORKDIR /src
-# Only what the package build reads (see .dockerignore): the metadata, then the sources.
+# Only what the package build reads (see .dockerignore): the lock, the metadata, the sources.
+# Every dependency comes at the version the lock file pins, the one the tests ran with.
+COPY requirements/services.txt ./requirements/
+RUN pip wheel --wheel-dir /wheels -r requirements/services.txt \
+    && cp requirements/services.txt /wheels/requirements.txt
 COPY pyproject.toml README.md ./
 COPY adrec ./adrec
 COPY services ./services
 COPY jobs ./jobs
-RUN pip wheel --wheel-dir /wheels .
+RUN pip wheel --no-deps --wheel-dir /wheels .
 
 # ---- runtime ---------------------------------------------------------------------------
 FROM python:3.11.15-slim-bookworm
@@ -47,7 +51,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     python -m venv --without-pip /opt/venv \
     && pip --python /opt/venv/bin/python install --no-cache-dir --no-index \
-        --find-links /wheels adrec \
+        --find-links /wheels -r /wheels/requirements.txt adrec \
     && groupadd --system --gid 10001 adrec \
     && useradd --system --uid 10001 --gid adrec --no-create-home --home-dir /tmp \
         --shell /usr/sbin/nologin adrec
