@@ -1,10 +1,13 @@
-"""The Redis schema document lists every key the code defines."""
+"""The docs stay true to the code: the Redis schema, the settings and the architecture map."""
 
 import pathlib
+import re
 
 from adrec.core import keys
 
-SCHEMA_DOC = pathlib.Path(__file__).parents[1] / "docs" / "redis-schema.md"
+ROOT = pathlib.Path(__file__).parents[1]
+SCHEMA_DOC = ROOT / "docs" / "redis-schema.md"
+ARCHITECTURE_DOC = ROOT / "docs" / "architecture.md"
 
 
 def test_schema_doc_lists_every_key_family_and_global_key():
@@ -34,3 +37,43 @@ def test_configuration_doc_lists_every_setting():
     missing = sorted({name for cls in classes for name in env_names(cls)
                       if f"`{name}`" not in text})
     assert missing == [], f"docs/configuration.md lacks {missing}"
+
+
+_FENCED_BLOCK = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
+_CODE_SPAN = re.compile(r"`([^`\n]+)`")
+_PATH_ENDINGS = (".py", ".md", ".proto", ".yaml", "/")
+
+
+def repository_paths(markdown: str) -> list[str]:
+    """Code spans that name a file or folder of the repository, relative to its root.
+
+    A span qualifies when it holds a `/` and ends in one of _PATH_ENDINGS. Commands (a span
+    with a space), URLs and templates such as `services/<name>/service.py` are not paths.
+    """
+    prose = _FENCED_BLOCK.sub("", markdown)
+    return sorted({
+        span for span in _CODE_SPAN.findall(prose)
+        if "/" in span and span.endswith(_PATH_ENDINGS)
+        and not re.search(r"\s|://|[<>*{}]", span)
+    })
+
+
+def test_repository_paths_finds_files_and_folders_but_not_commands_or_templates():
+    text = (
+        "`adrec/core/keys.py` and `services/` and `docs/job.md`, `protos/buf.yaml`,\n"
+        "`protos/adrec/common/v1/common.proto`; not `spark-submit jobs/main.py`,\n"
+        "`dns:///adrec-recall:50051/`, `deploy/base/<name>.yaml`, `adrec.core` or `a/b.txt`\n"
+        "```sh\n`bench/in_a_fence.py`\n```\n"
+    )
+    assert repository_paths(text) == [
+        "adrec/core/keys.py", "docs/job.md", "protos/adrec/common/v1/common.proto",
+        "protos/buf.yaml", "services/",
+    ]
+
+
+def test_every_path_in_the_architecture_doc_exists():
+    paths = repository_paths(ARCHITECTURE_DOC.read_text())
+    assert len(paths) >= 20, "the architecture doc names the repository's files in backticks"
+    missing = [path for path in paths
+               if not (ROOT / path).exists() or (path.endswith("/") and not (ROOT / path).is_dir())]
+    assert missing == [], f"docs/architecture.md names paths that do not exist: {missing}"
