@@ -1,4 +1,5 @@
-"""Shared fixtures: a private redis-server, a local SparkSession, loopback gRPC servers.
+"""Shared fixtures: a private redis-server, a local SparkSession, the batch job's published
+data, the rendered deploy overlays; and the markers of the tests that need a JVM.
 
 Everything here is a real component; nothing is mocked.
 """
@@ -12,13 +13,46 @@ import pathlib
 import shutil
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import redis
+from deploy_helpers import OVERLAYS, kustomize
 
 from adrec.core.redis_server import INSTALL_HINT, PrivateRedis, private_redis
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+#: Fixtures that start a JVM, and the markers every test using one gets, whether it asks for
+#: the fixture itself or through another: a new test cannot forget them.
+JVM_FIXTURES = {
+    "spark": ("spark",),
+    "published_tiny": ("spark", "job"),
+}
+#: JAVA_HOME while a test without the spark marker runs. Spark's launcher runs
+#: $JAVA_HOME/bin/java, which does not exist here, so a test that starts Spark some other
+#: way (a CLI command, a job in a subprocess) fails and shows this name in its output.
+NO_JAVA_HOME = "/nonexistent/java-is-for-tests-marked-spark"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these markers
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture, markers in JVM_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                for marker in markers:
+                    if item.get_closest_marker(marker) is None:
+                        item.add_marker(marker)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    if item.get_closest_marker("spark") is not None:
+        return (yield)
+    # Around set-up too, so fixtures of wider scope first built for this test are covered.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JAVA_HOME", NO_JAVA_HOME)
+        return (yield)
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +109,7 @@ class PublishedData:
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> pathlib.Path:
-    from adrec.synthetic.generator import generate
+    from adrec.synthetic import generate
 
     out = tmp_path_factory.mktemp("tiny")
     generate("tiny", 7, out, progress=False)
@@ -106,3 +140,9 @@ def published_tiny(tiny_data, tmp_path_factory) -> PublishedData:
                         pytrace=False)
         report = json.loads(report_path.read_text())
         yield PublishedData(tiny_data, server, report["version"], report)
+
+
+@pytest.fixture(scope="session")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    """Each overlay under deploy/overlays as `kubectl kustomize` renders it, once per session."""
+    return {overlay: kustomize(overlay) for overlay in OVERLAYS}

@@ -73,7 +73,7 @@ async def recall_server(
 
 
 def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+    asyncio.run(asyncio.wait_for(scenario(), timeout=60))
 
 
 async def get_candidates(channel: grpc.aio.Channel, **request: Any):
@@ -81,14 +81,14 @@ async def get_candidates(channel: grpc.aio.Channel, **request: Any):
     return await stub.GetCandidates(recall_service_pb2.GetCandidatesRequest(**request), timeout=10)
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float = 5) -> None:
+async def wait_until(condition: Callable[[], bool], timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.01)
 
 
-async def wait_until_connections_refused(port: int, timeout: float = 5) -> None:
+async def wait_until_connections_refused(port: int, timeout: float = 20) -> None:
     """Poll with health checks on fresh connections until the server refuses them."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -141,7 +141,7 @@ def test_wait_until_serving_polls_the_overall_status_of_a_started_process():
             address = f"127.0.0.1:{running.port}"
             assert not await asyncio.to_thread(wait_until_serving, address, 0.5)
             await running.set_serving(True)
-            assert await asyncio.to_thread(wait_until_serving, address, 5)
+            assert await asyncio.to_thread(wait_until_serving, address, 20)
 
     run(scenario)
 
@@ -275,14 +275,15 @@ def test_graceful_stop_refuses_new_calls_and_lets_an_in_flight_call_finish():
             await servicer.held_call_started.wait()
 
             started = time.monotonic()
-            stopping = asyncio.ensure_future(running.stop(grace=10))
+            # A grace far beyond the bound below: stop must end with the last call.
+            stopping = asyncio.ensure_future(running.stop(grace=120))
             await wait_until_connections_refused(running.port)
             assert not held.done()
 
             servicer.release_held_calls.set()
             assert list((await held).ad_ids) == [101, 102, 103]
             await stopping
-            assert time.monotonic() - started < 5
+            assert time.monotonic() - started < 20
 
     run(scenario)
 
@@ -298,7 +299,7 @@ def test_stop_cancels_calls_still_running_when_grace_ends():
 
             started = time.monotonic()
             await running.stop(grace=0.3)
-            assert 0.3 <= time.monotonic() - started < 5
+            assert 0.3 <= time.monotonic() - started < 20
             with pytest.raises(grpc.aio.AioRpcError) as cancelled:
                 await held
             assert cancelled.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -16,12 +16,16 @@ from adrec.core.redis_server import private_redis
 from services.runtime.data import DirectGets, RedisReader, client_without_socket_timeouts
 from services.runtime.metrics import Metrics
 
+#: Time limit of each read: no test here waits for it to run out, so it is wide enough that
+#: a read on a loaded machine never does.
+READ_TIMEOUT_SECONDS = 5.0
+
 
 @asynccontextmanager
-async def reader_of(url: str, timeout: float = 2.0) -> AsyncIterator[RedisReader]:
+async def reader_of(url: str) -> AsyncIterator[RedisReader]:
     """A reader as the services make one; its connections and its client closed after."""
     client = client_without_socket_timeouts(RedisSettings(url=url))
-    reader = RedisReader(client, Metrics().service("recall"), timeout)
+    reader = RedisReader(client, Metrics().service("recall"), READ_TIMEOUT_SECONDS)
     try:
         yield reader
     finally:
@@ -70,7 +74,7 @@ def test_idle_connections_survive_a_redis_restart_and_fail_while_it_is_down():
         redis.Redis.from_url(server.url).set(b"k", b"before")
 
         async def scenario():
-            async with reader_of(server.url, timeout=1.0) as reader:
+            async with reader_of(server.url) as reader:
                 assert await reader.get(b"k", op="recall") == b"before"
                 await asyncio.to_thread(server.stop)
                 with pytest.raises(RedisError):
