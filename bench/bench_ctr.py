@@ -1,8 +1,8 @@
 """CTR models on a synthetic preset: `course` against `full` against the planted oracle.
 
 Run: ``.venv/bin/python bench/bench_ctr.py --preset medium`` (generates the preset into
-``--data-dir`` unless a generated copy is already there). ``--preset small`` takes a few
-minutes on 2 cores, ``medium`` (3M impressions) about half an hour.
+``--data-dir`` unless a generated copy is already there); run times per preset are in
+docs/performance.md.
 
 What it measures, with the wall time of every step:
 
@@ -27,8 +27,17 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    from pyspark.sql import DataFrame, SparkSession
+
+    from adrec.core.model import CtrModel
+    from jobs.als import AlsResult
 
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
@@ -62,7 +71,7 @@ def main() -> int:
     return 0
 
 
-def run(args: argparse.Namespace, data_dir: Path) -> dict:
+def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     import dataclasses
 
     from pyspark import StorageLevel
@@ -77,7 +86,7 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict:
 
     timings: dict[str, float] = {}
 
-    def clock(name: str):
+    def clock(name: str) -> AbstractContextManager[None]:
         return _step(timings, name)
 
     manifest_path = data_dir / MANIFEST_FILE
@@ -150,7 +159,16 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict:
     }
 
 
-def _loads(spark, clock, users, ad_table, als, model, offline_users: int, seed: int) -> dict:
+def _loads(
+    spark: SparkSession,
+    clock: Callable[[str], AbstractContextManager[None]],
+    users: DataFrame,
+    ad_table: dict[str, np.ndarray],
+    als: AlsResult,
+    model: CtrModel,
+    offline_users: int,
+    seed: int,
+) -> dict[str, dict[str, float]]:
     import numpy as np
     import pyarrow as pa
 
@@ -169,16 +187,17 @@ def _loads(spark, clock, users, ad_table, als, model, offline_users: int, seed: 
         "ad_ids": pa.ListArray.from_arrays(offsets, pa.array(lists.ravel().astype(np.int32))),
     }))
     recall_lists.count()
-    results = {}
+    results: dict[str, dict[str, float]] = {}
     with private_redis() as server:
         settings = RedisSettings(url=server.url)
         client = connect(settings)
-        for name, load in (
+        timed_loads: tuple[tuple[str, Callable[[], int]], ...] = (
             ("user features", lambda: job_features.write_user_features(users, settings, "v1")),
             ("offline top-N", lambda: offline.write_offline_lists(
                 offline.offline_top_n(recall_lists, users, ad_table, als.cate_factors, model),
                 settings, "v1")),
-        ):
+        )
+        for name, load in timed_loads:
             before = client.info("memory")["used_memory"]
             started = time.perf_counter()
             with clock(name):
@@ -200,7 +219,7 @@ def _step(timings: dict[str, float], name: str) -> Iterator[None]:
     print(f"    {name}: {timings[name]:.1f} s", flush=True)
 
 
-def _table(results: dict) -> str:
+def _table(results: dict[str, Any]) -> str:
     lines = [
         f"preset {results['preset']} (seed {results['seed']}), {results['rows']['examples']:,} "
         f"examples, {results['machine_cores']} cores",

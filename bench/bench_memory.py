@@ -1,8 +1,8 @@
 """Redis memory of one published version at the full data set's size, by key family.
 
-Run: ``.venv/bin/python bench/bench_memory.py`` (a few minutes on 2 cores; the private
-redis-server grows to about 3 GB). ``--users 100000`` gives a quick smaller run that
-extrapolates to the full size.
+Run: ``.venv/bin/python bench/bench_memory.py`` (its run time and the private
+redis-server's size are in docs/performance.md). ``--users 100000`` gives a quick smaller
+run that extrapolates to the full size.
 
 One version is written into a private redis-server through the job's own writers
 (:class:`adrec.core.catalog.Publication` and :class:`adrec.core.store.VersionWriter`, so
@@ -30,6 +30,7 @@ from adrec.core.metadata import VersionContent
 from adrec.core.model import CtrModel
 from adrec.core.redis_conn import RedisSettings, connect
 from adrec.core.redis_server import private_redis
+from adrec.core.store import VersionWriter
 from jobs.features import AD_TABLE_DTYPES
 
 FULL_USERS = 1_141_729
@@ -81,7 +82,7 @@ def main() -> int:
     return 0
 
 
-def _write_version(writer, rng: np.random.Generator, users: int) -> None:
+def _write_version(writer: VersionWriter, rng: np.random.Generator, users: int) -> None:
     ad_ids = np.sort(rng.choice(np.arange(1, FULL_MAX_AD_ID + 1), FULL_ADS, replace=False))
     user_ids = np.sort(rng.choice(np.arange(1, FULL_USERS + 1), users, replace=False))
     for start in range(0, users, CHUNK):

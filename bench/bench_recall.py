@@ -1,7 +1,7 @@
 """Recall-list stage at the full data set's size, from ALS factors to Redis, against the course.
 
-Run: ``.venv/bin/python bench/bench_recall.py`` (about 15 minutes on 2 cores; needs ~4 GB
-of RAM for its private redis-server). ``--users 100000`` gives a quick smaller run.
+Run: ``.venv/bin/python bench/bench_recall.py`` (run time and the RAM its private
+redis-server needs: docs/performance.md). ``--users 100000`` gives a quick smaller run.
 
 What it measures:
 
@@ -26,9 +26,20 @@ import os
 import statistics
 import sys
 import time
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    import redis
+    import redis.cluster
+    from pyspark.sql import DataFrame, SparkSession
+
+    from adrec.core.redis_conn import RedisSettings
+    from jobs.recall import RecallCatalog, RecallConfig
+
+    RedisClient: TypeAlias = redis.Redis | redis.cluster.RedisCluster
 
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
@@ -80,7 +91,7 @@ def main() -> int:
     factors = _factor_frame(spark, world["user_ids"], world["user_factors"], args.partitions)
     factors.count()
 
-    results = []
+    results: list[dict[str, Any]] = []
     with private_redis(timeout=30) as server:
         settings = RedisSettings(url=server.url, socket_timeout_s=30.0)
         client = connect(settings)
@@ -106,9 +117,9 @@ def main() -> int:
     print("\nsummary")
     for row in results:
         verdict = "PASS" if row["seconds"] <= TARGET_SECONDS else "FAIL"
-        runs = ", ".join(f"{seconds:.0f}" for seconds in row["all_seconds"])
+        times = ", ".join(f"{seconds:.0f}" for seconds in row["all_seconds"])
         print(f"  {row['strategy']:8s} {row['users_per_s']:>9,.0f} users/s  "
-              f"{row['seconds']:6.1f} s median of [{runs}] s  (target {TARGET_SECONDS:.0f} s: "
+              f"{row['seconds']:6.1f} s median of [{times}] s  (target {TARGET_SECONDS:.0f} s: "
               f"{verdict})  {row['bytes_per_user']:,.0f} B/user in Redis")
     if course:
         for row in results:
@@ -117,7 +128,9 @@ def main() -> int:
     return 0
 
 
-def _world(rng, users, ads, categories, rank) -> dict[str, np.ndarray]:
+def _world(
+    rng: np.random.Generator, users: int, ads: int, categories: int, rank: int
+) -> dict[str, np.ndarray]:
     """Random factors, Zipf-sized categories, Zipf-like impressions, top-500 fallback."""
     zipf = 1.0 / np.arange(1, categories + 1)
     sizes = 1 + np.floor(zipf / zipf.sum() * (ads - categories)).astype(np.int64)
@@ -139,7 +152,9 @@ def _world(rng, users, ads, categories, rank) -> dict[str, np.ndarray]:
     }
 
 
-def _factor_frame(spark, user_ids, factors, partitions):
+def _factor_frame(
+    spark: SparkSession, user_ids: np.ndarray, factors: np.ndarray, partitions: int
+) -> DataFrame:
     rank = factors.shape[1]
     offsets = pa.array(np.arange(0, len(user_ids) * rank + 1, rank, dtype=np.int32))
     table = pa.table({
@@ -149,11 +164,20 @@ def _factor_frame(spark, user_ids, factors, partitions):
     return spark.createDataFrame(table).repartition(partitions).cache()
 
 
-def _used_memory(client) -> int:
+def _used_memory(client: RedisClient) -> int:
     return int(client.info("memory")["used_memory"])
 
 
-def _spark_run(client, settings, factors, catalog, config, *, version, args) -> dict:
+def _spark_run(
+    client: RedisClient,
+    settings: RedisSettings,
+    factors: DataFrame,
+    catalog: RecallCatalog,
+    config: RecallConfig,
+    *,
+    version: str,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     from jobs.recall import publish_recall_lists
 
     users = args.users
@@ -177,7 +201,13 @@ def _spark_run(client, settings, factors, catalog, config, *, version, args) -> 
             "users_per_s": users / seconds, "bytes_per_user": per_user}
 
 
-def _driver_run(client, catalog, config, world, sample) -> None:
+def _driver_run(
+    client: RedisClient,
+    catalog: RecallCatalog,
+    config: RecallConfig,
+    world: dict[str, np.ndarray],
+    sample: int,
+) -> None:
     """The same chunk function and writer in the driver process alone."""
     from threadpoolctl import threadpool_limits
 
@@ -202,7 +232,13 @@ def _driver_run(client, catalog, config, world, sample) -> None:
           f"{total / sample * FULL_USERS:.0f} s")
 
 
-def _course_run(spark, client, rng, world, count) -> dict:
+def _course_run(
+    spark: SparkSession,
+    client: RedisClient,
+    rng: np.random.Generator,
+    world: dict[str, np.ndarray],
+    count: int,
+) -> dict[str, float]:
     """The seed notebook's loop, timed per user on a real ALSModel with every category."""
     import pandas as pd
     from pyspark.ml.recommendation import ALS

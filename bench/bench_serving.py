@@ -1,7 +1,7 @@
 """Serving latency and throughput: Recommend REALTIME against a bare echo and the course's Spark.
 
-Run: ``.venv/bin/python bench/bench_serving.py`` (about 5 minutes on 2 cores; ``--quick``
-halves the step durations).
+Run: ``.venv/bin/python bench/bench_serving.py`` (run time in docs/performance.md;
+``--quick`` halves the step durations).
 
 One run, everything on this machine, all traffic to 127.0.0.1:
 
@@ -61,13 +61,16 @@ P99_LIMIT_S = 0.050
 TARGET_P99_AT_100_S = 0.015
 TARGET_SUSTAINED_RPS = 600
 TARGET_ECHO_RATIO = 0.2
-# Steps of Recommend and of its bare skeleton, which has sustained 1,600 rps on 2 cores.
+# Steps of Recommend and of its bare skeleton, reaching past the highest rate the skeleton
+# has sustained (docs/performance.md).
 THREE_HOP_RATES = (100, 200, 300, 400, 500, 600, 700, 800, 900, 1000, 1200, 1400, 1600, 2000,
                    2500, 3000)
 ECHO_RATES = (500, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 5000, 6000, 7000, 8000)
 REQUEST_TIMEOUT_S = 1.0
 STEP_ATTEMPTS = 2
 ECHO_METHOD = "/adrec.bench.Echo/Echo"
+#: One load step's results, as the generator prints them (a JSON object).
+Step = dict[str, Any]
 
 
 # ---------------------------------------------------------------- data
@@ -137,7 +140,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def started(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen]:
+def started(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
     process = subprocess.Popen(args, env={**os.environ, **env}, cwd=REPO_ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -188,7 +191,9 @@ def echo_server(port: int, reply_bytes: int = 0, chain: tuple[int, ...] = ()) ->
 
     async def serve() -> None:
         channels = [grpc.aio.insecure_channel(f"127.0.0.1:{hop}") for hop in chain]
-        hops = [channel.unary_unary(ECHO_METHOD) for channel in channels]
+        hops: list[grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = [
+            channel.unary_unary(ECHO_METHOD) for channel in channels
+        ]
 
         async def echo(request: bytes, context: Any) -> bytes:
             for hop in hops:
@@ -196,7 +201,7 @@ def echo_server(port: int, reply_bytes: int = 0, chain: tuple[int, ...] = ()) ->
             return reply or request
 
         server = grpc.aio.server()
-        handler = grpc.unary_unary_rpc_method_handler(echo)
+        handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(echo)
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler("adrec.bench.Echo", {"Echo": handler}),)
         )
@@ -248,9 +253,11 @@ async def _load(
     from adrec.api.gateway.v1 import gateway_service_pb2_grpc
 
     rng = np.random.default_rng(0)
+    requests: list[gateway_pb2.RecommendRequest] | list[bytes]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         if kind == "recommend":
-            stub = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+            # The gRPC code generator writes no annotations.
+            stub = gateway_service_pb2_grpc.GatewayServiceStub(channel)  # type: ignore[no-untyped-call]
             requests = [
                 gateway_pb2.RecommendRequest(user_id=int(user), pid="430548_1007", count=COUNT,
                                              mode=gateway_pb2.RECOMMEND_MODE_REALTIME)
@@ -346,15 +353,17 @@ def _percentile(sorted_values: list[float], percent: float) -> float:
 
 def run_load(
     kind: str, port: int, rates: tuple[int, ...], duration: float, cpu_pids: dict[str, int]
-) -> list[dict]:
+) -> list[Step]:
     """Run the generator's steps, printing each; `cpu_pids` names the processes whose CPU
     time per request is measured (the generator's own is always added)."""
     args = [sys.executable, __file__, "load", "--kind", kind, "--port", str(port),
             "--rates", ",".join(map(str, rates)), "--duration", str(duration),
             "--users", str(USERS),
             "--cpu-pids", ",".join(f"{name}={pid}" for name, pid in cpu_pids.items())]
-    steps = []
+    steps: list[Step] = []
     with subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT) as process:
+        if process.stdout is None:
+            raise RuntimeError("the load generator's output pipe was not opened")
         for line in process.stdout:
             step = json.loads(line)
             steps.append(step)
@@ -366,7 +375,7 @@ def run_load(
     return steps
 
 
-def _cpu_text(step: dict) -> str:
+def _cpu_text(step: Step) -> str:
     cpu = step["cpu_ms_per_request"]
     services = [name for name in cpu if name != "generator"]
     parts = [f"{name} {cpu[name]:.2f}" for name in services]
@@ -484,7 +493,7 @@ def run(quick: bool) -> int:
     return report(recommend, echo, chain, spark_seconds)
 
 
-def _best_sustained(steps: list[dict]) -> int:
+def _best_sustained(steps: list[Step]) -> int:
     return max((step["rate"] for step in steps if step["sustained"]), default=0)
 
 
@@ -492,16 +501,17 @@ def _ratio(rate: int, reference: int) -> float:
     return rate / reference if reference else float("nan")
 
 
-def _total_cpu_ms(step: dict) -> float:
-    return sum(step["cpu_ms_per_request"].values())
+def _total_cpu_ms(step: Step) -> float:
+    cpu_ms: dict[str, float] = step["cpu_ms_per_request"]
+    return sum(cpu_ms.values())
 
 
-def _best_attempt(steps: list[dict], rate: int) -> dict:
+def _best_attempt(steps: list[Step], rate: int) -> Step:
     return min((step for step in steps if step["rate"] == rate), key=lambda s: s["p99_ms"])
 
 
 def report(
-    recommend: list[dict], echo: list[dict], chain: list[dict], spark_seconds: float
+    recommend: list[Step], echo: list[Step], chain: list[Step], spark_seconds: float
 ) -> int:
     at_100 = _best_attempt(recommend, 100)
     sustained = _best_sustained(recommend)

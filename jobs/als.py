@@ -29,6 +29,8 @@ from pyspark.ml.recommendation import ALS, ALSModel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as sf
 
+from jobs.spark import aggregate_row
+
 
 @dataclasses.dataclass(frozen=True)
 class AlsConfig:
@@ -69,7 +71,7 @@ class AlsResult:
 
     @property
     def rank(self) -> int:
-        return self.user_vectors.shape[1]
+        return int(self.user_vectors.shape[1])
 
     @property
     def user_factors(self) -> tuple[np.ndarray, np.ndarray]:
@@ -160,12 +162,12 @@ def _holdout_errors(
     model: ALSModel, train: DataFrame, holdout: DataFrame
 ) -> tuple[float | None, float | None, int]:
     """(model RMSE, mean-rating RMSE, held-out pairs) over the pairs the model can score."""
-    mean_rating = train.agg(sf.avg("rating")).first()[0]
+    mean_rating = aggregate_row(train.agg(sf.avg("rating")))[0]
     scored = model.transform(holdout)
-    row = scored.agg(
+    row = aggregate_row(scored.agg(
         sf.sqrt(sf.avg((sf.col("rating") - sf.col("prediction")) ** 2)).alias("rmse"),
         sf.sqrt(sf.avg((sf.col("rating") - sf.lit(mean_rating)) ** 2)).alias("baseline"),
-    ).first()
+    ))
     return row["rmse"], row["baseline"], holdout.count()
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import re
+from typing import Literal
 
 from adrec.core.features import FEATURE_SETS
 from adrec.core.settings import in_range, one_of, parse_float, parse_int, setting
@@ -60,7 +61,7 @@ class JobConfig:
         "ADREC_JOB_DATA", "", "Folder or URI (s3a://, hdfs://) holding the four data files",
         aliases=("--data",),
     )
-    input_format: str = setting(
+    input_format: Literal["csv", "parquet"] = setting(
         "ADREC_JOB_INPUT_FORMAT", "csv", "csv or parquet", check=one_of("csv", "parquet")
     )
     master: str = setting(

@@ -25,7 +25,7 @@ import dataclasses
 import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -126,7 +126,7 @@ def fit(examples: DataFrame, spec: FeatureSpec, config: CtrConfig) -> LogisticRe
         "label", *spec.input_columns
     )
     train = encode_features(training_rows, spec).select(
-        "label", array_to_vector("features").alias("features")
+        "label", array_to_vector(F.col("features")).alias("features")
     )
     options: dict[str, Any] = {}
     if config.positive_weight != 1.0:
@@ -140,7 +140,10 @@ def fit(examples: DataFrame, spec: FeatureSpec, config: CtrConfig) -> LogisticRe
         maxIter=config.max_iter, tol=config.tol, standardization=config.standardization,
         **options,
     )
-    return estimator.fit(train)
+    # pyspark's ProbabilisticClassifier subclasses Classifier without its model type
+    # argument, so Estimator.fit is typed Any even though this estimator's _fit returns a
+    # LogisticRegressionModel.
+    return cast(LogisticRegressionModel, estimator.fit(train))
 
 
 def to_ctr_model(

@@ -27,7 +27,8 @@ deserves on the unseen test day.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -172,7 +173,12 @@ def _smoothed(clicks: Column, impressions: Column, prior: Column, strength: floa
     )
 
 
-def _smoothed_ctrs(smoothing: Smoothing, counts) -> dict[str, Column]:
+_CountLevel = Literal["all", "cate", "brand", "ad"]
+# (clicks, impressions) of a level's columns in the CTR table.
+_LevelCounts = Callable[[_CountLevel], tuple[Column, Column]]
+
+
+def _smoothed_ctrs(smoothing: Smoothing, counts: _LevelCounts) -> dict[str, Column]:
     """The three CTRs from ``counts(level) -> (clicks, impressions)``, level "all" = global."""
     clicks, impressions = counts("all")
     prior = clicks / impressions
@@ -242,11 +248,11 @@ def _ctr_table(ads: DataFrame, samples: DataFrame, smoothing: Smoothing, folds: 
     )
     columns = [served[name].alias(name) for name in CTR_COLUMNS]
     if folds > 1:
-        def without_fold(fold: int):
-            return lambda level: tuple(
-                F.col(f"{level}_{count}") - F.col(f"{level}_fold_{count}")[fold]
-                for count in ("clicks", "impressions")
-            )
+        def without_fold(fold: int) -> _LevelCounts:
+            def remaining(level: _CountLevel, count: str) -> Column:
+                return F.col(f"{level}_{count}") - F.col(f"{level}_fold_{count}")[fold]
+
+            return lambda level: (remaining(level, "clicks"), remaining(level, "impressions"))
 
         per_fold = [_smoothed_ctrs(smoothing, without_fold(fold)) for fold in range(folds)]
         columns += [

@@ -15,7 +15,9 @@ quote a field, so splitting is exact.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypedDict, Unpack
 
 from pyspark import StorageLevel
 from pyspark.errors import AnalysisException
@@ -39,6 +41,7 @@ from adrec.core.dataset import (
     TEST_DAY,
     TRAIN_DAYS,
     USER_PROFILE,
+    ColumnKind,
     ColumnSpec,
     Format,
     TableFormat,
@@ -46,7 +49,7 @@ from adrec.core.dataset import (
 
 log = logging.getLogger(__name__)
 
-_SPARK_TYPE_BY_KIND = {
+_SPARK_TYPE_BY_KIND: Mapping[ColumnKind, str] = {
     "id": "int",
     "brand": "int",
     "timestamp": "bigint",
@@ -101,7 +104,7 @@ class LoadResult:
             self.cached.unpersist()
 
 
-def output_schema(table: TableFormat):
+def output_schema(table: TableFormat) -> st.StructType:
     """The StructType of a loader's clean output (plus ``event_day`` for raw_sample).
 
     ``nullable`` marks the columns that can hold nulls in clean rows (missing brand and
@@ -199,19 +202,30 @@ def load_table(
     return result
 
 
-def load_raw_sample(spark: SparkSession, path: str, **options) -> LoadResult:
+class LoadOptions(TypedDict, total=False):
+    """The keyword options of :func:`load_table` the per-table loaders pass on."""
+
+    data_format: Format
+    persist: bool
+
+
+def load_raw_sample(spark: SparkSession, path: str, **options: Unpack[LoadOptions]) -> LoadResult:
     return load_table(spark, RAW_SAMPLE, path, **options)
 
 
-def load_ad_feature(spark: SparkSession, path: str, **options) -> LoadResult:
+def load_ad_feature(spark: SparkSession, path: str, **options: Unpack[LoadOptions]) -> LoadResult:
     return load_table(spark, AD_FEATURE, path, **options)
 
 
-def load_user_profile(spark: SparkSession, path: str, **options) -> LoadResult:
+def load_user_profile(
+    spark: SparkSession, path: str, **options: Unpack[LoadOptions]
+) -> LoadResult:
     return load_table(spark, USER_PROFILE, path, **options)
 
 
-def load_behavior_log(spark: SparkSession, path: str, **options) -> LoadResult:
+def load_behavior_log(
+    spark: SparkSession, path: str, **options: Unpack[LoadOptions]
+) -> LoadResult:
     return load_table(spark, BEHAVIOR_LOG, path, **options)
 
 
@@ -226,7 +240,14 @@ def load_dataset(
     }
 
 
-def _csv_fields(spark: SparkSession, table: TableFormat, path: str):
+# The string fields, the raw row each came from, and whether it had the published field count.
+_Fields = tuple[DataFrame, SparkColumn, SparkColumn]
+# A column's typed value, and its reject reason (null when the field is fine).
+_Validated = tuple[SparkColumn, SparkColumn]
+_Validator = Callable[[ColumnSpec, SparkColumn], _Validated]
+
+
+def _csv_fields(spark: SparkSession, table: TableFormat, path: str) -> _Fields:
     """One string column per published column, the raw line, and a field-count check."""
 
     lines = _read_or_explain(table, path, lambda: spark.read.text(path))
@@ -252,7 +273,7 @@ def _csv_fields(spark: SparkSession, table: TableFormat, path: str):
     return fields, sf.col("raw_row"), sf.col("field_count_ok")
 
 
-def _parquet_fields(spark: SparkSession, table: TableFormat, path: str):
+def _parquet_fields(spark: SparkSession, table: TableFormat, path: str) -> _Fields:
     """Parquet columns (named like the CSV header) as strings, validated like CSV fields."""
 
     frame = _read_or_explain(table, path, lambda: spark.read.parquet(path))
@@ -270,7 +291,7 @@ def _parquet_fields(spark: SparkSession, table: TableFormat, path: str):
     return fields, raw_row, sf.lit(True)
 
 
-def _read_or_explain(table: TableFormat, path: str, read):
+def _read_or_explain(table: TableFormat, path: str, read: Callable[[], DataFrame]) -> DataFrame:
 
     try:
         return read()
@@ -280,7 +301,9 @@ def _read_or_explain(table: TableFormat, path: str, read):
         raise
 
 
-def _typed_values_and_reasons(table: TableFormat, fields: DataFrame):
+def _typed_values_and_reasons(
+    table: TableFormat, fields: DataFrame
+) -> tuple[dict[str, SparkColumn], list[SparkColumn]]:
     """Per column: the typed value, and a reason expression that is null when the field is fine."""
 
     values: dict[str, SparkColumn] = {}
@@ -300,7 +323,7 @@ def _missing(text: SparkColumn) -> SparkColumn:
     return text.isNull() | (text == "")
 
 
-def _validate_id(column: ColumnSpec, text: SparkColumn):
+def _validate_id(column: ColumnSpec, text: SparkColumn) -> _Validated:
 
     value = text.try_cast("int")
     reason = (sf.when(value.isNull(), sf.lit("non_numeric_id"))
@@ -308,7 +331,7 @@ def _validate_id(column: ColumnSpec, text: SparkColumn):
     return value, reason
 
 
-def _validate_brand(column: ColumnSpec, text: SparkColumn):
+def _validate_brand(column: ColumnSpec, text: SparkColumn) -> _Validated:
 
     # The published files write a missing brand as the literal NULL.
     absent = _missing(text) | (text == NULL_BRAND)
@@ -319,13 +342,13 @@ def _validate_brand(column: ColumnSpec, text: SparkColumn):
     return value, reason
 
 
-def _validate_timestamp(column: ColumnSpec, text: SparkColumn):
+def _validate_timestamp(column: ColumnSpec, text: SparkColumn) -> _Validated:
 
     value = text.try_cast("bigint")
     return value, sf.when(value.isNull() | (value <= 0), sf.lit("bad_timestamp"))
 
 
-def _validate_label(column: ColumnSpec, text: SparkColumn):
+def _validate_label(column: ColumnSpec, text: SparkColumn) -> _Validated:
 
     value = text.try_cast("int")
     reason = (sf.when(value.isNull(), sf.lit("non_numeric_value"))
@@ -333,15 +356,15 @@ def _validate_label(column: ColumnSpec, text: SparkColumn):
     return value, reason
 
 
-def _validate_choice(allowed: tuple[str, ...], reason_name: str):
-    def validate(column: ColumnSpec, text: SparkColumn):
+def _validate_choice(allowed: tuple[str, ...], reason_name: str) -> _Validator:
+    def validate(column: ColumnSpec, text: SparkColumn) -> _Validated:
 
         return text, sf.when(text.isNull() | ~text.isin(*allowed), sf.lit(reason_name))
 
     return validate
 
 
-def _validate_price(column: ColumnSpec, text: SparkColumn):
+def _validate_price(column: ColumnSpec, text: SparkColumn) -> _Validated:
 
     value = text.try_cast("double")
     not_finite = value.isNull() | sf.isnan(value) | (sf.abs(value) == float("inf"))
@@ -350,7 +373,7 @@ def _validate_price(column: ColumnSpec, text: SparkColumn):
     return value, reason
 
 
-def _validate_level(column: ColumnSpec, text: SparkColumn):
+def _validate_level(column: ColumnSpec, text: SparkColumn) -> _Validated:
 
     absent = _missing(text) if column.optional else sf.lit(False)
     value = sf.when(~absent, text.try_cast("int"))
@@ -362,7 +385,7 @@ def _validate_level(column: ColumnSpec, text: SparkColumn):
     return value, reason
 
 
-_VALIDATORS = {
+_VALIDATORS: Mapping[ColumnKind, _Validator] = {
     "id": _validate_id,
     "brand": _validate_brand,
     "timestamp": _validate_timestamp,

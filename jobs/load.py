@@ -15,6 +15,7 @@ from pyspark.sql import functions as sf
 
 from adrec.core.redis_conn import RedisSettings, connect
 from adrec.core.store import VersionWriter
+from jobs.spark import aggregate_row
 
 #: Writes one batch's rows with the writer and returns the number of keys written.
 PutBatch = Callable[[VersionWriter, pa.RecordBatch], int]
@@ -37,4 +38,4 @@ def write_from_executors(
             client.close()
 
     rows = frame.mapInArrow(write, "written long")
-    return int(rows.agg(sf.sum("written")).first()[0] or 0)
+    return int(aggregate_row(rows.agg(sf.sum("written")))[0] or 0)

@@ -6,7 +6,7 @@ import os
 import sys
 from collections.abc import Mapping
 
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, Row, SparkSession
 
 DEFAULT_CONF = {
     # Timestamps are Unix seconds; day boundaries are computed explicitly in China time.
@@ -18,7 +18,7 @@ DEFAULT_CONF = {
 
 
 def build_session(master: str | None = None, app_name: str = "adrec-job",
-                  conf: Mapping[str, str] | None = None, local_memory: str = "4g"):
+                  conf: Mapping[str, str] | None = None, local_memory: str = "4g") -> SparkSession:
     """Get or create the session.
 
     Under ``spark-submit`` the master comes from the submit command and ``master`` is
@@ -44,3 +44,12 @@ def build_session(master: str | None = None, app_name: str = "adrec-job",
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("WARN")
     return session
+
+
+def aggregate_row(aggregate: DataFrame) -> Row:
+    """The one row of a global aggregation (``agg`` without ``groupBy``)."""
+    row = aggregate.first()
+    # Spark returns a row even for empty input, so a missing one is a Spark bug.
+    if row is None:
+        raise RuntimeError(f"global aggregation of {aggregate.columns} returned no row")
+    return row

@@ -81,15 +81,16 @@ async def serving(
                 else:
                     recall_target = service_settings.recall_address
                     ranking_target = service_settings.ranking_address
-                channels = [
+                recall_channel, ranking_channel = (
                     downstream_channel(address, service_settings.max_message_bytes)
                     for address in (recall_target, ranking_target)
-                ]
-                for channel in channels:
+                )
+                for channel in (recall_channel, ranking_channel):
                     stack.push_async_callback(channel.close)
                 gateway = GatewayService(
                     reader("gateway"),
-                    *channels,
+                    recall_channel,
+                    ranking_channel,
                     Budgets(
                         request=service_settings.request_timeout_ms / 1000,
                         recall=service_settings.recall_timeout_ms / 1000,
@@ -115,7 +116,8 @@ async def run(target: str, service_settings: Any, redis_settings: RedisSettings)
                                 "settings": settings_mod.describe(service_settings)})
     async with serving(target, service_settings, redis_settings) as stack:
         # Everything allocated so far lives as long as the process: keeping it out of the
-        # collector's full passes saves tens of milliseconds of pause each time one runs.
+        # collector's full passes shortens the pause each of them causes
+        # (docs/performance.md).
         gc.freeze()
         for name, running in stack.services.items():
             print(f"{name} listening on {running.server.address}", flush=True)

@@ -12,7 +12,7 @@ from adrec.cli import UsageError
 PRESET_NAMES = ("tiny", "small", "medium", "full")
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "data", help="generate synthetic data, inspect data files",
         description="Generate the synthetic data set, or check a data set with the loaders.",

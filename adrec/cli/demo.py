@@ -27,7 +27,7 @@ DEMO_USERS = 5
 SERVICE_START_TIMEOUT = 120.0
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("demo", help="run the whole system locally on synthetic data",
                                    description=__doc__)
     parser.add_argument("--preset", default="small", help="synthetic data size (default small)")
@@ -98,6 +98,9 @@ def _run_job(data_dir: pathlib.Path, redis_url: str) -> str:
     config = load(JobConfig, env={"ADREC_JOB_DATA": str(data_dir)})
     result = run_job(config, load(RedisSettings, env={"REDIS_URL": redis_url}))
     print(result.report_text(), flush=True)
+    # The default stages end with publish, which always yields a version.
+    if result.version is None:
+        raise RuntimeError("the batch job published no data version")
     return result.version
 
 
@@ -109,6 +112,8 @@ def _start_services(stack: contextlib.ExitStack, redis_url: str) -> str:
     process = subprocess.Popen([sys.executable, "-m", "adrec", "serve", "all"], env=env,
                                stdout=subprocess.PIPE, text=True)
     stack.callback(_stop, process)
+    if process.stdout is None:
+        raise RuntimeError("the services' output pipe was not opened")
     deadline = time.monotonic() + SERVICE_START_TIMEOUT
     gateway = None
     for line in process.stdout:
@@ -128,7 +133,7 @@ def _start_services(stack: contextlib.ExitStack, redis_url: str) -> str:
     return gateway
 
 
-def _stop(process: subprocess.Popen) -> None:
+def _stop(process: subprocess.Popen[str]) -> None:
     process.terminate()
     try:
         process.wait(timeout=30)
@@ -152,16 +157,18 @@ def _demo_users(redis_url: str, version: str) -> list[int]:
 
 def _show_recommendations(gateway: str, redis_url: str, version: str) -> None:
     import grpc
+    from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
     from adrec.api.gateway.v1 import gateway_service_pb2 as pb
     from adrec.api.gateway.v1 import gateway_service_pb2_grpc
 
-    def name(enum, value: int) -> str:
+    def name(enum: EnumTypeWrapper, value: int) -> str:
         return enum.Name(value).split("_", 2)[-1].lower()
 
     rows = [("user", "mode", "served by", "ms", "top ads (id:ctr)")]
     with grpc.insecure_channel(gateway) as channel:
-        stub = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+        # The gRPC code generator writes no annotations.
+        stub = gateway_service_pb2_grpc.GatewayServiceStub(channel)  # type: ignore[no-untyped-call]
         for user in _demo_users(redis_url, version):
             for mode in (pb.RECOMMEND_MODE_REALTIME, pb.RECOMMEND_MODE_OFFLINE):
                 started = time.perf_counter()

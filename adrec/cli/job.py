@@ -13,7 +13,7 @@ from adrec.cli import UsageError
 JOB_IMPORT_PACKAGES = ("adrec", "jobs")
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from jobs import main as job_main
 
     parser = subparsers.add_parser("job", help="run the Spark batch job")
@@ -50,7 +50,11 @@ def _package(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(args.out, "w", zipfile.ZIP_DEFLATED) as archive:
         for name in JOB_IMPORT_PACKAGES:
-            root = pathlib.Path(importlib.import_module(name).__file__).parent
+            init_file = importlib.import_module(name).__file__
+            # Namespace packages have no __init__.py, hence no file to zip the package from.
+            if init_file is None:
+                raise RuntimeError(f"{name} is not installed as a regular package")
+            root = pathlib.Path(init_file).parent
             for source in sorted(root.rglob("*.py")):
                 archive.write(source, f"{name}/{source.relative_to(root).as_posix()}")
     print(f"wrote {args.out}; pass it to spark-submit with --py-files", file=sys.stderr)

@@ -6,6 +6,10 @@ import argparse
 import json
 import math
 
+import numpy as np
+import redis
+import redis.cluster
+
 from adrec.cli import UsageError
 from adrec.core import settings
 from adrec.core.features import USER_PROFILE_FIELDS
@@ -14,7 +18,7 @@ from adrec.core.redis_conn import RedisSettings, connect
 MAX_RECALL_IDS = 1000
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("publish", help="list, roll back or patch published versions")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
@@ -44,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         settings.add_flags(RedisSettings, sub)
 
 
-def _client(args: argparse.Namespace):
+def _client(args: argparse.Namespace) -> redis.Redis | redis.cluster.RedisCluster:
     try:
         return connect(settings.load(RedisSettings, flags=args))
     except settings.SettingsError as exc:
@@ -137,6 +141,6 @@ def _update_user(args: argparse.Namespace) -> int:
         updated = UserFeatures({**current.profile, **profile_changes}, current.als_factors)
         writer.put_user_features([args.user_id], [updated])
     if recall is not None:
-        writer.put_recall_lists([args.user_id], [recall])
+        writer.put_recall_lists([args.user_id], [np.asarray(recall)])
     print(f"updated user {args.user_id} in {version}")
     return 0

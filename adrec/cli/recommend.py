@@ -6,13 +6,18 @@ import argparse
 import dataclasses
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 from adrec.cli import UsageError
 from adrec.core import settings as settings_mod
 from adrec.core.features import KNOWN_PIDS
 from adrec.core.settings import in_range, parse_float, setting
 from services.runtime.settings import DEFAULT_GATEWAY_PORT
+
+if TYPE_CHECKING:
+    from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+
+    from adrec.api.gateway.v1.gateway_service_pb2 import RecommendResponse
 
 MODES = ("realtime", "offline")
 
@@ -30,7 +35,7 @@ class ClientSettings:
     )
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "recommend", help="ask the gateway for a user's ads and print them",
         description="Calls GatewayService.Recommend and prints the ads with their CTRs, the "
@@ -71,10 +76,11 @@ def _recommend(args: argparse.Namespace) -> int:
 
     request = gateway_service_pb2.RecommendRequest(
         user_id=args.user_id, pid=args.pid, count=args.count, request_id=args.request_id,
-        mode=gateway_service_pb2.RecommendMode.Value(f"RECOMMEND_MODE_{args.mode.upper()}"),
+        mode=f"RECOMMEND_MODE_{args.mode.upper()}",
     )
     with grpc.insecure_channel(client.gateway_address) as channel:
-        stub = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+        # The gRPC code generator writes no annotations.
+        stub = gateway_service_pb2_grpc.GatewayServiceStub(channel)  # type: ignore[no-untyped-call]
         try:
             response = stub.Recommend(request, timeout=client.timeout_seconds)
         except grpc.RpcError as error:
@@ -90,12 +96,14 @@ def _recommend(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(json_format.MessageToDict(response), indent=2))
     else:
-        print(_table(response, gateway_service_pb2))
+        print(_table(response))
     return 0
 
 
-def _table(response: Any, pb: Any) -> str:
-    def name(enum: Any, value: int) -> str:
+def _table(response: RecommendResponse) -> str:
+    from adrec.api.gateway.v1 import gateway_service_pb2 as pb
+
+    def name(enum: EnumTypeWrapper, value: int) -> str:
         return enum.Name(value).split("_", 2)[-1].lower()
 
     reasons = [name(pb.DegradationReason, reason) for reason in response.degradation_reasons]

@@ -9,13 +9,19 @@ that process. Bound addresses are printed on stdout, JSON logs go to stderr.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING, TypeVar
 
 from adrec.cli import UsageError
 from adrec.core import settings as settings_mod
 from adrec.core.redis_conn import RedisSettings
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+_Settings = TypeVar("_Settings", bound="DataclassInstance")
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from services.runtime.settings import SETTINGS
 
     parser = subparsers.add_parser(
@@ -40,15 +46,22 @@ def _serve(args: argparse.Namespace) -> int:
     from services.runtime.logs import configure_logging
     from services.runtime.settings import SETTINGS
 
-    loaded, problems = [], []
-    for settings_class in (SETTINGS[args.target], RedisSettings):
-        try:
-            loaded.append(settings_mod.load(settings_class, flags=args))
-        except settings_mod.SettingsError as error:
-            problems += error.problems
-    if problems:
+    problems: list[str] = []
+    service_settings = _load(SETTINGS[args.target], args, problems)
+    redis_settings = _load(RedisSettings, args, problems)
+    if service_settings is None or redis_settings is None:
         raise UsageError(str(settings_mod.SettingsError(problems)))
-    service_settings, redis_settings = loaded
     configure_logging(service_settings.log_level,
                       service="adrec" if args.target == "all" else args.target)
     return loop.run(process.run(args.target, service_settings, redis_settings))
+
+
+def _load(
+    settings_class: type[_Settings], args: argparse.Namespace, problems: list[str]
+) -> _Settings | None:
+    """The validated settings, or None with what is wrong with them added to ``problems``."""
+    try:
+        return settings_mod.load(settings_class, flags=args)
+    except settings_mod.SettingsError as error:
+        problems += error.problems
+        return None

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from types import TracebackType
 from typing import Any
 
 from adrec.core import codecs, keys, store
@@ -101,7 +102,8 @@ class Publication:
         self.removed_versions = prune(self.client, self.keep_versions)
         return previous
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         try:
             if not self.committed and self.version:
                 store.delete_version(self.client, self.version)

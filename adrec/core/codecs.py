@@ -1,7 +1,8 @@
 """Value encodings for everything adrec stores in Redis.
 
-Chosen by measurement: a 500-id recall list as one packed binary string writes ~15x
-faster than ``SADD`` and reads ~5x faster than ``SMEMBERS``, and keeps its order.
+Chosen by measurement: a 500-id recall list as one packed binary string writes and reads
+in a fraction of the time ``SADD`` and ``SMEMBERS`` take, and keeps its order (figures in
+docs/performance.md).
 All numbers are little-endian. Decoders validate lengths and never unpickle.
 """
 
@@ -32,7 +33,7 @@ class CodecError(ValueError):
 
 # The real data's ad ids run 1..846,811, so three bytes hold them: a 500-id list takes
 # 1,501 bytes instead of 2,000, which moves it from jemalloc's 2,048-byte size class to
-# the 1,536 one and saves about 0.6 GB of Redis at 1.14M users. Larger ids get four.
+# the 1,536 one (the saving at full size is in docs/performance.md). Larger ids get four.
 _NARROW_WIDTH = 3
 _WIDE_WIDTH = 4
 _NARROW_LIMIT = 1 << (8 * _NARROW_WIDTH)

@@ -132,22 +132,27 @@ class MissingIndicator:
 
 def _price_linear(price: np.ndarray) -> np.ndarray:
     cap = TRANSFORM_CONSTANTS["price_cap"]
-    return np.clip(np.nan_to_num(price, nan=0.0), 0.0, cap) / cap
+    scaled: np.ndarray = np.clip(np.nan_to_num(price, nan=0.0), 0.0, cap) / cap
+    return scaled
 
 
 def _log_price(price: np.ndarray) -> np.ndarray:
     most = TRANSFORM_CONSTANTS["max_price"]
-    return np.log1p(np.clip(np.nan_to_num(price, nan=0.0), 0.0, most)) / np.log1p(most)
+    clipped = np.clip(np.nan_to_num(price, nan=0.0), 0.0, most)
+    scaled: np.ndarray = np.log1p(clipped) / np.log1p(most)
+    return scaled
 
 
 def _logit(probability: np.ndarray) -> np.ndarray:
     eps = TRANSFORM_CONSTANTS["ctr_eps"]
     p = np.clip(np.nan_to_num(probability, nan=TRANSFORM_CONSTANTS["ctr_missing"]), eps, 1.0 - eps)
-    return np.log(p / (1.0 - p))
+    log_odds: np.ndarray = np.log(p / (1.0 - p))
+    return log_odds
 
 
 def _zero_if_missing(values: np.ndarray) -> np.ndarray:
-    return np.nan_to_num(values, nan=0.0)
+    filled: np.ndarray = np.nan_to_num(values, nan=0.0)
+    return filled
 
 
 _TRANSFORMS = {

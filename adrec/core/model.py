@@ -46,7 +46,8 @@ class CtrModel:
     def predict(self, features: np.ndarray) -> np.ndarray:
         """Click probabilities for an encoded ``(n, dim)`` feature matrix."""
         margin = features.astype(np.float64, copy=False) @ self.weights + self.intercept
-        return 1.0 / (1.0 + np.exp(-margin))
+        probabilities: np.ndarray = 1.0 / (1.0 + np.exp(-margin))
+        return probabilities
 
     def to_json(self) -> bytes:
         document = {

@@ -52,7 +52,10 @@ class RedisSettings:
         "REDIS_TLS_CA_FILE", "", "CA bundle used to verify the server with rediss://"
     )
     socket_timeout_s: float = setting(
-        "REDIS_TIMEOUT_SECONDS", 1.0, "Socket connect and read timeout", parse=parse_float,
+        "REDIS_TIMEOUT_SECONDS",
+        1.0,
+        "Socket connect and read timeout",
+        parse=parse_float,
         check=lambda v: None if v > 0 else "must be positive",
     )
 
@@ -64,11 +67,9 @@ class RedisSettings:
         return []
 
 
-def _options(settings: RedisSettings) -> dict[str, Any]:
-    options: dict[str, Any] = {
-        "socket_timeout": settings.socket_timeout_s,
-        "socket_connect_timeout": settings.socket_timeout_s,
-    }
+def _options(settings: RedisSettings, socket_timeouts: bool = True) -> dict[str, Any]:
+    timeout = settings.socket_timeout_s if socket_timeouts else None
+    options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
     if settings.password:
         options["password"] = settings.password
     if settings.tls_ca_file:
@@ -84,12 +85,14 @@ def connect(settings: RedisSettings) -> redis.Redis | redis.cluster.RedisCluster
 
 
 def connect_async(
-    settings: RedisSettings,
+    settings: RedisSettings, *, socket_timeouts: bool = True
 ) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
-    """An asyncio client (the gRPC services)."""
+    """An asyncio client (the gRPC services); without socket timeouts when the caller
+    bounds every command itself."""
+    options = _options(settings, socket_timeouts)
     if settings.cluster:
-        return redis.asyncio.cluster.RedisCluster.from_url(settings.url, **_options(settings))
-    return redis.asyncio.Redis.from_url(settings.url, **_options(settings))
+        return redis.asyncio.cluster.RedisCluster.from_url(settings.url, **options)
+    return redis.asyncio.Redis.from_url(settings.url, **options)
 
 
 def redacted(url: str) -> str:

@@ -29,13 +29,14 @@ class RedisServerError(RuntimeError):
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 @dataclass
 class PrivateRedis:
     port: int
-    process: subprocess.Popen
+    process: subprocess.Popen[bytes]
     workdir: Path
     extra_args: tuple[str, ...] = ()
 
@@ -59,7 +60,7 @@ class PrivateRedis:
         _wait_ready(self.port, self.process, timeout)
 
 
-def _spawn(port: int, workdir: Path, extra_args: tuple[str, ...] = ()) -> subprocess.Popen:
+def _spawn(port: int, workdir: Path, extra_args: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
     binary = shutil.which("redis-server")
     if binary is None:
         raise RedisServerError(INSTALL_HINT)
@@ -76,7 +77,7 @@ def _spawn(port: int, workdir: Path, extra_args: tuple[str, ...] = ()) -> subpro
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def _wait_ready(port: int, process: subprocess.Popen, timeout: float) -> None:
+def _wait_ready(port: int, process: subprocess.Popen[bytes], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -52,21 +52,25 @@ class VersionWriter:
         pipe.execute()
         return written
 
-    def put_recall_lists(self, user_ids: Sequence[int], lists: Iterable[np.ndarray]) -> int:
+    def put_recall_lists(
+        self, user_ids: Sequence[int] | np.ndarray, lists: Iterable[np.ndarray]
+    ) -> int:
         return self._put_many(
             (keys.RECALL.key(self.version, int(u)), keys.RECALL.encode(ids))
             for u, ids in zip(user_ids, lists, strict=True)
         )
 
     def put_offline_lists(
-        self, user_ids: Sequence[int], lists: Iterable[tuple[np.ndarray, np.ndarray]]
+        self, user_ids: Sequence[int] | np.ndarray, lists: Iterable[tuple[np.ndarray, np.ndarray]]
     ) -> int:
         return self._put_many(
             (keys.OFFLINE.key(self.version, int(u)), keys.OFFLINE.encode(scored))
             for u, scored in zip(user_ids, lists, strict=True)
         )
 
-    def put_user_features(self, user_ids: Sequence[int], users: Iterable[UserFeatures]) -> int:
+    def put_user_features(
+        self, user_ids: Sequence[int] | np.ndarray, users: Iterable[UserFeatures]
+    ) -> int:
         return self._put_many(
             (keys.USER.key(self.version, int(u)), keys.USER.encode(f))
             for u, f in zip(user_ids, users, strict=True)
@@ -79,8 +83,10 @@ class VersionWriter:
         self.client.set(keys.ADS.key(self.version), keys.ADS.encode(dict(table)))
 
     def put_cate_factors(self, cate_ids: np.ndarray, factors: np.ndarray) -> None:
-        table = {"cate_id": np.asarray(cate_ids, dtype=np.int32),
-                 "factors": np.asarray(factors, dtype=np.float32)}
+        table = {
+            "cate_id": np.asarray(cate_ids, dtype=np.int32),
+            "factors": np.asarray(factors, dtype=np.float32),
+        }
         self.client.set(keys.CATE_FACTORS.key(self.version), keys.CATE_FACTORS.encode(table))
 
     def put_model(self, model: CtrModel) -> None:
@@ -147,8 +153,9 @@ def _unlink(client: Any, batch: list[bytes]) -> int:
 # ------------------------------------------------------------------ reads
 
 
-def read(client: Any, family: keys.KeyFamily[Value], version: str,
-         member: int | str | None = None) -> Value | None:
+def read(
+    client: Any, family: keys.KeyFamily[Value], version: str, member: int | str | None = None
+) -> Value | None:
     """One key's decoded value, None when the key does not exist."""
     raw = client.get(family.key(version, member))
     return family.decode(raw) if raw is not None else None

@@ -39,12 +39,12 @@ TRUTH_HEADER = "user,time_stamp,adgroup_id,pid,clk,click_probability"
 class Totals:
     """What the manifest reports about the rows, summed over the blocks."""
 
+    behavior_categories_used: np.ndarray  # bool, per category
+    behavior_brands_used: np.ndarray  # bool, per brand slot
     samples: int = 0
     clicks: int = 0
     click_probability_sum: float = 0.0
     behavior_rows: int = 0
-    behavior_categories_used: np.ndarray | None = None
-    behavior_brands_used: np.ndarray | None = None
 
 
 @dataclass

@@ -6,6 +6,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from adrec.core.dataset import MANIFEST_FILE
 from adrec.synthetic.blocks import write_blocks
@@ -22,7 +23,7 @@ from adrec.synthetic.world import build_world
 @dataclass
 class GenerationResult:
     out_dir: Path
-    manifest: dict
+    manifest: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=dict)
 
 

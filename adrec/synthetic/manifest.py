@@ -6,6 +6,7 @@ It holds no timings, so the same preset and seed give the same manifest bytes.
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,7 @@ from adrec.synthetic.world import World
 GENERATOR_VERSION = "2"
 
 
-def build_manifest(world: World, totals: Totals) -> dict:
+def build_manifest(world: World, totals: Totals) -> dict[str, Any]:
     preset = world.preset
     brands = world.ad_brand[world.ad_brand != 0]
     return {

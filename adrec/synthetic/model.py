@@ -65,7 +65,8 @@ def preferred_categories(world: World, users: np.ndarray, topic_cdf: np.ndarray,
     for topic in range(LATENT_RANK):
         rows = np.flatnonzero(topics == topic)
         categories[rows] = np.searchsorted(topic_cdf[topic], category_draw[rows], side="right")
-    return np.minimum(categories, topic_cdf.shape[1] - 1)
+    in_range: np.ndarray = np.minimum(categories, topic_cdf.shape[1] - 1)
+    return in_range
 
 
 def impression_categories(world: World, users: np.ndarray,
@@ -80,25 +81,31 @@ def impression_categories(world: World, users: np.ndarray,
 
 def _preference(world: World, users: np.ndarray, categories: np.ndarray) -> np.ndarray:
     """P(category | user): the dot product of the user's topic mix and the category's loadings."""
-    return np.einsum("ij,ij->i", world.user_topics[users], world.category_topics[categories])
+    preference: np.ndarray = np.einsum(
+        "ij,ij->i", world.user_topics[users], world.category_topics[categories]
+    )
+    return preference
 
 
 def log_relative_preference(world: World, users: np.ndarray,
                             categories: np.ndarray) -> np.ndarray:
     """How much more the user prefers the category than the average user does (log ratio)."""
-    return np.log(_preference(world, users, categories)
-                  / world.category_average_preference[categories])
+    log_ratio: np.ndarray = np.log(_preference(world, users, categories)
+                                   / world.category_average_preference[categories])
+    return log_ratio
 
 
 def _interest(world: World, users: np.ndarray, categories: np.ndarray) -> np.ndarray:
     """Expected behavior rows of the user in the category."""
-    return world.behaviors[users] * _preference(world, users, categories)
+    interest: np.ndarray = world.behaviors[users] * _preference(world, users, categories)
+    return interest
 
 
 def ads_in_categories(world: World, categories: np.ndarray,
                       rng: np.random.Generator) -> np.ndarray:
     ranks = zipf_ranks(rng, world.ad_count[categories], world.truth.ad_popularity_zipf)
-    return world.ad_start[categories] + ranks
+    ads: np.ndarray = world.ad_start[categories] + ranks
+    return ads
 
 
 def click_logits(world: World, users: np.ndarray, ads: np.ndarray,
@@ -106,7 +113,7 @@ def click_logits(world: World, users: np.ndarray, ads: np.ndarray,
     """The planted click logit without its intercept."""
     truth = world.truth
     categories = world.ad_category[ads]
-    return (
+    logits: np.ndarray = (
         truth.interest_weight * np.minimum(_interest(world, users, categories), truth.interest_cap)
         + world.ad_quality[ads]
         + world.category_quality[categories]
@@ -114,6 +121,7 @@ def click_logits(world: World, users: np.ndarray, ads: np.ndarray,
         + world.user_click_term[users]
         - world.user_price_sensitivity[users] * world.ad_centered_log_price[ads]
     )
+    return logits
 
 
 def draw_pid(rng: np.random.Generator, n: int, truth: PlantedTruth) -> np.ndarray:

@@ -40,7 +40,8 @@ def zipf_ranks(rng: np.random.Generator, sizes: np.ndarray, exponent: float) -> 
     power = 1.0 - exponent
     top = (sizes + 1.0) ** power
     drawn = (1.0 + rng.random(len(sizes)) * (top - 1.0)) ** (1.0 / power)
-    return np.minimum(drawn.astype(np.int64) - 1, sizes - 1)
+    ranks: np.ndarray = np.minimum(drawn.astype(np.int64) - 1, sizes - 1)
+    return ranks
 
 
 def draw_levels(rng: np.random.Generator, shares: dict[int, float], n: int,
@@ -68,11 +69,13 @@ def starts(counts: np.ndarray) -> np.ndarray:
 
 
 def normalized(weights: np.ndarray) -> np.ndarray:
-    return weights / weights.sum()
+    shares: np.ndarray = weights / weights.sum()
+    return shares
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-logits))
+    probabilities: np.ndarray = 1.0 / (1.0 + np.exp(-logits))
+    return probabilities
 
 
 def solve_intercept(logits: np.ndarray, target_mean: float) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 
@@ -109,7 +110,24 @@ def build_world(preset: Preset, seed: int, truth: PlantedTruth) -> World:
     return World(preset=preset, seed=seed, truth=truth, **categories, **ads, **users, **counts)
 
 
-def _build_categories(preset: Preset, seed: int, truth: PlantedTruth) -> dict[str, np.ndarray]:
+class _Categories(TypedDict):
+    """The category and brand fields of :class:`World`."""
+
+    category_ids: np.ndarray
+    category_topics: np.ndarray
+    category_average_preference: np.ndarray
+    topic_category_cdf: np.ndarray
+    topic_ad_category_cdf: np.ndarray
+    category_quality: np.ndarray
+    ad_category_cdf: np.ndarray
+    ad_start: np.ndarray
+    ad_count: np.ndarray
+    brand_start: np.ndarray
+    brand_count: np.ndarray
+    brand_ids: np.ndarray
+
+
+def _build_categories(preset: Preset, seed: int, truth: PlantedTruth) -> _Categories:
     rng = random_stream(seed, Stream.CATEGORIES)
     total, with_ads = preset.behavior_categories, preset.ad_categories
     popularity = zipf_weights(rng.permutation(total), truth.category_popularity_zipf)
@@ -146,8 +164,21 @@ def _build_categories(preset: Preset, seed: int, truth: PlantedTruth) -> dict[st
     }
 
 
+class _Ads(TypedDict):
+    """The per-ad fields of :class:`World`."""
+
+    ad_ids: np.ndarray
+    ad_category: np.ndarray
+    ad_quality: np.ndarray
+    ad_brand: np.ndarray
+    ad_campaign: np.ndarray
+    ad_customer: np.ndarray
+    ad_price_cents: np.ndarray
+    ad_centered_log_price: np.ndarray
+
+
 def _build_ads(preset: Preset, seed: int, truth: PlantedTruth,
-               categories: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+               categories: _Categories) -> _Ads:
     rng = random_stream(seed, Stream.ADS)
     n = preset.ads
     category = np.repeat(np.arange(preset.ad_categories), categories["ad_count"])
@@ -187,7 +218,19 @@ def _build_ads(preset: Preset, seed: int, truth: PlantedTruth,
     }
 
 
-def _build_users(preset: Preset, seed: int, truth: PlantedTruth) -> dict[str, np.ndarray]:
+class _Users(TypedDict):
+    """The per-user fields of :class:`World`."""
+
+    user_ids: np.ndarray
+    user_topics: np.ndarray
+    user_topic_cdf: np.ndarray
+    profile: dict[str, np.ndarray]
+    has_profile: np.ndarray
+    user_click_term: np.ndarray
+    user_price_sensitivity: np.ndarray
+
+
+def _build_users(preset: Preset, seed: int, truth: PlantedTruth) -> _Users:
     rng = random_stream(seed, Stream.USERS)
     everyone = preset.users + preset.profile_only_users
     gender = draw_levels(rng, GENDER_SHARES, everyone)
@@ -231,7 +274,18 @@ def _build_users(preset: Preset, seed: int, truth: PlantedTruth) -> dict[str, np
     }
 
 
-def _draw_counts(preset: Preset, seed: int, truth: PlantedTruth) -> dict[str, np.ndarray]:
+class _Counts(TypedDict):
+    """The per-user count fields of :class:`World`."""
+
+    impressions: np.ndarray
+    behaviors: np.ndarray
+    behavior_offsets: np.ndarray
+    exploration_users: np.ndarray
+    exploration_ads: np.ndarray
+    bad_timestamp_rows: np.ndarray
+
+
+def _draw_counts(preset: Preset, seed: int, truth: PlantedTruth) -> _Counts:
     rng = random_stream(seed, Stream.COUNTS)
     users = preset.users
     # Every user sees at least one ad, every ad is shown at least once (to a random user).

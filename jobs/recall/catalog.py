@@ -37,7 +37,10 @@ class RecallCatalog:
 
     @property
     def category_weights(self) -> np.ndarray:
-        return self.ticket_starts[self.offsets[1:]] - self.ticket_starts[self.offsets[:-1]]
+        weights: np.ndarray = (
+            self.ticket_starts[self.offsets[1:]] - self.ticket_starts[self.offsets[:-1]]
+        )
+        return weights
 
     @property
     def position_bits(self) -> int:
@@ -107,7 +110,9 @@ def _guide_table(offsets: np.ndarray, ticket_starts: np.ndarray) -> np.ndarray:
     category = np.repeat(np.arange(len(sizes)), sizes)
     cell = np.arange(offsets[-1]) - offsets[category]
     weight = ticket_starts[offsets[1:]] - ticket_starts[offsets[:-1]]
-    first_ticket = ticket_starts[offsets[category]] + -(-cell * weight[category] // sizes[category])
+    first_ticket: np.ndarray = (
+        ticket_starts[offsets[category]] + -(-cell * weight[category] // sizes[category])
+    )
     return np.searchsorted(ticket_starts, first_ticket, side="right") - 1
 
 

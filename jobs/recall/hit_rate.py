@@ -6,8 +6,11 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as sf
+
+from jobs.spark import aggregate_row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +28,9 @@ class HitRate:
 
 
 def recall_hit_rate(
-    test_samples: DataFrame, recall_lists: DataFrame | None, fallback: Sequence[int]
+    test_samples: DataFrame,
+    recall_lists: DataFrame | None,
+    fallback: Sequence[int] | np.ndarray,
 ) -> HitRate:
     """Share of test-day clicked (user, ad) pairs whose ad is in the user's list.
 
@@ -47,15 +52,15 @@ def recall_hit_rate(
         with_list = recall_lists.select("user_id", "ad_ids").join(
             sf.broadcast(clicked), "user_id"
         )
-        row = with_list.agg(
+        row = aggregate_row(with_list.agg(
             sf.sum(sf.size("clicked")).alias("pairs"),
             sf.sum(sf.size(sf.array_intersect("clicked", "ad_ids"))).alias("hits"),
-        ).first()
+        ))
         pairs, hits = int(row["pairs"] or 0), int(row["hits"] or 0)
         without_list = clicked.join(recall_lists.select("user_id"), "user_id", "left_anti")
-    row = without_list.agg(
+    row = aggregate_row(without_list.agg(
         sf.sum(sf.size("clicked")).alias("pairs"),
         sf.sum(sf.size(sf.array_intersect("clicked", fallback_ids))).alias("hits"),
-    ).first()
+    ))
     fallback_pairs = int(row["pairs"] or 0)
     return HitRate(pairs + fallback_pairs, hits + int(row["hits"] or 0), fallback_pairs)

@@ -13,8 +13,10 @@ def _scores(users: np.ndarray, cate_factors: np.ndarray) -> np.ndarray:
     # BLAS scores a single row (gemv) with other rounding than a block (gemm); padding
     # keeps a user's scores, hence its list, independent of the chunk it falls in.
     if len(users) == 1:
-        return (np.vstack([users, users]) @ cate_factors.T)[:1]
-    return users @ cate_factors.T
+        doubled: np.ndarray = np.vstack([users, users]) @ cate_factors.T
+        return doubled[:1]
+    scores: np.ndarray = users @ cate_factors.T
+    return scores
 
 
 # Categories per block of the top-category prefilter.
@@ -48,7 +50,7 @@ def top_categories(users: np.ndarray, cate_factors: np.ndarray, count: int) -> n
     cell = (np.arange(m)[:, None, None] * _BLOCK + np.arange(_BLOCK)[None, None, :]) * blocks
     candidates = scores.reshape(-1)[(cell + best[:, :, None]).reshape(m, -1)]
     local = _exact_top(candidates, count)
-    top = np.take_along_axis(best, local // _BLOCK, axis=1) * _BLOCK + local % _BLOCK
+    top: np.ndarray = np.take_along_axis(best, local // _BLOCK, axis=1) * _BLOCK + local % _BLOCK
     ambiguous = np.count_nonzero(block_max >= lowest, axis=1) > count
     if ambiguous.any():
         in_order = scores[ambiguous].transpose(0, 2, 1).reshape(-1, blocks * _BLOCK)

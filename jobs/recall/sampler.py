@@ -29,8 +29,9 @@ class Segments:
     size: np.ndarray  # ads in the category
     start: np.ndarray  # list position of the first ad taken
 
-    def subset(self, mask: np.ndarray) -> Segments:
-        return Segments(*(getattr(self, f.name)[mask] for f in dataclasses.fields(self)))
+    def subset(self, selection: np.ndarray | slice) -> Segments:
+        """The segments a boolean mask or a slice selects."""
+        return Segments(*(getattr(self, f.name)[selection] for f in dataclasses.fields(self)))
 
     def __len__(self) -> int:
         return len(self.row)
@@ -217,7 +218,8 @@ def _pick(
     unit = unit_interval(bits)
     size = catalog.sizes[cate]
     if not popular:
-        return np.minimum((unit * size).astype(np.int64), size - 1)
+        uniform: np.ndarray = np.minimum((unit * size).astype(np.int64), size - 1)
+        return uniform
     first = catalog.offsets[cate]
     total = catalog.category_weights[cate]
     ticket = np.minimum((unit * total).astype(np.int64), total - 1)
@@ -227,4 +229,5 @@ def _pick(
     while ahead.size:
         item[ahead] += 1
         ahead = ahead[catalog.ticket_starts[item[ahead] + 1] <= ticket[ahead]]
-    return item - first
+    by_weight: np.ndarray = item - first
+    return by_weight

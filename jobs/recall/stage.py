@@ -22,6 +22,7 @@ from adrec.core.store import VersionWriter
 from jobs.load import write_from_executors
 from jobs.recall.catalog import RecallCatalog
 from jobs.recall.lists import RECALL_SCHEMA, RecallChunk, RecallConfig, recall_chunk
+from jobs.spark import aggregate_row
 
 
 def build_recall_lists(
@@ -71,7 +72,7 @@ def publish_recall_lists(
             _partition_recall(catalog, config, sink, _chunk_stats),
             ", ".join(f"{name} long" for name in _STATS_FIELDS),
         )
-        row = counts.agg(*(sf.sum(name).alias(name) for name in _STATS_FIELDS)).first()
+        row = aggregate_row(counts.agg(*(sf.sum(name).alias(name) for name in _STATS_FIELDS)))
         return RecallStats(**{name: int(row[name] or 0) for name in _STATS_FIELDS})
     lists = user_factors.mapInArrow(
         _partition_recall(catalog, config, sink, RecallChunk.to_arrow), RECALL_SCHEMA
@@ -96,13 +97,13 @@ def save_recall_lists(recall_lists: DataFrame, path: str) -> None:
 def recall_stats(recall_lists: DataFrame, list_length: int) -> RecallStats:
     """Counts over (ad_ids, personal) rows, e.g. for the quality report."""
     length = sf.size("ad_ids")
-    row = recall_lists.agg(
+    row = aggregate_row(recall_lists.agg(
         sf.count(sf.lit(1)).alias("users"),
         sf.sum((length == list_length).cast("long")).alias("full_lists"),
         sf.sum((sf.col("personal") < length).cast("long")).alias("filled_users"),
         sf.sum("personal").alias("personal_ads"),
         sf.sum(length - sf.col("personal")).alias("fallback_ads"),
-    ).first()
+    ))
     return RecallStats(**{name: int(row[name] or 0) for name in _STATS_FIELDS})
 
 

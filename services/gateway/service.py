@@ -84,7 +84,7 @@ def downstream_channel(target: str, max_message_bytes: int) -> grpc.aio.Channel:
     would spend the caller's deadline the fallback needs; reconnects are kept short so a
     restarted pod is used again within a second.
     """
-    service_config = {"loadBalancingConfig": [{"round_robin": {}}]}
+    service_config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
     return grpc.aio.insecure_channel(
         target,
         options=[
@@ -121,18 +121,24 @@ class _Call:
     user_id: int
     pid: str
     count: int
-    mode: int
+    mode: gateway_pb2.RecommendMode
     request_id: str
     version: GatewayVersion
     deadline: _Deadline
-    reasons: list[int] = dataclasses.field(default_factory=list)
+    reasons: list[gateway_pb2.DegradationReason] = dataclasses.field(default_factory=list)
     ads: Any = ()
-    path: int = gateway_pb2.SERVING_PATH_UNSPECIFIED
-    source: int = common_pb2.CANDIDATE_SOURCE_UNSPECIFIED
+    path: gateway_pb2.ServingPath = gateway_pb2.SERVING_PATH_UNSPECIFIED
+    source: common_pb2.CandidateSource = common_pb2.CANDIDATE_SOURCE_UNSPECIFIED
     data_version: str = ""
     model_version: str = ""
 
-    def unscored(self, path: int, source: int, ad_ids: Any, data_version: str) -> None:
+    def unscored(
+        self,
+        path: gateway_pb2.ServingPath,
+        source: common_pb2.CandidateSource,
+        ad_ids: Any,
+        data_version: str,
+    ) -> None:
         self.path, self.source, self.data_version = path, source, data_version
         self.ads = [ScoredAd(ad_id=ad_id) for ad_id in ad_ids[: self.count]]
 
@@ -170,8 +176,9 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
         self.reader = reader
         self.metrics = reader.metrics
         self.log = service_logger(self.name)
-        self.recall = recall_service_pb2_grpc.RecallServiceStub(recall_channel)
-        self.ranking = ranking_service_pb2_grpc.RankingServiceStub(ranking_channel)
+        # The gRPC code generator writes no annotations.
+        self.recall = recall_service_pb2_grpc.RecallServiceStub(recall_channel)  # type: ignore[no-untyped-call]
+        self.ranking = ranking_service_pb2_grpc.RankingServiceStub(ranking_channel)  # type: ignore[no-untyped-call]
         self.budgets = budgets
         self.current: GatewayVersion | None = None
         self._answers: dict[tuple[int, int], Any] = {}
@@ -200,7 +207,9 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
 
     @grpc_errors
     async def Recommend(
-        self, request: gateway_pb2.RecommendRequest, context: grpc.aio.ServicerContext
+        self,
+        request: gateway_pb2.RecommendRequest,
+        context: grpc.aio.ServicerContext[gateway_pb2.RecommendRequest, RecommendResponse],
     ) -> RecommendResponse:
         user_id = positive_id("user_id", request.user_id)
         pid = known_pid("pid", request.pid, required=True)
@@ -232,7 +241,7 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
             call.unscored(gateway_pb2.SERVING_PATH_POPULAR, POPULAR, recalled.ad_ids,
                           recalled.data_version)
             return
-        ranked = await self._call(
+        ranked: ranking_service_pb2.RankCandidatesResponse | None = await self._call(
             "ranking", self.ranking.RankCandidates,
             ranking_service_pb2.RankCandidatesRequest(
                 user_id=call.user_id, pid=call.pid, ad_ids=recalled.ad_ids, top_k=call.count,
@@ -264,7 +273,7 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
                           recalled.data_version)
 
     async def _recall(self, call: _Call) -> recall_service_pb2.GetCandidatesResponse | None:
-        recalled = await self._call(
+        recalled: recall_service_pb2.GetCandidatesResponse | None = await self._call(
             "recall", self.recall.GetCandidates,
             recall_service_pb2.GetCandidatesRequest(
                 user_id=call.user_id, pid=call.pid, request_id=call.request_id

@@ -97,7 +97,11 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
 
     @grpc_errors
     async def RankCandidates(
-        self, request: ranking_service_pb2.RankCandidatesRequest, context: grpc.aio.ServicerContext
+        self,
+        request: ranking_service_pb2.RankCandidatesRequest,
+        context: grpc.aio.ServicerContext[
+            ranking_service_pb2.RankCandidatesRequest, RankCandidatesResponse
+        ],
     ) -> RankCandidatesResponse:
         user_id = positive_id("user_id", request.user_id)
         pid = known_pid("pid", request.pid, required=True)

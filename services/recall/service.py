@@ -69,7 +69,11 @@ class RecallService(recall_service_pb2_grpc.RecallServiceServicer):
 
     @grpc_errors
     async def GetCandidates(
-        self, request: recall_service_pb2.GetCandidatesRequest, context: grpc.aio.ServicerContext
+        self,
+        request: recall_service_pb2.GetCandidatesRequest,
+        context: grpc.aio.ServicerContext[
+            recall_service_pb2.GetCandidatesRequest, GetCandidatesResponse
+        ],
     ) -> GetCandidatesResponse:
         user_id = positive_id("user_id", request.user_id)
         pid = known_pid("pid", request.pid, required=False)

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import redis.asyncio
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -29,24 +30,27 @@ def model_version(data_version: str, feature_spec_id: str) -> str:
     return f"{data_version}/{feature_spec_id}"
 
 
-#: Bound on reading a whole version's bulk data (the ad table is tens of MB at full scale).
+#: Bound on reading a whole version's bulk data (the ad table, the largest value of a
+#: version: its size at full scale is in docs/performance.md).
 LOAD_TIMEOUT_SECONDS = 120.0
 
 
 def client_without_socket_timeouts(settings: RedisSettings) -> Any:
     """An asyncio client for :class:`RedisReader`, which bounds every command itself.
 
-    redis-py applies its socket timeouts through asyncio.wait_for, which costs about 40% of
-    a GET's CPU and, on Python 3.11, can swallow a cancellation of the calling task.
+    redis-py applies its socket timeouts through asyncio.wait_for, which costs a large share
+    of a GET's CPU (docs/performance.md) and, on Python 3.11, can swallow a cancellation of
+    the calling task.
     """
-    return connect_async(dataclasses.replace(settings, socket_timeout_s=None))
+    return connect_async(settings, socket_timeouts=False)
 
 
 class DirectGets:
     """GETs on connections made like the client pool's own, without its per-command work.
 
-    redis-py's ``Redis.get`` spends about two thirds of a GET's CPU outside the socket:
-    pool locking, health and pending-data checks, retry wrappers and observability hooks.
+    redis-py's ``Redis.get`` spends most of a GET's CPU outside the socket (figures in
+    docs/performance.md): pool locking, health and pending-data checks, retry wrappers and
+    observability hooks.
     Here a GET takes an idle connection, writes the command and reads the reply. A
     connection goes back idle after every GET: either it read its whole reply, or redis-py
     disconnected it on the failure (cancellation included) and it reconnects on its next
@@ -56,27 +60,31 @@ class DirectGets:
 
     def __init__(self, pool: redis.asyncio.ConnectionPool):
         self._pool = pool
-        self._idle: list[Any] = []
-        self._made: list[Any] = []
+        self._idle: list[AbstractConnection] = []
+        self._made: list[AbstractConnection] = []
 
     async def get(self, key: bytes) -> bytes | None:
         connection = self._idle.pop() if self._idle else self._make()
         reused = connection.is_connected
         command = b"*2\r\n$3\r\nGET\r\n$%d\r\n%b\r\n" % (len(key), key)
+        # A GET replies with a bulk string or nil; redis-py leaves read_response unannotated.
+        reply: bytes | None
         try:
             try:
                 await connection.send_packed_command(command, check_health=False)
-                return await connection.read_response()
+                reply = await connection.read_response()
             except RedisConnectionError:
                 if not reused:
                     raise
                 await connection.send_packed_command(command, check_health=False)
-                return await connection.read_response()
+                reply = await connection.read_response()
         finally:
             self._idle.append(connection)
+        return reply
 
-    def _make(self) -> Any:
-        connection = self._pool.make_connection()
+    def _make(self) -> AbstractConnection:
+        # redis-py leaves make_connection unannotated; it builds the pool's connection_class.
+        connection: AbstractConnection = self._pool.make_connection()  # type: ignore[no-untyped-call]
         self._made.append(connection)
         return connection
 

@@ -36,7 +36,7 @@ async def set_serving_status(
     """
     names = list(service_names)
     if serving:
-        status = health_pb2.HealthCheckResponse.SERVING
+        status: int = health_pb2.HealthCheckResponse.SERVING
         ordered = [*names, OVERALL_HEALTH]
     else:
         status = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -56,7 +56,9 @@ def wait_until_serving(address: str, timeout: float) -> bool:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             with contextlib.suppress(grpc.RpcError):
-                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status
+                # types-grpcio-health-checking declares HealthStub without its methods.
+                check = stub.Check  # type: ignore[attr-defined]
+                status = check(health_pb2.HealthCheckRequest(), timeout=1.0).status
                 if status == health_pb2.HealthCheckResponse.SERVING:
                     return True
             time.sleep(0.1)

@@ -59,13 +59,13 @@ def configure_logging(level: str, service: str = "adrec", stream: TextIO | None 
     root.setLevel(level.upper())
 
 
-class ServiceLogger(logging.LoggerAdapter):
+class ServiceLogger(logging.LoggerAdapter[logging.Logger]):
     """Adds the service name to every record, keeping the call's own `extra` fields."""
 
     def process(
         self, msg: Any, kwargs: MutableMapping[str, Any]
     ) -> tuple[Any, MutableMapping[str, Any]]:
-        kwargs["extra"] = {**self.extra, **kwargs.get("extra", {})}
+        kwargs["extra"] = {**(self.extra or {}), **kwargs.get("extra", {})}
         return msg, kwargs
 
 

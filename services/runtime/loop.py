@@ -14,7 +14,7 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     """Run ``main`` to completion on uvloop.
 
     grpc.aio hands every call's completion to the event loop as callbacks; uvloop runs
-    them with less interpreter work than asyncio's default loop, about 7% of a
-    service's CPU per request in ``bench/bench_serving.py``.
+    them with less interpreter work than asyncio's default loop (what that saves per
+    request is in docs/performance.md).
     """
     return uvloop.run(main)

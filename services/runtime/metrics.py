@@ -251,7 +251,7 @@ def grpc_server_observer(metrics: Metrics) -> UnaryObserver:
                 child = handled_by_code[code] = metrics.grpc_handled.labels(*labels, code)
             return child
 
-        async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started.inc()
             start = time.perf_counter()
             code = "OK"
@@ -311,8 +311,8 @@ def start_metrics_endpoint(registry: CollectorRegistry, host: str, port: int) ->
                                 flags=socket.AI_PASSIVE)[0][0]
     server_class = type("MetricsHTTPServer", (_MetricsHTTPServer,), {"address_family": family})
     try:
-        server = make_server(host, port, make_wsgi_app(registry), server_class,
-                             handler_class=_QuietHandler)
+        server: WSGIServer = make_server(host, port, make_wsgi_app(registry), server_class,
+                                         handler_class=_QuietHandler)
     except OSError as error:
         raise OSError(f"cannot serve metrics on {host}:{port}: {error}") from error
     # A short poll keeps close() quick; the thread otherwise sleeps in select().

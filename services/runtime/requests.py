@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeAlias, TypeVar
 
 import grpc
 
@@ -18,7 +18,13 @@ from adrec.core.features import KNOWN_PIDS
 #: The largest id the data set's int32 columns and Redis keys hold.
 MAX_ID = 2**31 - 1
 
-Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+_Servicer = TypeVar("_Servicer")
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
+#: A servicer's unary method: ``async (self, request, context) -> response``.
+Handler: TypeAlias = Callable[
+    [_Servicer, _Request, grpc.aio.ServicerContext[_Request, _Response]], Awaitable[_Response]
+]
 
 
 class InvalidArgumentError(ValueError):
@@ -52,11 +58,15 @@ def known_pid(field: str, pid: str, *, required: bool) -> str:
     return pid
 
 
-def grpc_errors(method: Handler) -> Handler:
+def grpc_errors(
+    method: Handler[_Servicer, _Request, _Response],
+) -> Handler[_Servicer, _Request, _Response]:
     """Abort with INVALID_ARGUMENT / UNAVAILABLE when the handler raises those errors."""
 
     @functools.wraps(method)
-    async def handle(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def handle(
+        self: _Servicer, request: _Request, context: grpc.aio.ServicerContext[_Request, _Response]
+    ) -> _Response:
         try:
             return await method(self, request, context)
         except InvalidArgumentError as error:
@@ -64,4 +74,4 @@ def grpc_errors(method: Handler) -> Handler:
         except UnavailableError as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
 
-    return handle  # type: ignore[return-value]
+    return handle

@@ -22,7 +22,7 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -35,12 +35,15 @@ from grpc_reflection.v1alpha import reflection
 from services.runtime.health import LIVENESS_SERVICE_NAME, set_serving_status
 from services.runtime.settings import DEFAULT_MAX_MESSAGE_BYTES
 
+if TYPE_CHECKING:
+    from google._upb import _message as upb
+
 logger = logging.getLogger(__name__)
 
 DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 #: A unary-unary method's behaviour: ``async (request, context) -> response``.
-UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 #: Wraps a unary-unary behaviour, given its service's full name and the method's name.
 UnaryObserver = Callable[[str, str, UnaryBehavior], UnaryBehavior]
 
@@ -58,7 +61,9 @@ class ServiceSpec:
     @classmethod
     def of(
         cls,
-        descriptor: ServiceDescriptor,
+        # The generated modules' stubs type it as protobuf's class, the health-checking
+        # stubs as upb's: at runtime they are the same class.
+        descriptor: ServiceDescriptor | upb.ServiceDescriptor,
         servicer: object,
         add_to_server: Callable[[Any, grpc.aio.Server], None],
     ) -> ServiceSpec:
@@ -205,7 +210,8 @@ async def run_until_signalled(
         asyncio.ensure_future(server.server.wait_for_termination()) for server in servers
     ]
     try:
-        await asyncio.wait({received, *terminations}, return_when=asyncio.FIRST_COMPLETED)
+        awaited: set[asyncio.Future[Any]] = {received, *terminations}
+        await asyncio.wait(awaited, return_when=asyncio.FIRST_COMPLETED)
     finally:
         # Restoring the default handlers first lets a second signal end a drain that hangs.
         for signum in watched:
