@@ -36,7 +36,7 @@ CUSTOM_KINDS = {
     "ScheduledSparkApplication": "sparkoperator.k8s.io/v1beta2",
 }
 
-JOB_MAIN = "local:///opt/jobs/main.py"
+JOB_MAIN = "local:///opt/adrec/jobs/main.py"
 IMAGE_UID = 10001
 
 

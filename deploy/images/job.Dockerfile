@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1.7
 #
-# adrec job image: the batch job (spark-submit ... local:///opt/jobs/main.py) and the
+# adrec job image: the batch job (spark-submit ... local:///opt/adrec/jobs/main.py) and the
 # Spark driver and executor pods it starts on Kubernetes.
 #
 # Python 3.11 + Java 17 (Temurin JRE) + Spark from the pinned `pyspark` wheel, which ships
@@ -73,8 +73,8 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     && mkdir -p /opt/adrec/work \
     && chown 10001:10001 /opt/adrec/work
 
-# The spark-submit entry point, as `local:///opt/jobs/main.py`.
-COPY jobs/main.py /opt/jobs/main.py
+# The spark-submit entry point, as `local:///opt/adrec/jobs/main.py`.
+COPY jobs/main.py /opt/adrec/jobs/main.py
 COPY --chmod=0755 deploy/images/spark-entrypoint.sh /opt/adrec/entrypoint.sh
 
 USER 10001:10001
