@@ -7,13 +7,15 @@ Contract:
   ``recall_lists`` is (user_id, ad_ids array<int>), ``users`` the output of
   :func:`jobs.features.user_features`, ``ads`` the column arrays of
   :func:`jobs.features.ad_table`, ``cate_factors`` the ALS (cate_ids, factors).
-- :func:`rank_users` is the numpy core, one encode and one predict per batch of users.
+- :func:`rank_users` is the numpy core: a batch of users through
+  :meth:`adrec.core.scoring.CtrScorer.rank_lists`.
 - :func:`write_offline_lists` loads the lists into a version from the executors.
 
-It computes what the ranking service computes for the same user: recall list -> drop
-ads missing from the ad table -> encode with the user's stored features (a user without
-features gets missing levels and no ALS factors) and the pid -> predict -> sort by CTR
-descending, ties by ad id ascending -> top N. Users left with no known ad get no list.
+A list is what the ranking service answers for the same user and recall list, because both
+score through :mod:`adrec.core.scoring`: recall list -> drop repeated ids and ads missing
+from the ad table -> the user's stored features (a user without features gets missing
+levels and no ALS factors) and the pid -> CTRs -> CTR descending, ties in recall order ->
+top N. Users left with no known ad get no list.
 
 One list per user, scored at the majority placement :data:`OFFLINE_PID`: the recall
 lists alone take most of the Redis budget at full scale, so a list per placement does
@@ -35,9 +37,11 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F  # noqa: N812 - the conventional alias
 
 from adrec.core import features as spec_features
+from adrec.core.codecs import UserFeatures
 from adrec.core.features import USER_PROFILE_FIELDS
 from adrec.core.model import CtrModel
 from adrec.core.redis_conn import RedisSettings
+from adrec.core.scoring import CtrScorer
 from adrec.core.store import VersionWriter
 from jobs.ctr import encoder_inputs
 from jobs.features import factor_matrix
@@ -46,27 +50,19 @@ from jobs.load import write_from_executors
 #: The placement with 62% of the impressions.
 OFFLINE_PID = spec_features.KNOWN_PIDS[0]
 DEFAULT_TOP_N = 50
-#: Candidates encoded at once: bounds the feature matrix to a few tens of MB.
+#: Candidates scored per call: bounds the arrays of one batch of users to a few MB.
 CANDIDATES_PER_CHUNK = 50_000
 
 OFFLINE_SCHEMA = "user_id int, ad_ids array<int>, ctrs array<float>"
 
-_NO_FACTORS = (np.zeros(0, dtype=np.int32), np.zeros((0, 1), dtype=np.float32))
+_NO_FACTORS = (np.zeros(0, dtype=np.int32), np.zeros((0, 0), dtype=np.float32))
 
 
-#: Ad ids up to this many times the table's size get a dense id -> row index.
-DENSE_INDEX_SPREAD = 4
-
-
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class RankingData:
-    """What ranking holds in memory: the ad table, the ALS category factors and the model."""
+    """What the executors hold: the version's scorer, built as the ranking service builds it."""
 
-    ads: Mapping[str, np.ndarray]
-    cate_factors: tuple[np.ndarray, np.ndarray] | None
-    model: CtrModel
-    #: Row of each ad id in ``ads`` (-1: unknown) when ids are dense enough; else None.
-    row_of_ad: np.ndarray | None = None
+    scorer: CtrScorer
 
     @classmethod
     def as_served(
@@ -74,34 +70,9 @@ class RankingData:
         model: CtrModel,
     ) -> RankingData:
         """With the dtypes the service reads back from Redis (float32 factors)."""
-        factors = None if cate_factors is None else (
-            np.asarray(cate_factors[0], dtype=np.int32),
-            np.asarray(cate_factors[1], dtype=np.float32),
-        )
-        table = {name: np.asarray(column) for name, column in ads.items()}
-        ad_ids = table["adgroup_id"]
-        row_of_ad = None
-        # A lookup table turns the random-access binary search over every candidate, the
-        # costliest step at full scale, into one gather.
-        if len(ad_ids) and ad_ids[-1] <= DENSE_INDEX_SPREAD * len(ad_ids) + 1024:
-            row_of_ad = np.full(int(ad_ids[-1]) + 1, -1, dtype=np.int32)
-            row_of_ad[ad_ids] = np.arange(len(ad_ids), dtype=np.int32)
-        return cls(table, factors, model, row_of_ad)
-
-    @property
-    def rank(self) -> int:
-        return 0 if self.cate_factors is None else self.cate_factors[1].shape[1]
-
-    def rows(self, candidates: np.ndarray) -> np.ndarray:
-        """Row in ``ads`` of each candidate id, -1 for ads the table does not hold."""
-        if self.row_of_ad is not None:
-            inside = (candidates >= 0) & (candidates < len(self.row_of_ad))
-            return np.where(inside, self.row_of_ad[np.where(inside, candidates, 0)], -1)
-        ad_ids = self.ads["adgroup_id"]
-        if len(ad_ids) == 0:
-            return np.full(len(candidates), -1, dtype=np.int32)
-        position = np.minimum(np.searchsorted(ad_ids, candidates), len(ad_ids) - 1)
-        return np.where(ad_ids[position] == candidates, position, -1)
+        cate_ids, factors = cate_factors if cate_factors is not None else _NO_FACTORS
+        return cls(CtrScorer.build(model, ads, np.asarray(cate_ids, dtype=np.int32),
+                                   np.asarray(factors, dtype=np.float32)))
 
 
 def rank_users(
@@ -120,32 +91,15 @@ def rank_users(
     ``(m, rank)`` with NaN rows for users without factors, and user ``i``'s candidates are
     ``candidates[offsets[i]:offsets[i + 1]]``.
     """
-    ads, model = data.ads, data.model
-    users = len(offsets) - 1
-    owner = np.repeat(np.arange(users), np.diff(offsets))
-    position = data.rows(candidates)
-    known = position >= 0
-    owner, position, candidates = owner[known], position[known], candidates[known]
-
-    columns: dict[str, np.ndarray | str] = {"pid": pid}
-    columns.update({field: np.asarray(profiles[field])[owner] for field in USER_PROFILE_FIELDS})
-    columns.update({name: ads[name][position] for name in spec_features.AD_NUMERIC_FIELDS})
-    if "als_affinity" in model.spec.input_columns:
-        cate_ids, vectors = data.cate_factors or _NO_FACTORS
-        columns["als_affinity"] = spec_features.als_affinity(
-            user_factors[owner], ads["cate_id"][position], cate_ids, vectors
-        )
-    ctrs = model.predict(model.spec.encode(columns))
-
-    # Per user: CTR descending, ties by ad id ascending; then the first top_n of each user.
-    order = np.lexsort((candidates, -ctrs, owner))
-    owner, candidates, ctrs = owner[order], candidates[order], ctrs[order]
-    starts = np.searchsorted(owner, np.arange(users))
-    rank = np.arange(len(owner)) - starts[owner]
-    keep = rank < top_n
-    kept_per_user = np.bincount(owner[keep], minlength=users)
-    top_offsets = np.concatenate([[0], np.cumsum(kept_per_user)])
-    return candidates[keep], ctrs[keep], top_offsets
+    values = {field: np.asarray(profiles[field], dtype=np.float64).tolist()
+              for field in USER_PROFILE_FIELDS}
+    has_factors = ~np.isnan(user_factors).any(axis=1)
+    users = [
+        UserFeatures({field: values[field][i] for field in USER_PROFILE_FIELDS},
+                     user_factors[i] if has_factors[i] else None)
+        for i in range(len(user_factors))
+    ]
+    return data.scorer.rank_lists(pid, users, candidates, offsets, top_n)
 
 
 def offline_top_n(
@@ -193,7 +147,8 @@ def _score_chunk(chunk: pa.RecordBatch, data: RankingData, pid: str, top_n: int)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     candidates = pc.list_flatten(lists).to_numpy(zero_copy_only=False).astype(np.int32)
     profiles = encoder_inputs(chunk, USER_PROFILE_FIELDS)
-    factors = (factor_matrix(chunk.column("als_factors"), data.rank) if data.rank
+    rank = data.scorer.als_rank
+    factors = (factor_matrix(chunk.column("als_factors"), rank) if rank
                else np.zeros((chunk.num_rows, 0), dtype=np.float32))
     ids, ctrs, top_offsets = rank_users(
         profiles, factors, candidates, offsets, data, pid=pid, top_n=top_n

@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 CORE_MODULES = [
     "catalog", "codecs", "dataset", "features", "keys", "metadata", "model", "redis_conn",
-    "redis_server", "settings", "store",
+    "redis_server", "scoring", "settings", "store",
 ]
 
 

@@ -14,7 +14,7 @@ import pytest
 from pyspark.sql import functions as F  # noqa: N812
 from pyspark.sql import types as T  # noqa: N812
 
-from adrec.core import dataset, store
+from adrec.core import dataset, keys, store
 from adrec.core.codecs import UserFeatures
 from adrec.core.features import COURSE, FULL, KNOWN_PIDS, USER_PROFILE_FIELDS, als_affinity
 from adrec.core.model import CtrModel
@@ -22,6 +22,7 @@ from adrec.core.redis_conn import RedisSettings
 from jobs import ctr, ingest, offline, ratings
 from jobs import features as job_features
 from jobs.als import AlsConfig, train_als
+from services.ranking.snapshot import RankingSnapshot
 
 pytestmark = pytest.mark.spark
 
@@ -391,32 +392,52 @@ def test_evaluate_without_both_classes_has_no_auc():
 # ------------------------------------------------------------------ offline ranking
 
 
-def service_top_k(client, version, user_id, pid, k):
-    """What the ranking service computes, one user at a time, from what Redis holds."""
+def model_top_n(client, version, user_id, pid, top_n):
+    """The model's top N of a user's recall list, from what Redis holds, written plainly.
+
+    Each distinct recall candidate the ad table holds is encoded by the shared encoder and
+    scored by the model's weights, summed per row with math.fsum (correctly rounded, so
+    equal ads score exactly equal); then CTR descending, ties in recall order, first N.
+    """
     model = store.read_model(client, version)
     ads = store.read_ad_table(client, version)
     cate_ids, cate_factors = store.read_cate_factors(client, version)
-    user = store.read_user_features(client, version, user_id)
-    user = user or UserFeatures.missing()
-    candidates = store.read_recall_list(client, version, user_id)
-    ad_ids = ads["adgroup_id"]
-    position = np.minimum(np.searchsorted(ad_ids, candidates), len(ad_ids) - 1)
-    known = ad_ids[position] == candidates
-    candidates, position = candidates[known], position[known]
-    factors = user.als_factors if user.als_factors is not None else np.full(
-        cate_factors.shape[1], np.nan
-    )
+    user = store.read_user_features(client, version, user_id) or UserFeatures.missing()
+    row_of = {int(ad): row for row, ad in enumerate(ads["adgroup_id"])}
+    recalled = dict.fromkeys(store.read_recall_list(client, version, user_id).tolist())
+    candidates = [ad for ad in recalled if ad in row_of]
+    rows = np.array([row_of[ad] for ad in candidates], dtype=np.int64)
     columns = {
         "pid": pid, **user.columns(),
-        **{name: ads[name][position] for name in ("price", "ctr_ad", "ctr_cate", "ctr_brand")},
-        "als_affinity": als_affinity(factors, ads["cate_id"][position], cate_ids, cate_factors),
+        **{name: ads[name][rows] for name in ("price", "ctr_ad", "ctr_cate", "ctr_brand")},
+        "als_affinity": (np.full(len(rows), np.nan) if user.als_factors is None else
+                         als_affinity(user.als_factors, ads["cate_id"][rows], cate_ids,
+                                      cate_factors)),
     }
-    ctrs = model.predict(model.spec.encode(columns))
-    order = sorted(range(len(candidates)), key=lambda i: (-ctrs[i], candidates[i]))[:k]
-    return candidates[order], ctrs[order]
+    encoded = model.spec.encode(columns).astype(np.float64)
+    margins = np.array([math.fsum([*(row * model.weights), model.intercept])
+                        for row in encoded])
+    ctrs = 1.0 / (1.0 + np.exp(-margins))
+    order = sorted(range(len(candidates)), key=lambda i: (-ctrs[i], i))[:top_n]
+    return [candidates[i] for i in order], ctrs[order]
 
 
-def test_offline_top_n_equals_per_user_service_scoring(spark, redis_url, redis_client):
+def served_snapshot(client, version):
+    """The ranking service's state for `version`, built from the bytes the job published."""
+    return RankingSnapshot.build(
+        version, *(client.get(family.key(version))
+                   for family in (keys.MODEL, keys.ADS, keys.CATE_FACTORS))
+    )
+
+
+#: Ads with every feature equal and never shown in training, so equal CTRs for any user.
+TIED_ADS = [1, 3, 5, 7, 9]
+TWIN_ADS = [41, 42]
+
+
+def test_offline_lists_are_the_models_top_n_as_the_ranking_service_ranks_them(
+    spark, redis_url, redis_client
+):
     rng = np.random.default_rng(5)
     ad_rows = [
         (ad_id, int(rng.choice([10, 20, 30])), 1, 1,
@@ -424,25 +445,28 @@ def test_offline_top_n_equals_per_user_service_scoring(spark, redis_url, redis_c
          float(rng.lognormal(4, 1)))
         for ad_id in range(1, 41)
     ]
-    ad_rows.append((41, 10, 1, 1, 100, 50.0))  # a twin of ad 42: same features, same CTR
-    ad_rows.append((42, 10, 1, 1, 100, 50.0))
-    ads_df = ads_frame(spark, ad_rows)
+    for ad_id in TIED_ADS:
+        ad_rows[ad_id - 1] = (ad_id, 20, 1, 1, 101, 75.0)
+    ad_rows += [(ad_id, 10, 1, 1, 100, 50.0) for ad_id in TWIN_ADS]
+    shown = [ad for ad in range(1, 41) if ad not in TIED_ADS]
     training = [
-        (int(rng.integers(1, 9)), TRAIN_TIME, int(rng.integers(1, 41)), PID_A,
+        (int(rng.integers(1, 9)), TRAIN_TIME, int(rng.choice(shown)), PID_A,
          int(rng.random() < 0.2))
         for _ in range(200)
     ]
-    ad_features = job_features.ad_features(ads_df, samples_frame(spark, training),
+    ad_features = job_features.ad_features(ads_frame(spark, ad_rows),
+                                           samples_frame(spark, training),
                                            job_features.Smoothing(folds=1))
     table = job_features.ad_table(ad_features)
     users = job_features.user_features(profile_frame(spark, PROFILES), USER_FACTORS)
     model = CtrModel(FULL, rng.normal(0, 1, FULL.dim), -3.0)
 
     recall = {
-        1: [42, 41, 7, 999, 3, 12, 5],  # 999 is not in the ad table
+        1: [42, 41, 7, 999, 12],  # 999 is not in the ad table
         2: list(rng.permutation(np.arange(1, 43))[:30]),
-        3: [8, 9],
+        3: [9, 3, 7, 1, 5],  # tied, in an order that is not their id order
         4: list(range(1, 43)),
+        5: [12, 9, 12, 3, 30, 7, 1, 9, 5, 18],  # repeats: the first occurrence counts
         6: [5, 41, 42, 17],  # no stored features at all
         7: [999],  # nothing known: no list
     }
@@ -460,17 +484,31 @@ def test_offline_top_n_equals_per_user_service_scoring(spark, redis_url, redis_c
 
     top_n = 5
     lists = offline.offline_top_n(recall_df, users, table, CATE_FACTORS, model, top_n=top_n)
-    assert offline.write_offline_lists(lists, settings, VERSION) == 5
+    assert offline.write_offline_lists(lists, settings, VERSION) == 6
     assert store.read_offline_list(redis_client, VERSION, 7) is None
-    for user_id in (1, 2, 3, 4, 6):
-        expected_ids, expected_ctrs = service_top_k(redis_client, VERSION, user_id,
-                                                    offline.OFFLINE_PID, top_n)
+    snapshot = served_snapshot(redis_client, VERSION)
+    offline_ids = {}
+    for user_id in (1, 2, 3, 4, 5, 6):
         ids, ctrs = store.read_offline_list(redis_client, VERSION, user_id)
-        assert ids.tolist() == expected_ids.tolist(), user_id
+        offline_ids[user_id] = ids.tolist()
+        expected_ids, expected_ctrs = model_top_n(redis_client, VERSION, user_id,
+                                                  offline.OFFLINE_PID, top_n)
+        assert ids.tolist() == expected_ids, user_id
         np.testing.assert_allclose(ctrs, expected_ctrs, rtol=1e-3)
-    first_ids, _ = store.read_offline_list(redis_client, VERSION, 1)
-    if {41, 42} <= set(first_ids.tolist()):
-        assert first_ids.tolist().index(41) < first_ids.tolist().index(42)
+        # What the service answers a ranking request for the user's recall list, as the
+        # gateway sends it: the same ads and the same CTRs, stored as the job stores them.
+        stored = store.read_user_features(redis_client, VERSION, user_id)
+        served = snapshot.score(offline.OFFLINE_PID, stored or UserFeatures.missing(),
+                                store.read_recall_list(redis_client, VERSION, user_id)
+                                .astype(np.int64), top_n)
+        assert ids.tolist() == served.ad_ids, user_id
+        np.testing.assert_array_equal(
+            ctrs, np.asarray(served.ctrs, dtype=np.float32).astype(np.float16))
+
+    assert offline_ids[3] == [9, 3, 7, 1, 5]
+    # The twins: next to each other, in each user's recall order.
+    for user_id, first, second in ((1, 42, 41), (6, 41, 42)):
+        assert offline_ids[user_id].index(first) + 1 == offline_ids[user_id].index(second)
 
 
 def test_offline_order_is_the_same_for_every_pid():

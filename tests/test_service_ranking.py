@@ -26,8 +26,9 @@ from service_data import (
 
 from adrec.core import codecs, features, store
 from adrec.core.codecs import UserFeatures
-from jobs.offline import OFFLINE_PID
-from services.ranking.snapshot import DENSE_ID_LIMIT, RankingSnapshot
+from adrec.core.scoring import DENSE_ID_LIMIT
+from jobs.offline import OFFLINE_PID, RankingData, rank_users
+from services.ranking.snapshot import RankingSnapshot
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -44,7 +45,7 @@ def test_top_k_and_ctrs_equal_the_model_on_the_shared_encoding(redis_client, red
     async def scenario():
         async with running_stack(redis_url, "ranking") as stack, \
                 loopback_channel(ranking_port(stack)) as channel:
-            assert stack.services["ranking"].service.snapshot.scorer is not None
+            assert stack.services["ranking"].service.snapshot.scorer.compiled is not None
             for user in (data.users_with_factors[0], data.users_without_factors[0]):
                 candidates = data.recall_lists[user].tolist()
                 response = await rank(channel, user_id=user, pid=pid, ad_ids=candidates, top_k=20)
@@ -141,6 +142,57 @@ def test_ties_keep_the_request_order(redis_client, redis_url):
                                       ad_ids=order)
                 assert [ad.ad_id for ad in response.ads] == order
                 assert len({ad.ctr for ad in response.ads}) == 1
+
+    run(scenario)
+
+
+def job_top_n(data, table, user: int, candidates: np.ndarray, top_n: int):
+    """The batch job's offline list for `user` over `candidates`, by its own rank_users."""
+    stored = data.user_features.get(user, UserFeatures.missing())
+    profiles = {field: np.array([stored.profile[field]]) for field in features.USER_PROFILE_FIELDS}
+    factors = (np.full((1, data.cate_factors.shape[1]), np.nan, np.float32)
+               if stored.als_factors is None else stored.als_factors[None, :])
+    served = RankingData.as_served(table, (data.cate_ids, data.cate_factors), data.model)
+    ids, ctrs, _ = rank_users(profiles, factors.astype(np.float32), candidates.astype(np.int32),
+                              np.array([0, len(candidates)]), served, pid=OFFLINE_PID,
+                              top_n=top_n)
+    return ids.tolist(), ctrs.tolist()
+
+
+def test_tied_ads_in_a_non_sorted_recall_order_rank_as_the_job_ranks_them(
+    redis_client, redis_url
+):
+    data = publish_version(redis_client)
+    table = data.ads
+    ids = table["adgroup_id"]
+    # Five ads with every feature equal score equally for any user: in a recall order that is
+    # not their id order (positions 9, 3, 7, 1, 5 of the ascending ids), the job and the
+    # service must both keep that order.
+    twins = [int(ids[10 * k]) for k in (9, 3, 7, 1, 5)]
+    rows = np.searchsorted(ids, twins)
+    for column in ("cate_id", "price", "ctr_ad", "ctr_cate", "ctr_brand"):
+        table[column][rows] = table[column][rows[0]]
+    store.VersionWriter(redis_client, data.version).put_ad_table(table)
+    users = [data.users_with_factors[0], data.users_without_factors[0],
+             data.users_without_profile[0]]
+
+    async def scenario():
+        async with running_stack(redis_url, "ranking") as stack, \
+                loopback_channel(ranking_port(stack)) as channel:
+            for user in users:
+                others = data.recall_lists[user][~np.isin(data.recall_lists[user], twins)]
+                for candidates in (np.array(twins),
+                                   np.concatenate([others[:40], twins, others[40:80]])):
+                    # Every candidate kept, so the five are in the list wherever they rank.
+                    top_n = len(candidates)
+                    expected_ids, expected_ctrs = job_top_n(data, table, user, candidates, top_n)
+                    response = await rank(channel, user_id=user, pid=OFFLINE_PID,
+                                          ad_ids=candidates.tolist(), top_k=top_n)
+                    assert [ad.ad_id for ad in response.ads] == expected_ids
+                    assert [ad.ctr for ad in response.ads] == pytest.approx(expected_ctrs,
+                                                                            rel=1e-6)
+                    position = expected_ids.index(twins[0])
+                    assert expected_ids[position:position + 5] == twins
 
     run(scenario)
 
@@ -334,7 +386,7 @@ def test_a_course_feature_set_model_is_served_with_the_same_semantics(redis_clie
         async with running_stack(redis_url, "ranking") as stack, \
                 loopback_channel(ranking_port(stack)) as channel:
             snapshot = stack.services["ranking"].service.snapshot
-            assert snapshot.scorer is not None  # the split-by-column path, checked at load
+            assert snapshot.scorer.compiled is not None  # the split-by-column path, checked at load
             candidates = data.recall_lists[user].tolist()
             response = await rank(channel, user_id=user, pid=PIDS[1], ad_ids=candidates, top_k=30)
             ids, ctrs, _ = expected_ranking(data, user, PIDS[1], candidates)
@@ -368,7 +420,7 @@ def test_ids_past_the_dense_lookup_table_score_the_same_by_binary_search():
     small = _snapshot(*_ad_data(small_ids, np.random.default_rng(1)))
     # The same ads under ids too large for a dense table.
     large = _snapshot(*_ad_data(small_ids + DENSE_ID_LIMIT, np.random.default_rng(1)))
-    assert small.row_by_id is not None and large.row_by_id is None
+    assert small.scorer.index.row_by_id is not None and large.scorer.index.row_by_id is None
     user = UserFeatures({field: 2.0 for field in features.USER_PROFILE_FIELDS},
                         rng.normal(0, 0.5, 4).astype(np.float32))
     for repeats in (False, True):
@@ -398,11 +450,12 @@ def test_affinity_is_the_shared_encoders_and_missing_for_categories_without_fact
     user = UserFeatures({field: 1.0 for field in features.USER_PROFILE_FIELDS}, factors)
     known = np.isin(table["cate_id"], cate_factors["cate_id"])
     assert known.any() and not known.all()
-    affinity = snapshot._affinity(user, np.arange(len(ad_ids)))
+    affinity = snapshot.scorer.affinity(user, np.arange(len(ad_ids)))
     expected = features.als_affinity(factors, table["cate_id"], cate_factors["cate_id"],
                                      cate_factors["factors"])
     assert np.array_equal(affinity, expected, equal_nan=True)
     assert np.isnan(affinity[~known]).all() and not np.isnan(affinity[known]).any()
     # A version whose categories have no factors at all: every affinity is missing.
     no_factors = {"cate_id": np.zeros(0, np.int32), "factors": np.zeros((0, 4), np.float32)}
-    assert np.isnan(_snapshot(table, no_factors)._affinity(user, np.arange(len(ad_ids)))).all()
+    no_affinity = _snapshot(table, no_factors).scorer.affinity(user, np.arange(len(ad_ids)))
+    assert np.isnan(no_affinity).all()

@@ -1,0 +1,437 @@
+"""Scoring candidate ads with a version's CTR model: one path for the job and the service.
+
+The batch job's offline top-N (``jobs.offline``, many users per call) and the ranking
+service (``services.ranking.snapshot``, one user per request) both score through a
+:class:`CtrScorer`, so the same user and candidates give the same list, CTRs included:
+
+- lookup: each candidate id's row in the ad table (:class:`AdIndex`: a dense id -> row
+  table, or a binary search when the ids are too large for one);
+- candidates: a repeated id keeps its first occurrence, ids the table lacks are dropped and
+  counted (:func:`known_candidates`);
+- CTRs: the model's margin summed per input column (:class:`CompiledModel`), or the shared
+  encoder and ``CtrModel.predict`` for a spec that does not split; either way one call per
+  user over that user's candidates, so a user scored in a batch meets the very arithmetic
+  of a request (a matrix product's rounding can depend on the shape it is given);
+- order: CTR descending, equal CTRs in candidate order - the order recall produced,
+  category rank then within-category order - then the first ``top_k`` (:func:`best_first`).
+
+Why the per-column sums equal encode + predict: every block of a feature spec reads one
+input column, and the model is linear, so a row's margin is the intercept plus one
+contribution per column. The contributions are computed with the shared encoder itself
+(``FeatureSpec.encode``), never re-derived:
+
+- per ad (price, smoothed CTRs): encoded once per version for the whole ad table;
+- per request (pid, profile fields): stored int8 codes have 129 possible values (missing,
+  0..127), all encoded once per version into lookup tables;
+- per (user, ad) pair (ALS affinity): its encoding must be affine in the value, with a
+  constant for missing; that is probed through the encoder and checked, then applied.
+
+Summing per column changes only the order of the float64 additions, so margins agree with
+``model.predict(spec.encode(...))`` to ~1e-15. :meth:`CompiledModel.compile` checks this on
+random rows and returns None for a spec it cannot split (a new kind of column).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from adrec.core import features
+from adrec.core.codecs import UserFeatures
+from adrec.core.model import CtrModel
+
+#: Ad table columns scoring reads (the table may hold more).
+AD_COLUMNS = ("adgroup_id", "cate_id", *features.AD_NUMERIC_FIELDS)
+#: Ad ids below this get a dense id -> row table (int32: 64 MiB at most; the data set's ids
+#: stay under a million); larger ids are looked up by binary search instead.
+DENSE_ID_LIMIT = 1 << 24
+
+REQUEST_COLUMNS = ("pid", *features.USER_PROFILE_FIELDS)
+PAIR_COLUMN = "als_affinity"
+#: Every value a stored profile field can take: missing, then the int8 codes 0..127.
+PROFILE_VALUES = np.array([np.nan, *range(128)])
+#: Row of PROFILE_VALUES holding each code; any other value (NaN, an unknown level) is not a
+#: key, and so is missing: row 0.
+_PROFILE_ROWS = {float(code): code + 1 for code in range(128)}
+#: Encoded rows at a time when precomputing the ad table's contributions.
+AD_CHUNK = 65_536
+#: Largest margin disagreement with encode + predict accepted by the self-check.
+TOLERANCE = 1e-9
+# Exactly representable in float32, so the encoder's float32 output rounds none of them.
+_AFFINE_PROBES = np.array([-8.0, -1.5, -0.25, 0.0, 0.5, 1.0, 2.75, 16.0])
+
+
+class ScoringDataError(ValueError):
+    """An ad table or category factors that cannot be scored against."""
+
+
+# ------------------------------------------------------------------ lookup and order
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AdIndex:
+    """Ad id -> row of the ad table."""
+
+    #: The table's ids, ascending.
+    ad_ids: np.ndarray
+    #: Row of every id from 0 to one past the largest, -1 for ids the table lacks; None when
+    #: the ids are too large for a dense table (or include 0 or below).
+    row_by_id: np.ndarray | None
+
+    @classmethod
+    def of(cls, ad_ids: np.ndarray) -> AdIndex:
+        """The index of an ad table's ids, which must be ascending."""
+        ad_ids = np.asarray(ad_ids).astype(np.int64)
+        if len(ad_ids) > 1 and not (np.diff(ad_ids) > 0).all():
+            raise ScoringDataError("ad table is not sorted by adgroup_id")
+        row_by_id = None
+        if len(ad_ids) and ad_ids[0] >= 1 and ad_ids[-1] < DENSE_ID_LIMIT:
+            row_by_id = np.full(int(ad_ids[-1]) + 2, -1, dtype=np.int32)
+            row_by_id[ad_ids] = np.arange(len(ad_ids), dtype=np.int32)
+        return cls(ad_ids, row_by_id)
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Row of each id in the ad table, -1 for ids it lacks."""
+        if self.row_by_id is not None:
+            # Clipping sends every id outside the table to the first or the last entry, and
+            # both are -1: no id is 0 or past the largest.
+            return self.row_by_id.take(ids, mode="clip")
+        return _rows_in(self.ad_ids, ids)
+
+
+class Candidates(NamedTuple):
+    """The candidates that can be scored, in candidate order."""
+
+    ids: np.ndarray
+    #: Row of each in the ad table.
+    rows: np.ndarray
+    #: Which list each candidate belongs to; None for a single list.
+    lists: np.ndarray | None
+    #: Distinct ids (per list) dropped because the ad table lacks them.
+    unknown: int
+
+
+def known_candidates(
+    index: AdIndex, ids: np.ndarray, lists: np.ndarray | None = None
+) -> Candidates:
+    """The first occurrence of each id (within its list) that the ad table holds.
+
+    ``lists``, the list of each id, takes several lists at once.
+    """
+    rows = index.rows(ids)
+    if _may_repeat(ids):
+        first = _first_occurrences(ids, lists)
+        ids, rows = ids[first], rows[first]
+        lists = None if lists is None else lists[first]
+    known = rows >= 0
+    unknown = len(rows) - int(np.count_nonzero(known))
+    if unknown:
+        ids, rows = ids[known], rows[known]
+        lists = None if lists is None else lists[known]
+    return Candidates(ids, rows, lists, unknown)
+
+
+def best_first(ctrs: np.ndarray, top_k: int, lists: np.ndarray | None = None) -> np.ndarray:
+    """Positions of each list's best ``top_k`` candidates (all when 0), best first.
+
+    The one tie rule: CTR descending, equal CTRs in candidate order (their order in
+    ``ctrs``). With ``lists`` (the list of each candidate) the lists come out one after the
+    other, in ascending order.
+    """
+    order = np.argsort(-ctrs, kind="stable")
+    if lists is None:
+        return order[:top_k] if top_k else order
+    # A stable sort by list keeps each list's candidates in the order just established.
+    order = order[np.argsort(lists[order], kind="stable")]
+    if top_k:
+        grouped = lists[order]
+        place_in_list = np.arange(len(order)) - np.searchsorted(grouped, grouped)
+        order = order[place_in_list < top_k]
+    return order
+
+
+def _rows_in(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Position of each of `ids` in the ascending `sorted_ids`, -1 where absent."""
+    if not len(sorted_ids):
+        return np.full(len(ids), -1, dtype=np.int64)
+    position = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return np.where(sorted_ids[position] == ids, position, -1)
+
+
+def _may_repeat(ids: np.ndarray) -> bool:
+    """Whether an id may occur twice; checked on the ids cut to 32 bits, which sort faster and
+    can only add repeats (then the exact check sorts out the truth), never hide one."""
+    ordered = np.sort(ids.astype(np.int32))
+    return bool((ordered[1:] == ordered[:-1]).any())
+
+
+def _first_occurrences(ids: np.ndarray, lists: np.ndarray | None) -> np.ndarray:
+    """Mask of the ids that do not repeat an earlier id of their list."""
+    # Stable, so each run of equal (list, id) pairs starts with its first occurrence.
+    order = np.argsort(ids, kind="stable") if lists is None else np.lexsort((ids, lists))
+    ordered = ids[order]
+    repeat = ordered[1:] == ordered[:-1]
+    if lists is not None:
+        ordered_lists = lists[order]
+        repeat &= ordered_lists[1:] == ordered_lists[:-1]
+    first = np.ones(len(ids), dtype=bool)
+    first[order[1:][repeat]] = False
+    return first
+
+
+# ------------------------------------------------------------------ scoring
+
+
+class Ranked(NamedTuple):
+    """One list's best candidates, best first, and how many distinct ids had no ad row."""
+
+    ad_ids: np.ndarray
+    ctrs: np.ndarray
+    unknown_ads: int
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CtrScorer:
+    """One version's model, ad table and category factors, prepared to score candidates."""
+
+    model: CtrModel
+    index: AdIndex
+    ad_numeric: dict[str, np.ndarray]
+    cate_ids: np.ndarray
+    #: float64 (the float32 stored values, exactly), row-aligned with cate_ids, plus a last
+    #: row of NaN: the factors of every category without any, so their affinity is missing.
+    cate_factors: np.ndarray
+    #: Row of each ad's category in cate_factors (the NaN row when it has no factors).
+    ad_cate_rows: np.ndarray
+    #: None when the model's spec cannot be split: CTRs are then encoded.
+    compiled: CompiledModel | None
+    uses_affinity: bool
+
+    @classmethod
+    def build(
+        cls, model: CtrModel, ads: Mapping[str, np.ndarray], cate_ids: np.ndarray,
+        cate_factors: np.ndarray,
+    ) -> CtrScorer:
+        """Prepare the ad table (sorted by id) and the category factors (sorted by category,
+        ``(categories, rank)``); raises ScoringDataError for data that cannot be scored."""
+        missing = [column for column in AD_COLUMNS if column not in ads]
+        if missing:
+            raise ScoringDataError(f"ad table lacks columns {missing}")
+        index = AdIndex.of(ads["adgroup_id"])
+        cate_ids = np.asarray(cate_ids).astype(np.int64)
+        if len(cate_ids) > 1 and not (np.diff(cate_ids) > 0).all():
+            raise ScoringDataError("category factors are not sorted")
+        ad_numeric = {name: np.asarray(ads[name]).astype(np.float64)
+                      for name in features.AD_NUMERIC_FIELDS}
+        # Stored as float32: widening once here gives the values als_affinity computes with
+        # after widening the rows it gathers.
+        factors = np.asarray(cate_factors).astype(np.float32).astype(np.float64)
+        ad_cate_rows = _rows_in(cate_ids, np.asarray(ads["cate_id"]).astype(np.int64))
+        return cls(
+            model=model,
+            index=index,
+            ad_numeric=ad_numeric,
+            cate_ids=cate_ids,
+            cate_factors=np.vstack([factors, np.full((1, factors.shape[1]), np.nan)]),
+            ad_cate_rows=np.where(ad_cate_rows < 0, len(cate_ids), ad_cate_rows),
+            compiled=CompiledModel.compile(model, ad_numeric) if len(index.ad_ids) else None,
+            uses_affinity=PAIR_COLUMN in model.spec.input_columns,
+        )
+
+    @property
+    def als_rank(self) -> int:
+        return int(self.cate_factors.shape[1])
+
+    def rank(self, pid: str, user: UserFeatures, candidates: np.ndarray, top_k: int) -> Ranked:
+        """The best ``top_k`` known candidates of one user (all when 0), best first."""
+        found = known_candidates(self.index, candidates)
+        if not len(found.rows):
+            return Ranked(found.ids, np.zeros(0), found.unknown)
+        ctrs = self.ctrs(pid, user, found.rows)
+        order = best_first(ctrs, top_k)
+        return Ranked(found.ids[order], ctrs[order], found.unknown)
+
+    def rank_lists(
+        self, pid: str, users: Sequence[UserFeatures], candidates: np.ndarray,
+        offsets: np.ndarray, top_k: int,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`rank` of many users at once: (ad ids, CTRs, offsets into them).
+
+        User ``i``'s candidates are ``candidates[offsets[i]:offsets[i + 1]]``; a user left
+        with no known candidate gets an empty list.
+        """
+        lists = np.repeat(np.arange(len(users)), np.diff(offsets))
+        found = known_candidates(self.index, candidates, lists)
+        owners = found.lists
+        assert owners is not None  # given lists, known_candidates returns theirs
+        bounds = np.searchsorted(owners, np.arange(len(users) + 1))
+        ctrs = np.empty(len(found.rows))
+        for user, start, stop in zip(users, bounds[:-1], bounds[1:], strict=True):
+            if stop > start:
+                ctrs[start:stop] = self.ctrs(pid, user, found.rows[start:stop])
+        order = best_first(ctrs, top_k, owners)
+        kept = np.bincount(owners[order], minlength=len(users))
+        return found.ids[order], ctrs[order], np.concatenate([[0], np.cumsum(kept)])
+
+    def ctrs(self, pid: str, user: UserFeatures, rows: np.ndarray) -> np.ndarray:
+        """The user's CTR for each ad at ``rows`` of the ad table."""
+        affinity = self.affinity(user, rows) if self.uses_affinity else None
+        if self.compiled is None:
+            return self.encode_and_predict(pid, user, rows, affinity)
+        margins = self.compiled.margins(pid, user, rows, affinity)
+        probabilities: np.ndarray = 1.0 / (1.0 + np.exp(-margins))
+        return probabilities
+
+    def encode_and_predict(
+        self, pid: str, user: UserFeatures, rows: np.ndarray, affinity: np.ndarray | None
+    ) -> np.ndarray:
+        """CTRs the plain way: the shared encoder over every candidate row, then the model."""
+        columns: dict[str, np.ndarray | str] = {"pid": pid, **user.columns()}
+        for name, values in self.ad_numeric.items():
+            columns[name] = values[rows]
+        if affinity is not None:
+            columns[PAIR_COLUMN] = affinity
+        return self.model.predict(self.model.spec.encode(columns))
+
+    def affinity(self, user: UserFeatures, rows: np.ndarray) -> np.ndarray:
+        """features.als_affinity of the ads at `rows`, with their categories looked up once
+        per version: the same products of the same values, so the same results."""
+        factors = user.als_factors
+        if not self.als_rank or factors is None or len(factors) != self.als_rank:
+            # No factors (or factors of another ALS rank): missing, as the job encodes it.
+            return np.full(len(rows), np.nan)
+        # take() gathers rows several times faster than fancy indexing does; an ad whose
+        # category has no factors meets the NaN row, so its product is NaN. A matrix product
+        # may give two ads of one category values a last bit apart; the model reads the
+        # affinity as float32, which rounds that away unless it straddles a float32 step.
+        return self.cate_factors.take(self.ad_cate_rows.take(rows), axis=0) \
+            @ np.asarray(factors, np.float64)
+
+
+# ------------------------------------------------------------------ the model split by column
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CompiledModel:
+    """The LR model's margin split by input column, so a request costs lookups, not an encode."""
+
+    model: CtrModel
+    #: Margin contribution of every ad's own columns, row-aligned with the ad table.
+    ad_margins: np.ndarray
+    pid_margins: Mapping[str, float]
+    #: Per profile field: contribution of each of PROFILE_VALUES, as Python floats, which a
+    #: request adds faster than numpy scalars (the same IEEE additions).
+    profile_margins: Mapping[str, list[float]]
+    #: ALS affinity contribution: offset + slope * value, or `missing` for NaN; None if unused.
+    pair: tuple[float, float, float] | None
+
+    @classmethod
+    def compile(cls, model: CtrModel, ads: Mapping[str, np.ndarray]) -> CompiledModel | None:
+        """Split `model` over the ad table `ads`; None when the spec does not split cleanly."""
+        columns = set(model.spec.input_columns)
+        if not columns <= {*REQUEST_COLUMNS, *features.AD_NUMERIC_FIELDS, PAIR_COLUMN}:
+            return None
+        slots = _slots_by_column(model.spec)
+        rows = len(next(iter(ads.values())))
+        ad_margins = np.zeros(rows)
+        for start in range(0, rows, AD_CHUNK):
+            chunk = {c: ads[c][start:start + AD_CHUNK] for c in features.AD_NUMERIC_FIELDS
+                     if c in columns}
+            if chunk:
+                ad_margins[start:start + AD_CHUNK] = _contributions(model, slots, chunk)
+        pid_margins = {pid: float(_contributions(model, slots, {"pid": np.array([pid])})[0])
+                       for pid in features.KNOWN_PIDS} if "pid" in columns else {}
+        profile_margins = {
+            field: (_contributions(model, slots, {field: PROFILE_VALUES})
+                    if field in columns else np.zeros(len(PROFILE_VALUES))).tolist()
+            for field in features.USER_PROFILE_FIELDS
+        }
+        pair = None
+        if PAIR_COLUMN in columns:
+            pair = _affine_pair(model, slots)
+            if pair is None:
+                return None
+        compiled = cls(model, ad_margins, pid_margins, profile_margins, pair)
+        return compiled if compiled._agrees_with_encoder(ads) else None
+
+    def margins(
+        self, pid: str, user: UserFeatures, rows: np.ndarray, affinity: np.ndarray | None
+    ) -> np.ndarray:
+        """Margins of the ads at `rows` of the ad table for one user."""
+        request = self.model.intercept + self.pid_margins.get(pid, 0.0)
+        for field, table in self.profile_margins.items():
+            request += table[_PROFILE_ROWS.get(user.profile[field], 0)]
+        margins = self.ad_margins.take(rows) + request
+        if self.pair is not None and affinity is not None:
+            offset, slope, missing = self.pair
+            # As the encoder hands it to the model: float32.
+            values = affinity.astype(np.float32).astype(np.float64)
+            margins += np.where(np.isnan(values), missing, offset + slope * values)
+        return margins
+
+    def _agrees_with_encoder(self, ads: Mapping[str, np.ndarray], samples: int = 256) -> bool:
+        rng = np.random.default_rng(0)
+        rows = len(next(iter(ads.values())))
+        position = rng.integers(0, rows, samples)
+        pids = rng.choice(features.KNOWN_PIDS, samples)
+        codes = rng.integers(-1, 128, (samples, len(features.USER_PROFILE_FIELDS)))
+        affinity = np.where(rng.random(samples) < 0.2, np.nan, rng.normal(0, 2, samples))
+        columns: dict[str, np.ndarray] = {"pid": pids, PAIR_COLUMN: affinity}
+        for i, field in enumerate(features.USER_PROFILE_FIELDS):
+            columns[field] = np.where(codes[:, i] < 0, np.nan, codes[:, i])
+        for column in features.AD_NUMERIC_FIELDS:
+            columns[column] = ads[column][position]
+        spec = self.model.spec
+        expected = spec.encode(columns).astype(np.float64) @ self.model.weights \
+            + self.model.intercept
+        actual = np.empty(samples)
+        for i in range(samples):
+            profile = {f: float(columns[f][i]) for f in features.USER_PROFILE_FIELDS}
+            actual[i] = self.margins(str(pids[i]), UserFeatures(profile), position[i:i + 1],
+                                     affinity[i:i + 1])[0]
+        return bool(np.max(np.abs(actual - expected)) <= TOLERANCE)
+
+
+def _slots_by_column(spec: features.FeatureSpec) -> dict[str, list[int]]:
+    slots: dict[str, list[int]] = {}
+    start = 0
+    for block in spec.blocks:
+        width = len(block.names)
+        slots.setdefault(block.column, []).extend(range(start, start + width))
+        start += width
+    return slots
+
+
+def _contributions(
+    model: CtrModel, slots: dict[str, list[int]], values: Mapping[str, np.ndarray]
+) -> np.ndarray:
+    """Summed margin contribution of the columns in `values`, one per row, via the encoder."""
+    # Every other column gets a value each block accepts; its slots are not read.
+    probe: dict[str, np.ndarray | float | str] = {
+        column: np.nan for column in model.spec.input_columns
+    }
+    probe["pid"] = features.KNOWN_PIDS[0]
+    probe.update(values)
+    encoded = model.spec.encode(probe)
+    # Slot by slot, not one matrix product, whose rounding may depend on a row's position:
+    # ads with equal features then get equal margins and stay tied.
+    total = np.zeros(len(encoded))
+    for slot in (slot for column in values for slot in slots[column]):
+        total += encoded[:, slot].astype(np.float64) * model.weights[slot]
+    return total
+
+
+def _affine_pair(
+    model: CtrModel, slots: dict[str, list[int]]
+) -> tuple[float, float, float] | None:
+    probed = _contributions(model, slots, {PAIR_COLUMN: np.array([np.nan, *_AFFINE_PROBES])})
+    missing, finite = float(probed[0]), probed[1:]
+    offset = float(finite[_AFFINE_PROBES.tolist().index(0.0)])
+    slope = float((finite[-1] - finite[0]) / (_AFFINE_PROBES[-1] - _AFFINE_PROBES[0]))
+    fitted = offset + slope * _AFFINE_PROBES
+    if np.max(np.abs(fitted - finite)) > TOLERANCE:
+        return None
+    return offset, slope, missing
