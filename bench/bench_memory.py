@@ -26,6 +26,7 @@ import numpy as np
 from adrec.core import features, keys
 from adrec.core.catalog import Publication, family_memory, used_memory
 from adrec.core.codecs import UserFeatures
+from adrec.core.dataset import PIDS
 from adrec.core.metadata import VersionContent
 from adrec.core.model import CtrModel
 from adrec.core.redis_conn import RedisSettings, connect
@@ -100,7 +101,7 @@ def _write_version(writer: VersionWriter, rng: np.random.Generator, users: int) 
     writer.put_ad_table(_ad_table(rng, ad_ids))
     writer.put_cate_factors(np.arange(1, FULL_CATEGORIES + 1),
                             rng.normal(0, 1, (FULL_CATEGORIES, ALS_RANK)))
-    for scope in (keys.POPULAR_ALL, *features.KNOWN_PIDS):
+    for scope in (keys.POPULAR_ALL, *PIDS):
         writer.put_popular(scope, rng.choice(ad_ids, RECALL_LENGTH, replace=False))
     spec = features.FULL
     writer.put_model(CtrModel(spec, rng.normal(0, 0.5, spec.dim), -3.0, trained_at="bench"))

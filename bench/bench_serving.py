@@ -83,6 +83,7 @@ def publish(redis_url: str, seed: int = 1) -> list[int]:
     from adrec.core import features, keys
     from adrec.core.catalog import Publication
     from adrec.core.codecs import UserFeatures
+    from adrec.core.dataset import PIDS
     from adrec.core.metadata import VersionContent, VersionCounts
     from adrec.core.model import CtrModel
 
@@ -123,7 +124,7 @@ def publish(redis_url: str, seed: int = 1) -> list[int]:
         writer.put_recall_lists(
             user_ids, (rng.choice(ad_ids, CANDIDATES, replace=False) for _ in user_ids)
         )
-        for scope in (keys.POPULAR_ALL, *features.KNOWN_PIDS):
+        for scope in (keys.POPULAR_ALL, *PIDS):
             writer.put_popular(scope, ad_ids[:500])
         publication.commit(VersionContent(counts=VersionCounts(users=USERS, ads=ADS)))
     client.close()

@@ -36,8 +36,8 @@ import pyarrow.compute as pc
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F  # noqa: N812 - the conventional alias
 
-from adrec.core import features as spec_features
 from adrec.core.codecs import UserFeatures
+from adrec.core.dataset import PIDS
 from adrec.core.features import USER_PROFILE_FIELDS
 from adrec.core.model import CtrModel
 from adrec.core.redis_conn import RedisSettings
@@ -48,7 +48,7 @@ from jobs.features import factor_matrix
 from jobs.load import write_from_executors
 
 #: The placement with 62% of the impressions.
-OFFLINE_PID = spec_features.KNOWN_PIDS[0]
+OFFLINE_PID = PIDS[0]
 DEFAULT_TOP_N = 50
 #: Candidates scored per call: bounds the arrays of one batch of users to a few MB.
 CANDIDATES_PER_CHUNK = 50_000
@@ -113,8 +113,8 @@ def offline_top_n(
     top_n: int = DEFAULT_TOP_N,
 ) -> DataFrame:
     """Each recall list's top ``top_n`` ads by the model's CTR, scored on the executors."""
-    if pid not in spec_features.KNOWN_PIDS:
-        raise ValueError(f"unknown pid {pid!r}; known pids are {list(spec_features.KNOWN_PIDS)}")
+    if pid not in PIDS:
+        raise ValueError(f"unknown pid {pid!r}; known pids are {list(PIDS)}")
     if top_n < 1:
         raise ValueError("top_n must be at least 1")
     data = RankingData.as_served(ads, cate_factors, model)

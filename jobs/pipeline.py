@@ -1,6 +1,6 @@
 """The batch job: extract -> pure transforms -> load, one stage at a time.
 
-``run_job`` wires the stage modules together:
+Each stage is a function of the outputs of the stages before it:
 
     ingest    four files, explicit schemas, rejected rows counted per reason
     ratings   the course's (user, category) rating rule over the behaviour log
@@ -11,6 +11,11 @@
     ctr       LR for the `course` and `full` feature sets, day-8 evaluation
     offline   every recall list scored by the served model, top N kept
     publish   metadata, then the atomic switch of the active version
+
+A stage returns a small frozen output: the frames and arrays later stages read, its
+row count for the progress lines (``rows``) and its section of the quality report
+(``report``). Given a :class:`Sink` it also loads its part of the new version; given
+none it writes nothing. ``run_job`` only wires the stages together.
 
 Every write goes into a new version inside a :class:`Publication`; nothing becomes
 visible before the final switch, and a failure anywhere leaves the previous version
@@ -23,9 +28,10 @@ import contextlib
 import dataclasses
 import json
 import tempfile
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, ParamSpec, Protocol, TypeVar
 
+import numpy as np
 import redis
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
@@ -35,9 +41,12 @@ from adrec.core import keys
 from adrec.core.catalog import Publication, family_memory
 from adrec.core.dataset import TRUTH_FILE
 from adrec.core.features import COURSE, FULL, feature_spec
+from adrec.core.metadata import VersionContent, VersionCounts
+from adrec.core.model import CtrModel
 from adrec.core.redis_conn import RedisSettings, connect, redacted
+from adrec.core.store import VersionWriter
 from jobs import ctr, features, ingest, offline, popular, ratings, recall
-from jobs.als import AlsConfig, train_als
+from jobs.als import AlsConfig, AlsResult, train_als
 from jobs.config import JobConfig
 from jobs.progress import Progress
 from jobs.report import render_report
@@ -60,260 +69,483 @@ class JobResult:
         return render_report(self.report)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Sink:
+    """The version a publishing run builds.
+
+    Executors open their own connections from ``redis``; the driver writes through
+    ``writer``, on the publication's connection.
+    """
+
+    redis: RedisSettings
+    version: str
+    writer: VersionWriter
+
+
+# ------------------------------------------------------------------ stage outputs
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainTestSplit:
+    train: DataFrame  # raw_sample rows of days 1-7: everything is fitted on these
+    test: DataFrame  # raw_sample rows of day 8: everything is evaluated on these
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class IngestedTables:
+    raw_sample: DataFrame
+    ad_feature: DataFrame
+    user_profile: DataFrame
+    behavior_log: DataFrame
+    split: TrainTestSplit
+    report: dict[str, dict[str, Any]]  # per file: rows, clean, rejected per reason, source
+
+    @property
+    def rows(self) -> int:
+        return sum(counts["clean"] for counts in self.report.values())
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Ratings:
+    frame: DataFrame  # (user_id, cate_id, rating), cached until the ALS stage releases it
+    rows: int
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AlsOutput:
+    result: AlsResult
+
+    @property
+    def rows(self) -> int:
+        return len(self.result.user_ids)
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return self.result.metrics()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PopularOutput:
+    lists: dict[str, np.ndarray]  # ordered ad ids per scope: "all" and each pid
+
+    @property
+    def fallback(self) -> np.ndarray:
+        return self.lists[keys.POPULAR_ALL]
+
+    @property
+    def rows(self) -> int:
+        return sum(self.report.values())
+
+    @property
+    def report(self) -> dict[str, int]:
+        return {scope: len(ids) for scope, ids in self.lists.items()}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RecallOutput:
+    lists: DataFrame  # (user_id, ad_ids, personal) of the published strategy
+    strategy: str
+    stats: recall.RecallStats
+    hit_rate: dict[str, dict[str, Any]]  # day-8 hit rate per strategy and of the baseline
+
+    @property
+    def rows(self) -> int:
+        return self.stats.users
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return {"strategy": self.strategy, **self.stats.as_dict(), "hit_rate": self.hit_rate}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FeaturesOutput:
+    users: DataFrame  # cached until the offline stage releases it
+    ads: DataFrame
+    ad_table: dict[str, np.ndarray]
+    smoothing: features.Smoothing
+    users_written: int  # users with features: keys written when publishing
+    categories_with_factors: int
+
+    @property
+    def rows(self) -> int:
+        return self.users_written
+
+    @property
+    def report(self) -> dict[str, int]:
+        return {"users": self.users_written, "ads": len(self.ad_table["adgroup_id"]),
+                "categories_with_factors": self.categories_with_factors}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CtrOutput:
+    model: CtrModel  # of the served feature set
+    metrics: dict[str, dict[str, Any]]  # day-8 metrics per feature set, the served one included
+    oracle: dict[str, Any] | None  # of the generator's true probabilities, on synthetic data
+
+    @property
+    def rows(self) -> int:
+        return int(self.metrics[self.model.spec.name]["train_rows"])
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return {"served_feature_set": self.model.spec.name, **self.metrics,
+                "oracle": self.oracle}
+
+
+@dataclasses.dataclass(frozen=True)
+class OfflineOutput:
+    lists: int
+    top_n: int
+
+    @property
+    def rows(self) -> int:
+        return self.lists
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return {"lists": self.lists, "pid": offline.OFFLINE_PID, "top_n": self.top_n}
+
+
+@dataclasses.dataclass(frozen=True)
+class PublishOutput:
+    memory: dict[str, dict[str, int]]
+    previous_version: str | None
+    removed_versions: list[str]
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------ the run
+
+
 def run_job(
     config: JobConfig,
     redis_settings: RedisSettings,
     spark: SparkSession | None = None,
     progress: Progress | None = None,
 ) -> JobResult:
-    client = connect(redis_settings)
-    try:
-        client.ping()
-    except (redis.RedisError, OSError) as exc:
-        raise JobInputError(f"cannot reach Redis at {redacted(redis_settings.url)}: {exc}") \
-            from None
-    run = _JobRun(config, spark or build_session(config.master or None,
-                                                    local_memory=config.local_memory),
-                  progress or Progress(config.stages))
-    with run.work_dir():
-        run.ingest()
+    """Ingest, then the stages ``config.stages`` selects, then publish when it is selected."""
+    client = _reachable(redis_settings)
+    spark = spark or build_session(config.master or None, local_memory=config.local_memory)
+    progress = progress or Progress(config.stages)
+    report: dict[str, Any] = {
+        "config": dataclasses.asdict(config),
+        "config_digest": config.digest(),
+        "feature_spec_id": feature_spec(config.feature_set).spec_id,
+        "data": config.data,
+    }
+    version = None
+    with _work_dir(config, spark) as scratch:
+        tables = _timed(progress, "ingest", ingest_stage, spark, config)
+        report["ingest"] = tables.report
+        # Bad input fails above, before the publish lock is taken.
         publishing = "publish" in config.stages
         with Publication(client, keep_versions=config.keep_versions) if publishing \
                 else contextlib.nullcontext() as publication:
+            sink = Sink(redis_settings, publication.version, publication.writer) \
+                if publication else None
+            report.update(_transform_and_load(config, tables, scratch, sink, progress))
             if publication:
-                run.publication = publication
-                run.sink = (redis_settings, publication.version)
-            run.transform_and_load()
-            if publication:
-                run.publish(client)
-    report = run.report
-    report["version"] = run.sink[1] if run.sink else None
-    report["stages"] = run.progress.as_report()
-    report["elapsed_seconds"] = round(run.progress.elapsed, 1)
-    return JobResult(report["version"], report)
+                with progress.stage("publish") as record:
+                    published = publish_stage(publication, report, progress.as_report())
+                    record.notes["version"] = publication.version
+                report.update(published.report)
+                version = publication.version
+    report["version"] = version
+    report["stages"] = progress.as_report()
+    report["elapsed_seconds"] = round(progress.elapsed, 1)
+    return JobResult(version, report)
 
 
-class _JobRun:
-    """One run's state: the stages hand each other frames through it."""
+def _transform_and_load(
+    config: JobConfig, tables: IngestedTables, scratch: str, sink: Sink | None,
+    progress: Progress,
+) -> dict[str, Any]:
+    """The selected stages from ratings to offline, in order; returns their report sections.
 
-    def __init__(self, config: JobConfig, spark: SparkSession, progress: Progress):
-        self.config = config
-        self.spark = spark
-        self.progress = progress
-        self.report: dict[str, Any] = {
-            "config": dataclasses.asdict(config),
-            "config_digest": config.digest(),
-            "feature_spec_id": feature_spec(config.feature_set).spec_id,
-            "data": config.data,
-        }
-        self.publication: Publication | None = None
-        # (redis settings, version) for the executors' writes; None: write nothing.
-        self.sink: tuple[RedisSettings, str] | None = None
-        self.scratch = ""
+    ``config.stages`` is always the stage list up to some stage, so the run stops at the
+    first stage left out: each stage reads the outputs of those before it.
+    """
+    sections: dict[str, Any] = {}
+    if "ratings" not in config.stages:
+        return sections
+    rated = _timed(progress, "ratings", ratings_stage, tables.behavior_log)
+    if "als" not in config.stages:
+        return sections
+    als = _timed(progress, "als", als_stage, rated, config)
+    sections["als"] = als.report
+    if "popular" not in config.stages:
+        return sections
+    fallback = _timed(progress, "popular", popular_stage, tables.split.train, config, sink)
+    sections["popular"] = fallback.report
+    if "recall" not in config.stages:
+        return sections
+    recalled = _timed(progress, "recall", recall_stage, tables, als, fallback, config, scratch,
+                      sink)
+    sections["recall"] = recalled.report
+    if "features" not in config.stages:
+        return sections
+    featured = _timed(progress, "features", features_stage, tables, als, sink)
+    sections["features"] = featured.report
+    if "ctr" not in config.stages:
+        return sections
+    trained = _timed(progress, "ctr", ctr_stage, tables, featured, als, config, sink,
+                     note=progress.note)
+    sections["ctr"] = trained.report
+    if "offline" not in config.stages:
+        return sections
+    ranked = _timed(progress, "offline", offline_stage, recalled, featured, als, trained,
+                    config, sink)
+    sections["offline"] = ranked.report
+    return sections
 
-    def wants(self, stage: str) -> bool:
-        return stage in self.config.stages
 
-    @contextlib.contextmanager
-    def work_dir(self) -> Iterator[None]:
-        if self.config.work_dir:
-            self.scratch = self.config.work_dir.rstrip("/")
-            yield
-            return
-        master = self.spark.sparkContext.master
-        if not master.startswith("local"):
-            raise JobInputError(
-                "ADREC_JOB_WORK_DIR (--job-work-dir) must name shared storage on a cluster "
-                f"(master {master})"
-            )
-        with tempfile.TemporaryDirectory(prefix="adrec-job-") as tmp:
-            self.scratch = tmp
-            yield
+class _Counted(Protocol):
+    @property
+    def rows(self) -> int: ...
 
-    def ingest(self) -> None:
-        with self.progress.stage("ingest") as stage:
-            try:
-                tables = ingest.load_dataset(self.spark, self.config.data,
-                                             data_format=self.config.input_format)
-            except ingest.IngestError as exc:
-                raise JobInputError(str(exc)) from None
-            self.report["ingest"] = {
-                name: {"rows": t.total_rows, "clean": t.clean_rows, "rejected": t.rejected,
-                       "source": t.source}
-                for name, t in tables.items()
-            }
-            for name, table in tables.items():
-                if table.clean_rows == 0:
-                    raise JobInputError(f"{table.source}: no usable rows in {name}")
-            stage.rows = sum(t.clean_rows for t in tables.values())
-        self.tables = {name: t.data for name, t in tables.items()}
-        self.samples = self.tables["raw_sample"]
-        self.train, self.test = ingest.split_by_day(self.samples)
 
-    def transform_and_load(self) -> None:
-        for name in ("ratings", "als", "popular", "recall", "features", "ctr", "offline"):
-            if not self.wants(name):
-                return
-            with self.progress.stage(name) as stage:
-                stage.rows = getattr(self, f"_{name}")()
+_Params = ParamSpec("_Params")
+_Output = TypeVar("_Output", bound=_Counted)
 
-    def _ratings(self) -> int:
-        self.ratings = ratings.ratings_from_behavior(self.tables["behavior_log"]).persist(
-            StorageLevel.MEMORY_AND_DISK
+
+def _timed(progress: Progress, name: str, stage: Callable[_Params, _Output],
+           *args: _Params.args, **kwargs: _Params.kwargs) -> _Output:
+    with progress.stage(name) as record:
+        output = stage(*args, **kwargs)
+        record.rows = output.rows
+    return output
+
+
+def _reachable(settings: RedisSettings) -> redis.Redis | redis.cluster.RedisCluster:
+    client = connect(settings)
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        raise JobInputError(f"cannot reach Redis at {redacted(settings.url)}: {exc}") from None
+    return client
+
+
+@contextlib.contextmanager
+def _work_dir(config: JobConfig, spark: SparkSession) -> Iterator[str]:
+    """Scratch folder for intermediate data, shared by the driver and every executor."""
+    if config.work_dir:
+        yield config.work_dir.rstrip("/")
+        return
+    master = spark.sparkContext.master or ""
+    if not master.startswith("local"):
+        raise JobInputError(
+            "ADREC_JOB_WORK_DIR (--job-work-dir) must name shared storage on a cluster "
+            f"(master {master})"
         )
-        return self.ratings.count()
-
-    def _als(self) -> int:
-        config = self.config
-        self.als = train_als(self.ratings, AlsConfig(
-            rank=config.als_rank, max_iter=config.als_max_iter, reg_param=config.als_reg_param,
-            seed=config.seed,
-        ))
-        self.ratings.unpersist()
-        self.report["als"] = self.als.metrics()
-        return len(self.als.user_ids)
-
-    def _popular(self) -> int:
-        self.popular_ids = popular.collect_popular(
-            popular.popular_lists(self.train, length=self.config.recall_size)
-        )
-        if self.sink:
-            popular.write_popular(self.popular_ids, *self.sink)
-        self.report["popular"] = {scope: len(ids) for scope, ids in self.popular_ids.items()}
-        return sum(self.report["popular"].values())
-
-    def _recall_config(self, strategy: str) -> recall.RecallConfig:
-        return recall.RecallConfig(
-            list_length=self.config.recall_size,
-            top_categories=self.config.recall_top_categories,
-            strategy=strategy, seed=self.config.seed,
-        )
-
-    def _recall(self) -> int:
-        catalog = recall.collect_catalog(
-            self.tables["ad_feature"], popular.ad_impressions(self.train), self.als.cate_factors,
-            self.popular_ids[keys.POPULAR_ALL],
-        )
-        published = self._recall_config(self.config.recall_strategy)
-        output = f"{self.scratch}/recall_lists.parquet"
-        user_factors = self.als.user_factor_frame()
-        if self.sink:
-            stats = recall.publish_recall_lists(user_factors, catalog, published, *self.sink,
-                                                output_path=output)
-            self.recall_lists = self.spark.read.parquet(output)
-        else:
-            recall.build_recall_lists(user_factors, catalog, published) \
-                .write.mode("overwrite").parquet(output)
-            self.recall_lists = self.spark.read.parquet(output)
-            stats = recall.recall_stats(self.recall_lists, self.config.recall_size)
-        self.report["recall"] = {
-            "strategy": published.strategy, **stats.as_dict(),
-            "hit_rate": self._hit_rates(user_factors, catalog),
-        }
-        return stats.users
-
-    def _hit_rates(self, user_factors: DataFrame, catalog: recall.RecallCatalog) -> dict:
-        """Hit rate of both strategies and of the popularity baseline on day-8 clicks.
-
-        Only users who clicked on day 8 matter, so the strategy that is not published
-        is built for those users alone.
-        """
-        fallback = self.popular_ids[keys.POPULAR_ALL]
-        rates = {self.config.recall_strategy: recall.recall_hit_rate(
-            self.test, self.recall_lists, fallback).as_dict()}
-        clickers = self.test.where(F.col("clk") == 1) \
-            .select(F.col("user_id").cast("int")).distinct()
-        for strategy in recall.STRATEGIES:
-            if strategy not in rates:
-                lists = recall.build_recall_lists(
-                    user_factors.join(clickers, "user_id"), catalog,
-                    self._recall_config(strategy),
-                )
-                rates[strategy] = recall.recall_hit_rate(self.test, lists, fallback).as_dict()
-        rates["popularity_baseline"] = recall.recall_hit_rate(
-            self.test, None, fallback).as_dict()
-        return rates
-
-    def _features(self) -> int:
-        self.smoothing = features.Smoothing()
-        self.users = features.user_features(
-            self.tables["user_profile"], self.als.user_factors
-        ).persist(StorageLevel.MEMORY_AND_DISK)
-        self.ads = features.ad_features(self.tables["ad_feature"], self.samples, self.smoothing)
-        self.ad_table = features.ad_table(self.ads)
-        users = self.users.count()
-        if self.sink:
-            users = features.write_user_features(self.users, *self.sink)
-            features.write_ad_table(self.ad_table, *self.sink)
-            features.write_cate_factors(self.als.cate_factors, *self.sink)
-        self.report["features"] = {"users": users, "ads": len(self.ad_table["adgroup_id"]),
-                                   "categories_with_factors": len(self.als.cate_ids)}
-        return users
-
-    def _ctr(self) -> int:
-        examples = features.training_examples(
-            self.samples, self.users, self.ads, self.als.cate_factors, self.smoothing
-        ).persist(StorageLevel.MEMORY_AND_DISK)
-        served = feature_spec(self.config.feature_set)
-        report = self.report["ctr"] = {"served_feature_set": served.name}
-        for spec in (COURSE, FULL):
-            model, metrics = ctr.train_ctr_model(
-                examples, spec, ctr.CtrConfig(reg_param=self.config.ctr_reg_param)
-            )
-            report[spec.name] = metrics
-            if spec is served:
-                self.model = model
-            self.progress.note(f"{spec.name}: AUC {metrics['auc']}, logloss {metrics['logloss']}")
-        report["oracle"] = self._oracle()
-        examples.unpersist()
-        if self.publication:
-            self.publication.writer.put_model(self.model)
-        return report[served.name]["train_rows"]
-
-    def _oracle(self) -> dict | None:
-        """Oracle metrics when the data is synthetic (the generator's truth file exists)."""
-        path = f"{self.config.data.rstrip('/')}/{TRUTH_FILE}"
-        context = self.spark.sparkContext
-        jvm_path = context._jvm.org.apache.hadoop.fs.Path(path)
-        if not jvm_path.getFileSystem(context._jsc.hadoopConfiguration()).exists(jvm_path):
-            return None
-        return ctr.oracle_metrics(self.spark, self.config.data)
-
-    def _offline(self) -> int:
-        lists = offline.offline_top_n(
-            self.recall_lists, self.users, self.ad_table, self.als.cate_factors, self.model,
-            top_n=self.config.offline_top_n,
-        )
-        written = offline.write_offline_lists(lists, *self.sink) if self.sink else lists.count()
-        self.report["offline"] = {"lists": written, "pid": offline.OFFLINE_PID,
-                                  "top_n": self.config.offline_top_n}
-        self.users.unpersist()
-        return written
-
-    def publish(self, client) -> None:
-        with self.progress.stage("publish") as stage:
-            self.report["stages"] = self.progress.as_report()
-            self.report["memory"] = family_memory(client, self.publication.version)
-            meta = {**_meta_summary(self.report), "report": self.report}
-            self.report["previous_version"] = self.publication.commit(meta)
-            self.report["removed_versions"] = self.publication.removed_versions
-            stage.notes["version"] = self.publication.version
+    with tempfile.TemporaryDirectory(prefix="adrec-job-") as tmp:
+        yield tmp
 
 
-def _meta_summary(report: dict) -> dict:
-    """The metadata fields readers look at without parsing the whole report."""
-    served = report.get("ctr", {}).get("served_feature_set")
-    return {
-        "config_digest": report["config_digest"],
-        "feature_spec_id": report["feature_spec_id"],
-        "counts": {
-            "recall_lists": report.get("recall", {}).get("users", 0),
-            "offline_lists": report.get("offline", {}).get("lists", 0),
-            "users": report.get("features", {}).get("users", 0),
-            "ads": report.get("features", {}).get("ads", 0),
+# ------------------------------------------------------------------ the stages
+
+
+def ingest_stage(spark: SparkSession, config: JobConfig) -> IngestedTables:
+    try:
+        loaded = ingest.load_dataset(spark, config.data, data_format=config.input_format)
+    except ingest.IngestError as exc:
+        raise JobInputError(str(exc)) from None
+    for name, table in loaded.items():
+        if table.clean_rows == 0:
+            raise JobInputError(f"{table.source}: no usable rows in {name}")
+    samples = loaded["raw_sample"].data
+    train, test = ingest.split_by_day(samples)
+    return IngestedTables(
+        raw_sample=samples,
+        ad_feature=loaded["ad_feature"].data,
+        user_profile=loaded["user_profile"].data,
+        behavior_log=loaded["behavior_log"].data,
+        split=TrainTestSplit(train, test),
+        report={
+            name: {"rows": t.total_rows, "clean": t.clean_rows, "rejected": t.rejected,
+                   "source": t.source}
+            for name, t in loaded.items()
         },
-        "model_metrics": {k: report["ctr"][served].get(k)
-                          for k in ("auc", "logloss", "observed_ctr", "mean_predicted")}
+    )
+
+
+def ratings_stage(behavior_log: DataFrame) -> Ratings:
+    frame = ratings.ratings_from_behavior(behavior_log).persist(StorageLevel.MEMORY_AND_DISK)
+    return Ratings(frame, frame.count())
+
+
+def als_stage(rated: Ratings, config: JobConfig) -> AlsOutput:
+    result = train_als(rated.frame, AlsConfig(
+        rank=config.als_rank, max_iter=config.als_max_iter, reg_param=config.als_reg_param,
+        seed=config.seed,
+    ))
+    rated.frame.unpersist()
+    return AlsOutput(result)
+
+
+def popular_stage(train: DataFrame, config: JobConfig, sink: Sink | None) -> PopularOutput:
+    lists = popular.collect_popular(popular.popular_lists(train, length=config.recall_size))
+    if sink:
+        popular.write_popular(lists, sink.redis, sink.version)
+    return PopularOutput(lists)
+
+
+def recall_stage(
+    tables: IngestedTables, als: AlsOutput, fallback: PopularOutput, config: JobConfig,
+    scratch: str, sink: Sink | None,
+) -> RecallOutput:
+    """Lists of the configured strategy, saved under ``scratch`` for the offline stage.
+
+    Publishing writes each list from the executor that computes it, in the same pass.
+    """
+    catalog = recall.collect_catalog(
+        tables.ad_feature, popular.ad_impressions(tables.split.train),
+        als.result.cate_factors, fallback.fallback,
+    )
+    published = _recall_config(config, config.recall_strategy)
+    output = f"{scratch}/recall_lists.parquet"
+    user_factors = als.result.user_factor_frame()
+    if sink:
+        stats = recall.publish_recall_lists(user_factors, catalog, published, sink.redis,
+                                            sink.version, output_path=output)
+        lists = user_factors.sparkSession.read.parquet(output)
+    else:
+        recall.save_recall_lists(recall.build_recall_lists(user_factors, catalog, published),
+                                 output)
+        lists = user_factors.sparkSession.read.parquet(output)
+        stats = recall.recall_stats(lists, config.recall_size)
+    return RecallOutput(
+        lists=lists, strategy=published.strategy, stats=stats,
+        hit_rate=_hit_rates(tables.split.test, lists, user_factors, catalog, config,
+                            fallback.fallback),
+    )
+
+
+def _recall_config(config: JobConfig, strategy: str) -> recall.RecallConfig:
+    return recall.RecallConfig(
+        list_length=config.recall_size, top_categories=config.recall_top_categories,
+        strategy=strategy, seed=config.seed,
+    )
+
+
+def _hit_rates(
+    test: DataFrame, lists: DataFrame, user_factors: DataFrame, catalog: recall.RecallCatalog,
+    config: JobConfig, fallback: np.ndarray,
+) -> dict[str, dict[str, Any]]:
+    """Hit rate of both strategies and of the popularity baseline on day-8 clicks.
+
+    Only users who clicked on day 8 matter, so the strategy that is not published
+    is built for those users alone.
+    """
+    rates = {config.recall_strategy: recall.recall_hit_rate(test, lists, fallback).as_dict()}
+    clickers = test.where(F.col("clk") == 1).select(F.col("user_id").cast("int")).distinct()
+    for strategy in recall.STRATEGIES:
+        if strategy not in rates:
+            other = recall.build_recall_lists(
+                user_factors.join(clickers, "user_id"), catalog, _recall_config(config, strategy),
+            )
+            rates[strategy] = recall.recall_hit_rate(test, other, fallback).as_dict()
+    rates["popularity_baseline"] = recall.recall_hit_rate(test, None, fallback).as_dict()
+    return rates
+
+
+def features_stage(tables: IngestedTables, als: AlsOutput, sink: Sink | None) -> FeaturesOutput:
+    smoothing = features.Smoothing()
+    users = features.user_features(tables.user_profile, als.result.user_factors) \
+        .persist(StorageLevel.MEMORY_AND_DISK)
+    ads = features.ad_features(tables.ad_feature, tables.raw_sample, smoothing)
+    ad_table = features.ad_table(ads)
+    if sink:
+        users_written = features.write_user_features(users, sink.redis, sink.version)
+        features.write_ad_table(ad_table, sink.redis, sink.version)
+        features.write_cate_factors(als.result.cate_factors, sink.redis, sink.version)
+    else:
+        users_written = users.count()
+    return FeaturesOutput(users=users, ads=ads, ad_table=ad_table, smoothing=smoothing,
+                          users_written=users_written,
+                          categories_with_factors=len(als.result.cate_ids))
+
+
+def ctr_stage(
+    tables: IngestedTables, featured: FeaturesOutput, als: AlsOutput, config: JobConfig,
+    sink: Sink | None, note: Callable[[str], None] = lambda _: None,
+) -> CtrOutput:
+    """Both feature sets trained and evaluated for the report; the configured one is served."""
+    examples = features.training_examples(
+        tables.raw_sample, featured.users, featured.ads, als.result.cate_factors,
+        featured.smoothing,
+    ).persist(StorageLevel.MEMORY_AND_DISK)
+    served = feature_spec(config.feature_set)
+    models, metrics = {}, {}
+    for spec in (COURSE, FULL):
+        models[spec.name], metrics[spec.name] = ctr.train_ctr_model(
+            examples, spec, ctr.CtrConfig(reg_param=config.ctr_reg_param)
+        )
+        note(f"{spec.name}: AUC {metrics[spec.name]['auc']}, "
+             f"logloss {metrics[spec.name]['logloss']}")
+    oracle = _oracle(examples.sparkSession, config.data)
+    examples.unpersist()
+    model = models[served.name]
+    if sink:
+        sink.writer.put_model(model)
+    return CtrOutput(model, metrics, oracle)
+
+
+def _oracle(spark: SparkSession, data: str) -> dict[str, Any] | None:
+    """Oracle metrics when the data is synthetic (the generator's truth file exists)."""
+    path = f"{data.rstrip('/')}/{TRUTH_FILE}"
+    context = spark.sparkContext
+    jvm = context._jvm
+    if jvm is None:
+        raise RuntimeError("the Spark driver has no JVM gateway")
+    jvm_path = jvm.org.apache.hadoop.fs.Path(path)
+    if not jvm_path.getFileSystem(context._jsc.hadoopConfiguration()).exists(jvm_path):
+        return None
+    return ctr.oracle_metrics(spark, data)
+
+
+def offline_stage(
+    recalled: RecallOutput, featured: FeaturesOutput, als: AlsOutput, trained: CtrOutput,
+    config: JobConfig, sink: Sink | None,
+) -> OfflineOutput:
+    lists = offline.offline_top_n(
+        recalled.lists, featured.users, featured.ad_table, als.result.cate_factors,
+        trained.model, top_n=config.offline_top_n,
+    )
+    written = offline.write_offline_lists(lists, sink.redis, sink.version) if sink \
+        else lists.count()
+    featured.users.unpersist()
+    return OfflineOutput(written, config.offline_top_n)
+
+
+def publish_stage(
+    publication: Publication, report: dict[str, Any], stages: list[dict[str, Any]]
+) -> PublishOutput:
+    """Commit ``publication`` with the report so far (``stages``: the ones already run)."""
+    memory = family_memory(publication.client, publication.version)
+    full_report = {**report, "stages": stages, "memory": memory}
+    previous = publication.commit(version_content(full_report))
+    return PublishOutput(memory, previous, publication.removed_versions)
+
+
+def version_content(report: dict[str, Any]) -> VersionContent:
+    """What the version's metadata says of it: the fields readers use, and the report."""
+    served = report.get("ctr", {}).get("served_feature_set")
+    return VersionContent(
+        config_digest=report["config_digest"],
+        feature_spec_id=report["feature_spec_id"],
+        counts=VersionCounts(
+            recall_lists=report.get("recall", {}).get("users", 0),
+            offline_lists=report.get("offline", {}).get("lists", 0),
+            users=report.get("features", {}).get("users", 0),
+            ads=report.get("features", {}).get("ads", 0),
+        ),
+        model_metrics={k: report["ctr"][served].get(k)
+                       for k in ("auc", "logloss", "observed_ctr", "mean_predicted")}
         if served else {},
-        "stages": [s["name"] for s in report.get("stages", [])],
-    }
+        stages=tuple(s["name"] for s in report.get("stages", [])),
+        offline_pid=report.get("offline", {}).get("pid"),
+        report=report,
+    )

@@ -32,6 +32,7 @@ from adrec.api.ranking.v1 import ranking_service_pb2, ranking_service_pb2_grpc
 from adrec.core import features, keys
 from adrec.core.catalog import Publication
 from adrec.core.codecs import UserFeatures
+from adrec.core.dataset import PIDS
 from adrec.core.metadata import VersionContent, VersionCounts
 from adrec.core.model import CtrModel
 from adrec.core.redis_conn import RedisSettings
@@ -40,7 +41,6 @@ from jobs.offline import OFFLINE_PID, RankingData, rank_users
 from services.process import Stack, serving
 from services.runtime.settings import SETTINGS
 
-PIDS = features.KNOWN_PIDS
 ALS_RANK = 6
 RECALL_SIZE = 500
 OFFLINE_TOP_N = 50

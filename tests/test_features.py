@@ -3,11 +3,10 @@
 import numpy as np
 import pytest
 
-from adrec.core.dataset import USER_PROFILE
+from adrec.core.dataset import PIDS, USER_PROFILE
 from adrec.core.features import (
     COURSE,
     FULL,
-    KNOWN_PIDS,
     TRANSFORM_CONSTANTS,
     USER_PROFILE_FIELDS,
     als_affinity,
@@ -45,7 +44,7 @@ def hot(spec, matrix, row):
 
 def test_course_layout_is_pinned():
     names = COURSE.feature_names
-    assert names[:2] == [f"pid={p}" for p in KNOWN_PIDS]
+    assert names[:2] == [f"pid={p}" for p in PIDS]
     assert names[2:16] == [f"cms_group_id={i}" for i in range(13)] + ["cms_group_id=missing"]
     assert names[-1] == "price:linear_capped"
     assert COURSE.dim == 2 + 14 + 3 + 8 + 4 + 3 + 4 + 5 + 1
@@ -126,7 +125,7 @@ def test_every_transform_constant_is_part_of_the_spec_id(monkeypatch, constant):
 
 def test_one_hot_index_finds_a_levels_weight_slot():
     for spec in (COURSE, FULL):
-        for pid in KNOWN_PIDS:
+        for pid in PIDS:
             assert spec.feature_names[spec.one_hot_index("pid", pid)] == f"pid={pid}"
         assert spec.feature_names[spec.one_hot_index("age_level", 6)] == "age_level=6"
     assert COURSE.one_hot_index("age_level", 7) is None

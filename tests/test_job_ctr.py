@@ -16,7 +16,8 @@ from pyspark.sql import types as T  # noqa: N812
 
 from adrec.core import dataset, keys, store
 from adrec.core.codecs import UserFeatures
-from adrec.core.features import COURSE, FULL, KNOWN_PIDS, USER_PROFILE_FIELDS, als_affinity
+from adrec.core.dataset import PIDS
+from adrec.core.features import COURSE, FULL, USER_PROFILE_FIELDS, als_affinity
 from adrec.core.model import CtrModel
 from adrec.core.redis_conn import RedisSettings
 from jobs import ctr, ingest, offline, ratings
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.spark
 VERSION = "v1"
 TRAIN_TIME = int(datetime(2017, 5, 7, 12, tzinfo=dataset.CHINA_TIME).timestamp())
 TEST_TIME = int(datetime(2017, 5, 13, 12, tzinfo=dataset.CHINA_TIME).timestamp())
-PID_A, PID_B = KNOWN_PIDS
+PID_A, PID_B = PIDS
 
 SAMPLE_SCHEMA = T.StructType([
     T.StructField("user_id", T.IntegerType()),
@@ -183,7 +184,7 @@ def test_training_rows_get_out_of_fold_ctrs_and_test_rows_the_served_ones(spark)
     rng = np.random.default_rng(3)
     training = [
         (int(rng.integers(1, 30)), TRAIN_TIME + int(rng.integers(0, 5 * 86400)),
-         int(rng.integers(1, 5)), KNOWN_PIDS[int(rng.integers(0, 2))], int(rng.random() < 0.3))
+         int(rng.integers(1, 5)), PIDS[int(rng.integers(0, 2))], int(rng.random() < 0.3))
         for _ in range(300)
     ]
     samples = samples_frame(spark, training + impressions(5, 2, clicks=1, total=3,
@@ -292,7 +293,7 @@ def random_examples(spark, rows=400, seed=11):
         affinity = None if rng.random() < 0.3 else float(rng.normal())
         records.append((
             "train" if i % 4 else "test", i + 1, int(rng.integers(1, 50)), TRAIN_TIME,
-            float(rng.random() < 0.25), int(rng.integers(1, 9)), KNOWN_PIDS[i % 2],
+            float(rng.random() < 0.25), int(rng.integers(1, 9)), PIDS[i % 2],
             level(96), level(12), level(2, low=1), level(6), level(3, 0.5, low=1),
             level(3, low=1), level(1), level(4, 0.3, low=1),
             float(rng.lognormal(4, 1.5)), float(rng.uniform(0.01, 0.2)),
@@ -528,7 +529,7 @@ def test_offline_order_is_the_same_for_every_pid():
     orders = [
         offline.rank_users(profiles, factors, candidates, np.array([0, 20, 40]), data, pid=pid,
                            top_n=8)
-        for pid in KNOWN_PIDS
+        for pid in PIDS
     ]
     np.testing.assert_array_equal(orders[0][0], orders[1][0])
     np.testing.assert_array_equal(orders[0][2], [0, 8, 16])

@@ -17,6 +17,7 @@ from adrec.core.redis_conn import RedisSettings
 from adrec.core.redis_server import free_port
 from adrec.core.settings import SettingsError, load
 from jobs.config import STAGES, JobConfig
+from jobs.offline import OFFLINE_PID
 from jobs.pipeline import JobInputError, run_job
 
 
@@ -30,10 +31,12 @@ def published_client(published_tiny):
 def test_spark_submit_publishes_a_complete_active_version(published_tiny, published_client):
     version = published_tiny.version
     assert store.active_version(published_client) == version
-    meta = store.read_meta(published_client, version)
-    assert meta["feature_spec_id"] == FULL.spec_id
-    assert meta["counts"]["recall_lists"] > 1000
-    assert meta["report"]["config_digest"] == meta["config_digest"]
+    content = store.read_meta(published_client, version).content
+    assert content.feature_spec_id == FULL.spec_id
+    assert content.counts.recall_lists > 1000
+    assert content.report["config_digest"] == content.config_digest
+    assert content.offline_pid == OFFLINE_PID and content.stages == STAGES
+    assert 0.5 < content.model_metrics["auc"] <= 1.0
     assert [s["name"] for s in published_tiny.report["stages"]] == list(STAGES)
     for family in (keys.ADS, keys.CATE_FACTORS, keys.MODEL):
         assert published_client.exists(family.key(version))
@@ -72,13 +75,20 @@ def test_report_has_every_quality_figure(published_tiny):
 
 
 def test_offline_lists_are_the_models_top_n(published_tiny, published_client):
+    from test_job_ctr import model_top_n
+
     version = published_tiny.version
-    model = store.read_model(published_client, version)
-    key = next(published_client.scan_iter(match=f"adrec:{version}:offline:*", count=500))
-    ids, ctrs = store.read_offline_list(published_client, version, int(key.rsplit(b":", 1)[1]))
-    assert 0 < len(ids) <= published_tiny.report["config"]["offline_top_n"]
-    assert (np.diff(ctrs) <= 1e-3).all()  # best first (float16 storage)
-    assert model.spec is FULL
+    assert store.read_model(published_client, version).spec is FULL
+    top_n = published_tiny.report["config"]["offline_top_n"]
+    pid = published_tiny.report["offline"]["pid"]
+    found = list(published_client.scan_iter(match=f"adrec:{version}:offline:*", count=500))
+    assert len(found) == published_tiny.report["offline"]["lists"]
+    for key in found[:100]:
+        user_id = int(key.rsplit(b":", 1)[1])
+        ids, ctrs = store.read_offline_list(published_client, version, user_id)
+        expected_ids, expected_ctrs = model_top_n(published_client, version, user_id, pid, top_n)
+        assert ids.tolist() == expected_ids, user_id
+        np.testing.assert_allclose(ctrs, expected_ctrs, rtol=1e-3)  # float16 storage
 
 
 def snapshot(client):
@@ -99,10 +109,11 @@ def redis_at(url):
 def served_version(redis_client):
     """A previously published version that bad runs must leave untouched and active."""
     from adrec.core.catalog import Publication
+    from adrec.core.metadata import VersionContent
 
     with Publication(redis_client) as pub:
         pub.writer.put_recall_lists([1], [np.array([5, 6])])
-        pub.commit({})
+        pub.commit(VersionContent())
     return snapshot(redis_client)
 
 

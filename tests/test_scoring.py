@@ -7,6 +7,7 @@ import pytest
 
 from adrec.core import features
 from adrec.core.codecs import UserFeatures
+from adrec.core.dataset import PIDS
 from adrec.core.model import CtrModel
 from adrec.core.scoring import (
     DENSE_ID_LIMIT,
@@ -17,7 +18,7 @@ from adrec.core.scoring import (
     known_candidates,
 )
 
-PID = features.KNOWN_PIDS[0]
+PID = PIDS[0]
 RANK = 4
 #: Ads 1, 3, 5, 7 and 9 have equal features: they score equally for any user.
 TWINS = [1, 3, 5, 7, 9]

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from adrec.cli import UsageError
 from adrec.core import settings as settings_mod
-from adrec.core.features import KNOWN_PIDS
+from adrec.core.dataset import PIDS
 from adrec.core.settings import in_range, parse_float, setting
 from services.runtime.settings import DEFAULT_GATEWAY_PORT
 
@@ -42,8 +42,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "serving path, degradation reasons, data and model versions and the request id.",
     )
     parser.add_argument("user_id", type=int, metavar="USER", help="user id (positive)")
-    parser.add_argument("--pid", default=KNOWN_PIDS[0],
-                        help=f"placement, one of {', '.join(KNOWN_PIDS)} (default: %(default)s)")
+    parser.add_argument("--pid", default=PIDS[0],
+                        help=f"placement, one of {', '.join(PIDS)} (default: %(default)s)")
     parser.add_argument("--count", type=int, default=10, help="ads wanted, 1..500 (default 10)")
     parser.add_argument("--mode", choices=MODES, default="realtime",
                         help="realtime: recall and rank now; offline: the job's ranked list")

@@ -27,7 +27,7 @@ import uuid
 from types import TracebackType
 from typing import Any
 
-from adrec.core import codecs, keys, store
+from adrec.core import keys, store
 from adrec.core.metadata import VersionContent, VersionMeta, now_utc
 from adrec.core.store import VersionWriter
 
@@ -87,8 +87,6 @@ class Publication:
 
     def commit(self, content: VersionContent) -> str | None:
         """Write the metadata, switch readers to this version, prune old ones."""
-        if not isinstance(content, VersionContent):  # TEMPORARY until the job passes one
-            content = VersionMeta.from_json(codecs.encode_json(content)).content
         self.writer.put_meta(VersionMeta(
             version=self.version,
             run_id=self.run_id,

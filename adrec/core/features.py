@@ -27,7 +27,6 @@ from adrec.core.dataset import PIDS, USER_PROFILE
 #: Feature spec format version; bump when encoding semantics change.
 SCHEMA_VERSION = 1
 
-KNOWN_PIDS = PIDS
 
 #: Profile fields stored per user, in storage order (see codecs.UserFeatures).
 USER_PROFILE_FIELDS = (
@@ -89,16 +88,16 @@ class PidOneHot:
 
     @property
     def names(self) -> list[str]:
-        return [f"pid={pid}" for pid in KNOWN_PIDS]
+        return [f"pid={pid}" for pid in PIDS]
 
     def fill(self, out: np.ndarray, values: np.ndarray) -> None:
         values = np.asarray(values).astype(str)
-        for slot, pid in enumerate(KNOWN_PIDS):
+        for slot, pid in enumerate(PIDS):
             out[:, slot] = values == pid
         unknown = out.sum(axis=1) == 0
         if unknown.any():
             bad = sorted(set(values[unknown].tolist()))[:5]
-            raise ValueError(f"unknown pid {bad}; known pids are {list(KNOWN_PIDS)}")
+            raise ValueError(f"unknown pid {bad}; known pids are {list(PIDS)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +214,7 @@ class FeatureSpec:
         for block in self.blocks:
             if block.column == column and isinstance(block, OneHot | PidOneHot):
                 slots: tuple[int | str, ...] = (
-                    block.levels if isinstance(block, OneHot) else KNOWN_PIDS)
+                    block.levels if isinstance(block, OneHot) else PIDS)
                 if level in slots:
                     return start + slots.index(level)
             start += len(block.names)

@@ -41,6 +41,7 @@ import numpy as np
 
 from adrec.core import features
 from adrec.core.codecs import UserFeatures
+from adrec.core.dataset import PIDS
 from adrec.core.model import CtrModel
 
 #: Ad table columns scoring reads (the table may hold more).
@@ -343,7 +344,7 @@ class CompiledModel:
             if chunk:
                 ad_margins[start:start + AD_CHUNK] = _contributions(model, slots, chunk)
         pid_margins = {pid: float(_contributions(model, slots, {"pid": np.array([pid])})[0])
-                       for pid in features.KNOWN_PIDS} if "pid" in columns else {}
+                       for pid in PIDS} if "pid" in columns else {}
         profile_margins = {
             field: (_contributions(model, slots, {field: PROFILE_VALUES})
                     if field in columns else np.zeros(len(PROFILE_VALUES))).tolist()
@@ -376,7 +377,7 @@ class CompiledModel:
         rng = np.random.default_rng(0)
         rows = len(next(iter(ads.values())))
         position = rng.integers(0, rows, samples)
-        pids = rng.choice(features.KNOWN_PIDS, samples)
+        pids = rng.choice(PIDS, samples)
         codes = rng.integers(-1, 128, (samples, len(features.USER_PROFILE_FIELDS)))
         affinity = np.where(rng.random(samples) < 0.2, np.nan, rng.normal(0, 2, samples))
         columns: dict[str, np.ndarray] = {"pid": pids, PAIR_COLUMN: affinity}
@@ -413,7 +414,7 @@ def _contributions(
     probe: dict[str, np.ndarray | float | str] = {
         column: np.nan for column in model.spec.input_columns
     }
-    probe["pid"] = features.KNOWN_PIDS[0]
+    probe["pid"] = PIDS[0]
     probe.update(values)
     encoded = model.spec.encode(probe)
     # Slot by slot, not one matrix product, whose rounding may depend on a row's position:

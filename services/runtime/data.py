@@ -14,7 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from adrec.core import keys
-from adrec.core.features import KNOWN_PIDS
+from adrec.core.dataset import PIDS
 from adrec.core.redis_conn import RedisSettings, connect_async
 from services.runtime.metrics import ServiceMetrics
 
@@ -154,7 +154,7 @@ class PopularLists:
     @classmethod
     async def read(cls, reader: RedisReader, version: str) -> PopularLists:
         by_scope = {}
-        for scope in (keys.POPULAR_ALL, *KNOWN_PIDS):
+        for scope in (keys.POPULAR_ALL, *PIDS):
             ids = await reader.read(keys.POPULAR, version, scope, op="popular")
             if ids is not None:
                 by_scope[scope] = tuple(ids.tolist())

@@ -13,7 +13,7 @@ from typing import TypeAlias, TypeVar
 
 import grpc
 
-from adrec.core.features import KNOWN_PIDS
+from adrec.core.dataset import PIDS
 
 #: The largest id the data set's int32 columns and Redis keys hold.
 MAX_ID = 2**31 - 1
@@ -51,10 +51,10 @@ def in_range(field: str, value: int, low: int, high: int) -> int:
 def known_pid(field: str, pid: str, *, required: bool) -> str:
     if not pid and not required:
         return pid
-    if pid not in KNOWN_PIDS:
+    if pid not in PIDS:
         shown = repr(pid) if pid else "empty"
         raise InvalidArgumentError(field, f"{shown} is not a known placement; known: "
-                                     f"{', '.join(KNOWN_PIDS)}")
+                                     f"{', '.join(PIDS)}")
     return pid
 
 
