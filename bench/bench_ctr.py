@@ -48,14 +48,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--data-dir", default="",
-                        help="where the preset is (or is generated); default: a temporary dir")
+    parser.add_argument(
+        "--data-dir",
+        default="",
+        help="where the preset is (or is generated); default: a temporary dir",
+    )
     parser.add_argument("--master", default="local[2]")
     parser.add_argument("--driver-memory", default="8g")
-    parser.add_argument("--folds", type=int, default=None,
-                        help="out-of-fold CTR folds for training rows (1: in-sample)")
-    parser.add_argument("--strength", type=float, default=None,
-                        help="smoothing pseudo-impressions for ad, category and brand CTRs")
+    parser.add_argument(
+        "--folds",
+        type=int,
+        default=None,
+        help="out-of-fold CTR folds for training rows (1: in-sample)",
+    )
+    parser.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="smoothing pseudo-impressions for ad, category and brand CTRs",
+    )
     parser.add_argument("--reg-param", type=float, default=None)
     parser.add_argument("--load", action="store_true", help="also time the Redis loads")
     parser.add_argument("--offline-users", type=int, default=20_000)
@@ -95,20 +106,29 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
         with clock("generate"):
             generate(args.preset, args.seed, data_dir, progress=False)
 
-    spark = build_session(args.master, "adrec-bench-ctr", {
-        "spark.driver.memory": args.driver_memory, "spark.ui.enabled": "false",
-    })
+    spark = build_session(
+        args.master,
+        "adrec-bench-ctr",
+        {
+            "spark.driver.memory": args.driver_memory,
+            "spark.ui.enabled": "false",
+        },
+    )
     with clock("ingest"):
         tables = ingest.load_dataset(spark, str(data_dir))
         # The loader caches every validated column; keep just what the stages read.
-        samples = tables["raw_sample"].data.select(
-            "user_id", "time_stamp", "adgroup_id", "pid", "clk", "event_day"
-        ).persist(StorageLevel.MEMORY_AND_DISK)
+        samples = (
+            tables["raw_sample"]
+            .data.select("user_id", "time_stamp", "adgroup_id", "pid", "clk", "event_day")
+            .persist(StorageLevel.MEMORY_AND_DISK)
+        )
         samples.count()
         tables["raw_sample"].unpersist()
     with clock("ratings and ALS"):
-        als = train_als(ratings.ratings_from_behavior(tables["behavior_log"].data),
-                        AlsConfig(holdout_fraction=0.0, blocks=4))
+        als = train_als(
+            ratings.ratings_from_behavior(tables["behavior_log"].data),
+            AlsConfig(holdout_fraction=0.0, blocks=4),
+        )
         tables["behavior_log"].unpersist()
 
     defaults = job_features.Smoothing()
@@ -141,19 +161,24 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
 
     loads = None
     if args.load:
-        loads = _loads(spark, clock, users, ad_table, als, models["full"], args.offline_users,
-                       args.seed)
+        loads = _loads(
+            spark, clock, users, ad_table, als, models["full"], args.offline_users, args.seed
+        )
     return {
         "preset": args.preset,
         "seed": args.seed,
         "machine_cores": os.cpu_count(),
         "smoothing": dataclasses.asdict(smoothing),
         "lr": dataclasses.asdict(config),
-        "rows": {"examples": example_count, "users": user_count,
-                 "ads": len(ad_table["adgroup_id"])},
+        "rows": {
+            "examples": example_count,
+            "users": user_count,
+            "ads": len(ad_table["adgroup_id"]),
+        },
         "metrics": metrics,
-        "full_weights": dict(zip(FULL.feature_names, models["full"].weights.round(4).tolist(),
-                                 strict=True)),
+        "full_weights": dict(
+            zip(FULL.feature_names, models["full"].weights.round(4).tolist(), strict=True)
+        ),
         "loads": loads,
         "seconds": {name: round(value, 1) for name, value in timings.items()},
     }
@@ -182,10 +207,16 @@ def _loads(
     ad_ids = ad_table["adgroup_id"]
     lists = np.stack([rng.choice(ad_ids, RECALL_LENGTH, replace=False) for _ in user_ids])
     offsets = pa.array(np.arange(0, lists.size + 1, RECALL_LENGTH, dtype=np.int32))
-    recall_lists = spark.createDataFrame(pa.table({
-        "user_id": pa.array(user_ids.astype(np.int32)),
-        "ad_ids": pa.ListArray.from_arrays(offsets, pa.array(lists.ravel().astype(np.int32))),
-    }))
+    recall_lists = spark.createDataFrame(
+        pa.table(
+            {
+                "user_id": pa.array(user_ids.astype(np.int32)),
+                "ad_ids": pa.ListArray.from_arrays(
+                    offsets, pa.array(lists.ravel().astype(np.int32))
+                ),
+            }
+        )
+    )
     recall_lists.count()
     results: dict[str, dict[str, float]] = {}
     with private_redis() as server:
@@ -193,9 +224,14 @@ def _loads(
         client = connect(settings)
         timed_loads: tuple[tuple[str, Callable[[], int]], ...] = (
             ("user features", lambda: job_features.write_user_features(users, settings, "v1")),
-            ("offline top-N", lambda: offline.write_offline_lists(
-                offline.offline_top_n(recall_lists, users, ad_table, als.cate_factors, model),
-                settings, "v1")),
+            (
+                "offline top-N",
+                lambda: offline.write_offline_lists(
+                    offline.offline_top_n(recall_lists, users, ad_table, als.cate_factors, model),
+                    settings,
+                    "v1",
+                ),
+            ),
         )
         for name, load in timed_loads:
             before = client.info("memory")["used_memory"]
@@ -204,8 +240,11 @@ def _loads(
                 written = load()
             seconds = time.perf_counter() - started
             used = client.info("memory")["used_memory"] - before
-            results[name] = {"keys": written, "keys_per_second": round(written / seconds, 1),
-                             "redis_bytes_per_key": round(used / max(written, 1), 1)}
+            results[name] = {
+                "keys": written,
+                "keys_per_second": round(written / seconds, 1),
+                "redis_bytes_per_key": round(used / max(written, 1), 1),
+            }
         client.close()
     return results
 
@@ -235,11 +274,15 @@ def _table(results: dict[str, Any]) -> str:
             f"{metrics['calibration_error']:>10.4f} {took:>8.1f}"
         )
     full, course, oracle = (results["metrics"][k] for k in ("full", "course", "oracle"))
-    lines.append(f"full - course AUC: {full['auc'] - course['auc']:+.4f}; "
-                 f"oracle - full AUC: {oracle['auc'] - full['auc']:+.4f}")
+    lines.append(
+        f"full - course AUC: {full['auc'] - course['auc']:+.4f}; "
+        f"oracle - full AUC: {oracle['auc'] - full['auc']:+.4f}"
+    )
     lines.append("reliability of full (deciles of prediction): mean predicted / observed")
-    lines += [f"  {b['mean_predicted']:.4f} / {b['observed_ctr']:.4f}  ({b['rows']:,} rows)"
-              for b in full["reliability"]]
+    lines += [
+        f"  {b['mean_predicted']:.4f} / {b['observed_ctr']:.4f}  ({b['rows']:,} rows)"
+        for b in full["reliability"]
+    ]
     lines.append("wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
     for name, load in (results["loads"] or {}).items():
         lines.append(f"load {name}: {load}")

@@ -68,18 +68,26 @@ def main() -> int:
 
     per_user = sum(families.get(f, {}).get("bytes", 0) for f in PER_USER_FAMILIES)
     total = (after - before) + per_user * (scale - 1)
-    print(f"one version, {args.users:,} users ({seconds:.0f} s to write), "
-          f"Redis used_memory {before / 2**20:,.0f} -> {after / 2**20:,.0f} MiB")
+    print(
+        f"one version, {args.users:,} users ({seconds:.0f} s to write), "
+        f"Redis used_memory {before / 2**20:,.0f} -> {after / 2**20:,.0f} MiB"
+    )
     if scale != 1:
-        print(f"extrapolated to {FULL_USERS:,} users: the per-user families "
-              f"({', '.join(PER_USER_FAMILIES)}) scaled by {scale:.2f}x")
+        print(
+            f"extrapolated to {FULL_USERS:,} users: the per-user families "
+            f"({', '.join(PER_USER_FAMILIES)}) scaled by {scale:.2f}x"
+        )
     print(f"  {'family':<13} {'keys':>11} {'bytes':>15} {'per key':>9}")
     for family, row in sorted(families.items(), key=lambda item: -item[1]["bytes"]):
-        print(f"  {family:<13} {row['keys']:>11,} {row['bytes']:>15,} "
-              f"{row['bytes'] / row['keys']:>9,.0f}")
+        print(
+            f"  {family:<13} {row['keys']:>11,} {row['bytes']:>15,} "
+            f"{row['bytes'] / row['keys']:>9,.0f}"
+        )
     verdict = "PASS" if total <= BUDGET_BYTES else "FAIL"
-    print(f"{verdict}  used_memory for one full version: {total / 1e9:.2f} GB "
-          f"(target <= {BUDGET_BYTES / 1e9:.0f} GB)")
+    print(
+        f"{verdict}  used_memory for one full version: {total / 1e9:.2f} GB "
+        f"(target <= {BUDGET_BYTES / 1e9:.0f} GB)"
+    )
     return 0
 
 
@@ -87,20 +95,24 @@ def _write_version(writer: VersionWriter, rng: np.random.Generator, users: int) 
     ad_ids = np.sort(rng.choice(np.arange(1, FULL_MAX_AD_ID + 1), FULL_ADS, replace=False))
     user_ids = np.sort(rng.choice(np.arange(1, FULL_USERS + 1), users, replace=False))
     for start in range(0, users, CHUNK):
-        chunk = user_ids[start:start + CHUNK]
+        chunk = user_ids[start : start + CHUNK]
         # Distinct ads per list: a random window of a random permutation.
         order = rng.permutation(ad_ids)
         offsets = rng.integers(0, FULL_ADS - RECALL_LENGTH, len(chunk))
-        recall = [order[o:o + RECALL_LENGTH] for o in offsets]
+        recall = [order[o : o + RECALL_LENGTH] for o in offsets]
         writer.put_recall_lists(chunk, recall)
-        writer.put_offline_lists(chunk, [
-            (ids[:OFFLINE_LENGTH], np.sort(rng.uniform(0.001, 0.3, OFFLINE_LENGTH))[::-1])
-            for ids in recall
-        ])
+        writer.put_offline_lists(
+            chunk,
+            [
+                (ids[:OFFLINE_LENGTH], np.sort(rng.uniform(0.001, 0.3, OFFLINE_LENGTH))[::-1])
+                for ids in recall
+            ],
+        )
         writer.put_user_features(chunk, [_user(rng) for _ in chunk])
     writer.put_ad_table(_ad_table(rng, ad_ids))
-    writer.put_cate_factors(np.arange(1, FULL_CATEGORIES + 1),
-                            rng.normal(0, 1, (FULL_CATEGORIES, ALS_RANK)))
+    writer.put_cate_factors(
+        np.arange(1, FULL_CATEGORIES + 1), rng.normal(0, 1, (FULL_CATEGORIES, ALS_RANK))
+    )
     for scope in (keys.POPULAR_ALL, *PIDS):
         writer.put_popular(scope, rng.choice(ad_ids, RECALL_LENGTH, replace=False))
     spec = features.FULL
@@ -113,8 +125,10 @@ def _user(rng: np.random.Generator) -> UserFeatures:
 
 
 def _ad_table(rng: np.random.Generator, ad_ids: np.ndarray) -> dict[str, np.ndarray]:
-    table = {column: rng.integers(1, 1_000_000, len(ad_ids)).astype(dtype)
-             for column, dtype in AD_TABLE_DTYPES.items()}
+    table = {
+        column: rng.integers(1, 1_000_000, len(ad_ids)).astype(dtype)
+        for column, dtype in AD_TABLE_DTYPES.items()
+    }
     table["adgroup_id"] = ad_ids.astype(AD_TABLE_DTYPES["adgroup_id"])
     return table
 

@@ -56,17 +56,30 @@ def main() -> int:
     parser.add_argument("--categories", type=int, default=FULL_CATEGORIES)
     parser.add_argument("--rank", type=int, default=10)
     parser.add_argument("--strategies", default="uniform,popular")
-    parser.add_argument("--partitions", type=int, default=10,
-                        help="user factor partitions (ALS's default numUserBlocks is 10)")
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        default=10,
+        help="user factor partitions (ALS's default numUserBlocks is 10)",
+    )
     parser.add_argument("--master", default="local[2]")
-    parser.add_argument("--driver-sample", type=int, default=100_000,
-                        help="users for the driver-only comparison (0: skip)")
-    parser.add_argument("--course-users", type=int, default=20,
-                        help="users timed the course's way (0: skip)")
-    parser.add_argument("--parquet", default="",
-                        help="also save the lists as parquet here (what offline ranking reads)")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="runs per strategy; the summary quotes the median")
+    parser.add_argument(
+        "--driver-sample",
+        type=int,
+        default=100_000,
+        help="users for the driver-only comparison (0: skip)",
+    )
+    parser.add_argument(
+        "--course-users", type=int, default=20, help="users timed the course's way (0: skip)"
+    )
+    parser.add_argument(
+        "--parquet",
+        default="",
+        help="also save the lists as parquet here (what offline ranking reads)",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs per strategy; the summary quotes the median"
+    )
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
 
@@ -76,18 +89,30 @@ def main() -> int:
     from jobs.spark import build_session
 
     rng = np.random.default_rng(args.seed)
-    print(f"recall benchmark: {args.users:,} users, {args.ads:,} ads, {args.categories:,} "
-          f"categories, rank {args.rank}; machine: {os.cpu_count()} cores")
+    print(
+        f"recall benchmark: {args.users:,} users, {args.ads:,} ads, {args.categories:,} "
+        f"categories, rank {args.rank}; machine: {os.cpu_count()} cores"
+    )
     print("factors are RANDOM (timing only); category sizes and impressions are Zipf-like")
     started = time.perf_counter()
     world = _world(rng, args.users, args.ads, args.categories, args.rank)
-    catalog = build_catalog(world["ad_ids"], world["ad_cates"], world["impressions"],
-                            (world["cate_ids"], world["cate_factors"]), world["popular"])
-    print(f"catalog built in {time.perf_counter() - started:.1f} s; largest category "
-          f"{int(catalog.sizes.max()):,} ads, median {int(np.median(catalog.sizes))}")
+    catalog = build_catalog(
+        world["ad_ids"],
+        world["ad_cates"],
+        world["impressions"],
+        (world["cate_ids"], world["cate_factors"]),
+        world["popular"],
+    )
+    print(
+        f"catalog built in {time.perf_counter() - started:.1f} s; largest category "
+        f"{int(catalog.sizes.max()):,} ads, median {int(np.median(catalog.sizes))}"
+    )
 
-    spark = build_session(args.master, "adrec-bench-recall",
-                          {"spark.driver.memory": "4g", "spark.ui.enabled": "false"})
+    spark = build_session(
+        args.master,
+        "adrec-bench-recall",
+        {"spark.driver.memory": "4g", "spark.ui.enabled": "false"},
+    )
     factors = _factor_frame(spark, world["user_ids"], world["user_factors"], args.partitions)
     factors.count()
 
@@ -99,12 +124,21 @@ def main() -> int:
             config = RecallConfig(strategy=strategy, seed=args.seed)
             runs = []
             for number in range(1, args.repeat + 1):
-                runs.append(_spark_run(client, settings, factors, catalog, config,
-                                       version=f"v{number}", args=args))
+                runs.append(
+                    _spark_run(
+                        client, settings, factors, catalog, config, version=f"v{number}", args=args
+                    )
+                )
                 client.flushall()
             median = statistics.median(run["seconds"] for run in runs)
-            results.append({**runs[0], "seconds": median, "users_per_s": args.users / median,
-                            "all_seconds": [run["seconds"] for run in runs]})
+            results.append(
+                {
+                    **runs[0],
+                    "seconds": median,
+                    "users_per_s": args.users / median,
+                    "all_seconds": [run["seconds"] for run in runs],
+                }
+            )
         if args.driver_sample:
             sample = min(args.driver_sample, args.users)
             _driver_run(client, catalog, RecallConfig(seed=args.seed), world, sample)
@@ -118,9 +152,11 @@ def main() -> int:
     for row in results:
         verdict = "PASS" if row["seconds"] <= TARGET_SECONDS else "FAIL"
         times = ", ".join(f"{seconds:.0f}" for seconds in row["all_seconds"])
-        print(f"  {row['strategy']:8s} {row['users_per_s']:>9,.0f} users/s  "
-              f"{row['seconds']:6.1f} s median of [{times}] s  (target {TARGET_SECONDS:.0f} s: "
-              f"{verdict})  {row['bytes_per_user']:,.0f} B/user in Redis")
+        print(
+            f"  {row['strategy']:8s} {row['users_per_s']:>9,.0f} users/s  "
+            f"{row['seconds']:6.1f} s median of [{times}] s  (target {TARGET_SECONDS:.0f} s: "
+            f"{verdict})  {row['bytes_per_user']:,.0f} B/user in Redis"
+        )
     if course:
         for row in results:
             ratio = course["seconds_per_user"] / (row["seconds"] / row["users"])
@@ -144,7 +180,8 @@ def _world(
         "user_factors": (rng.standard_normal((users, rank)) / np.sqrt(rank)).astype(np.float32),
         "cate_ids": cate_ids,
         "cate_factors": (rng.standard_normal((categories, rank)) / np.sqrt(rank)).astype(
-            np.float32),
+            np.float32
+        ),
         "ad_ids": ad_ids,
         "ad_cates": ad_cates,
         "impressions": impressions,
@@ -157,10 +194,12 @@ def _factor_frame(
 ) -> DataFrame:
     rank = factors.shape[1]
     offsets = pa.array(np.arange(0, len(user_ids) * rank + 1, rank, dtype=np.int32))
-    table = pa.table({
-        "user_id": pa.array(user_ids),
-        "als_factors": pa.ListArray.from_arrays(offsets, pa.array(factors.ravel())),
-    })
+    table = pa.table(
+        {
+            "user_id": pa.array(user_ids),
+            "als_factors": pa.ListArray.from_arrays(offsets, pa.array(factors.ravel())),
+        }
+    )
     return spark.createDataFrame(table).repartition(partitions).cache()
 
 
@@ -183,22 +222,34 @@ def _spark_run(
     users = args.users
     before = _used_memory(client)
     started = time.perf_counter()
-    stats = publish_recall_lists(factors, catalog, config, settings, version,
-                                 output_path=args.parquet or None)
+    stats = publish_recall_lists(
+        factors, catalog, config, settings, version, output_path=args.parquet or None
+    )
     seconds = time.perf_counter() - started
     after = _used_memory(client)
     keys = client.dbsize()
     per_user = (after - before) / max(keys, 1)
-    print(f"\n[{config.strategy}] Spark executors ({args.master}, {args.partitions} partitions)"
-          f"{' + parquet' if args.parquet else ''}: {users:,} users in {seconds:.1f} s = "
-          f"{users / seconds:,.0f} users/s, {seconds / users * 1e6:.0f} us/user")
-    print(f"  lists: {stats.full_lists:,} of exactly {config.list_length}, "
-          f"{stats.filled_users:,} filled from the fallback; Redis keys {keys:,}")
-    print(f"  Redis used_memory {before / 2**20:,.0f} -> {after / 2**20:,.0f} MiB: recall "
-          f"family {(after - before) / 2**30:.2f} GiB, {per_user:,.0f} B/user "
-          f"({per_user / config.list_length:.2f} B per ad id)")
-    return {"strategy": config.strategy, "users": users, "seconds": seconds,
-            "users_per_s": users / seconds, "bytes_per_user": per_user}
+    print(
+        f"\n[{config.strategy}] Spark executors ({args.master}, {args.partitions} partitions)"
+        f"{' + parquet' if args.parquet else ''}: {users:,} users in {seconds:.1f} s = "
+        f"{users / seconds:,.0f} users/s, {seconds / users * 1e6:.0f} us/user"
+    )
+    print(
+        f"  lists: {stats.full_lists:,} of exactly {config.list_length}, "
+        f"{stats.filled_users:,} filled from the fallback; Redis keys {keys:,}"
+    )
+    print(
+        f"  Redis used_memory {before / 2**20:,.0f} -> {after / 2**20:,.0f} MiB: recall "
+        f"family {(after - before) / 2**30:.2f} GiB, {per_user:,.0f} B/user "
+        f"({per_user / config.list_length:.2f} B per ad id)"
+    )
+    return {
+        "strategy": config.strategy,
+        "users": users,
+        "seconds": seconds,
+        "users_per_s": users / seconds,
+        "bytes_per_user": per_user,
+    }
 
 
 def _driver_run(
@@ -220,16 +271,19 @@ def _driver_run(
         for first in range(0, sample, config.chunk_users):
             block = slice(first, min(first + config.chunk_users, sample))
             t0 = time.perf_counter()
-            chunk = recall_chunk(catalog, config, world["user_ids"][block],
-                                 world["user_factors"][block])
+            chunk = recall_chunk(
+                catalog, config, world["user_ids"][block], world["user_factors"][block]
+            )
             t1 = time.perf_counter()
             writer.put_recall_lists(chunk.user_ids, chunk.lists())
             compute, write = compute + t1 - t0, write + time.perf_counter() - t1
     total = compute + write
-    print(f"\n[uniform] driver only, one process, {sample:,} users: {total:.1f} s = "
-          f"{total / sample * 1e6:.0f} us/user (compute {compute / sample * 1e6:.0f}, "
-          f"Redis write {write / sample * 1e6:.0f}); all users would take "
-          f"{total / sample * FULL_USERS:.0f} s")
+    print(
+        f"\n[uniform] driver only, one process, {sample:,} users: {total:.1f} s = "
+        f"{total / sample * 1e6:.0f} us/user (compute {compute / sample * 1e6:.0f}, "
+        f"Redis write {write / sample * 1e6:.0f}); all users would take "
+        f"{total / sample * FULL_USERS:.0f} s"
+    )
 
 
 def _course_run(
@@ -246,32 +300,52 @@ def _course_run(
     cate_ids = world["cate_ids"]
     # Every category rated at least once, so the model has factors for all of them.
     raters = 2_000
-    users = np.concatenate([np.arange(len(cate_ids)) % raters,
-                            rng.integers(0, raters, 20 * raters)]) + 1
+    users = (
+        np.concatenate([np.arange(len(cate_ids)) % raters, rng.integers(0, raters, 20 * raters)])
+        + 1
+    )
     cates = np.concatenate([cate_ids, rng.choice(cate_ids, 20 * raters)])
-    ratings = spark.createDataFrame(pd.DataFrame({
-        "userId": users.astype(np.int32), "cateId": cates.astype(np.int32),
-        "rating": rng.uniform(0.2, 44, len(users)).astype(np.float32),
-    }))
-    model = ALS(userCol="userId", itemCol="cateId", ratingCol="rating", rank=10, maxIter=5,
-                regParam=0.1, numUserBlocks=2, numItemBlocks=2).fit(ratings)
+    ratings = spark.createDataFrame(
+        pd.DataFrame(
+            {
+                "userId": users.astype(np.int32),
+                "cateId": cates.astype(np.int32),
+                "rating": rng.uniform(0.2, 44, len(users)).astype(np.float32),
+            }
+        )
+    )
+    model = ALS(
+        userCol="userId",
+        itemCol="cateId",
+        ratingCol="rating",
+        rank=10,
+        maxIter=5,
+        regParam=0.1,
+        numUserBlocks=2,
+        numItemBlocks=2,
+    ).fit(ratings)
     pdf = pd.DataFrame({"adgroupId": world["ad_ids"], "cateId": world["ad_cates"]})
     timings: dict[str, list[float]] = {"transform+sort": [], "choice": [], "sadd": []}
     distinct = []
     for user in range(1, count + 1):
         t0 = time.perf_counter()
-        cate_df = pd.DataFrame(np.array(list(set(pdf.cateId))).reshape(-1, 1),
-                               columns=["cateId"])
+        cate_df = pd.DataFrame(np.array(list(set(pdf.cateId))).reshape(-1, 1), columns=["cateId"])
         cate_df.insert(0, "userId", np.array([user for _ in range(len(cate_df))]))
-        ranked = model.transform(spark.createDataFrame(cate_df)).sort(
-            "prediction", ascending=False).na.drop()
+        ranked = (
+            model.transform(spark.createDataFrame(cate_df))
+            .sort("prediction", ascending=False)
+            .na.drop()
+        )
         top = ranked.head(20)
         t1 = time.perf_counter()
         chosen: set[int] = set()
         for row in top:
             need = 500 - len(chosen)
-            chosen = chosen.union(np.random.choice(
-                pdf.where(pdf.cateId == row.cateId).adgroupId.dropna().astype(np.int64), need))
+            chosen = chosen.union(
+                np.random.choice(
+                    pdf.where(pdf.cateId == row.cateId).adgroupId.dropna().astype(np.int64), need
+                )
+            )
             if len(chosen) >= 500:
                 break
         t2 = time.perf_counter()
@@ -283,9 +357,11 @@ def _course_run(
     per_user = sum(statistics.median(v) for v in timings.values())
     parts = ", ".join(f"{k} {statistics.median(v) * 1e3:.1f} ms" for k, v in timings.items())
     print(f"\ncourse's way, {count} users (medians): {per_user * 1e3:.0f} ms/user ({parts})")
-    print(f"  lists hold {statistics.mean(distinct):.0f} distinct ads on average (sampled "
-          f"with replacement); all {FULL_USERS:,} users would take "
-          f"{per_user * FULL_USERS / 3600:.0f} h")
+    print(
+        f"  lists hold {statistics.mean(distinct):.0f} distinct ads on average (sampled "
+        f"with replacement); all {FULL_USERS:,} users would take "
+        f"{per_user * FULL_USERS / 3600:.0f} h"
+    )
     return {"seconds_per_user": per_user}
 
 

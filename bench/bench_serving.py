@@ -63,8 +63,24 @@ TARGET_SUSTAINED_RPS = 600
 TARGET_ECHO_RATIO = 0.2
 # Steps of Recommend and of its bare skeleton, reaching past the highest rate the skeleton
 # has sustained (docs/performance.md).
-THREE_HOP_RATES = (100, 200, 300, 400, 500, 600, 700, 800, 900, 1000, 1200, 1400, 1600, 2000,
-                   2500, 3000)
+THREE_HOP_RATES = (
+    100,
+    200,
+    300,
+    400,
+    500,
+    600,
+    700,
+    800,
+    900,
+    1000,
+    1200,
+    1400,
+    1600,
+    2000,
+    2500,
+    3000,
+)
 ECHO_RATES = (500, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 5000, 6000, 7000, 8000)
 REQUEST_TIMEOUT_S = 1.0
 STEP_ATTEMPTS = 2
@@ -106,12 +122,21 @@ def publish(redis_url: str, seed: int = 1) -> list[int]:
     spec = features.FULL
     model = CtrModel(spec, rng.normal(0, 0.5, spec.dim), -3.0, trained_at="bench")
     user_ids = np.arange(1, USERS + 1)
-    levels = {"cms_segid": 97, "cms_group_id": 13, "gender": 3, "age_level": 7,
-              "pvalue_level": 4, "shopping_level": 4, "occupation": 2,
-              "new_user_class_level": 5}
+    levels = {
+        "cms_segid": 97,
+        "cms_group_id": 13,
+        "gender": 3,
+        "age_level": 7,
+        "pvalue_level": 4,
+        "shopping_level": 4,
+        "occupation": 2,
+        "new_user_class_level": 5,
+    }
     profiles = [
-        UserFeatures({field: float(rng.integers(0, top)) for field, top in levels.items()},
-                     rng.normal(0, 0.3, ALS_RANK))
+        UserFeatures(
+            {field: float(rng.integers(0, top)) for field, top in levels.items()},
+            rng.normal(0, 0.3, ALS_RANK),
+        )
         for _ in user_ids
     ]
     client = redis.Redis.from_url(redis_url)
@@ -142,8 +167,13 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def started(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen(args, env={**os.environ, **env}, cwd=REPO_ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        args,
+        env={**os.environ, **env},
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         yield process
     finally:
@@ -173,10 +203,14 @@ def downstream_reply_sizes() -> tuple[int, int]:
     # Ids as publish() draws them: their varints take as many bytes.
     candidates = np.random.default_rng(0).integers(1, 1_000_000, CANDIDATES).tolist()
     recalled = recall_service_pb2.GetCandidatesResponse(
-        ad_ids=candidates, source=common_pb2.CANDIDATE_SOURCE_PERSONAL, data_version=version)
+        ad_ids=candidates, source=common_pb2.CANDIDATE_SOURCE_PERSONAL, data_version=version
+    )
     ranked = ranking_service_pb2.RankCandidatesResponse(
         ads=[common_pb2.ScoredAd(ad_id=ad, ctr=0.05) for ad in candidates[:COUNT]],
-        model_version=f"{version}/full", data_version=version, user_profile_found=True)
+        model_version=f"{version}/full",
+        data_version=version,
+        user_profile_found=True,
+    )
     return recalled.ByteSize(), ranked.ByteSize()
 
 
@@ -236,18 +270,25 @@ def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
 
 
 def load(
-    kind: str, port: int, rates: list[int], duration: float, users: int,
+    kind: str,
+    port: int,
+    rates: list[int],
+    duration: float,
+    users: int,
     cpu_pids: dict[str, int],
 ) -> None:
     """Open-loop steps at each rate, one JSON line per step; stops after the first failure."""
     from services.runtime import loop
 
-    loop.run(_load(kind, port, rates, duration, users,
-                   {**cpu_pids, "generator": os.getpid()}))
+    loop.run(_load(kind, port, rates, duration, users, {**cpu_pids, "generator": os.getpid()}))
 
 
 async def _load(
-    kind: str, port: int, rates: list[int], duration: float, users: int,
+    kind: str,
+    port: int,
+    rates: list[int],
+    duration: float,
+    users: int,
     cpu_pids: dict[str, int],
 ) -> None:
     from adrec.api.gateway.v1 import gateway_service_pb2 as gateway_pb2
@@ -260,8 +301,12 @@ async def _load(
             # The gRPC code generator writes no annotations.
             stub = gateway_service_pb2_grpc.GatewayServiceStub(channel)  # type: ignore[no-untyped-call]
             requests = [
-                gateway_pb2.RecommendRequest(user_id=int(user), pid="430548_1007", count=COUNT,
-                                             mode=gateway_pb2.RECOMMEND_MODE_REALTIME)
+                gateway_pb2.RecommendRequest(
+                    user_id=int(user),
+                    pid="430548_1007",
+                    count=COUNT,
+                    mode=gateway_pb2.RECOMMEND_MODE_REALTIME,
+                )
                 for user in rng.integers(1, users + 1, 4096)
             ]
             call = stub.Recommend
@@ -270,20 +315,25 @@ async def _load(
                 return gateway_pb2.ServingPath.Name(response.serving_path)
         else:
             call = channel.unary_unary(ECHO_METHOD)
-            requests = [gateway_pb2.RecommendRequest(
-                user_id=int(user), pid="430548_1007", count=COUNT).SerializeToString()
-                for user in rng.integers(1, users + 1, 4096)]
+            requests = [
+                gateway_pb2.RecommendRequest(
+                    user_id=int(user), pid="430548_1007", count=COUNT
+                ).SerializeToString()
+                for user in rng.integers(1, users + 1, 4096)
+            ]
 
             def outcome(response: Any) -> str:
                 return "ECHO"
 
-        await _step(call, requests, outcome, rate=min(rates[0], 200), duration=2.0,
-                    cpu_pids={})  # warm-up
+        await _step(
+            call, requests, outcome, rate=min(rates[0], 200), duration=2.0, cpu_pids={}
+        )  # warm-up
         for rate in rates:
             # Other work on a shared machine can stall one step; a rate fails on two misses.
             for _ in range(STEP_ATTEMPTS):
-                result = await _step(call, requests, outcome, rate=rate, duration=duration,
-                                     cpu_pids=cpu_pids)
+                result = await _step(
+                    call, requests, outcome, rate=rate, duration=duration, cpu_pids=cpu_pids
+                )
                 print(json.dumps(result), flush=True)
                 if result["sustained"]:
                     break
@@ -292,7 +342,11 @@ async def _load(
 
 
 async def _step(
-    call: Any, requests: list[Any], outcome: Any, rate: int, duration: float,
+    call: Any,
+    requests: list[Any],
+    outcome: Any,
+    rate: int,
+    duration: float,
     cpu_pids: dict[str, int],
 ) -> dict[str, Any]:
     """One open-loop step; with the CPU ms per answered request of each of `cpu_pids`."""
@@ -327,8 +381,12 @@ async def _step(
     elapsed = clock() - start
     cpu_after = cpu_snapshot(cpu_pids)
     answered_count = len(latencies)
-    cpu_ms = {name: (cpu_after[name] - cpu_before[name]) * 1000 / answered_count
-              if answered_count else float("nan") for name in cpu_pids}
+    cpu_ms = {
+        name: (cpu_after[name] - cpu_before[name]) * 1000 / answered_count
+        if answered_count
+        else float("nan")
+        for name in cpu_pids
+    }
 
     answered = sorted(latencies)
     p50 = _percentile(answered, 50)
@@ -336,10 +394,15 @@ async def _step(
     primary = max(outcomes.get("SERVING_PATH_REALTIME_RANKED", 0), outcomes.get("ECHO", 0))
     kept_up = elapsed <= duration * 1.05 + REQUEST_TIMEOUT_S
     return {
-        "rate": rate, "requests": total, "p50_ms": p50 * 1000, "p99_ms": p99 * 1000,
+        "rate": rate,
+        "requests": total,
+        "p50_ms": p50 * 1000,
+        "p99_ms": p99 * 1000,
         "max_ms": (answered[-1] if answered else float("nan")) * 1000,
-        "primary_share": primary / total, "outcomes": dict(outcomes),
-        "achieved_rps": total / elapsed, "max_send_lag_ms": lag * 1000,
+        "primary_share": primary / total,
+        "outcomes": dict(outcomes),
+        "achieved_rps": total / elapsed,
+        "max_send_lag_ms": lag * 1000,
         "sustained": p99 <= P99_LIMIT_S and primary >= 0.99 * total and kept_up,
         "cpu_ms_per_request": cpu_ms,
     }
@@ -357,10 +420,23 @@ def run_load(
 ) -> list[Step]:
     """Run the generator's steps, printing each; `cpu_pids` names the processes whose CPU
     time per request is measured (the generator's own is always added)."""
-    args = [sys.executable, __file__, "load", "--kind", kind, "--port", str(port),
-            "--rates", ",".join(map(str, rates)), "--duration", str(duration),
-            "--users", str(USERS),
-            "--cpu-pids", ",".join(f"{name}={pid}" for name, pid in cpu_pids.items())]
+    args = [
+        sys.executable,
+        __file__,
+        "load",
+        "--kind",
+        kind,
+        "--port",
+        str(port),
+        "--rates",
+        ",".join(map(str, rates)),
+        "--duration",
+        str(duration),
+        "--users",
+        str(USERS),
+        "--cpu-pids",
+        ",".join(f"{name}={pid}" for name, pid in cpu_pids.items()),
+    ]
     steps: list[Step] = []
     with subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT) as process:
         if process.stdout is None:
@@ -368,10 +444,12 @@ def run_load(
         for line in process.stdout:
             step = json.loads(line)
             steps.append(step)
-            print(f"  {kind:9} {step['rate']:>5} rps  p50 {step['p50_ms']:6.2f} ms  "
-                  f"p99 {step['p99_ms']:7.2f} ms  achieved {step['achieved_rps']:7.1f}  "
-                  f"{step['outcomes']}  {'ok' if step['sustained'] else 'NOT sustained'}",
-                  flush=True)
+            print(
+                f"  {kind:9} {step['rate']:>5} rps  p50 {step['p50_ms']:6.2f} ms  "
+                f"p99 {step['p99_ms']:7.2f} ms  achieved {step['achieved_rps']:7.1f}  "
+                f"{step['outcomes']}  {'ok' if step['sustained'] else 'NOT sustained'}",
+                flush=True,
+            )
             print(f"  {'':9} {'':>5}      CPU ms/request: {_cpu_text(step)}", flush=True)
     return steps
 
@@ -400,17 +478,23 @@ def spark_transform_latency(requests: int = 20) -> float:
 
     from adrec.core import features
 
-    spark = (SparkSession.builder.master("local[2]").appName("adrec-bench-serving")
-             .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
-             .config("spark.sql.shuffle.partitions", "2")
-             .getOrCreate())
+    spark = (
+        SparkSession.builder.master("local[2]")
+        .appName("adrec-bench-serving")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.shuffle.partitions", "2")
+        .getOrCreate()
+    )
     spark.sparkContext.setLogLevel("ERROR")
     try:
         rng = np.random.default_rng(0)
         dim = features.FULL.dim
         training = spark.createDataFrame(
-            [(Vectors.dense(row), float(label)) for row, label in
-             zip(rng.random((2000, dim)), rng.random(2000) < 0.05, strict=True)],
+            [
+                (Vectors.dense(row), float(label))
+                for row, label in zip(rng.random((2000, dim)), rng.random(2000) < 0.05, strict=True)
+            ],
             ["features", "label"],
         )
         model = LogisticRegression(maxIter=10).fit(training)
@@ -440,25 +524,40 @@ def run(quick: bool) -> int:
     from adrec.core.redis_server import private_redis
 
     duration = 4.0 if quick else 8.0
-    print("machine load average (1, 5, 15 min) at the start: "
-          + ", ".join(f"{load:.1f}" for load in os.getloadavg()), flush=True)
+    print(
+        "machine load average (1, 5, 15 min) at the start: "
+        + ", ".join(f"{load:.1f}" for load in os.getloadavg()),
+        flush=True,
+    )
     with private_redis() as redis_server:
         print(f"publishing {USERS} users x {CANDIDATES} candidates, {ADS} ads ...", flush=True)
         started_at = time.monotonic()
         publish(redis_server.url)
         print(f"  published in {time.monotonic() - started_at:.1f} s", flush=True)
 
-        ports = {name: free_port() for name in
-                 ("recall", "ranking", "gateway", "echo", "chain", "chain_a", "chain_b")}
-        common = {"REDIS_URL": redis_server.url, "ADREC_HOST": "127.0.0.1",
-                  "ADREC_LOG_LEVEL": "warning"}
+        ports = {
+            name: free_port()
+            for name in ("recall", "ranking", "gateway", "echo", "chain", "chain_a", "chain_b")
+        }
+        common = {
+            "REDIS_URL": redis_server.url,
+            "ADREC_HOST": "127.0.0.1",
+            "ADREC_LOG_LEVEL": "warning",
+        }
         services = {
-            name: {**common, f"ADREC_{name.upper()}_PORT": str(ports[name]),
-                   "ADREC_METRICS_PORT": str(free_port())}
+            name: {
+                **common,
+                f"ADREC_{name.upper()}_PORT": str(ports[name]),
+                "ADREC_METRICS_PORT": str(free_port()),
+            }
             for name in ("recall", "ranking", "gateway")
         }
-        services["gateway"].update({"ADREC_RECALL_ADDRESS": f"127.0.0.1:{ports['recall']}",
-                                    "ADREC_RANKING_ADDRESS": f"127.0.0.1:{ports['ranking']}"})
+        services["gateway"].update(
+            {
+                "ADREC_RECALL_ADDRESS": f"127.0.0.1:{ports['recall']}",
+                "ADREC_RANKING_ADDRESS": f"127.0.0.1:{ports['ranking']}",
+            }
+        )
         with contextlib.ExitStack() as stack:
             pids = {
                 name: stack.enter_context(started([*ADREC, "serve", name], env)).pid
@@ -472,24 +571,43 @@ def run(quick: bool) -> int:
                 "chain": ["--chain", f"{ports['chain_a']},{ports['chain_b']}"],
             }
             for name, options in bare.items():
-                pids[name] = stack.enter_context(started(
-                    [sys.executable, __file__, "echo-server", "--port", str(ports[name]),
-                     *options], {}
-                )).pid
+                pids[name] = stack.enter_context(
+                    started(
+                        [
+                            sys.executable,
+                            __file__,
+                            "echo-server",
+                            "--port",
+                            str(ports[name]),
+                            *options,
+                        ],
+                        {},
+                    )
+                ).pid
             for name in ("recall", "ranking", "gateway"):
                 wait_serving(ports[name])
             print("Recommend REALTIME, 500 candidates, count 10:", flush=True)
-            recommend = run_load("recommend", ports["gateway"], THREE_HOP_RATES, duration,
-                                 {name: pids[name] for name in ("gateway", "recall", "ranking")})
+            recommend = run_load(
+                "recommend",
+                ports["gateway"],
+                THREE_HOP_RATES,
+                duration,
+                {name: pids[name] for name in ("gateway", "recall", "ranking")},
+            )
             print("bare grpc.aio echo:", flush=True)
-            echo = run_load("echo", ports["echo"], ECHO_RATES, duration,
-                            {"echo": pids["echo"]})
+            echo = run_load("echo", ports["echo"], ECHO_RATES, duration, {"echo": pids["echo"]})
             print("bare grpc.aio chain of three hops, Recommend's skeleton:", flush=True)
-            chain = run_load("chain", ports["chain"], THREE_HOP_RATES, duration,
-                             {name: pids[name] for name in ("chain", "chain_a", "chain_b")})
+            chain = run_load(
+                "chain",
+                ports["chain"],
+                THREE_HOP_RATES,
+                duration,
+                {name: pids[name] for name in ("chain", "chain_a", "chain_b")},
+            )
 
-    print("the course's way: Spark LR transform over a 500-row DataFrame per request ...",
-          flush=True)
+    print(
+        "the course's way: Spark LR transform over a 500-row DataFrame per request ...", flush=True
+    )
     spark_seconds = spark_transform_latency()
     return report(recommend, echo, chain, spark_seconds)
 
@@ -511,25 +629,35 @@ def _best_attempt(steps: list[Step], rate: int) -> Step:
     return min((step for step in steps if step["rate"] == rate), key=lambda s: s["p99_ms"])
 
 
-def report(
-    recommend: list[Step], echo: list[Step], chain: list[Step], spark_seconds: float
-) -> int:
+def report(recommend: list[Step], echo: list[Step], chain: list[Step], spark_seconds: float) -> int:
     at_100 = _best_attempt(recommend, 100)
     sustained = _best_sustained(recommend)
     echo_sustained = _best_sustained(echo)
     ratio = _ratio(sustained, echo_sustained)
     spark_ratio = spark_seconds / (at_100["p50_ms"] / 1000)
     checks = [
-        (f"Recommend p99 at 100 rps: {at_100['p99_ms']:.2f} ms (p50 {at_100['p50_ms']:.2f} ms)",
-         at_100["p99_ms"] <= TARGET_P99_AT_100_S * 1000, f"<= {TARGET_P99_AT_100_S * 1000:g} ms"),
-        (f"Recommend highest sustained rate (p99 <= 50 ms): {sustained} rps",
-         sustained >= TARGET_SUSTAINED_RPS, f">= {TARGET_SUSTAINED_RPS} rps"),
-        (f"echo highest sustained rate: {echo_sustained} rps; Recommend/echo = {ratio:.2f}",
-         ratio >= TARGET_ECHO_RATIO, f">= {TARGET_ECHO_RATIO}"),
+        (
+            f"Recommend p99 at 100 rps: {at_100['p99_ms']:.2f} ms (p50 {at_100['p50_ms']:.2f} ms)",
+            at_100["p99_ms"] <= TARGET_P99_AT_100_S * 1000,
+            f"<= {TARGET_P99_AT_100_S * 1000:g} ms",
+        ),
+        (
+            f"Recommend highest sustained rate (p99 <= 50 ms): {sustained} rps",
+            sustained >= TARGET_SUSTAINED_RPS,
+            f">= {TARGET_SUSTAINED_RPS} rps",
+        ),
+        (
+            f"echo highest sustained rate: {echo_sustained} rps; Recommend/echo = {ratio:.2f}",
+            ratio >= TARGET_ECHO_RATIO,
+            f">= {TARGET_ECHO_RATIO}",
+        ),
     ]
     print()
-    print("machine load average (1, 5, 15 min) at the end: "
-          + ", ".join(f"{load:.1f}" for load in os.getloadavg()) + f" on {os.cpu_count()} cores")
+    print(
+        "machine load average (1, 5, 15 min) at the end: "
+        + ", ".join(f"{load:.1f}" for load in os.getloadavg())
+        + f" on {os.cpu_count()} cores"
+    )
     print("CPU ms per answered Recommend (user + system, per process):")
     for step in recommend:
         print(f"  {step['rate']:>5} rps: {_cpu_text(step)}")
@@ -542,23 +670,34 @@ def report(
     for text, passed, target in checks:
         print(f"{'PASS' if passed else 'FAIL'}  {text}  (target {target})")
     chain_sustained = _best_sustained(chain)
-    print(f"INFO  bare three-hop chain highest sustained rate: {chain_sustained} rps; "
-          f"chain/echo = {_ratio(chain_sustained, echo_sustained):.2f}, "
-          f"Recommend/chain = {_ratio(sustained, chain_sustained):.2f}")
+    print(
+        f"INFO  bare three-hop chain highest sustained rate: {chain_sustained} rps; "
+        f"chain/echo = {_ratio(chain_sustained, echo_sustained):.2f}, "
+        f"Recommend/chain = {_ratio(sustained, chain_sustained):.2f}"
+    )
     if sustained and echo_sustained and chain_sustained:
         # Every run ends where the two cores run out, so the CPU one answer costs predicts
         # the rate ratios with less noise from whatever else the machine is running.
-        cpu = {name: _total_cpu_ms(_best_attempt(steps, rate)) for name, steps, rate in (
-            ("Recommend", recommend, sustained), ("echo", echo, echo_sustained),
-            ("chain", chain, chain_sustained))}
-        print("INFO  CPU per answer at the highest sustained rate (every process, the "
-              "generator's included): " + ", ".join(f"{name} {ms:.2f} ms"
-                                                    for name, ms in cpu.items())
-              + f"; echo/Recommend = {cpu['echo'] / cpu['Recommend']:.2f}, "
-              f"echo/chain = {cpu['echo'] / cpu['chain']:.2f}")
-    print(f"INFO  the course's Spark LR transform: median {spark_seconds * 1000:.1f} ms per "
-          f"request = {spark_ratio:.0f}x Recommend's p50 (which includes recall, Redis and "
-          f"three gRPC hops)")
+        cpu = {
+            name: _total_cpu_ms(_best_attempt(steps, rate))
+            for name, steps, rate in (
+                ("Recommend", recommend, sustained),
+                ("echo", echo, echo_sustained),
+                ("chain", chain, chain_sustained),
+            )
+        }
+        print(
+            "INFO  CPU per answer at the highest sustained rate (every process, the "
+            "generator's included): "
+            + ", ".join(f"{name} {ms:.2f} ms" for name, ms in cpu.items())
+            + f"; echo/Recommend = {cpu['echo'] / cpu['Recommend']:.2f}, "
+            f"echo/chain = {cpu['echo'] / cpu['chain']:.2f}"
+        )
+    print(
+        f"INFO  the course's Spark LR transform: median {spark_seconds * 1000:.1f} ms per "
+        f"request = {spark_ratio:.0f}x Recommend's p50 (which includes recall, Redis and "
+        f"three gRPC hops)"
+    )
     return 0 if all(passed for _, passed, _ in checks) else 1
 
 
@@ -576,18 +715,28 @@ def main() -> int:
     generator.add_argument("--rates", required=True)
     generator.add_argument("--duration", type=float, required=True)
     generator.add_argument("--users", type=int, required=True)
-    generator.add_argument("--cpu-pids", default="",
-                           help="name=pid,... of processes to measure CPU time of")
+    generator.add_argument(
+        "--cpu-pids", default="", help="name=pid,... of processes to measure CPU time of"
+    )
     args = parser.parse_args()
     if args.command == "echo-server":
-        echo_server(args.port, args.reply_bytes,
-                    tuple(int(port) for port in args.chain.split(",") if port))
+        echo_server(
+            args.port, args.reply_bytes, tuple(int(port) for port in args.chain.split(",") if port)
+        )
         return 0
     if args.command == "load":
-        cpu_pids = {name: int(pid) for name, _, pid in
-                    (item.partition("=") for item in args.cpu_pids.split(",") if item)}
-        load(args.kind, args.port, [int(r) for r in args.rates.split(",")], args.duration,
-             args.users, cpu_pids)
+        cpu_pids = {
+            name: int(pid)
+            for name, _, pid in (item.partition("=") for item in args.cpu_pids.split(",") if item)
+        }
+        load(
+            args.kind,
+            args.port,
+            [int(r) for r in args.rates.split(",")],
+            args.duration,
+            args.users,
+            cpu_pids,
+        )
         return 0
     return run(args.quick)
 

@@ -100,9 +100,7 @@ class AlsResult:
 
 
 def train_als(ratings: DataFrame, config: AlsConfig = AlsConfig()) -> AlsResult:
-    ratings = ratings.select("user_id", "cate_id", "rating").persist(
-        StorageLevel.MEMORY_AND_DISK
-    )
+    ratings = ratings.select("user_id", "cate_id", "rating").persist(StorageLevel.MEMORY_AND_DISK)
     try:
         holdout_rmse = baseline_rmse = None
         holdout_count = 0
@@ -164,10 +162,12 @@ def _holdout_errors(
     """(model RMSE, mean-rating RMSE, held-out pairs) over the pairs the model can score."""
     mean_rating = aggregate_row(train.agg(sf.avg("rating")))[0]
     scored = model.transform(holdout)
-    row = aggregate_row(scored.agg(
-        sf.sqrt(sf.avg((sf.col("rating") - sf.col("prediction")) ** 2)).alias("rmse"),
-        sf.sqrt(sf.avg((sf.col("rating") - sf.lit(mean_rating)) ** 2)).alias("baseline"),
-    ))
+    row = aggregate_row(
+        scored.agg(
+            sf.sqrt(sf.avg((sf.col("rating") - sf.col("prediction")) ** 2)).alias("rmse"),
+            sf.sqrt(sf.avg((sf.col("rating") - sf.lit(mean_rating)) ** 2)).alias("baseline"),
+        )
+    )
     return row["rmse"], row["baseline"], holdout.count()
 
 

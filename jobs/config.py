@@ -58,60 +58,100 @@ def _memory_size(value: str) -> str | None:
 @dataclasses.dataclass(frozen=True)
 class JobConfig:
     data: str = setting(
-        "ADREC_JOB_DATA", "", "Folder or URI (s3a://, hdfs://) holding the four data files",
+        "ADREC_JOB_DATA",
+        "",
+        "Folder or URI (s3a://, hdfs://) holding the four data files",
         aliases=("--data",),
     )
     input_format: Literal["csv", "parquet"] = setting(
         "ADREC_JOB_INPUT_FORMAT", "csv", "csv or parquet", check=one_of("csv", "parquet")
     )
     master: str = setting(
-        "ADREC_JOB_MASTER", "", "Spark master; empty: local[*], or the spark-submit master",
+        "ADREC_JOB_MASTER",
+        "",
+        "Spark master; empty: local[*], or the spark-submit master",
         aliases=("--master",),
     )
     stages: tuple[str, ...] = setting(
-        "ADREC_JOB_STAGES", STAGES,
+        "ADREC_JOB_STAGES",
+        STAGES,
         "Comma-separated stages to run, from the first; without 'publish' nothing is written",
-        parse=_stage_list, check=_check_stages, aliases=("--stages",),
+        parse=_stage_list,
+        check=_check_stages,
+        aliases=("--stages",),
     )
     local_memory: str = setting(
-        "ADREC_JOB_LOCAL_MEMORY", "4g",
+        "ADREC_JOB_LOCAL_MEMORY",
+        "4g",
         "JVM heap of a local run (Spark's 1g default cannot cache medium data); "
         "under spark-submit its --driver-memory and --executor-memory apply",
         check=_memory_size,
     )
     seed: int = setting("ADREC_JOB_SEED", 42, "Seed for ALS and recall sampling", parse=parse_int)
-    als_rank: int = setting("ADREC_JOB_ALS_RANK", 10, "ALS rank", parse=parse_int,
-                            check=in_range(1, 500))
-    als_max_iter: int = setting("ADREC_JOB_ALS_MAX_ITER", 10, "ALS iterations", parse=parse_int,
-                                check=in_range(1, 100))
-    als_reg_param: float = setting("ADREC_JOB_ALS_REG_PARAM", 0.1, "ALS regularisation",
-                                   parse=parse_float, check=in_range(0.0, 100.0))
-    recall_size: int = setting("ADREC_JOB_RECALL_SIZE", 500, "Ads per recall list",
-                               parse=parse_int, check=in_range(1, 1000))
+    als_rank: int = setting(
+        "ADREC_JOB_ALS_RANK", 10, "ALS rank", parse=parse_int, check=in_range(1, 500)
+    )
+    als_max_iter: int = setting(
+        "ADREC_JOB_ALS_MAX_ITER", 10, "ALS iterations", parse=parse_int, check=in_range(1, 100)
+    )
+    als_reg_param: float = setting(
+        "ADREC_JOB_ALS_REG_PARAM",
+        0.1,
+        "ALS regularisation",
+        parse=parse_float,
+        check=in_range(0.0, 100.0),
+    )
+    recall_size: int = setting(
+        "ADREC_JOB_RECALL_SIZE",
+        500,
+        "Ads per recall list",
+        parse=parse_int,
+        check=in_range(1, 1000),
+    )
     recall_top_categories: int = setting(
-        "ADREC_JOB_RECALL_TOP_CATEGORIES", 20, "ALS categories walked per user",
-        parse=parse_int, check=in_range(1, 1000),
+        "ADREC_JOB_RECALL_TOP_CATEGORIES",
+        20,
+        "ALS categories walked per user",
+        parse=parse_int,
+        check=in_range(1, 1000),
     )
     recall_strategy: str = setting(
-        "ADREC_JOB_RECALL_STRATEGY", "popular",
+        "ADREC_JOB_RECALL_STRATEGY",
+        "popular",
         "How ads are picked within a category: uniform (the course) or popular",
         check=one_of(*RECALL_STRATEGIES),
     )
     feature_set: str = setting(
-        "ADREC_JOB_FEATURE_SET", "full", "Feature set of the served CTR model",
+        "ADREC_JOB_FEATURE_SET",
+        "full",
+        "Feature set of the served CTR model",
         check=one_of(*FEATURE_SETS),
     )
-    ctr_reg_param: float = setting("ADREC_JOB_CTR_REG_PARAM", 0.0, "LR regularisation",
-                                   parse=parse_float, check=in_range(0.0, 100.0))
-    offline_top_n: int = setting("ADREC_JOB_OFFLINE_TOP_N", 50, "Offline list length",
-                                 parse=parse_int, check=in_range(1, 500))
+    ctr_reg_param: float = setting(
+        "ADREC_JOB_CTR_REG_PARAM",
+        0.0,
+        "LR regularisation",
+        parse=parse_float,
+        check=in_range(0.0, 100.0),
+    )
+    offline_top_n: int = setting(
+        "ADREC_JOB_OFFLINE_TOP_N",
+        50,
+        "Offline list length",
+        parse=parse_int,
+        check=in_range(1, 500),
+    )
     work_dir: str = setting(
-        "ADREC_JOB_WORK_DIR", "",
+        "ADREC_JOB_WORK_DIR",
+        "",
         "Scratch folder or URI for intermediate data; required on a cluster (shared storage)",
     )
     keep_versions: int = setting(
-        "ADREC_JOB_KEEP_VERSIONS", 2, "Previous versions kept for rollback",
-        parse=parse_int, check=in_range(0, 100),
+        "ADREC_JOB_KEEP_VERSIONS",
+        2,
+        "Previous versions kept for rollback",
+        parse=parse_int,
+        check=in_range(0, 100),
     )
 
     def validate(self) -> list[str]:
@@ -125,8 +165,14 @@ class JobConfig:
     def digest(self) -> str:
         """Hash of every setting that shapes the published data (not where it comes from)."""
         shaping = dataclasses.asdict(self)
-        for operational in ("data", "master", "stages", "work_dir", "keep_versions",
-                            "local_memory"):
+        for operational in (
+            "data",
+            "master",
+            "stages",
+            "work_dir",
+            "keep_versions",
+            "local_memory",
+        ):
             shaping.pop(operational)
         canonical = json.dumps(shaping, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]

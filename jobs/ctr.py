@@ -88,9 +88,9 @@ def _list_column(matrix: np.ndarray) -> pa.ListArray:
 
 def encode_features(examples: DataFrame, spec: FeatureSpec) -> DataFrame:
     """Adds ``features`` (array<float>, ``spec.dim`` wide) encoded by ``spec.encode``."""
-    schema = T.StructType([
-        *examples.schema.fields, T.StructField("features", T.ArrayType(T.FloatType()), False)
-    ])
+    schema = T.StructType(
+        [*examples.schema.fields, T.StructField("features", T.ArrayType(T.FloatType()), False)]
+    )
 
     def encode(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
@@ -122,9 +122,7 @@ def predict(examples: DataFrame, model: CtrModel) -> DataFrame:
 
 def fit(examples: DataFrame, spec: FeatureSpec, config: CtrConfig) -> LogisticRegressionModel:
     """Spark ML logistic regression on the ``train`` split of ``examples``."""
-    training_rows = examples.where(F.col("split") == "train").select(
-        "label", *spec.input_columns
-    )
+    training_rows = examples.where(F.col("split") == "train").select("label", *spec.input_columns)
     train = encode_features(training_rows, spec).select(
         "label", array_to_vector(F.col("features")).alias("features")
     )
@@ -135,9 +133,14 @@ def fit(examples: DataFrame, spec: FeatureSpec, config: CtrConfig) -> LogisticRe
         options["weightCol"] = "weight"
     # Left unpersisted on purpose: Spark ML then caches its own compact instance blocks.
     estimator = LogisticRegression(
-        featuresCol="features", labelCol="label", family="binomial",
-        regParam=config.reg_param, elasticNetParam=config.elastic_net_param,
-        maxIter=config.max_iter, tol=config.tol, standardization=config.standardization,
+        featuresCol="features",
+        labelCol="label",
+        family="binomial",
+        regParam=config.reg_param,
+        elasticNetParam=config.elastic_net_param,
+        maxIter=config.max_iter,
+        tol=config.tol,
+        standardization=config.standardization,
         **options,
     )
     # pyspark's ProbabilisticClassifier subclasses Classifier without its model type
@@ -191,8 +194,9 @@ def train_ctr_model(
 # ------------------------------------------------------------------ evaluation
 
 
-def evaluate(labels: np.ndarray, probabilities: np.ndarray,
-             bins: int = RELIABILITY_BINS) -> dict[str, Any]:
+def evaluate(
+    labels: np.ndarray, probabilities: np.ndarray, bins: int = RELIABILITY_BINS
+) -> dict[str, Any]:
     """AUC, logloss and calibration of predicted click probabilities against 0/1 labels.
 
     The reliability table splits the rows, sorted by prediction, into ``bins`` groups of
@@ -206,25 +210,33 @@ def evaluate(labels: np.ndarray, probabilities: np.ndarray,
         raise ValueError("labels and probabilities must be 1-d arrays of the same length")
     rows = len(labels)
     if rows == 0:
-        return {"test_rows": 0, "auc": None, "logloss": None, "observed_ctr": None,
-                "mean_predicted": None, "calibration_error": None, "reliability": []}
+        return {
+            "test_rows": 0,
+            "auc": None,
+            "logloss": None,
+            "observed_ctr": None,
+            "mean_predicted": None,
+            "calibration_error": None,
+            "reliability": [],
+        }
     both_classes = 0 < labels.sum() < rows
     order = np.argsort(probabilities, kind="stable")
     reliability = []
     for chunk in np.array_split(order, min(bins, rows)):
-        reliability.append({
-            "rows": len(chunk),
-            "min_predicted": float(probabilities[chunk].min()),
-            "max_predicted": float(probabilities[chunk].max()),
-            "mean_predicted": float(probabilities[chunk].mean()),
-            "observed_ctr": float(labels[chunk].mean()),
-        })
+        reliability.append(
+            {
+                "rows": len(chunk),
+                "min_predicted": float(probabilities[chunk].min()),
+                "max_predicted": float(probabilities[chunk].max()),
+                "mean_predicted": float(probabilities[chunk].mean()),
+                "observed_ctr": float(labels[chunk].mean()),
+            }
+        )
     gap = sum(b["rows"] * abs(b["mean_predicted"] - b["observed_ctr"]) for b in reliability)
     return {
         "test_rows": rows,
         "auc": float(roc_auc_score(labels, probabilities)) if both_classes else None,
-        "logloss": float(log_loss(labels, np.clip(probabilities, 1e-15, 1 - 1e-15),
-                                  labels=[0, 1])),
+        "logloss": float(log_loss(labels, np.clip(probabilities, 1e-15, 1 - 1e-15), labels=[0, 1])),
         "observed_ctr": float(labels.mean()),
         "mean_predicted": float(probabilities.mean()),
         "calibration_error": float(gap / rows),
@@ -238,11 +250,15 @@ def oracle_metrics(spark: SparkSession, data_dir: str) -> dict[str, Any]:
     The generator writes one truth row per raw_sample row with its click and the exact
     probability it was drawn with, so this is the best any model can do on day 8.
     """
-    schema = ("user int, time_stamp bigint, adgroup_id int, pid string, clk int, "
-              "click_probability double")
-    truth = spark.read.csv(f"{data_dir.rstrip('/')}/{TRUTH_FILE}", schema=schema, header=True,
-                           mode="FAILFAST")
-    test = truth.where(on_test_day(event_day_column(F.col("time_stamp")))).select(
-        "clk", "click_probability"
-    ).toPandas()
+    schema = (
+        "user int, time_stamp bigint, adgroup_id int, pid string, clk int, click_probability double"
+    )
+    truth = spark.read.csv(
+        f"{data_dir.rstrip('/')}/{TRUTH_FILE}", schema=schema, header=True, mode="FAILFAST"
+    )
+    test = (
+        truth.where(on_test_day(event_day_column(F.col("time_stamp"))))
+        .select("clk", "click_probability")
+        .toPandas()
+    )
     return evaluate(test["clk"].to_numpy(), test["click_probability"].to_numpy())

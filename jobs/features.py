@@ -112,10 +112,12 @@ def factor_frame(
     offsets = pa.array(np.arange(0, len(ids) * rank + 1, rank, dtype=np.int32))
     lists = pa.ListArray.from_arrays(offsets, pa.array(vectors.ravel()))
     table = pa.table({id_column: pa.array(ids), "als_factors": lists})
-    schema = T.StructType([
-        T.StructField(id_column, T.IntegerType(), False),
-        T.StructField("als_factors", FACTORS_TYPE, True),
-    ])
+    schema = T.StructType(
+        [
+            T.StructField(id_column, T.IntegerType(), False),
+            T.StructField("als_factors", FACTORS_TYPE, True),
+        ]
+    )
     return spark.createDataFrame(table, schema=schema)
 
 
@@ -203,10 +205,12 @@ def _impression_counts(prefix: str, folds: int) -> list[Column]:
     if folds > 1:
         in_fold = [F.col("fold") == fold for fold in range(folds)]
         columns += [
-            F.array(*(F.sum(F.when(f, F.col("clk")).otherwise(0)).cast("double") for f in in_fold))
-            .alias(f"{prefix}_fold_clicks"),
-            F.array(*(F.count(F.when(f, F.lit(1))).cast("double") for f in in_fold))
-            .alias(f"{prefix}_fold_impressions"),
+            F.array(
+                *(F.sum(F.when(f, F.col("clk")).otherwise(0)).cast("double") for f in in_fold)
+            ).alias(f"{prefix}_fold_clicks"),
+            F.array(*(F.count(F.when(f, F.lit(1))).cast("double") for f in in_fold)).alias(
+                f"{prefix}_fold_impressions"
+            ),
         ]
     return columns
 
@@ -218,8 +222,9 @@ def _summed_counts(prefix: str, folds: int) -> list[Column]:
     ]
     if folds > 1:
         columns += [
-            F.array(*(F.sum(F.col(f"ad_fold_{count}")[fold]) for fold in range(folds)))
-            .alias(f"{prefix}_fold_{count}")
+            F.array(*(F.sum(F.col(f"ad_fold_{count}")[fold]) for fold in range(folds))).alias(
+                f"{prefix}_fold_{count}"
+            )
             for count in ("clicks", "impressions")
         ]
     return columns
@@ -236,10 +241,10 @@ def _ctr_table(ads: DataFrame, samples: DataFrame, smoothing: Smoothing, folds: 
     per_ad = train.groupBy("adgroup_id").agg(*_impression_counts("ad", folds))
     counted = ads.join(per_ad, "adgroup_id", "left")
     table = (
-        counted
-        .join(counted.groupBy("cate_id").agg(*_summed_counts("cate", folds)), "cate_id", "left")
-        .join(counted.groupBy("brand_id").agg(*_summed_counts("brand", folds)), "brand_id",
-              "left")
+        counted.join(
+            counted.groupBy("cate_id").agg(*_summed_counts("cate", folds)), "cate_id", "left"
+        )
+        .join(counted.groupBy("brand_id").agg(*_summed_counts("brand", folds)), "brand_id", "left")
         .crossJoin(F.broadcast(counted.agg(*_summed_counts("all", folds))))
     )
 
@@ -248,6 +253,7 @@ def _ctr_table(ads: DataFrame, samples: DataFrame, smoothing: Smoothing, folds: 
     )
     columns = [served[name].alias(name) for name in CTR_COLUMNS]
     if folds > 1:
+
         def without_fold(fold: int) -> _LevelCounts:
             def remaining(level: _CountLevel, count: str) -> Column:
                 return F.col(f"{level}_{count}") - F.col(f"{level}_fold_{count}")[fold]
@@ -256,8 +262,7 @@ def _ctr_table(ads: DataFrame, samples: DataFrame, smoothing: Smoothing, folds: 
 
         per_fold = [_smoothed_ctrs(smoothing, without_fold(fold)) for fold in range(folds)]
         columns += [
-            F.array(*(ctrs[name] for ctrs in per_fold)).alias(f"oof_{name}")
-            for name in CTR_COLUMNS
+            F.array(*(ctrs[name] for ctrs in per_fold)).alias(f"oof_{name}") for name in CTR_COLUMNS
         ]
     return table.select(*ads.columns, *columns)
 
@@ -266,8 +271,10 @@ def ad_features(ads: DataFrame, samples: DataFrame, smoothing: Smoothing) -> Dat
     """One row per ad with its price and smoothed training CTRs (days 1-7 of ``samples``)."""
     table = _ctr_table(ads, samples, smoothing, folds=1)
     return table.select(
-        *(F.col(c).cast("int") for c in
-          ("adgroup_id", "cate_id", "campaign_id", "customer_id", "brand_id")),
+        *(
+            F.col(c).cast("int")
+            for c in ("adgroup_id", "cate_id", "campaign_id", "customer_id", "brand_id")
+        ),
         F.col("price").cast("float"),
         *(F.col(c).cast("float") for c in CTR_COLUMNS),
     )
@@ -305,7 +312,12 @@ def write_cate_factors(
 
 #: Columns of :func:`training_examples`, encoder inputs included.
 EXAMPLE_COLUMNS = (
-    "split", "user_id", "adgroup_id", "time_stamp", "label", "cate_id",
+    "split",
+    "user_id",
+    "adgroup_id",
+    "time_stamp",
+    "label",
+    "cate_id",
     *spec_features.INPUT_COLUMNS,
 )
 

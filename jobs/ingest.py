@@ -111,11 +111,18 @@ def output_schema(table: TableFormat) -> st.StructType:
     profile fields); Spark itself flags every loaded column as nullable.
     """
 
-    spark_types = {"int": st.IntegerType(), "bigint": st.LongType(), "double": st.DoubleType(),
-                   "string": st.StringType()}
+    spark_types = {
+        "int": st.IntegerType(),
+        "bigint": st.LongType(),
+        "double": st.DoubleType(),
+        "string": st.StringType(),
+    }
     fields = [
-        st.StructField(column.name, spark_types[_SPARK_TYPE_BY_KIND[column.kind]],
-                       nullable=column.optional or column.kind == "brand")
+        st.StructField(
+            column.name,
+            spark_types[_SPARK_TYPE_BY_KIND[column.kind]],
+            nullable=column.optional or column.kind == "brand",
+        )
         for column in table.columns
     ]
     if table is RAW_SAMPLE:
@@ -167,7 +174,8 @@ def load_table(
     if data_format not in FORMATS:
         raise IngestError(f"{table.name}: unknown format {data_format!r}; use csv or parquet")
     fields, raw_row, field_count_ok = (
-        _csv_fields(spark, table, path) if data_format == "csv"
+        _csv_fields(spark, table, path)
+        if data_format == "csv"
         else _parquet_fields(spark, table, path)
     )
     values, reasons = _typed_values_and_reasons(table, fields)
@@ -180,14 +188,19 @@ def load_table(
     if persist:
         classified = classified.persist(StorageLevel.MEMORY_AND_DISK)
 
-    summary = classified.groupBy("reject_reason").agg(
-        sf.count(sf.lit(1)).alias("rows"),
-        sf.first("rejected_row", ignorenulls=True).alias("example"),
-    ).collect()
+    summary = (
+        classified.groupBy("reject_reason")
+        .agg(
+            sf.count(sf.lit(1)).alias("rows"),
+            sf.first("rejected_row", ignorenulls=True).alias("example"),
+        )
+        .collect()
+    )
     total_rows = sum(row["rows"] for row in summary)
     by_reason = {row["reject_reason"]: row for row in summary if row["reject_reason"] is not None}
-    rejected = {reason: by_reason[reason]["rows"] for reason in REJECT_REASONS
-                if reason in by_reason}
+    rejected = {
+        reason: by_reason[reason]["rows"] for reason in REJECT_REASONS if reason in by_reason
+    }
     examples = {reason: by_reason[reason]["example"] for reason in rejected}
 
     clean = classified.filter(sf.col("reject_reason").isNull()).select(
@@ -195,8 +208,15 @@ def load_table(
     )
     if table is RAW_SAMPLE:
         clean = clean.withColumn("event_day", event_day_column(sf.col("time_stamp")))
-    result = LoadResult(table.name, path, clean, total_rows, rejected, examples,
-                        cached=classified if persist else None)
+    result = LoadResult(
+        table.name,
+        path,
+        clean,
+        total_rows,
+        rejected,
+        examples,
+        cached=classified if persist else None,
+    )
     if rejected:
         log.warning("%s", "\n".join(result.report_lines()))
     return result
@@ -217,15 +237,11 @@ def load_ad_feature(spark: SparkSession, path: str, **options: Unpack[LoadOption
     return load_table(spark, AD_FEATURE, path, **options)
 
 
-def load_user_profile(
-    spark: SparkSession, path: str, **options: Unpack[LoadOptions]
-) -> LoadResult:
+def load_user_profile(spark: SparkSession, path: str, **options: Unpack[LoadOptions]) -> LoadResult:
     return load_table(spark, USER_PROFILE, path, **options)
 
 
-def load_behavior_log(
-    spark: SparkSession, path: str, **options: Unpack[LoadOptions]
-) -> LoadResult:
+def load_behavior_log(spark: SparkSession, path: str, **options: Unpack[LoadOptions]) -> LoadResult:
     return load_table(spark, BEHAVIOR_LOG, path, **options)
 
 
@@ -234,8 +250,13 @@ def load_dataset(
 ) -> dict[str, LoadResult]:
     """All four tables from a directory or URI prefix holding the published file names."""
     return {
-        name: load_table(spark, table, dataset_path(base, table, data_format),
-                         data_format=data_format, persist=persist)
+        name: load_table(
+            spark,
+            table,
+            dataset_path(base, table, data_format),
+            data_format=data_format,
+            persist=persist,
+        )
         for name, table in TABLES.items()
     }
 
@@ -267,8 +288,10 @@ def _csv_fields(spark: SparkSession, table: TableFormat, path: str) -> _Fields:
     fields = lines.filter(line != table.header).select(
         line.alias("raw_row"),
         (sf.size(parts) == len(table.columns)).alias("field_count_ok"),
-        *(sf.try_element_at(parts, sf.lit(position + 1)).alias(column.source)
-          for position, column in enumerate(table.columns)),
+        *(
+            sf.try_element_at(parts, sf.lit(position + 1)).alias(column.source)
+            for position, column in enumerate(table.columns)
+        ),
     )
     return fields, sf.col("raw_row"), sf.col("field_count_ok")
 
@@ -326,8 +349,9 @@ def _missing(text: SparkColumn) -> SparkColumn:
 def _validate_id(column: ColumnSpec, text: SparkColumn) -> _Validated:
 
     value = text.try_cast("int")
-    reason = (sf.when(value.isNull(), sf.lit("non_numeric_id"))
-              .when(value < 0, sf.lit("negative_id")))
+    reason = sf.when(value.isNull(), sf.lit("non_numeric_id")).when(
+        value < 0, sf.lit("negative_id")
+    )
     return value, reason
 
 
@@ -336,9 +360,11 @@ def _validate_brand(column: ColumnSpec, text: SparkColumn) -> _Validated:
     # The published files write a missing brand as the literal NULL.
     absent = _missing(text) | (text == NULL_BRAND)
     value = sf.when(~absent, text.try_cast("int"))
-    reason = (sf.when(absent, sf.lit(None))
-              .when(value.isNull(), sf.lit("non_numeric_id"))
-              .when(value < 0, sf.lit("negative_id")))
+    reason = (
+        sf.when(absent, sf.lit(None))
+        .when(value.isNull(), sf.lit("non_numeric_id"))
+        .when(value < 0, sf.lit("negative_id"))
+    )
     return value, reason
 
 
@@ -351,8 +377,9 @@ def _validate_timestamp(column: ColumnSpec, text: SparkColumn) -> _Validated:
 def _validate_label(column: ColumnSpec, text: SparkColumn) -> _Validated:
 
     value = text.try_cast("int")
-    reason = (sf.when(value.isNull(), sf.lit("non_numeric_value"))
-              .when(~value.isin(0, 1), sf.lit("bad_label")))
+    reason = sf.when(value.isNull(), sf.lit("non_numeric_value")).when(
+        ~value.isin(0, 1), sf.lit("bad_label")
+    )
     return value, reason
 
 
@@ -368,8 +395,9 @@ def _validate_price(column: ColumnSpec, text: SparkColumn) -> _Validated:
 
     value = text.try_cast("double")
     not_finite = value.isNull() | sf.isnan(value) | (sf.abs(value) == float("inf"))
-    reason = (sf.when(not_finite, sf.lit("non_numeric_value"))
-              .when(value < 0, sf.lit("negative_price")))
+    reason = sf.when(not_finite, sf.lit("non_numeric_value")).when(
+        value < 0, sf.lit("negative_price")
+    )
     return value, reason
 
 
@@ -379,9 +407,11 @@ def _validate_level(column: ColumnSpec, text: SparkColumn) -> _Validated:
     value = sf.when(~absent, text.try_cast("int"))
     low, high = column.domain if column.domain else (0, None)
     outside = value < low if high is None else ~value.between(low, high)
-    reason = (sf.when(absent, sf.lit(None))
-              .when(value.isNull(), sf.lit("non_numeric_value"))
-              .when(outside, sf.lit("out_of_domain")))
+    reason = (
+        sf.when(absent, sf.lit(None))
+        .when(value.isNull(), sf.lit("non_numeric_value"))
+        .when(outside, sf.lit("out_of_domain"))
+    )
     return value, reason
 
 

@@ -32,8 +32,9 @@ def write_from_executors(
             writer = VersionWriter(client, version)
             for batch in batches:
                 written = put_batch(writer, batch)
-                yield pa.RecordBatch.from_arrays([pa.array([written], pa.int64())],
-                                                 names=["written"])
+                yield pa.RecordBatch.from_arrays(
+                    [pa.array([written], pa.int64())], names=["written"]
+                )
         finally:
             client.close()
 

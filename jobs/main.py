@@ -28,8 +28,9 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     """Every job setting and Redis setting as a flag, plus where to write the report."""
     settings.add_flags(JobConfig, parser)
     settings.add_flags(RedisSettings, parser)
-    parser.add_argument("--report-json", type=pathlib.Path,
-                        help="also write the quality report to this file")
+    parser.add_argument(
+        "--report-json", type=pathlib.Path, help="also write the quality report to this file"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

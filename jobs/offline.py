@@ -66,13 +66,21 @@ class RankingData:
 
     @classmethod
     def as_served(
-        cls, ads: Mapping[str, np.ndarray], cate_factors: tuple[np.ndarray, np.ndarray] | None,
+        cls,
+        ads: Mapping[str, np.ndarray],
+        cate_factors: tuple[np.ndarray, np.ndarray] | None,
         model: CtrModel,
     ) -> RankingData:
         """With the dtypes the service reads back from Redis (float32 factors)."""
         cate_ids, factors = cate_factors if cate_factors is not None else _NO_FACTORS
-        return cls(CtrScorer.build(model, ads, np.asarray(cate_ids, dtype=np.int32),
-                                   np.asarray(factors, dtype=np.float32)))
+        return cls(
+            CtrScorer.build(
+                model,
+                ads,
+                np.asarray(cate_ids, dtype=np.int32),
+                np.asarray(factors, dtype=np.float32),
+            )
+        )
 
 
 def rank_users(
@@ -91,12 +99,16 @@ def rank_users(
     ``(m, rank)`` with NaN rows for users without factors, and user ``i``'s candidates are
     ``candidates[offsets[i]:offsets[i + 1]]``.
     """
-    values = {field: np.asarray(profiles[field], dtype=np.float64).tolist()
-              for field in USER_PROFILE_FIELDS}
+    values = {
+        field: np.asarray(profiles[field], dtype=np.float64).tolist()
+        for field in USER_PROFILE_FIELDS
+    }
     has_factors = ~np.isnan(user_factors).any(axis=1)
     users = [
-        UserFeatures({field: values[field][i] for field in USER_PROFILE_FIELDS},
-                     user_factors[i] if has_factors[i] else None)
+        UserFeatures(
+            {field: values[field][i] for field in USER_PROFILE_FIELDS},
+            user_factors[i] if has_factors[i] else None,
+        )
         for i in range(len(user_factors))
     ]
     return data.scorer.rank_lists(pid, users, candidates, offsets, top_n)
@@ -148,8 +160,11 @@ def _score_chunk(chunk: pa.RecordBatch, data: RankingData, pid: str, top_n: int)
     candidates = pc.list_flatten(lists).to_numpy(zero_copy_only=False).astype(np.int32)
     profiles = encoder_inputs(chunk, USER_PROFILE_FIELDS)
     rank = data.scorer.als_rank
-    factors = (factor_matrix(chunk.column("als_factors"), rank) if rank
-               else np.zeros((chunk.num_rows, 0), dtype=np.float32))
+    factors = (
+        factor_matrix(chunk.column("als_factors"), rank)
+        if rank
+        else np.zeros((chunk.num_rows, 0), dtype=np.float32)
+    )
     ids, ctrs, top_offsets = rank_users(
         profiles, factors, candidates, offsets, data, pid=pid, top_n=top_n
     )

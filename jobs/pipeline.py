@@ -172,8 +172,11 @@ class FeaturesOutput:
 
     @property
     def report(self) -> dict[str, int]:
-        return {"users": self.users_written, "ads": len(self.ad_table["adgroup_id"]),
-                "categories_with_factors": self.categories_with_factors}
+        return {
+            "users": self.users_written,
+            "ads": len(self.ad_table["adgroup_id"]),
+            "categories_with_factors": self.categories_with_factors,
+        }
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -188,8 +191,7 @@ class CtrOutput:
 
     @property
     def report(self) -> dict[str, Any]:
-        return {"served_feature_set": self.model.spec.name, **self.metrics,
-                "oracle": self.oracle}
+        return {"served_feature_set": self.model.spec.name, **self.metrics, "oracle": self.oracle}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,10 +244,16 @@ def run_job(
         report["ingest"] = tables.report
         # Bad input fails above, before the publish lock is taken.
         publishing = "publish" in config.stages
-        with Publication(client, keep_versions=config.keep_versions) if publishing \
-                else contextlib.nullcontext() as publication:
-            sink = Sink(redis_settings, publication.version, publication.writer) \
-                if publication else None
+        with (
+            Publication(client, keep_versions=config.keep_versions)
+            if publishing
+            else contextlib.nullcontext() as publication
+        ):
+            sink = (
+                Sink(redis_settings, publication.version, publication.writer)
+                if publication
+                else None
+            )
             report.update(_transform_and_load(config, tables, scratch, sink, progress))
             if publication:
                 with progress.stage("publish") as record:
@@ -260,7 +268,10 @@ def run_job(
 
 
 def _transform_and_load(
-    config: JobConfig, tables: IngestedTables, scratch: str, sink: Sink | None,
+    config: JobConfig,
+    tables: IngestedTables,
+    scratch: str,
+    sink: Sink | None,
     progress: Progress,
 ) -> dict[str, Any]:
     """The selected stages from ratings to offline, in order; returns their report sections.
@@ -282,8 +293,9 @@ def _transform_and_load(
     sections["popular"] = fallback.report
     if "recall" not in config.stages:
         return sections
-    recalled = _timed(progress, "recall", recall_stage, tables, als, fallback, config, scratch,
-                      sink)
+    recalled = _timed(
+        progress, "recall", recall_stage, tables, als, fallback, config, scratch, sink
+    )
     sections["recall"] = recalled.report
     if "features" not in config.stages:
         return sections
@@ -291,13 +303,15 @@ def _transform_and_load(
     sections["features"] = featured.report
     if "ctr" not in config.stages:
         return sections
-    trained = _timed(progress, "ctr", ctr_stage, tables, featured, als, config, sink,
-                     note=progress.note)
+    trained = _timed(
+        progress, "ctr", ctr_stage, tables, featured, als, config, sink, note=progress.note
+    )
     sections["ctr"] = trained.report
     if "offline" not in config.stages:
         return sections
-    ranked = _timed(progress, "offline", offline_stage, recalled, featured, als, trained,
-                    config, sink)
+    ranked = _timed(
+        progress, "offline", offline_stage, recalled, featured, als, trained, config, sink
+    )
     sections["offline"] = ranked.report
     return sections
 
@@ -311,8 +325,13 @@ _Params = ParamSpec("_Params")
 _Output = TypeVar("_Output", bound=_Counted)
 
 
-def _timed(progress: Progress, name: str, stage: Callable[_Params, _Output],
-           *args: _Params.args, **kwargs: _Params.kwargs) -> _Output:
+def _timed(
+    progress: Progress,
+    name: str,
+    stage: Callable[_Params, _Output],
+    *args: _Params.args,
+    **kwargs: _Params.kwargs,
+) -> _Output:
     with progress.stage(name) as record:
         output = stage(*args, **kwargs)
         record.rows = output.rows
@@ -364,8 +383,12 @@ def ingest_stage(spark: SparkSession, config: JobConfig) -> IngestedTables:
         behavior_log=loaded["behavior_log"].data,
         split=TrainTestSplit(train, test),
         report={
-            name: {"rows": t.total_rows, "clean": t.clean_rows, "rejected": t.rejected,
-                   "source": t.source}
+            name: {
+                "rows": t.total_rows,
+                "clean": t.clean_rows,
+                "rejected": t.rejected,
+                "source": t.source,
+            }
             for name, t in loaded.items()
         },
     )
@@ -377,10 +400,15 @@ def ratings_stage(behavior_log: DataFrame) -> Ratings:
 
 
 def als_stage(rated: Ratings, config: JobConfig) -> AlsOutput:
-    result = train_als(rated.frame, AlsConfig(
-        rank=config.als_rank, max_iter=config.als_max_iter, reg_param=config.als_reg_param,
-        seed=config.seed,
-    ))
+    result = train_als(
+        rated.frame,
+        AlsConfig(
+            rank=config.als_rank,
+            max_iter=config.als_max_iter,
+            reg_param=config.als_reg_param,
+            seed=config.seed,
+        ),
+    )
     rated.frame.unpersist()
     return AlsOutput(result)
 
@@ -393,46 +421,63 @@ def popular_stage(train: DataFrame, config: JobConfig, sink: Sink | None) -> Pop
 
 
 def recall_stage(
-    tables: IngestedTables, als: AlsOutput, fallback: PopularOutput, config: JobConfig,
-    scratch: str, sink: Sink | None,
+    tables: IngestedTables,
+    als: AlsOutput,
+    fallback: PopularOutput,
+    config: JobConfig,
+    scratch: str,
+    sink: Sink | None,
 ) -> RecallOutput:
     """Lists of the configured strategy, saved under ``scratch`` for the offline stage.
 
     Publishing writes each list from the executor that computes it, in the same pass.
     """
     catalog = recall.collect_catalog(
-        tables.ad_feature, popular.ad_impressions(tables.split.train),
-        als.result.cate_factors, fallback.fallback,
+        tables.ad_feature,
+        popular.ad_impressions(tables.split.train),
+        als.result.cate_factors,
+        fallback.fallback,
     )
     published = _recall_config(config, config.recall_strategy)
     output = f"{scratch}/recall_lists.parquet"
     user_factors = als.result.user_factor_frame()
     if sink:
-        stats = recall.publish_recall_lists(user_factors, catalog, published, sink.redis,
-                                            sink.version, output_path=output)
+        stats = recall.publish_recall_lists(
+            user_factors, catalog, published, sink.redis, sink.version, output_path=output
+        )
         lists = user_factors.sparkSession.read.parquet(output)
     else:
-        recall.save_recall_lists(recall.build_recall_lists(user_factors, catalog, published),
-                                 output)
+        recall.save_recall_lists(
+            recall.build_recall_lists(user_factors, catalog, published), output
+        )
         lists = user_factors.sparkSession.read.parquet(output)
         stats = recall.recall_stats(lists, config.recall_size)
     return RecallOutput(
-        lists=lists, strategy=published.strategy, stats=stats,
-        hit_rate=_hit_rates(tables.split.test, lists, user_factors, catalog, config,
-                            fallback.fallback),
+        lists=lists,
+        strategy=published.strategy,
+        stats=stats,
+        hit_rate=_hit_rates(
+            tables.split.test, lists, user_factors, catalog, config, fallback.fallback
+        ),
     )
 
 
 def _recall_config(config: JobConfig, strategy: str) -> recall.RecallConfig:
     return recall.RecallConfig(
-        list_length=config.recall_size, top_categories=config.recall_top_categories,
-        strategy=strategy, seed=config.seed,
+        list_length=config.recall_size,
+        top_categories=config.recall_top_categories,
+        strategy=strategy,
+        seed=config.seed,
     )
 
 
 def _hit_rates(
-    test: DataFrame, lists: DataFrame, user_factors: DataFrame, catalog: recall.RecallCatalog,
-    config: JobConfig, fallback: np.ndarray,
+    test: DataFrame,
+    lists: DataFrame,
+    user_factors: DataFrame,
+    catalog: recall.RecallCatalog,
+    config: JobConfig,
+    fallback: np.ndarray,
 ) -> dict[str, dict[str, Any]]:
     """Hit rate of both strategies and of the popularity baseline on day-8 clicks.
 
@@ -444,7 +489,9 @@ def _hit_rates(
     for strategy in recall.STRATEGIES:
         if strategy not in rates:
             other = recall.build_recall_lists(
-                user_factors.join(clickers, "user_id"), catalog, _recall_config(config, strategy),
+                user_factors.join(clickers, "user_id"),
+                catalog,
+                _recall_config(config, strategy),
             )
             rates[strategy] = recall.recall_hit_rate(test, other, fallback).as_dict()
     rates["popularity_baseline"] = recall.recall_hit_rate(test, None, fallback).as_dict()
@@ -453,8 +500,9 @@ def _hit_rates(
 
 def features_stage(tables: IngestedTables, als: AlsOutput, sink: Sink | None) -> FeaturesOutput:
     smoothing = features.Smoothing()
-    users = features.user_features(tables.user_profile, als.result.user_factors) \
-        .persist(StorageLevel.MEMORY_AND_DISK)
+    users = features.user_features(tables.user_profile, als.result.user_factors).persist(
+        StorageLevel.MEMORY_AND_DISK
+    )
     ads = features.ad_features(tables.ad_feature, tables.raw_sample, smoothing)
     ad_table = features.ad_table(ads)
     if sink:
@@ -463,18 +511,30 @@ def features_stage(tables: IngestedTables, als: AlsOutput, sink: Sink | None) ->
         features.write_cate_factors(als.result.cate_factors, sink.redis, sink.version)
     else:
         users_written = users.count()
-    return FeaturesOutput(users=users, ads=ads, ad_table=ad_table, smoothing=smoothing,
-                          users_written=users_written,
-                          categories_with_factors=len(als.result.cate_ids))
+    return FeaturesOutput(
+        users=users,
+        ads=ads,
+        ad_table=ad_table,
+        smoothing=smoothing,
+        users_written=users_written,
+        categories_with_factors=len(als.result.cate_ids),
+    )
 
 
 def ctr_stage(
-    tables: IngestedTables, featured: FeaturesOutput, als: AlsOutput, config: JobConfig,
-    sink: Sink | None, note: Callable[[str], None] = lambda _: None,
+    tables: IngestedTables,
+    featured: FeaturesOutput,
+    als: AlsOutput,
+    config: JobConfig,
+    sink: Sink | None,
+    note: Callable[[str], None] = lambda _: None,
 ) -> CtrOutput:
     """Both feature sets trained and evaluated for the report; the configured one is served."""
     examples = features.training_examples(
-        tables.raw_sample, featured.users, featured.ads, als.result.cate_factors,
+        tables.raw_sample,
+        featured.users,
+        featured.ads,
+        als.result.cate_factors,
         featured.smoothing,
     ).persist(StorageLevel.MEMORY_AND_DISK)
     served = feature_spec(config.feature_set)
@@ -483,8 +543,9 @@ def ctr_stage(
         models[spec.name], metrics[spec.name] = ctr.train_ctr_model(
             examples, spec, ctr.CtrConfig(reg_param=config.ctr_reg_param)
         )
-        note(f"{spec.name}: AUC {metrics[spec.name]['auc']}, "
-             f"logloss {metrics[spec.name]['logloss']}")
+        note(
+            f"{spec.name}: AUC {metrics[spec.name]['auc']}, logloss {metrics[spec.name]['logloss']}"
+        )
     oracle = _oracle(examples.sparkSession, config.data)
     examples.unpersist()
     model = models[served.name]
@@ -507,15 +568,24 @@ def _oracle(spark: SparkSession, data: str) -> dict[str, Any] | None:
 
 
 def offline_stage(
-    recalled: RecallOutput, featured: FeaturesOutput, als: AlsOutput, trained: CtrOutput,
-    config: JobConfig, sink: Sink | None,
+    recalled: RecallOutput,
+    featured: FeaturesOutput,
+    als: AlsOutput,
+    trained: CtrOutput,
+    config: JobConfig,
+    sink: Sink | None,
 ) -> OfflineOutput:
     lists = offline.offline_top_n(
-        recalled.lists, featured.users, featured.ad_table, als.result.cate_factors,
-        trained.model, top_n=config.offline_top_n,
+        recalled.lists,
+        featured.users,
+        featured.ad_table,
+        als.result.cate_factors,
+        trained.model,
+        top_n=config.offline_top_n,
     )
-    written = offline.write_offline_lists(lists, sink.redis, sink.version) if sink \
-        else lists.count()
+    written = (
+        offline.write_offline_lists(lists, sink.redis, sink.version) if sink else lists.count()
+    )
     featured.users.unpersist()
     return OfflineOutput(written, config.offline_top_n)
 
@@ -542,9 +612,12 @@ def version_content(report: dict[str, Any]) -> VersionContent:
             users=report.get("features", {}).get("users", 0),
             ads=report.get("features", {}).get("ads", 0),
         ),
-        model_metrics={k: report["ctr"][served].get(k)
-                       for k in ("auc", "logloss", "observed_ctr", "mean_predicted")}
-        if served else {},
+        model_metrics={
+            k: report["ctr"][served].get(k)
+            for k in ("auc", "logloss", "observed_ctr", "mean_predicted")
+        }
+        if served
+        else {},
         stages=tuple(s["name"] for s in report.get("stages", [])),
         offline_pid=report.get("offline", {}).get("pid"),
         report=report,

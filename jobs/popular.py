@@ -49,9 +49,11 @@ def popular_lists(train_samples: DataFrame, length: int = DEFAULT_LENGTH) -> Dat
         sf.count(sf.lit(1)).alias("impressions"),
         sf.sum("clk").cast("long").alias("clicks"),
     )
-    overall = per_pid.groupBy("adgroup_id").agg(
-        sf.sum("impressions").alias("impressions"), sf.sum("clicks").alias("clicks")
-    ).withColumn("scope", sf.lit(keys.POPULAR_ALL))
+    overall = (
+        per_pid.groupBy("adgroup_id")
+        .agg(sf.sum("impressions").alias("impressions"), sf.sum("clicks").alias("clicks"))
+        .withColumn("scope", sf.lit(keys.POPULAR_ALL))
+    )
     ranking = Window.partitionBy("scope").orderBy(
         sf.col("clicks").desc(), sf.col("impressions").asc(), sf.col("adgroup_id").asc()
     )
@@ -76,9 +78,7 @@ def collect_popular(lists: DataFrame) -> dict[str, np.ndarray]:
     return collected
 
 
-def write_popular(
-    lists: Mapping[str, np.ndarray], redis: RedisSettings, version: str
-) -> int:
+def write_popular(lists: Mapping[str, np.ndarray], redis: RedisSettings, version: str) -> int:
     """Write one key per scope; returns the number of keys written."""
     client = connect(redis)
     try:

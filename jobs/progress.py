@@ -41,8 +41,9 @@ class Progress:
         record.seconds = time.monotonic() - start
         self.records.append(record)
         rows = f", {record.rows:,} rows" if record.rows is not None else ""
-        self._print(f"{position} {name} done in {record.seconds:.1f}s{rows} "
-                    f"(elapsed {self.elapsed:.0f}s)")
+        self._print(
+            f"{position} {name} done in {record.seconds:.1f}s{rows} (elapsed {self.elapsed:.0f}s)"
+        )
 
     def note(self, message: str) -> None:
         self._print(f"      {message}")

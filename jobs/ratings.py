@@ -37,8 +37,10 @@ def ratings_from_behavior(behavior: DataFrame) -> DataFrame:
     # Summing integer tenths and dividing once gives the double nearest the exact
     # decimal rating (0.6, not 0.6000000000000001), so equal behavior means equal ratings.
     tenths = sum(
-        (sf.least(sf.col(btag), sf.lit(COUNT_CAP)) * weight
-         for btag, weight in BEHAVIOR_TENTHS.items()),
+        (
+            sf.least(sf.col(btag), sf.lit(COUNT_CAP)) * weight
+            for btag, weight in BEHAVIOR_TENTHS.items()
+        ),
         sf.lit(0),
     )
     return counts.select(

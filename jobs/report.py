@@ -20,10 +20,13 @@ def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = []
     for n, row in enumerate(cells):
-        lines.append("  " + "  ".join(
-            cell.ljust(width) if i == 0 else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
-        ))
+        lines.append(
+            "  "
+            + "  ".join(
+                cell.ljust(width) if i == 0 else cell.rjust(width)
+                for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+            )
+        )
         if n == 0:
             lines.append("  " + "  ".join("-" * w for w in widths))
     return lines
@@ -38,33 +41,53 @@ def render_report(report: dict[str, Any]) -> str:
         + f", {report.get('elapsed_seconds', 0):.0f}s, config {report.get('config_digest', '')}",
         "",
         "stages",
-        *_table(["stage", "seconds", "rows"],
-                [[s["name"], f"{s['seconds']:.1f}", s["rows"]]
-                 for s in report.get("stages", [])]),
+        *_table(
+            ["stage", "seconds", "rows"],
+            [[s["name"], f"{s['seconds']:.1f}", s["rows"]] for s in report.get("stages", [])],
+        ),
     ]
     if ingest := report.get("ingest"):
         lines += ["", "ingest"]
         lines += _table(
             ["file", "rows", "clean", "rejected", "reasons"],
-            [[name, t["rows"], t["clean"], t["rows"] - t["clean"],
-              ", ".join(f"{k}={v:,}" for k, v in t["rejected"].items()) or "-"]
-             for name, t in ingest.items()],
+            [
+                [
+                    name,
+                    t["rows"],
+                    t["clean"],
+                    t["rows"] - t["clean"],
+                    ", ".join(f"{k}={v:,}" for k, v in t["rejected"].items()) or "-",
+                ]
+                for name, t in ingest.items()
+            ],
         )
     if als := report.get("als"):
         lines += ["", "ALS"]
         lines += _table(
             ["users", "categories", "rank", "held-out RMSE", "mean-rating RMSE"],
-            [[als["als_users"], als["als_categories"], als["als_rank"],
-              als["als_holdout_rmse"], als["als_baseline_rmse"]]],
+            [
+                [
+                    als["als_users"],
+                    als["als_categories"],
+                    als["als_rank"],
+                    als["als_holdout_rmse"],
+                    als["als_baseline_rmse"],
+                ]
+            ],
         )
     if recall := report.get("recall"):
-        lines += ["", f"recall ({recall['strategy']} published): {recall['users']:,} users, "
-                  f"{recall['full_lists']:,} full lists, {recall['filled_users']:,} filled "
-                  "from popular"]
+        lines += [
+            "",
+            f"recall ({recall['strategy']} published): {recall['users']:,} users, "
+            f"{recall['full_lists']:,} full lists, {recall['filled_users']:,} filled "
+            "from popular",
+        ]
         lines += _table(
             ["day-8 hit rate", "clicked pairs", "hits", "rate"],
-            [[name, r["clicked_pairs"], r["hits"], r["rate"]]
-             for name, r in recall["hit_rate"].items()],
+            [
+                [name, r["clicked_pairs"], r["hits"], r["rate"]]
+                for name, r in recall["hit_rate"].items()
+            ],
         )
     if ctr := report.get("ctr"):
         lines += ["", f"CTR model (served: {ctr['served_feature_set']}), day 8"]
@@ -72,19 +95,36 @@ def render_report(report: dict[str, Any]) -> str:
         for name in ("course", "full", "oracle"):
             metrics = ctr.get(name)
             if metrics:
-                rows.append([name, metrics.get("auc"), metrics.get("logloss"),
-                             metrics.get("mean_predicted"), metrics.get("observed_ctr"),
-                             metrics.get("calibration_error")])
-        lines += _table(["features", "AUC", "logloss", "mean predicted", "observed CTR",
-                         "calibration error"], rows)
+                rows.append(
+                    [
+                        name,
+                        metrics.get("auc"),
+                        metrics.get("logloss"),
+                        metrics.get("mean_predicted"),
+                        metrics.get("observed_ctr"),
+                        metrics.get("calibration_error"),
+                    ]
+                )
+        lines += _table(
+            ["features", "AUC", "logloss", "mean predicted", "observed CTR", "calibration error"],
+            rows,
+        )
     if offline := report.get("offline"):
-        lines += ["", f"offline: {offline['lists']:,} lists of top {offline['top_n']} "
-                  f"scored at pid {offline['pid']}"]
+        lines += [
+            "",
+            f"offline: {offline['lists']:,} lists of top {offline['top_n']} "
+            f"scored at pid {offline['pid']}",
+        ]
     if memory := report.get("memory"):
         lines += ["", "Redis memory of this version (estimated per family)"]
         rows = [[family, m["keys"], m["bytes"] / 1e6] for family, m in memory.items()]
-        rows.append(["total", sum(m["keys"] for m in memory.values()),
-                     sum(m["bytes"] for m in memory.values()) / 1e6])
+        rows.append(
+            [
+                "total",
+                sum(m["keys"] for m in memory.values()),
+                sum(m["bytes"] for m in memory.values()) / 1e6,
+            ]
+        )
         lines += _table(["family", "keys", "MB"], rows)
     if removed := report.get("removed_versions"):
         lines += ["", f"removed old versions: {', '.join(removed)}"]

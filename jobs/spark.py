@@ -17,8 +17,12 @@ DEFAULT_CONF = {
 }
 
 
-def build_session(master: str | None = None, app_name: str = "adrec-job",
-                  conf: Mapping[str, str] | None = None, local_memory: str = "4g") -> SparkSession:
+def build_session(
+    master: str | None = None,
+    app_name: str = "adrec-job",
+    conf: Mapping[str, str] | None = None,
+    local_memory: str = "4g",
+) -> SparkSession:
     """Get or create the session.
 
     Under ``spark-submit`` the master comes from the submit command and ``master`` is

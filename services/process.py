@@ -69,10 +69,16 @@ async def serving(
             for name, service_class in (("recall", RecallService), ("ranking", RankingService)):
                 if target in (name, "all"):
                     service = service_class(reader(name))
-                    services[name] = await stack.enter_async_context(running_service(
-                        service, service.reader, metrics, service_settings,
-                        host=host, port=getattr(service_settings, f"{name}_port"),
-                    ))
+                    services[name] = await stack.enter_async_context(
+                        running_service(
+                            service,
+                            service.reader,
+                            metrics,
+                            service_settings,
+                            host=host,
+                            port=getattr(service_settings, f"{name}_port"),
+                        )
+                    )
             if target in ("gateway", "all"):
                 if target == "all":
                     local = local_host(host)
@@ -98,10 +104,16 @@ async def serving(
                         fallback_reserve=service_settings.fallback_reserve_ms / 1000,
                     ),
                 )
-                services["gateway"] = await stack.enter_async_context(running_service(
-                    gateway, gateway.reader, metrics, service_settings,
-                    host=host, port=service_settings.gateway_port,
-                ))
+                services["gateway"] = await stack.enter_async_context(
+                    running_service(
+                        gateway,
+                        gateway.reader,
+                        metrics,
+                        service_settings,
+                        host=host,
+                        port=service_settings.gateway_port,
+                    )
+                )
             yield Stack(services, metrics, endpoint.port)
     finally:
         for each in readers:
@@ -112,8 +124,14 @@ async def serving(
 
 async def run(target: str, service_settings: Any, redis_settings: RedisSettings) -> int:
     """Serve `target` until SIGTERM or SIGINT, then drain; bound addresses go to stdout."""
-    log.info("starting", extra={"target": target, "redis": redacted(redis_settings.url),
-                                "settings": settings_mod.describe(service_settings)})
+    log.info(
+        "starting",
+        extra={
+            "target": target,
+            "redis": redacted(redis_settings.url),
+            "settings": settings_mod.describe(service_settings),
+        },
+    )
     async with serving(target, service_settings, redis_settings) as stack:
         # Everything allocated so far lives as long as the process: keeping it out of the
         # collector's full passes shortens the pause each of them causes
@@ -122,8 +140,7 @@ async def run(target: str, service_settings: Any, redis_settings: RedisSettings)
         for name, running in stack.services.items():
             print(f"{name} listening on {running.server.address}", flush=True)
         print(f"metrics listening on {service_settings.host}:{stack.metrics_port}", flush=True)
-        servers = [stack.services[name].server for name in SERVICE_ORDER
-                   if name in stack.services]
+        servers = [stack.services[name].server for name in SERVICE_ORDER if name in stack.services]
         signum = await run_until_signalled(servers, grace=service_settings.drain_seconds)
     log.info("stopped", extra={"signal": signum.name if signum else None})
     return 0

@@ -82,16 +82,22 @@ def redis_client(redis_url: str) -> redis.Redis:
 @pytest.fixture(scope="session")
 def spark():
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
-        pytest.fail("Java 17 is required for Spark tests (apt-get install openjdk-17-jre-headless)",
-                    pytrace=False)
+        pytest.fail(
+            "Java 17 is required for Spark tests (apt-get install openjdk-17-jre-headless)",
+            pytrace=False,
+        )
     from jobs.spark import build_session
 
-    session = build_session("local[2]", "adrec-tests", {
-        "spark.sql.shuffle.partitions": "2",
-        "spark.default.parallelism": "2",
-        "spark.ui.enabled": "false",
-        "spark.driver.memory": "2g",
-    })
+    session = build_session(
+        "local[2]",
+        "adrec-tests",
+        {
+            "spark.sql.shuffle.partitions": "2",
+            "spark.default.parallelism": "2",
+            "spark.ui.enabled": "false",
+            "spark.driver.memory": "2g",
+        },
+    )
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()
@@ -121,23 +127,35 @@ def published_tiny(tiny_data, tmp_path_factory) -> PublishedData:
     """Runs the documented spark-submit command once for the whole test session."""
     report_path = tmp_path_factory.mktemp("report") / "report.json"
     with private_redis() as server:
-        env = {**os.environ, "PYSPARK_PYTHON": sys.executable,
-               "PYSPARK_DRIVER_PYTHON": sys.executable}
+        env = {
+            **os.environ,
+            "PYSPARK_PYTHON": sys.executable,
+            "PYSPARK_DRIVER_PYTHON": sys.executable,
+        }
         command = [
             str(pathlib.Path(sys.executable).parent / "spark-submit"),
-            "--master", "local[2]",
-            "--conf", "spark.sql.shuffle.partitions=2",
-            "--conf", "spark.ui.enabled=false",
+            "--master",
+            "local[2]",
+            "--conf",
+            "spark.sql.shuffle.partitions=2",
+            "--conf",
+            "spark.ui.enabled=false",
             str(REPO_ROOT / "jobs" / "main.py"),
-            "--data", str(tiny_data),
-            "--redis", server.url,
-            "--report-json", str(report_path),
+            "--data",
+            str(tiny_data),
+            "--redis",
+            server.url,
+            "--report-json",
+            str(report_path),
         ]
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800,
-                                check=False)
+        result = subprocess.run(
+            command, env=env, capture_output=True, text=True, timeout=1800, check=False
+        )
         if result.returncode != 0:
-            pytest.fail(f"spark-submit job failed ({result.returncode}):\n{result.stderr[-4000:]}",
-                        pytrace=False)
+            pytest.fail(
+                f"spark-submit job failed ({result.returncode}):\n{result.stderr[-4000:]}",
+                pytrace=False,
+            )
         report = json.loads(report_path.read_text())
         yield PublishedData(tiny_data, server, report["version"], report)
 

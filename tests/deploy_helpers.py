@@ -43,11 +43,17 @@ IMAGE_UID = 10001
 def kustomize(overlay: str) -> list[dict[str, Any]]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        pytest.fail("kubectl (with its built-in kustomize) is needed to render deploy/: "
-                    "https://kubernetes.io/docs/tasks/tools/", pytrace=False)
+        pytest.fail(
+            "kubectl (with its built-in kustomize) is needed to render deploy/: "
+            "https://kubernetes.io/docs/tasks/tools/",
+            pytrace=False,
+        )
     result = subprocess.run(
         [kubectl, "kustomize", str(DEPLOY / "overlays" / overlay)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, f"kubectl kustomize {overlay} failed:\n{result.stderr}"
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
@@ -102,4 +108,3 @@ def container_env(container: dict[str, Any], maps: dict[str, dict[str, str]]) ->
     for var in container.get("env", []):
         env[var["name"]] = var.get("value", "<ref>")
     return env
-

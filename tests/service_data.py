@@ -49,10 +49,15 @@ TEST_RELOAD_SECONDS = 0.1
 #: Services on free loopback ports, quick to notice changes, with downstream budgets that a
 #: busy test machine cannot exceed by accident (the deadline tests set their own).
 TEST_ENV = {
-    "ADREC_HOST": "127.0.0.1", "ADREC_METRICS_PORT": "0", "ADREC_RECALL_PORT": "0",
-    "ADREC_RANKING_PORT": "0", "ADREC_GATEWAY_PORT": "0",
-    "ADREC_RELOAD_INTERVAL_SECONDS": str(TEST_RELOAD_SECONDS), "ADREC_DRAIN_SECONDS": "2",
-    "ADREC_REQUEST_TIMEOUT_MS": "5000", "ADREC_RECALL_TIMEOUT_MS": "2000",
+    "ADREC_HOST": "127.0.0.1",
+    "ADREC_METRICS_PORT": "0",
+    "ADREC_RECALL_PORT": "0",
+    "ADREC_RANKING_PORT": "0",
+    "ADREC_GATEWAY_PORT": "0",
+    "ADREC_RELOAD_INTERVAL_SECONDS": str(TEST_RELOAD_SECONDS),
+    "ADREC_DRAIN_SECONDS": "2",
+    "ADREC_REQUEST_TIMEOUT_MS": "5000",
+    "ADREC_RECALL_TIMEOUT_MS": "2000",
     "ADREC_RANKING_TIMEOUT_MS": "2000",
 }
 
@@ -117,8 +122,9 @@ def publish_version(
         "cate_id": rng.choice(cate_ids, size=ads).astype(np.int32),
         "campaign_id": rng.integers(1, 50_000, ads).astype(np.int32),
         "customer_id": rng.integers(1, 20_000, ads).astype(np.int32),
-        "brand_id": np.where(rng.random(ads) < 0.1, -1, rng.integers(1, 9_000, ads))
-        .astype(np.int32),
+        "brand_id": np.where(rng.random(ads) < 0.1, -1, rng.integers(1, 9_000, ads)).astype(
+            np.int32
+        ),
         "price": np.round(np.exp(rng.normal(4.5, 1.5, ads)), 2).astype(np.float32),
         "ctr_ad": rng.beta(2, 38, ads).astype(np.float32),
         "ctr_cate": rng.beta(5, 95, ads).astype(np.float32),
@@ -146,12 +152,16 @@ def publish_version(
         recall_lists[user] = rng.permutation(recall).astype(np.int32)
 
     offline_lists = _offline_lists(
-        recall_lists, user_features,
+        recall_lists,
+        user_features,
         RankingData.as_served(ad_table, (cate_ids.astype(np.int32), cate_factors), model),
     )
     by_quality = ad_ids[np.argsort(-ad_table["ctr_ad"], kind="stable")]
-    popular = {keys.POPULAR_ALL: by_quality[:200],
-               PIDS[0]: by_quality[5:205], PIDS[1]: by_quality[10:210]}
+    popular = {
+        keys.POPULAR_ALL: by_quality[:200],
+        PIDS[0]: by_quality[5:205],
+        PIDS[1]: by_quality[10:210],
+    }
 
     with Publication(client, keep_versions=5) as publication:
         writer = publication.writer
@@ -166,20 +176,31 @@ def publish_version(
         writer.put_offline_lists(list(offline_lists), list(offline_lists.values()))
         for scope, ids in popular.items():
             writer.put_popular(scope, ids)
-        publication.commit(VersionContent(
-            counts=VersionCounts(users=len(user_ids), ads=ads),
-            feature_spec_id=model.spec.spec_id,
-            offline_pid=OFFLINE_PID,
-            report={"offline": {"pid": OFFLINE_PID, "top_n": OFFLINE_TOP_N}},
-        ))
+        publication.commit(
+            VersionContent(
+                counts=VersionCounts(users=len(user_ids), ads=ads),
+                feature_spec_id=model.spec.spec_id,
+                offline_pid=OFFLINE_PID,
+                report={"offline": {"pid": OFFLINE_PID, "top_n": OFFLINE_TOP_N}},
+            )
+        )
         version = publication.version
 
     return PublishedData(
-        version=version, model=model, ads=ad_table, cate_ids=cate_ids.astype(np.int32),
-        cate_factors=cate_factors, user_features=user_features, recall_lists=recall_lists,
-        offline_lists=offline_lists, popular=popular, unknown_ad_ids=unknown,
-        users_with_factors=with_factors, users_without_factors=without_factors,
-        users_without_profile=without_profile, users_without_recall=without_recall,
+        version=version,
+        model=model,
+        ads=ad_table,
+        cate_ids=cate_ids.astype(np.int32),
+        cate_factors=cate_factors,
+        user_features=user_features,
+        recall_lists=recall_lists,
+        offline_lists=offline_lists,
+        popular=popular,
+        unknown_ad_ids=unknown,
+        users_with_factors=with_factors,
+        users_without_factors=without_factors,
+        users_without_profile=without_profile,
+        users_without_recall=without_recall,
     )
 
 
@@ -207,18 +228,24 @@ def _offline_lists(
     users = list(recall_lists)
     missing = UserFeatures.missing()
     stored = [user_features.get(user, missing) for user in users]
-    profiles = {field: np.array([f.profile[field] for f in stored])
-                for field in features.USER_PROFILE_FIELDS}
-    factors = np.array([f.als_factors if f.als_factors is not None
-                        else np.full(ALS_RANK, np.nan) for f in stored], dtype=np.float32)
+    profiles = {
+        field: np.array([f.profile[field] for f in stored])
+        for field in features.USER_PROFILE_FIELDS
+    }
+    factors = np.array(
+        [f.als_factors if f.als_factors is not None else np.full(ALS_RANK, np.nan) for f in stored],
+        dtype=np.float32,
+    )
     lengths = [len(recall_lists[user]) for user in users]
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     candidates = np.concatenate([recall_lists[user] for user in users])
     ids, ctrs, top_offsets = rank_users(
         profiles, factors, candidates, offsets, served, pid=OFFLINE_PID, top_n=OFFLINE_TOP_N
     )
-    return {user: (ids[top_offsets[i]:top_offsets[i + 1]], ctrs[top_offsets[i]:top_offsets[i + 1]])
-            for i, user in enumerate(users)}
+    return {
+        user: (ids[top_offsets[i] : top_offsets[i + 1]], ctrs[top_offsets[i] : top_offsets[i + 1]])
+        for i, user in enumerate(users)
+    }
 
 
 def service_settings(target: str = "all", **env: Any) -> Any:
@@ -227,12 +254,11 @@ def service_settings(target: str = "all", **env: Any) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def running_stack(
-    redis_url: str, target: str = "all", **env: Any
-) -> AsyncIterator[Stack]:
+async def running_stack(redis_url: str, target: str = "all", **env: Any) -> AsyncIterator[Stack]:
     """The real services of `adrec serve <target>`, in this process and event loop."""
-    async with serving(target, service_settings(target, **env), RedisSettings(url=redis_url)) \
-            as stack:
+    async with serving(
+        target, service_settings(target, **env), RedisSettings(url=redis_url)
+    ) as stack:
         yield stack
 
 
@@ -274,7 +300,8 @@ def expected_ranking(
     cate_ids = data.ads["cate_id"][position]
     columns["als_affinity"] = (
         features.als_affinity(user.als_factors, cate_ids, data.cate_ids, data.cate_factors)
-        if user.als_factors is not None else np.full(len(position), np.nan)
+        if user.als_factors is not None
+        else np.full(len(position), np.nan)
     )
     ctrs = data.model.predict(data.model.spec.encode(columns))
     order = np.argsort(-ctrs, kind="stable")
@@ -301,14 +328,24 @@ async def service_process(
 
     Its JSON logs go to `log_path` when given.
     """
-    settings_env = {**TEST_ENV, "REDIS_URL": redis_url,
-                    **{name: str(value) for name, value in env.items()}}
+    settings_env = {
+        **TEST_ENV,
+        "REDIS_URL": redis_url,
+        **{name: str(value) for name, value in env.items()},
+    }
     with contextlib.ExitStack() as files:
-        stderr = (files.enter_context(log_path.open("wb")) if log_path is not None
-                  else asyncio.subprocess.DEVNULL)
+        stderr = (
+            files.enter_context(log_path.open("wb"))
+            if log_path is not None
+            else asyncio.subprocess.DEVNULL
+        )
         process = await asyncio.create_subprocess_exec(
-            *ADREC, "serve", target, env={**os.environ, **settings_env},
-            stdout=asyncio.subprocess.PIPE, stderr=stderr,
+            *ADREC,
+            "serve",
+            target,
+            env={**os.environ, **settings_env},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
         )
     expected = {"metrics", *(("recall", "ranking", "gateway") if target == "all" else (target,))}
     ports: dict[str, int] = {}
@@ -345,5 +382,7 @@ def path(response: Any) -> str:
 
 def reasons(response: Any) -> list[str]:
     """A Recommend answer's degradation reasons, e.g. ["RANKING_UNAVAILABLE"]."""
-    return [gateway_pb2.DegradationReason.Name(reason).removeprefix("DEGRADATION_REASON_")
-            for reason in response.degradation_reasons]
+    return [
+        gateway_pb2.DegradationReason.Name(reason).removeprefix("DEGRADATION_REASON_")
+        for reason in response.degradation_reasons
+    ]

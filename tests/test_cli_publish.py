@@ -41,8 +41,21 @@ def test_rollback_to_a_missing_version_is_a_clear_error(redis_client, redis_url,
 
 def test_update_user_recall_and_profile(redis_client, redis_url):
     publish(redis_client, 0)
-    code = main(["publish", "update-user", "1", "--recall", "9,8,7", "--profile", "age_level=5",
-                 "--profile", "gender=missing", "--redis-url", redis_url])
+    code = main(
+        [
+            "publish",
+            "update-user",
+            "1",
+            "--recall",
+            "9,8,7",
+            "--profile",
+            "age_level=5",
+            "--profile",
+            "gender=missing",
+            "--redis-url",
+            redis_url,
+        ]
+    )
     assert code == 0
     assert store.read_recall_list(redis_client, "v1", 1).tolist() == [9, 8, 7]
     user = store.read_user_features(redis_client, "v1", 1)

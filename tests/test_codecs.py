@@ -47,12 +47,15 @@ def test_ad_id_list_rejects_out_of_range(bad):
         codecs.encode_ad_ids(bad)
 
 
-@pytest.mark.parametrize(("raw", "problem"), [
-    (b"\x03\x01\x00\x00\x02", "multiple of 3"),
-    (b"\x04\x01\x00\x00", "multiple of 4"),
-    (b"\x01\x00\x00\x00", "width byte 3 or 4, not 01"),
-    (b"", "width byte 3 or 4, not nothing"),
-])
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (b"\x03\x01\x00\x00\x02", "multiple of 3"),
+        (b"\x04\x01\x00\x00", "multiple of 4"),
+        (b"\x01\x00\x00\x00", "width byte 3 or 4, not 01"),
+        (b"", "width byte 3 or 4, not nothing"),
+    ],
+)
 def test_ad_id_list_rejects_torn_or_foreign_bytes(raw, problem):
     with pytest.raises(codecs.CodecError, match=problem):
         codecs.decode_ad_ids(raw)

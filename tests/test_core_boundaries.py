@@ -12,8 +12,18 @@ from adrec.cli import JOB_PACKAGES
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 CORE_MODULES = [
-    "catalog", "codecs", "dataset", "features", "keys", "metadata", "model", "redis_conn",
-    "redis_server", "scoring", "settings", "store",
+    "catalog",
+    "codecs",
+    "dataset",
+    "features",
+    "keys",
+    "metadata",
+    "model",
+    "redis_conn",
+    "redis_server",
+    "scoring",
+    "settings",
+    "store",
 ]
 
 
@@ -24,8 +34,9 @@ def test_core_imports_neither_grpc_nor_pyspark():
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'pyspark')); "
         "print(','.join(bad))"
     )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == ""
 
 
@@ -38,7 +49,6 @@ def test_every_core_module_is_checked():
     assert present == set(CORE_MODULES)
 
 
-
 def test_the_cli_knows_every_package_of_the_job_extra():
     pyproject = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
     extra = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]["job"]
@@ -47,12 +57,19 @@ def test_the_cli_knows_every_package_of_the_job_extra():
     named = {dist.lower() for package in JOB_PACKAGES for dist in distributions[package]}
     assert named == pinned
 
+
 # Everything the services image runs: the three services, their process wiring, and the
 # operator's CLI commands there (serve, recommend, publish).
 SERVING_MODULES = [
-    "adrec.cli", "adrec.cli.publish", "adrec.cli.recommend", "adrec.cli.serve",
-    "adrec.core.catalog", "services.process", "services.recall.service",
-    "services.ranking.service", "services.gateway.service",
+    "adrec.cli",
+    "adrec.cli.publish",
+    "adrec.cli.recommend",
+    "adrec.cli.serve",
+    "adrec.core.catalog",
+    "services.process",
+    "services.recall.service",
+    "services.ranking.service",
+    "services.gateway.service",
 ]
 
 
@@ -64,8 +81,9 @@ def test_the_services_and_their_cli_commands_import_none_of_the_job_packages():
         f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {JOB_PACKAGES!r}); "
         "print(','.join(bad))"
     )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == ""
 
 
@@ -77,8 +95,9 @@ def test_a_job_command_without_the_job_packages_says_what_to_install(tmp_path):
         "from adrec.cli import main; "
         f"sys.exit(main(['data', 'generate', '--preset', 'tiny', '--out', {out!r}]))"
     )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 2, result.stderr
     assert "needs the batch job's packages (pyarrow is not installed)" in result.stderr
     assert "pip install 'adrec[job]'" in result.stderr
@@ -87,8 +106,9 @@ def test_a_job_command_without_the_job_packages_says_what_to_install(tmp_path):
 
 def _loaded_after(code: str) -> set[str]:
     probe = f"import sys; {code}; print(','.join(sorted(sys.modules)))"
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
     return set(result.stdout.strip().split(","))
 
 
@@ -107,6 +127,10 @@ def test_the_spark_driver_entry_loads_neither_the_cli_nor_grpc():
 def test_the_shared_runtime_imports_no_service():
     modules = [p.stem for p in (ROOT / "services" / "runtime").glob("*.py")]
     loaded = _loaded_after("; ".join(f"import services.runtime.{m}" for m in modules))
-    served = {m for m in loaded if m.split(".")[:2] in (
-        ["services", "recall"], ["services", "ranking"], ["services", "gateway"])}
+    served = {
+        m
+        for m in loaded
+        if m.split(".")[:2]
+        in (["services", "recall"], ["services", "ranking"], ["services", "gateway"])
+    }
     assert served == set()

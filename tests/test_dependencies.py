@@ -38,8 +38,11 @@ def _group(name: str) -> dict[str, str]:
 
 def _lock(name: str) -> dict[str, str]:
     lines = (ROOT / "requirements" / f"{name}.txt").read_text().splitlines()
-    return {_name(line): line.split("==", 1)[1].strip()
-            for line in lines if line and not line.startswith((" ", "#"))}
+    return {
+        _name(line): line.split("==", 1)[1].strip()
+        for line in lines
+        if line and not line.startswith((" ", "#"))
+    }
 
 
 @pytest.mark.parametrize("lock", sorted(LOCKS))
@@ -63,8 +66,12 @@ def test_each_image_installs_from_its_lock():
 
 
 def test_the_development_environment_is_the_dev_lock():
-    installed = {_name(dist.metadata["Name"]): dist.version
-                 for dist in importlib.metadata.distributions()}
-    differing = {name: (version, installed.get(name)) for name, version in _lock("dev").items()
-                 if installed.get(name) != version}
+    installed = {
+        _name(dist.metadata["Name"]): dist.version for dist in importlib.metadata.distributions()
+    }
+    differing = {
+        name: (version, installed.get(name))
+        for name, version in _lock("dev").items()
+        if installed.get(name) != version
+    }
     assert differing == {}

@@ -61,8 +61,9 @@ def test_dockerfiles_pin_their_bases_and_run_as_non_root(name):
     for stage in stages:
         image = stage["image"]
         assert image not in aliases
-        assert re.search(r":\d+\.\d+\.\d+[\w.-]*(@sha256:[0-9a-f]{64})?$", image), \
+        assert re.search(r":\d+\.\d+\.\d+[\w.-]*(@sha256:[0-9a-f]{64})?$", image), (
             f"{name}: {image} is not pinned to an exact version"
+        )
     final = stages[-1]
     users = [rest for instruction, rest in final["steps"] if instruction == "USER"]
     assert users, f"{name}: the runtime stage sets no USER"
@@ -97,8 +98,11 @@ def test_the_services_image_has_no_java_or_spark():
     text = json.dumps(stages).lower()
     for word in ("pyspark", "java", "jdk", "jre", "temurin", "spark-submit", "[job]"):
         assert word not in text, f"services image mentions {word}"
-    installs = [rest for instruction, rest in stages[-1]["steps"]
-                if instruction == "RUN" and "install" in rest]
+    installs = [
+        rest
+        for instruction, rest in stages[-1]["steps"]
+        if instruction == "RUN" and "install" in rest
+    ]
     assert any(re.search(r"--find-links /wheels (-r \S+ )?adrec(\s|$)", rest) for rest in installs)
 
 
@@ -114,8 +118,10 @@ def test_the_job_image_has_java_17_spark_and_the_entry_point():
     copies = [rest.split() for instruction, rest in steps if instruction == "COPY"]
     assert ["jobs/main.py", JOB_MAIN.removeprefix("local://")] in copies
     (entrypoint,) = [json.loads(rest) for instruction, rest in steps if instruction == "ENTRYPOINT"]
-    assert any(copy[-1] == entrypoint[0] and copy[-2] == "deploy/images/spark-entrypoint.sh"
-               for copy in copies)
+    assert any(
+        copy[-1] == entrypoint[0] and copy[-2] == "deploy/images/spark-entrypoint.sh"
+        for copy in copies
+    )
 
 
 def _fake_tools(tmp_path: Path) -> dict[str, str]:
@@ -123,7 +129,8 @@ def _fake_tools(tmp_path: Path) -> dict[str, str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "tini").write_text(
-        '#!/bin/sh\nwhile [ "$1" != "--" ]; do shift; done\nshift\nexec "$@"\n')
+        '#!/bin/sh\nwhile [ "$1" != "--" ]; do shift; done\nshift\nexec "$@"\n'
+    )
     for tool in ("java", "spark-submit"):
         (bin_dir / tool).write_text(f'#!/bin/sh\nprintf "%s\\n" {tool} "$@"\n')
     for tool in bin_dir.iterdir():
@@ -131,8 +138,11 @@ def _fake_tools(tmp_path: Path) -> dict[str, str]:
     spark_home = tmp_path / "spark"
     (spark_home / "bin").mkdir(parents=True)
     os.symlink(bin_dir / "spark-submit", spark_home / "bin" / "spark-submit")
-    return {"PATH": f"{bin_dir}:/usr/bin:/bin", "SPARK_HOME": str(spark_home),
-            "JAVA_HOME": str(tmp_path)}
+    return {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "SPARK_HOME": str(spark_home),
+        "JAVA_HOME": str(tmp_path),
+    }
 
 
 def test_the_job_entrypoint_starts_executors_drivers_and_commands(tmp_path):
@@ -141,35 +151,67 @@ def test_the_job_entrypoint_starts_executors_drivers_and_commands(tmp_path):
     entrypoint = str(IMAGES / "spark-entrypoint.sh")
 
     def run_entrypoint(*args: str, **extra: str) -> list[str]:
-        result = subprocess.run(["bash", entrypoint, *args], env={**env, **extra},
-                                capture_output=True, text=True, timeout=30, check=False)
+        result = subprocess.run(
+            ["bash", entrypoint, *args],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
         assert result.returncode == 0, result.stderr
         return result.stdout.splitlines()
 
     executor = run_entrypoint(
-        "executor", SPARK_EXECUTOR_MEMORY="3g", SPARK_DRIVER_URL="spark://driver:7078",
-        SPARK_EXECUTOR_ID="4", SPARK_EXECUTOR_CORES="2", SPARK_APPLICATION_ID="spark-1",
-        SPARK_EXECUTOR_POD_IP="10.0.0.9", SPARK_RESOURCE_PROFILE_ID="0",
-        SPARK_EXECUTOR_POD_NAME="adrec-job-exec-4", SPARK_JAVA_OPT_0="-Dx=1",
+        "executor",
+        SPARK_EXECUTOR_MEMORY="3g",
+        SPARK_DRIVER_URL="spark://driver:7078",
+        SPARK_EXECUTOR_ID="4",
+        SPARK_EXECUTOR_CORES="2",
+        SPARK_APPLICATION_ID="spark-1",
+        SPARK_EXECUTOR_POD_IP="10.0.0.9",
+        SPARK_RESOURCE_PROFILE_ID="0",
+        SPARK_EXECUTOR_POD_NAME="adrec-job-exec-4",
+        SPARK_JAVA_OPT_0="-Dx=1",
         SPARK_JAVA_OPT_1="--add-opens=java.base/java.lang=ALL-UNNAMED",
     )
     assert executor[0] == "java"
-    assert executor[1:5] == ["-Dx=1", "--add-opens=java.base/java.lang=ALL-UNNAMED",
-                             "-Xms3g", "-Xmx3g"]
+    assert executor[1:5] == [
+        "-Dx=1",
+        "--add-opens=java.base/java.lang=ALL-UNNAMED",
+        "-Xms3g",
+        "-Xmx3g",
+    ]
     classpath = executor[executor.index("-cp") + 1]
     assert f"{env['SPARK_HOME']}/jars/*" in classpath.split(":")
     main = executor.index("org.apache.spark.scheduler.cluster.k8s.KubernetesExecutorBackend")
-    flags = dict(zip(executor[main + 1::2], executor[main + 2::2], strict=True))
-    assert flags == {"--driver-url": "spark://driver:7078", "--executor-id": "4",
-                     "--cores": "2", "--app-id": "spark-1", "--hostname": "10.0.0.9",
-                     "--resourceProfileId": "0", "--podName": "adrec-job-exec-4"}
+    flags = dict(zip(executor[main + 1 :: 2], executor[main + 2 :: 2], strict=True))
+    assert flags == {
+        "--driver-url": "spark://driver:7078",
+        "--executor-id": "4",
+        "--cores": "2",
+        "--app-id": "spark-1",
+        "--hostname": "10.0.0.9",
+        "--resourceProfileId": "0",
+        "--podName": "adrec-job-exec-4",
+    }
 
-    driver = run_entrypoint("driver", "--properties-file", "/opt/spark/conf/spark.properties",
-                            JOB_MAIN, SPARK_DRIVER_BIND_ADDRESS="10.0.0.5")
+    driver = run_entrypoint(
+        "driver",
+        "--properties-file",
+        "/opt/spark/conf/spark.properties",
+        JOB_MAIN,
+        SPARK_DRIVER_BIND_ADDRESS="10.0.0.5",
+    )
     assert driver[0] == "spark-submit"
-    assert driver[1:7] == ["--conf", "spark.driver.bindAddress=10.0.0.5", "--conf",
-                           "spark.executorEnv.SPARK_DRIVER_POD_IP=10.0.0.5",
-                           "--deploy-mode", "client"]
+    assert driver[1:7] == [
+        "--conf",
+        "spark.driver.bindAddress=10.0.0.5",
+        "--conf",
+        "spark.executorEnv.SPARK_DRIVER_POD_IP=10.0.0.5",
+        "--deploy-mode",
+        "client",
+    ]
     assert driver[-1] == JOB_MAIN
 
     assert run_entrypoint("spark-submit", "--version") == ["spark-submit", "--version"]

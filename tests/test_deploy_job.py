@@ -26,14 +26,18 @@ def test_the_cronjob_runs_spark_submit_in_kubernetes_mode(rendered, overlay):
     assert options["--master"] == "k8s://https://kubernetes.default.svc"
     assert options["--deploy-mode"] == "client"
     main = args.index(JOB_MAIN)
-    confs = dict(conf.split("=", 1) for flag, conf in itertools.pairwise(args[:main])
-                 if flag == "--conf")
+    confs = dict(
+        conf.split("=", 1) for flag, conf in itertools.pairwise(args[:main]) if flag == "--conf"
+    )
     assert confs["spark.kubernetes.container.image"] == "$(SUBMIT_IMAGE)"
     image_env = next(var for var in driver["env"] if var["name"] == "SUBMIT_IMAGE")
     assert image_env["value"] == driver["image"], "executors must run the driver's image"
     assert confs["spark.kubernetes.namespace"] == "$(POD_NAMESPACE)"
-    assert confs["spark.kubernetes.authenticate.driver.serviceAccountName"] == \
-        pod["serviceAccountName"] == "adrec-job"
+    assert (
+        confs["spark.kubernetes.authenticate.driver.serviceAccountName"]
+        == pod["serviceAccountName"]
+        == "adrec-job"
+    )
     assert confs["spark.kubernetes.driver.pod.name"] == "$(POD_NAME)"
     assert confs["spark.driver.host"] == "$(POD_IP)"
     for key in ("spark.executor.instances", "spark.executor.memory", "spark.executor.cores"):
@@ -44,7 +48,7 @@ def test_the_cronjob_runs_spark_submit_in_kubernetes_mode(rendered, overlay):
     template_volume = volumes[mounts[str(template_path.parent)]]
     template_cm = named(objects, "ConfigMap", template_volume["configMap"]["name"])
     assert template_path.name in template_cm["data"]
-    app_args = args[main + 1:]
+    app_args = args[main + 1 :]
     assert app_args == ["--data", "$(ADREC_JOB_DATA)", "--redis", "$(REDIS_URL)"]
     if overlay == "prod":
         assert confs["spark.kubernetes.executor.secrets.adrec-redis"] == "/etc/adrec/redis-tls"
@@ -52,10 +56,12 @@ def test_the_cronjob_runs_spark_submit_in_kubernetes_mode(rendered, overlay):
     # RBAC: the driver's ServiceAccount may manage its executors.
     binding = named(objects, "RoleBinding", "adrec-job-spark")
     assert {"kind": "ServiceAccount", "name": "adrec-job"} in [
-        {k: s[k] for k in ("kind", "name")} for s in binding["subjects"]]
+        {k: s[k] for k in ("kind", "name")} for s in binding["subjects"]
+    ]
     role = named(objects, "Role", binding["roleRef"]["name"])
-    granted = {(res, verb) for rule in role["rules"] for res in rule["resources"]
-               for verb in rule["verbs"]}
+    granted = {
+        (res, verb) for rule in role["rules"] for res in rule["resources"] for verb in rule["verbs"]
+    }
     for resource in ("pods", "services", "configmaps"):
         for verb in ("create", "get", "list", "watch", "delete"):
             assert (resource, verb) in granted, (resource, verb)
@@ -74,11 +80,12 @@ def test_the_spark_operator_variant_replaces_the_cronjob(rendered):
     assert template["type"] == "Python" and template["mode"] == "cluster"
     assert template["mainApplicationFile"] == JOB_MAIN
     job_extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
-        "optional-dependencies"]["job"]
+        "optional-dependencies"
+    ]["job"]
     assert f"pyspark=={template['sparkVersion']}" in job_extra, "the image's Spark version"
-    prod_job_image = named(rendered["prod"], "CronJob", "adrec-job")["spec"]["jobTemplate"][
-        "spec"]["template"]["spec"]["containers"][0]["image"]
+    prod_job_image = named(rendered["prod"], "CronJob", "adrec-job")["spec"]["jobTemplate"]["spec"][
+        "template"
+    ]["spec"]["containers"][0]["image"]
     assert template["image"] == prod_job_image
     assert template["driver"]["serviceAccount"] == "adrec-job"
     assert template["executor"]["instances"] >= 1
-

@@ -44,8 +44,11 @@ def test_the_gateway_channel_balances_round_robin():
 
 def _selected(objects: list[dict[str, Any]], selector: dict[str, str]) -> set[str]:
     """Names of the Deployments whose pods match `selector`."""
-    return {d["metadata"]["name"] for d in of_kind(objects, "Deployment")
-            if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()}
+    return {
+        d["metadata"]["name"]
+        for d in of_kind(objects, "Deployment")
+        if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+    }
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -76,12 +79,16 @@ def test_network_policies_let_only_the_gateway_reach_recall_and_ranking(rendered
     ((peer),) = rule["from"]
     assert peer == {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "adrec"}}}
     # ... which every Redis client carries: the services, the job's driver and executors.
-    clients = [obj["spec"]["template"]["metadata"]["labels"]
-               for obj in of_kind(objects, "Deployment")
-               if obj["metadata"]["name"] != "adrec-redis"]
-    clients.append(named(objects, "CronJob", "adrec-job")["spec"]["jobTemplate"]["spec"]
-                   ["template"]["metadata"]["labels"])
+    clients = [
+        obj["spec"]["template"]["metadata"]["labels"]
+        for obj in of_kind(objects, "Deployment")
+        if obj["metadata"]["name"] != "adrec-redis"
+    ]
+    clients.append(
+        named(objects, "CronJob", "adrec-job")["spec"]["jobTemplate"]["spec"]["template"][
+            "metadata"
+        ]["labels"]
+    )
     clients.append(executor_template(objects)["metadata"]["labels"])
     for labels in clients:
         assert labels.get("app.kubernetes.io/part-of") == "adrec", labels
-

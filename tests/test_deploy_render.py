@@ -19,9 +19,18 @@ from deploy_helpers import CUSTOM_KINDS, OVERLAYS, deployment, executor_template
 K8S_VERSIONS = ("1.30", kubernetes_validate.latest_version())
 
 EXPECTED_KINDS = {
-    "ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
-    "NetworkPolicy", "ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim",
-    "ServiceMonitor", "PrometheusRule",
+    "ConfigMap",
+    "Deployment",
+    "Service",
+    "HorizontalPodAutoscaler",
+    "PodDisruptionBudget",
+    "NetworkPolicy",
+    "ServiceAccount",
+    "Role",
+    "RoleBinding",
+    "PersistentVolumeClaim",
+    "ServiceMonitor",
+    "PrometheusRule",
 }
 OVERLAY_KINDS = {
     "dev": EXPECTED_KINDS | {"Namespace", "Secret", "CronJob", "Job"},
@@ -38,8 +47,9 @@ def test_each_overlay_renders_the_expected_kinds(rendered, overlay):
     assert kinds == OVERLAY_KINDS[overlay]
     names = [(obj["kind"], obj["metadata"]["name"]) for obj in rendered[overlay]]
     assert len(names) == len(set(names)), "an object is rendered twice"
-    namespaces = {obj["metadata"].get("namespace") for obj in rendered[overlay]
-                  if obj["kind"] != "Namespace"}
+    namespaces = {
+        obj["metadata"].get("namespace") for obj in rendered[overlay] if obj["kind"] != "Namespace"
+    }
     assert namespaces == {"adrec-dev" if overlay == "dev" else "adrec"}
 
 
@@ -103,4 +113,3 @@ def test_every_reference_resolves(rendered, overlay):
     template = executor_template(objects)
     if template is not None:
         walk(template["spec"], "executor pod template")
-

@@ -31,10 +31,17 @@ from services.runtime.settings import DEFAULT_METRICS_PORT, SETTINGS, service_en
 
 #: Env vars of the job pods that are not adrec settings: the pod's own identity (downward
 #: API) and the spark-submit sizing expanded into the CronJob's arguments.
-JOB_DEPLOY_ONLY_ENV = {"POD_NAME", "POD_NAMESPACE", "POD_IP", "SUBMIT_IMAGE",
-                       "SUBMIT_DRIVER_MEMORY", "SUBMIT_EXECUTOR_INSTANCES",
-                       "SUBMIT_EXECUTOR_CORES", "SUBMIT_EXECUTOR_MEMORY",
-                       "SUBMIT_EXECUTOR_MEMORY_OVERHEAD"}
+JOB_DEPLOY_ONLY_ENV = {
+    "POD_NAME",
+    "POD_NAMESPACE",
+    "POD_IP",
+    "SUBMIT_IMAGE",
+    "SUBMIT_DRIVER_MEMORY",
+    "SUBMIT_EXECUTOR_INSTANCES",
+    "SUBMIT_EXECUTOR_CORES",
+    "SUBMIT_EXECUTOR_MEMORY",
+    "SUBMIT_EXECUTOR_MEMORY_OVERHEAD",
+}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -43,10 +50,15 @@ def test_every_pod_runs_non_root_on_a_read_only_root_without_privileges(rendered
     for ssa in of_kind(rendered[overlay], "ScheduledSparkApplication"):
         for role in ("driver", "executor"):
             part = ssa["spec"]["template"][role]
-            specs.append((f"ScheduledSparkApplication {role}", {
-                "securityContext": part["podSecurityContext"],
-                "containers": [{"name": role, "securityContext": part["securityContext"]}],
-            }))
+            specs.append(
+                (
+                    f"ScheduledSparkApplication {role}",
+                    {
+                        "securityContext": part["podSecurityContext"],
+                        "containers": [{"name": role, "securityContext": part["securityContext"]}],
+                    },
+                )
+            )
     assert len(specs) >= 4
     for where, spec in specs:
         pod = spec.get("securityContext", {})
@@ -142,7 +154,8 @@ def test_every_env_var_is_a_setting_of_the_process_and_loads(rendered, overlay):
 
     job_settings = set(env_names(JobConfig)) | set(env_names(RedisSettings))
     job_containers = [
-        spec["containers"][0] for where, spec in pod_specs(objects)
+        spec["containers"][0]
+        for where, spec in pod_specs(objects)
         if where.startswith(("CronJob/", "Job/"))
     ]
     for ssa in of_kind(objects, "ScheduledSparkApplication"):
@@ -164,8 +177,10 @@ def test_every_env_var_is_a_setting_of_the_process_and_loads(rendered, overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_redis_settings_per_overlay(rendered, overlay):
     objects = rendered[overlay]
-    env = container_env(deployment(objects, "ranking")["spec"]["template"]["spec"]
-                        ["containers"][0], config_maps(objects))
+    env = container_env(
+        deployment(objects, "ranking")["spec"]["template"]["spec"]["containers"][0],
+        config_maps(objects),
+    )
     if overlay == "dev":
         assert env["REDIS_URL"].startswith("redis://adrec-redis:6379")
         assert "REDIS_TLS_CA_FILE" not in env
@@ -175,8 +190,9 @@ def test_redis_settings_per_overlay(rendered, overlay):
         assert named(objects, "Service", "adrec-redis")
         return
     assert env["REDIS_URL"].startswith("rediss://")
-    assert not any(obj["kind"] == "Deployment" and "redis" in obj["metadata"]["name"]
-                   for obj in objects), "prod uses an external Redis"
+    assert not any(
+        obj["kind"] == "Deployment" and "redis" in obj["metadata"]["name"] for obj in objects
+    ), "prod uses an external Redis"
     ca_file = Path(env["REDIS_TLS_CA_FILE"])
     for where, spec in pod_specs(objects):
         if where == "executor pod template":
@@ -203,14 +219,17 @@ def test_autoscalers_and_disruption_budgets_target_the_deployments(rendered, ove
         assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
         if overlay != "dev":
             assert hpa["spec"]["minReplicas"] >= 2, "one pod per service is not highly available"
-        assert "replicas" not in named(objects, "Deployment", target["name"])["spec"], \
+        assert "replicas" not in named(objects, "Deployment", target["name"])["spec"], (
             "the autoscaler owns the replica count"
+        )
     pdbs = of_kind(objects, "PodDisruptionBudget")
     assert len(pdbs) == 3
     for pdb in pdbs:
         selector = pdb["spec"]["selector"]["matchLabels"]
-        matching = [d["metadata"]["name"] for d in of_kind(objects, "Deployment")
-                    if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+        matching = [
+            d["metadata"]["name"]
+            for d in of_kind(objects, "Deployment")
+            if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
         assert matching == [pdb["metadata"]["name"]], pdb["metadata"]["name"]
         assert pdb["spec"]["maxUnavailable"] == 1
-

@@ -13,13 +13,19 @@ ARCHITECTURE_DOC = ROOT / "docs" / "architecture.md"
 def test_schema_doc_lists_every_key_family_and_global_key():
     text = SCHEMA_DOC.read_text()
     for family in keys.VERSIONED_FAMILIES:
-        example = family.key("v1", None if family.member is None else 7
-                             if family.member == "user_id" else "all")
+        example = family.key(
+            "v1", None if family.member is None else 7 if family.member == "user_id" else "all"
+        )
         documented = example.decode().replace("v1", "V", 1).replace(":7", ":<user_id>")
         documented = documented.replace(":all", ":<scope>")
         assert f"`{documented}`" in text, f"{documented} missing from {SCHEMA_DOC.name}"
-    globals_ = [keys.ACTIVE_VERSION, keys.VERSIONS, keys.VERSION_SEQUENCE, keys.PUBLISH_LOCK,
-                keys.PENDING_VERSIONS]
+    globals_ = [
+        keys.ACTIVE_VERSION,
+        keys.VERSIONS,
+        keys.VERSION_SEQUENCE,
+        keys.PUBLISH_LOCK,
+        keys.PENDING_VERSIONS,
+    ]
     for key in globals_:
         assert f"`{key.decode()}`" in text
     module_globals = {v for k, v in vars(keys).items() if isinstance(v, bytes) and k.isupper()}
@@ -34,8 +40,9 @@ def test_configuration_doc_lists_every_setting():
 
     text = (SCHEMA_DOC.parent / "configuration.md").read_text()
     classes = [RedisSettings, JobConfig, *SETTINGS.values()]
-    missing = sorted({name for cls in classes for name in env_names(cls)
-                      if f"`{name}`" not in text})
+    missing = sorted(
+        {name for cls in classes for name in env_names(cls) if f"`{name}`" not in text}
+    )
     assert missing == [], f"docs/configuration.md lacks {missing}"
 
 
@@ -51,11 +58,15 @@ def repository_paths(markdown: str) -> list[str]:
     with a space), URLs and templates such as `services/<name>/service.py` are not paths.
     """
     prose = _FENCED_BLOCK.sub("", markdown)
-    return sorted({
-        span for span in _CODE_SPAN.findall(prose)
-        if "/" in span and span.endswith(_PATH_ENDINGS)
-        and not re.search(r"\s|://|[<>*{}]", span)
-    })
+    return sorted(
+        {
+            span
+            for span in _CODE_SPAN.findall(prose)
+            if "/" in span
+            and span.endswith(_PATH_ENDINGS)
+            and not re.search(r"\s|://|[<>*{}]", span)
+        }
+    )
 
 
 def test_repository_paths_finds_files_and_folders_but_not_commands_or_templates():
@@ -66,14 +77,20 @@ def test_repository_paths_finds_files_and_folders_but_not_commands_or_templates(
         "```sh\n`bench/in_a_fence.py`\n```\n"
     )
     assert repository_paths(text) == [
-        "adrec/core/keys.py", "docs/job.md", "protos/adrec/common/v1/common.proto",
-        "protos/buf.yaml", "services/",
+        "adrec/core/keys.py",
+        "docs/job.md",
+        "protos/adrec/common/v1/common.proto",
+        "protos/buf.yaml",
+        "services/",
     ]
 
 
 def test_every_path_in_the_architecture_doc_exists():
     paths = repository_paths(ARCHITECTURE_DOC.read_text())
     assert len(paths) >= 20, "the architecture doc names the repository's files in backticks"
-    missing = [path for path in paths
-               if not (ROOT / path).exists() or (path.endswith("/") and not (ROOT / path).is_dir())]
+    missing = [
+        path
+        for path in paths
+        if not (ROOT / path).exists() or (path.endswith("/") and not (ROOT / path).is_dir())
+    ]
     assert missing == [], f"docs/architecture.md names paths that do not exist: {missing}"

@@ -66,11 +66,16 @@ def test_one_hot_levels_and_missing_slots():
     x = COURSE.encode(rows())
     assert x.dtype == np.float32 and x.shape == (3, COURSE.dim)
     assert hot(COURSE, x, 0) == {
-        "pid=430548_1007", "cms_group_id=0", "gender=1", "age_level=0", "shopping_level=1",
-        "occupation=0", "pvalue_level=missing", "new_user_class_level=4",
+        "pid=430548_1007",
+        "cms_group_id=0",
+        "gender=1",
+        "age_level=0",
+        "shopping_level=1",
+        "occupation=0",
+        "pvalue_level=missing",
+        "new_user_class_level=4",
     }
-    assert hot(COURSE, x, 2) >= {"cms_group_id=missing", "gender=missing",
-                                 "shopping_level=missing"}
+    assert hot(COURSE, x, 2) >= {"cms_group_id=missing", "gender=missing", "shopping_level=missing"}
     # every categorical block has exactly one hot slot per row
     assert (x[:, :-1].sum(axis=1) == 8).all()
 
@@ -95,8 +100,13 @@ def test_user_broadcast_equals_row_by_row_encoding():
     many = rows()
     user = {f: np.array([many[f][1]]) for f in USER_PROFILE_FIELDS}
     broadcast = FULL.encode({**many, **user, "pid": "430539_1007"})
-    explicit = FULL.encode({**many, **{f: np.repeat(v, 3) for f, v in user.items()},
-                            "pid": np.repeat("430539_1007", 3)})
+    explicit = FULL.encode(
+        {
+            **many,
+            **{f: np.repeat(v, 3) for f, v in user.items()},
+            "pid": np.repeat("430539_1007", 3),
+        }
+    )
     np.testing.assert_array_equal(broadcast, explicit)
 
 
@@ -160,6 +170,7 @@ def test_als_affinity_lookup():
     result = als_affinity(user, np.array([40, 5, 7, 9]), cate_ids, cate_factors)
     assert result[[0, 1, 3]].tolist() == [5.0, 2.0, 3.0]
     assert np.isnan(result[2])  # category without factors
-    per_row = als_affinity(np.array([[1.0, 1.0], [2.0, 0.0]]), np.array([9, 40]), cate_ids,
-                           cate_factors)
+    per_row = als_affinity(
+        np.array([[1.0, 1.0], [2.0, 0.0]]), np.array([9, 40]), cate_ids, cate_factors
+    )
     assert per_row.tolist() == [1.0, 2.0]

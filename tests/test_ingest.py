@@ -73,7 +73,9 @@ AD_FEATURE_CSV = """adgroup_id,cate_id,campaign_id,customer,brand,price
 """
 
 # The published header line ends with a space.
-USER_PROFILE_CSV = USER_PROFILE.header + """
+USER_PROFILE_CSV = (
+    USER_PROFILE.header
+    + """
 234,0,5,2,5,,3,0,3
 523,5,2,2,2,1,3,1,2
 612,0,8,1,2,2,3,0,
@@ -89,6 +91,7 @@ USER_PROFILE_CSV = USER_PROFILE.header + """
 10,0,1,1,x,1,3,0,1
 ,0,1,1,2,1,3,0,1
 """
+)
 
 BEHAVIOR_LOG_CSV = """user,time_stamp,btag,cate,brand
 558157,1493741625,pv,6250,91286
@@ -156,8 +159,11 @@ def test_day_split_is_at_china_midnight(spark, tmp_path):
     assert sorted(row.time_stamp for row in test.collect()) == [MAY_13_CHINA, MAY_14_CHINA - 1]
     assert china_day(MAY_13_CHINA - 1) == date(2017, 5, 12)
     assert china_day(MAY_13_CHINA) == date(2017, 5, 13)
-    assert [split_of(china_day(ts)) for ts in (MAY_13_CHINA - 1, MAY_13_CHINA, MAY_14_CHINA)] \
-        == ["train", "test", None]
+    assert [split_of(china_day(ts)) for ts in (MAY_13_CHINA - 1, MAY_13_CHINA, MAY_14_CHINA)] == [
+        "train",
+        "test",
+        None,
+    ]
 
 
 def test_samples_before_the_first_day_are_in_neither_split(spark, tmp_path):
@@ -216,8 +222,15 @@ def test_user_profile_trailing_space_header_and_missing_fields(spark, tmp_path):
         "non_numeric_value": 1,
     }
     assert result.data.columns == [
-        "user_id", "cms_segid", "cms_group_id", "gender", "age_level", "pvalue_level",
-        "shopping_level", "occupation", "new_user_class_level",
+        "user_id",
+        "cms_segid",
+        "cms_group_id",
+        "gender",
+        "age_level",
+        "pvalue_level",
+        "shopping_level",
+        "occupation",
+        "new_user_class_level",
     ]
     rows = {row.user_id: tuple(row) for row in result.data.collect()}
     assert rows == {
@@ -297,19 +310,32 @@ def test_directory_of_part_files_with_repeated_headers(spark, tmp_path):
 def test_parquet_with_published_column_names(spark, tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()
-    pq.write_table(pa.table({
-        "adgroup_id": [63133, 375706, 3],
-        "cate_id": [6406, 4520, 3],
-        "campaign_id": [83237, 387991, 3],
-        "customer": [1, 6, 3],
-        "brand": [95471, None, 3],
-        "price": [170.0, 99.0, -1.0],
-    }), folder / "ad_feature.parquet")
-    pq.write_table(pa.table({
-        "user": ["581738", "x"], "time_stamp": [1494137644, 1494137644],
-        "adgroup_id": [1, 1], "pid": ["430548_1007", "430548_1007"],
-        "nonclk": [1, 1], "clk": [0, 0],
-    }), folder / "raw_sample.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "adgroup_id": [63133, 375706, 3],
+                "cate_id": [6406, 4520, 3],
+                "campaign_id": [83237, 387991, 3],
+                "customer": [1, 6, 3],
+                "brand": [95471, None, 3],
+                "price": [170.0, 99.0, -1.0],
+            }
+        ),
+        folder / "ad_feature.parquet",
+    )
+    pq.write_table(
+        pa.table(
+            {
+                "user": ["581738", "x"],
+                "time_stamp": [1494137644, 1494137644],
+                "adgroup_id": [1, 1],
+                "pid": ["430548_1007", "430548_1007"],
+                "nonclk": [1, 1],
+                "clk": [0, 0],
+            }
+        ),
+        folder / "raw_sample.parquet",
+    )
 
     ads = load_table(spark, AD_FEATURE, str(folder / "ad_feature.parquet"), data_format="parquet")
     assert ads.rejected == {"negative_price": 1}
@@ -325,18 +351,27 @@ def test_parquet_with_published_column_names(spark, tmp_path):
 
 def test_parquet_with_other_columns_is_refused(spark, tmp_path):
     path = tmp_path / "behavior_log.parquet"
-    pq.write_table(pa.table({"user_id": [1], "time_stamp": [1], "btag": ["pv"],
-                             "cate": [1], "brand": [1]}), path)
+    pq.write_table(
+        pa.table({"user_id": [1], "time_stamp": [1], "btag": ["pv"], "cate": [1], "brand": [1]}),
+        path,
+    )
     with pytest.raises(IngestError, match="not the published columns"):
         load_behavior_log(spark, str(path), data_format="parquet")
 
 
 def test_load_dataset_reads_all_four_files_from_a_directory(spark, tmp_path):
-    for name, text in (("raw_sample", RAW_SAMPLE_CSV), ("ad_feature", AD_FEATURE_CSV),
-                       ("user_profile", USER_PROFILE_CSV), ("behavior_log", BEHAVIOR_LOG_CSV)):
+    for name, text in (
+        ("raw_sample", RAW_SAMPLE_CSV),
+        ("ad_feature", AD_FEATURE_CSV),
+        ("user_profile", USER_PROFILE_CSV),
+        ("behavior_log", BEHAVIOR_LOG_CSV),
+    ):
         write(tmp_path, f"{name}.csv", text)
     results = load_dataset(spark, f"file://{tmp_path}", persist=False)
     assert list(results) == list(TABLES)
     assert {name: result.clean_rows for name, result in results.items()} == {
-        "raw_sample": 5, "ad_feature": 6, "user_profile": 5, "behavior_log": 6,
+        "raw_sample": 5,
+        "ad_feature": 6,
+        "user_profile": 5,
+        "behavior_log": 6,
     }

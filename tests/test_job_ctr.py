@@ -32,26 +32,32 @@ TRAIN_TIME = int(datetime(2017, 5, 7, 12, tzinfo=dataset.CHINA_TIME).timestamp()
 TEST_TIME = int(datetime(2017, 5, 13, 12, tzinfo=dataset.CHINA_TIME).timestamp())
 PID_A, PID_B = PIDS
 
-SAMPLE_SCHEMA = T.StructType([
-    T.StructField("user_id", T.IntegerType()),
-    T.StructField("time_stamp", T.LongType()),
-    T.StructField("adgroup_id", T.IntegerType()),
-    T.StructField("pid", T.StringType()),
-    T.StructField("nonclk", T.IntegerType()),
-    T.StructField("clk", T.IntegerType()),
-])
-AD_SCHEMA = T.StructType([
-    T.StructField("adgroup_id", T.IntegerType()),
-    T.StructField("cate_id", T.IntegerType()),
-    T.StructField("campaign_id", T.IntegerType()),
-    T.StructField("customer_id", T.IntegerType()),
-    T.StructField("brand_id", T.IntegerType()),
-    T.StructField("price", T.DoubleType()),
-])
-PROFILE_SCHEMA = T.StructType([
-    T.StructField("user_id", T.IntegerType()),
-    *(T.StructField(field, T.IntegerType()) for field in USER_PROFILE_FIELDS),
-])
+SAMPLE_SCHEMA = T.StructType(
+    [
+        T.StructField("user_id", T.IntegerType()),
+        T.StructField("time_stamp", T.LongType()),
+        T.StructField("adgroup_id", T.IntegerType()),
+        T.StructField("pid", T.StringType()),
+        T.StructField("nonclk", T.IntegerType()),
+        T.StructField("clk", T.IntegerType()),
+    ]
+)
+AD_SCHEMA = T.StructType(
+    [
+        T.StructField("adgroup_id", T.IntegerType()),
+        T.StructField("cate_id", T.IntegerType()),
+        T.StructField("campaign_id", T.IntegerType()),
+        T.StructField("customer_id", T.IntegerType()),
+        T.StructField("brand_id", T.IntegerType()),
+        T.StructField("price", T.DoubleType()),
+    ]
+)
+PROFILE_SCHEMA = T.StructType(
+    [
+        T.StructField("user_id", T.IntegerType()),
+        *(T.StructField(field, T.IntegerType()) for field in USER_PROFILE_FIELDS),
+    ]
+)
 
 
 def samples_frame(spark, rows):
@@ -134,8 +140,11 @@ def reference_ctrs(training_rows, ad_rows, smoothing):
     expected = {}
     for ad, cate_id in cate_of.items():
         cate = smoothed(by_cate, cate_id, prior, smoothing.cate_strength)
-        brand = (prior if brand_of[ad] is None
-                 else smoothed(by_brand, brand_of[ad], prior, smoothing.brand_strength))
+        brand = (
+            prior
+            if brand_of[ad] is None
+            else smoothed(by_brand, brand_of[ad], prior, smoothing.brand_strength)
+        )
         expected[ad] = (smoothed(by_ad, ad, cate, smoothing.ad_strength), cate, brand)
     return expected
 
@@ -183,12 +192,18 @@ def test_ad_table_is_sorted_typed_and_round_trips_through_redis(spark, redis_url
 def test_training_rows_get_out_of_fold_ctrs_and_test_rows_the_served_ones(spark):
     rng = np.random.default_rng(3)
     training = [
-        (int(rng.integers(1, 30)), TRAIN_TIME + int(rng.integers(0, 5 * 86400)),
-         int(rng.integers(1, 5)), PIDS[int(rng.integers(0, 2))], int(rng.random() < 0.3))
+        (
+            int(rng.integers(1, 30)),
+            TRAIN_TIME + int(rng.integers(0, 5 * 86400)),
+            int(rng.integers(1, 5)),
+            PIDS[int(rng.integers(0, 2))],
+            int(rng.random() < 0.3),
+        )
         for _ in range(300)
     ]
-    samples = samples_frame(spark, training + impressions(5, 2, clicks=1, total=3,
-                                                          time_stamp=TEST_TIME))
+    samples = samples_frame(
+        spark, training + impressions(5, 2, clicks=1, total=3, time_stamp=TEST_TIME)
+    )
     ads = ads_frame(spark, HAND_ADS)
     smoothing = job_features.Smoothing(ad_strength=5, cate_strength=7, brand_strength=3, folds=3)
     served = job_features.ad_features(ads, samples, smoothing)
@@ -224,10 +239,14 @@ PROFILES = [
     (2, 5, 8, 2, 4, 2, 1, 1, 4),
     (3, None, None, None, None, None, None, None, None),
 ]
-USER_FACTORS = (np.array([2, 4], dtype=np.int32),
-                np.array([[0.5, -1.0, 2.0], [1.0, 1.0, 1.0]], dtype=np.float32))
-CATE_FACTORS = (np.array([10, 30], dtype=np.int32),
-                np.array([[1.0, 0.0, 0.5], [2.0, 2.0, 2.0]], dtype=np.float32))
+USER_FACTORS = (
+    np.array([2, 4], dtype=np.int32),
+    np.array([[0.5, -1.0, 2.0], [1.0, 1.0, 1.0]], dtype=np.float32),
+)
+CATE_FACTORS = (
+    np.array([10, 30], dtype=np.int32),
+    np.array([[1.0, 0.0, 0.5], [2.0, 2.0, 2.0]], dtype=np.float32),
+)
 
 
 def test_user_features_keep_missing_fields_and_join_als_factors(spark, redis_url, redis_client):
@@ -243,8 +262,9 @@ def test_user_features_keep_missing_fields_and_join_als_factors(spark, redis_url
     assert first.als_factors is None
     assert first.profile["cms_group_id"] == 3 and math.isnan(first.profile["pvalue_level"])
     second = store.read_user_features(redis_client, VERSION, 2)
-    assert second.profile == {f: float(v) for f, v in zip(USER_PROFILE_FIELDS, PROFILES[1][1:],
-                                                           strict=True)}
+    assert second.profile == {
+        f: float(v) for f, v in zip(USER_PROFILE_FIELDS, PROFILES[1][1:], strict=True)
+    }
     np.testing.assert_array_equal(second.als_factors, USER_FACTORS[1][0])
     without_profile = store.read_user_features(redis_client, VERSION, 4)
     assert all(math.isnan(v) for v in without_profile.profile.values())
@@ -253,24 +273,31 @@ def test_user_features_keep_missing_fields_and_join_als_factors(spark, redis_url
 
 def test_training_examples_join_users_ads_and_als_affinity(spark):
     ads = job_features.ad_features(
-        ads_frame(spark, HAND_ADS), samples_frame(spark, HAND_TRAINING),
+        ads_frame(spark, HAND_ADS),
+        samples_frame(spark, HAND_TRAINING),
         job_features.Smoothing(folds=1),
     )
     users = job_features.user_features(profile_frame(spark, PROFILES), USER_FACTORS)
-    samples = samples_frame(spark, [
-        (2, TRAIN_TIME, 1, PID_A, 1),  # factors, cate 10 has factors
-        (2, TRAIN_TIME, 3, PID_B, 0),  # cate 20 has none
-        (1, TEST_TIME, 1, PID_A, 0),  # no user factors
-        (5, TEST_TIME, 2, PID_B, 1),  # no profile, no factors
-        (2, TEST_TIME, 99, PID_A, 1),  # unknown ad: dropped
-    ])
+    samples = samples_frame(
+        spark,
+        [
+            (2, TRAIN_TIME, 1, PID_A, 1),  # factors, cate 10 has factors
+            (2, TRAIN_TIME, 3, PID_B, 0),  # cate 20 has none
+            (1, TEST_TIME, 1, PID_A, 0),  # no user factors
+            (5, TEST_TIME, 2, PID_B, 1),  # no profile, no factors
+            (2, TEST_TIME, 99, PID_A, 1),  # unknown ad: dropped
+        ],
+    )
     examples = job_features.training_examples(
         samples, users, ads, CATE_FACTORS, job_features.Smoothing(folds=1)
     )
     assert tuple(examples.columns) == job_features.EXAMPLE_COLUMNS
     rows = sorted(examples.collect(), key=lambda r: (r["split"], r["user_id"], r["adgroup_id"]))
     assert [(r["split"], r["user_id"], r["adgroup_id"], r["label"]) for r in rows] == [
-        ("test", 1, 1, 0.0), ("test", 5, 2, 1.0), ("train", 2, 1, 1.0), ("train", 2, 3, 0.0),
+        ("test", 1, 1, 0.0),
+        ("test", 5, 2, 1.0),
+        ("train", 2, 1, 1.0),
+        ("train", 2, 3, 0.0),
     ]
     expected_affinity = float(np.dot(USER_FACTORS[1][0], CATE_FACTORS[1][0]))
     assert rows[2]["als_affinity"] == pytest.approx(expected_affinity, rel=1e-12)
@@ -291,24 +318,47 @@ def random_examples(spark, rows=400, seed=11):
     records = []
     for i in range(rows):
         affinity = None if rng.random() < 0.3 else float(rng.normal())
-        records.append((
-            "train" if i % 4 else "test", i + 1, int(rng.integers(1, 50)), TRAIN_TIME,
-            float(rng.random() < 0.25), int(rng.integers(1, 9)), PIDS[i % 2],
-            level(96), level(12), level(2, low=1), level(6), level(3, 0.5, low=1),
-            level(3, low=1), level(1), level(4, 0.3, low=1),
-            float(rng.lognormal(4, 1.5)), float(rng.uniform(0.01, 0.2)),
-            float(rng.uniform(0.02, 0.1)), float(rng.uniform(0.02, 0.1)),
-            float("nan") if affinity is None else affinity,
-        ))
-    schema = T.StructType([
-        T.StructField("split", T.StringType()), T.StructField("user_id", T.IntegerType()),
-        T.StructField("adgroup_id", T.IntegerType()), T.StructField("time_stamp", T.LongType()),
-        T.StructField("label", T.DoubleType()), T.StructField("cate_id", T.IntegerType()),
-        T.StructField("pid", T.StringType()),
-        *(T.StructField(f, T.IntegerType()) for f in USER_PROFILE_FIELDS),
-        *(T.StructField(f, T.FloatType()) for f in ("price", "ctr_ad", "ctr_cate", "ctr_brand")),
-        T.StructField("als_affinity", T.DoubleType()),
-    ])
+        records.append(
+            (
+                "train" if i % 4 else "test",
+                i + 1,
+                int(rng.integers(1, 50)),
+                TRAIN_TIME,
+                float(rng.random() < 0.25),
+                int(rng.integers(1, 9)),
+                PIDS[i % 2],
+                level(96),
+                level(12),
+                level(2, low=1),
+                level(6),
+                level(3, 0.5, low=1),
+                level(3, low=1),
+                level(1),
+                level(4, 0.3, low=1),
+                float(rng.lognormal(4, 1.5)),
+                float(rng.uniform(0.01, 0.2)),
+                float(rng.uniform(0.02, 0.1)),
+                float(rng.uniform(0.02, 0.1)),
+                float("nan") if affinity is None else affinity,
+            )
+        )
+    schema = T.StructType(
+        [
+            T.StructField("split", T.StringType()),
+            T.StructField("user_id", T.IntegerType()),
+            T.StructField("adgroup_id", T.IntegerType()),
+            T.StructField("time_stamp", T.LongType()),
+            T.StructField("label", T.DoubleType()),
+            T.StructField("cate_id", T.IntegerType()),
+            T.StructField("pid", T.StringType()),
+            *(T.StructField(f, T.IntegerType()) for f in USER_PROFILE_FIELDS),
+            *(
+                T.StructField(f, T.FloatType())
+                for f in ("price", "ctr_ad", "ctr_cate", "ctr_brand")
+            ),
+            T.StructField("als_affinity", T.DoubleType()),
+        ]
+    )
     return spark.createDataFrame(records, schema)
 
 
@@ -316,8 +366,7 @@ def driver_columns(frame):
     """Encoder input columns built on the driver from collected rows, None -> NaN."""
     data = frame.toPandas()
     columns = {"pid": data["pid"].to_numpy(dtype=str)}
-    for name in (*USER_PROFILE_FIELDS, "price", "ctr_ad", "ctr_cate", "ctr_brand",
-                 "als_affinity"):
+    for name in (*USER_PROFILE_FIELDS, "price", "ctr_ad", "ctr_cate", "ctr_brand", "als_affinity"):
         columns[name] = data[name].astype("float64").to_numpy()
     return columns
 
@@ -326,8 +375,9 @@ def driver_columns(frame):
 def test_spark_side_encoding_equals_the_shared_encoder(spark, spec):
     examples = random_examples(spark).orderBy("user_id")
     encoded = ctr.encode_features(examples, spec).orderBy("user_id")
-    in_spark = np.array(encoded.select("features").toPandas()["features"].tolist(),
-                        dtype=np.float32)
+    in_spark = np.array(
+        encoded.select("features").toPandas()["features"].tolist(), dtype=np.float32
+    )
     on_driver = spec.encode(driver_columns(examples))
     assert in_spark.shape == (400, spec.dim)
     np.testing.assert_array_equal(in_spark, on_driver)
@@ -346,8 +396,9 @@ def test_ctr_model_predicts_sparks_probabilities(spark):
     spark_probability = np.array(
         scored.select(vector_to_array("probability")[1].alias("p")).toPandas()["p"]
     )
-    ours = model.predict(FULL.encode(driver_columns(examples.where(F.col("split") == "train")
-                                                    .orderBy("user_id"))))
+    ours = model.predict(
+        FULL.encode(driver_columns(examples.where(F.col("split") == "train").orderBy("user_id")))
+    )
     np.testing.assert_allclose(ours, spark_probability, atol=1e-9)
 
     artifact = ctr.predict(examples.where(F.col("split") == "train").orderBy("user_id"), model)
@@ -379,7 +430,9 @@ def test_evaluate_on_a_hand_computable_example():
     assert metrics["observed_ctr"] == 0.5
     assert metrics["mean_predicted"] == pytest.approx(2.75 / 6)
     assert [(b["rows"], b["observed_ctr"]) for b in metrics["reliability"]] == [
-        (2, 0.0), (2, 0.5), (2, 1.0)
+        (2, 0.0),
+        (2, 0.5),
+        (2, 1.0),
     ]
     assert metrics["reliability"][1]["mean_predicted"] == pytest.approx(0.375)
     gaps = [abs(0.15 - 0.0), abs(0.375 - 0.5), abs(0.85 - 1.0)]
@@ -409,15 +462,17 @@ def model_top_n(client, version, user_id, pid, top_n):
     candidates = [ad for ad in recalled if ad in row_of]
     rows = np.array([row_of[ad] for ad in candidates], dtype=np.int64)
     columns = {
-        "pid": pid, **user.columns(),
+        "pid": pid,
+        **user.columns(),
         **{name: ads[name][rows] for name in ("price", "ctr_ad", "ctr_cate", "ctr_brand")},
-        "als_affinity": (np.full(len(rows), np.nan) if user.als_factors is None else
-                         als_affinity(user.als_factors, ads["cate_id"][rows], cate_ids,
-                                      cate_factors)),
+        "als_affinity": (
+            np.full(len(rows), np.nan)
+            if user.als_factors is None
+            else als_affinity(user.als_factors, ads["cate_id"][rows], cate_ids, cate_factors)
+        ),
     }
     encoded = model.spec.encode(columns).astype(np.float64)
-    margins = np.array([math.fsum([*(row * model.weights), model.intercept])
-                        for row in encoded])
+    margins = np.array([math.fsum([*(row * model.weights), model.intercept]) for row in encoded])
     ctrs = 1.0 / (1.0 + np.exp(-margins))
     order = sorted(range(len(candidates)), key=lambda i: (-ctrs[i], i))[:top_n]
     return [candidates[i] for i in order], ctrs[order]
@@ -426,8 +481,8 @@ def model_top_n(client, version, user_id, pid, top_n):
 def served_snapshot(client, version):
     """The ranking service's state for `version`, built from the bytes the job published."""
     return RankingSnapshot.build(
-        version, *(client.get(family.key(version))
-                   for family in (keys.MODEL, keys.ADS, keys.CATE_FACTORS))
+        version,
+        *(client.get(family.key(version)) for family in (keys.MODEL, keys.ADS, keys.CATE_FACTORS)),
     )
 
 
@@ -441,9 +496,14 @@ def test_offline_lists_are_the_models_top_n_as_the_ranking_service_ranks_them(
 ):
     rng = np.random.default_rng(5)
     ad_rows = [
-        (ad_id, int(rng.choice([10, 20, 30])), 1, 1,
-         None if rng.random() < 0.3 else int(rng.integers(100, 104)),
-         float(rng.lognormal(4, 1)))
+        (
+            ad_id,
+            int(rng.choice([10, 20, 30])),
+            1,
+            1,
+            None if rng.random() < 0.3 else int(rng.integers(100, 104)),
+            float(rng.lognormal(4, 1)),
+        )
         for ad_id in range(1, 41)
     ]
     for ad_id in TIED_ADS:
@@ -451,13 +511,18 @@ def test_offline_lists_are_the_models_top_n_as_the_ranking_service_ranks_them(
     ad_rows += [(ad_id, 10, 1, 1, 100, 50.0) for ad_id in TWIN_ADS]
     shown = [ad for ad in range(1, 41) if ad not in TIED_ADS]
     training = [
-        (int(rng.integers(1, 9)), TRAIN_TIME, int(rng.choice(shown)), PID_A,
-         int(rng.random() < 0.2))
+        (
+            int(rng.integers(1, 9)),
+            TRAIN_TIME,
+            int(rng.choice(shown)),
+            PID_A,
+            int(rng.random() < 0.2),
+        )
         for _ in range(200)
     ]
-    ad_features = job_features.ad_features(ads_frame(spark, ad_rows),
-                                           samples_frame(spark, training),
-                                           job_features.Smoothing(folds=1))
+    ad_features = job_features.ad_features(
+        ads_frame(spark, ad_rows), samples_frame(spark, training), job_features.Smoothing(folds=1)
+    )
     table = job_features.ad_table(ad_features)
     users = job_features.user_features(profile_frame(spark, PROFILES), USER_FACTORS)
     model = CtrModel(FULL, rng.normal(0, 1, FULL.dim), -3.0)
@@ -492,19 +557,24 @@ def test_offline_lists_are_the_models_top_n_as_the_ranking_service_ranks_them(
     for user_id in (1, 2, 3, 4, 5, 6):
         ids, ctrs = store.read_offline_list(redis_client, VERSION, user_id)
         offline_ids[user_id] = ids.tolist()
-        expected_ids, expected_ctrs = model_top_n(redis_client, VERSION, user_id,
-                                                  offline.OFFLINE_PID, top_n)
+        expected_ids, expected_ctrs = model_top_n(
+            redis_client, VERSION, user_id, offline.OFFLINE_PID, top_n
+        )
         assert ids.tolist() == expected_ids, user_id
         np.testing.assert_allclose(ctrs, expected_ctrs, rtol=1e-3)
         # What the service answers a ranking request for the user's recall list, as the
         # gateway sends it: the same ads and the same CTRs, stored as the job stores them.
         stored = store.read_user_features(redis_client, VERSION, user_id)
-        served = snapshot.score(offline.OFFLINE_PID, stored or UserFeatures.missing(),
-                                store.read_recall_list(redis_client, VERSION, user_id)
-                                .astype(np.int64), top_n)
+        served = snapshot.score(
+            offline.OFFLINE_PID,
+            stored or UserFeatures.missing(),
+            store.read_recall_list(redis_client, VERSION, user_id).astype(np.int64),
+            top_n,
+        )
         assert ids.tolist() == served.ad_ids, user_id
         np.testing.assert_array_equal(
-            ctrs, np.asarray(served.ctrs, dtype=np.float32).astype(np.float16))
+            ctrs, np.asarray(served.ctrs, dtype=np.float32).astype(np.float16)
+        )
 
     assert offline_ids[3] == [9, 3, 7, 1, 5]
     # The twins: next to each other, in each user's recall order.
@@ -518,8 +588,10 @@ def test_offline_order_is_the_same_for_every_pid():
         "adgroup_id": np.arange(1, 21, dtype=np.int32),
         "cate_id": rng.choice([10, 30], 20).astype(np.int32),
         "price": rng.lognormal(4, 1, 20).astype(np.float32),
-        **{name: rng.uniform(0.01, 0.1, 20).astype(np.float32)
-           for name in ("ctr_ad", "ctr_cate", "ctr_brand")},
+        **{
+            name: rng.uniform(0.01, 0.1, 20).astype(np.float32)
+            for name in ("ctr_ad", "ctr_cate", "ctr_brand")
+        },
     }
     model = CtrModel(FULL, rng.normal(0, 1, FULL.dim), -2.0)
     data = offline.RankingData.as_served(ads, CATE_FACTORS, model)
@@ -527,8 +599,9 @@ def test_offline_order_is_the_same_for_every_pid():
     factors = np.array([[0.3, 0.1, -0.2], [np.nan] * 3], dtype=np.float32)
     candidates = np.concatenate([np.arange(1, 21), np.arange(20, 0, -1)]).astype(np.int32)
     orders = [
-        offline.rank_users(profiles, factors, candidates, np.array([0, 20, 40]), data, pid=pid,
-                           top_n=8)
+        offline.rank_users(
+            profiles, factors, candidates, np.array([0, 20, 40]), data, pid=pid, top_n=8
+        )
         for pid in PIDS
     ]
     np.testing.assert_array_equal(orders[0][0], orders[1][0])
@@ -542,8 +615,10 @@ def test_offline_order_is_the_same_for_every_pid():
 def test_both_feature_sets_beat_chance_on_the_tiny_preset(spark, tiny_data):
     tables = ingest.load_dataset(spark, str(tiny_data))
     samples = tables["raw_sample"].data
-    als = train_als(ratings.ratings_from_behavior(tables["behavior_log"].data),
-                    AlsConfig(max_iter=5, holdout_fraction=0.0, blocks=2))
+    als = train_als(
+        ratings.ratings_from_behavior(tables["behavior_log"].data),
+        AlsConfig(max_iter=5, holdout_fraction=0.0, blocks=2),
+    )
     smoothing = job_features.Smoothing()
     users = job_features.user_features(tables["user_profile"].data, als.user_factors)
     ads = job_features.ad_features(tables["ad_feature"].data, samples, smoothing).cache()

@@ -43,10 +43,12 @@ RANK = 3
 
 def factor_frame(spark, user_ids, factors):
     rows = [(int(u), [float(x) for x in f]) for u, f in zip(user_ids, factors, strict=True)]
-    schema = StructType([
-        StructField("user_id", IntegerType(), False),
-        StructField("als_factors", ArrayType(FloatType(), False), False),
-    ])
+    schema = StructType(
+        [
+            StructField("user_id", IntegerType(), False),
+            StructField("als_factors", ArrayType(FloatType(), False), False),
+        ]
+    )
     return spark.createDataFrame(rows, schema)
 
 
@@ -69,8 +71,13 @@ def users(count, seed=1):
 
 def category_of(catalog):
     """ad id -> category id."""
-    return dict(zip(catalog.ad_ids.tolist(),
-                    np.repeat(catalog.cate_ids, catalog.sizes).tolist(), strict=True))
+    return dict(
+        zip(
+            catalog.ad_ids.tolist(),
+            np.repeat(catalog.cate_ids, catalog.sizes).tolist(),
+            strict=True,
+        )
+    )
 
 
 def expected_categories(catalog, factors, top, length):
@@ -79,8 +86,7 @@ def expected_categories(catalog, factors, top, length):
     ranked = sorted(range(catalog.n_categories), key=lambda c: (-scores[c], c))[:top]
     sequence = []
     for c in ranked:
-        sequence += [int(catalog.cate_ids[c])] * min(int(catalog.sizes[c]),
-                                                     length - len(sequence))
+        sequence += [int(catalog.cate_ids[c])] * min(int(catalog.sizes[c]), length - len(sequence))
     return sequence
 
 
@@ -89,8 +95,11 @@ def expected_categories(catalog, factors, top, length):
 
 def test_ratings_follow_the_course_rule_with_the_cap(spark):
     rows = (
-        [(1, 100, "pv", 10)] * 3 + [(1, 100, "buy", 10)]
-        + [(1, 100, "pv", 11)] * 25 + [(1, 100, "fav", 11)] * 21 + [(1, 100, "cart", 11)]
+        [(1, 100, "pv", 10)] * 3
+        + [(1, 100, "buy", 10)]
+        + [(1, 100, "pv", 11)] * 25
+        + [(1, 100, "fav", 11)] * 21
+        + [(1, 100, "cart", 11)]
         + [(2, 100, b, 10) for b in ("pv", "fav", "cart", "buy") for _ in range(20)]
         + [(2, 100, "buy", 10)] * 30
         # ignored: non-positive timestamps, null ids
@@ -114,7 +123,9 @@ def test_als_gives_factors_for_every_rated_user_and_a_finite_rmse(spark):
     truth_users, truth_cates = rng.random((60, 2)), rng.random((12, 2))
     rows = [
         (u + 1, 100 + c, float(np.clip(10 * truth_users[u] @ truth_cates[c], 0.2, 44)))
-        for u in range(60) for c in range(12) if rng.random() < 0.6
+        for u in range(60)
+        for c in range(12)
+        if rng.random() < 0.6
     ]
     rows.append((999, 100, 3.0))  # a user with a single rating still gets factors
     ratings = spark.createDataFrame(rows, "user_id int, cate_id int, rating double")
@@ -131,8 +142,12 @@ def test_als_gives_factors_for_every_rated_user_and_a_finite_rmse(spark):
     assert frame_ids == result.user_ids.tolist()
 
     # Evaluating on a sample of users still publishes factors for everyone.
-    sampled = train_als(ratings, AlsConfig(rank=RANK, max_iter=3, seed=7, blocks=2,
-                                           holdout_fraction=0.5, evaluation_users=15))
+    sampled = train_als(
+        ratings,
+        AlsConfig(
+            rank=RANK, max_iter=3, seed=7, blocks=2, holdout_fraction=0.5, evaluation_users=15
+        ),
+    )
     assert sampled.user_ids.tolist() == result.user_ids.tolist()
     assert sampled.train_ratings == len(rows)
     assert 0 < sampled.holdout_ratings < len(rows) / 4
@@ -142,11 +157,14 @@ def test_als_gives_factors_for_every_rated_user_and_a_finite_rmse(spark):
 # ------------------------------------------------------------------ recall lists (numpy)
 
 
-@pytest.mark.parametrize(("sizes", "top"), [
-    ([120, 40, 300, 7, 90, 60, 250, 33, 18, 150] * 4, 20),
-    # enough categories for the block prefilter of the top-category search
-    (np.random.default_rng(6).integers(100, 300, 1_500).tolist(), 5),
-])
+@pytest.mark.parametrize(
+    ("sizes", "top"),
+    [
+        ([120, 40, 300, 7, 90, 60, 250, 33, 18, 150] * 4, 20),
+        # enough categories for the block prefilter of the top-category search
+        (np.random.default_rng(6).integers(100, 300, 1_500).tolist(), 5),
+    ],
+)
 def test_lists_have_distinct_ads_in_als_category_rank_order(sizes, top):
     catalog = make_catalog(sizes)
     user_ids, factors = users(40)
@@ -163,8 +181,11 @@ def test_lists_have_distinct_ads_in_als_category_rank_order(sizes, top):
         # categories before the last one visited are taken whole
         last = expected[-1]
         for c in set(expected) - {last}:
-            whole = catalog.ad_ids[catalog.offsets[np.searchsorted(catalog.cate_ids, c)]:
-                                   catalog.offsets[np.searchsorted(catalog.cate_ids, c) + 1]]
+            whole = catalog.ad_ids[
+                catalog.offsets[np.searchsorted(catalog.cate_ids, c)] : catalog.offsets[
+                    np.searchsorted(catalog.cate_ids, c) + 1
+                ]
+            ]
             assert {a for a in ads.tolist() if cate[a] == c} == set(whole.tolist())
 
 
@@ -173,8 +194,7 @@ def test_short_lists_walk_only_the_top_categories_then_fill_from_popular():
     popular = [3, 200, 44, 1, 150, 77, 90, 2, 5]
     catalog = make_catalog(sizes, popular=popular)
     user_ids, factors = users(30)
-    chunk = recall_chunk(catalog, RecallConfig(list_length=60, top_categories=2), user_ids,
-                         factors)
+    chunk = recall_chunk(catalog, RecallConfig(list_length=60, top_categories=2), user_ids, factors)
     cate = category_of(catalog)
 
     for row in range(30):
@@ -186,7 +206,7 @@ def test_short_lists_walk_only_the_top_categories_then_fill_from_popular():
         fill = [a for a in popular if a not in ads[:personal]][: 60 - personal]
         assert ads[personal:] == fill
         assert len(set(ads)) == len(ads) == personal + len(fill)
-        assert (chunk.ad_ids[row, chunk.lengths[row]:] == 0).all()
+        assert (chunk.ad_ids[row, chunk.lengths[row] :] == 0).all()
 
 
 def test_lists_are_reproducible_for_a_seed_and_independent_of_chunking():
@@ -199,12 +219,17 @@ def test_lists_are_reproducible_for_a_seed_and_independent_of_chunking():
         again = recall_chunk(catalog, config, user_ids, factors)
         assert np.array_equal(whole.ad_ids, again.ad_ids)
         for size in (1, 7, 16):
-            parts = [recall_chunk(catalog, config, user_ids[i : i + size], factors[i : i + size])
-                     for i in range(0, 50, size)]
+            parts = [
+                recall_chunk(catalog, config, user_ids[i : i + size], factors[i : i + size])
+                for i in range(0, 50, size)
+            ]
             assert np.array_equal(np.vstack([p.ad_ids for p in parts]), whole.ad_ids)
-        reseeded = recall_chunk(catalog, RecallConfig(list_length=300, top_categories=4,
-                                                      strategy=strategy, seed=12),
-                                user_ids, factors)
+        reseeded = recall_chunk(
+            catalog,
+            RecallConfig(list_length=300, top_categories=4, strategy=strategy, seed=12),
+            user_ids,
+            factors,
+        )
         assert not np.array_equal(reseeded.ad_ids, whole.ad_ids)
 
 
@@ -214,8 +239,9 @@ def test_a_huge_category_is_sampled_without_replacement():
     catalog = make_catalog([20_000], impressions=impressions)
     user_ids, factors = users(200)
     for strategy in recall.STRATEGIES:
-        chunk = recall_chunk(catalog, RecallConfig(list_length=100, strategy=strategy),
-                             user_ids, factors)
+        chunk = recall_chunk(
+            catalog, RecallConfig(list_length=100, strategy=strategy), user_ids, factors
+        )
         assert all(len(set(row.tolist())) == 100 for row in chunk.ad_ids)
         assert chunk.ad_ids.min() >= 1 and chunk.ad_ids.max() <= 20_000
 
@@ -227,8 +253,9 @@ def test_popular_strategy_favours_high_impression_ads(size, length):
     user_ids, factors = users(500)
     shares = {}
     for strategy in recall.STRATEGIES:
-        chunk = recall_chunk(catalog, RecallConfig(list_length=length, strategy=strategy),
-                             user_ids, factors)
+        chunk = recall_chunk(
+            catalog, RecallConfig(list_length=length, strategy=strategy), user_ids, factors
+        )
         shares[strategy] = heavy[chunk.ad_ids[:, :20] - 1].mean()
     # weight 100 against 1: each of the first 20 picks is heavy with probability > 0.85
     assert shares["popular"] > 0.85
@@ -240,9 +267,13 @@ def test_keyed_and_drawn_samples_follow_the_same_distribution():
     catalog = make_catalog([40], impressions=weights - 1)
     n = 4000
     streams = randomness.user_streams(3, np.arange(1, n + 1))
-    segments = sampler.Segments(row=np.arange(n), cate=np.zeros(n, dtype=np.int64),
-                                take=np.full(n, 5), size=np.full(n, 40),
-                                start=np.zeros(n, dtype=np.int64))
+    segments = sampler.Segments(
+        row=np.arange(n),
+        cate=np.zeros(n, dtype=np.int64),
+        take=np.full(n, 5),
+        size=np.full(n, 40),
+        start=np.zeros(n, dtype=np.int64),
+    )
     keyed, drawn = np.zeros((n, 5), np.int32), np.zeros((n, 5), np.int32)
     sampler.sample_by_keys(catalog, True, streams, segments, keyed)
     sampler.sample_by_draws(catalog, True, streams, segments, drawn)
@@ -258,10 +289,16 @@ def test_keyed_and_drawn_samples_follow_the_same_distribution():
 
 def test_equal_scores_rank_the_lower_category_first():
     catalog = make_catalog([5, 5, 5, 5])
-    tied = build_catalog(catalog.ad_ids, np.repeat(catalog.cate_ids, 5), np.zeros(20),
-                         (catalog.cate_ids, np.ones((4, RANK), np.float32)), np.array([]))
-    chunk = recall_chunk(tied, RecallConfig(list_length=8, top_categories=3), [1],
-                         np.ones((1, RANK), np.float32))
+    tied = build_catalog(
+        catalog.ad_ids,
+        np.repeat(catalog.cate_ids, 5),
+        np.zeros(20),
+        (catalog.cate_ids, np.ones((4, RANK), np.float32)),
+        np.array([]),
+    )
+    chunk = recall_chunk(
+        tied, RecallConfig(list_length=8, top_categories=3), [1], np.ones((1, RANK), np.float32)
+    )
     assert [category_of(tied)[a] for a in chunk.ad_ids[0].tolist()] == [10] * 5 + [20] * 3
 
 
@@ -278,8 +315,13 @@ def test_top_categories_match_a_full_sort_despite_many_ties():
 
 
 def test_catalog_keeps_only_categories_with_factors_and_rejects_duplicate_ads():
-    catalog = build_catalog([5, 6, 7, 8], [1, 2, 2, 3], [0, 4, 9, 1],
-                            (np.array([2, 3, 4]), np.eye(3, dtype=np.float32)), [7])
+    catalog = build_catalog(
+        [5, 6, 7, 8],
+        [1, 2, 2, 3],
+        [0, 4, 9, 1],
+        (np.array([2, 3, 4]), np.eye(3, dtype=np.float32)),
+        [7],
+    )
     assert catalog.cate_ids.tolist() == [2, 3]
     assert catalog.ad_ids.tolist() == [7, 6, 8]  # heaviest first within a category
     assert catalog.ads_without_factors == 1
@@ -293,20 +335,21 @@ def test_catalog_keeps_only_categories_with_factors_and_rejects_duplicate_ads():
 def test_spark_lists_match_numpy_and_decode_from_redis(spark, redis_url, tmp_path):
     catalog = make_catalog([80, 300, 45, 12, 600, 90, 30], popular=[1, 2, 3, 500, 900])
     user_ids, factors = users(120)
-    config = RecallConfig(list_length=200, top_categories=3, strategy="popular",
-                          chunk_users=16)
+    config = RecallConfig(list_length=200, top_categories=3, strategy="popular", chunk_users=16)
     expected = recall_chunk(catalog, config, user_ids, factors)
     frame = factor_frame(spark, user_ids, factors)
 
     rows = build_recall_lists(frame, catalog, config).collect()
     got = {r.user_id: (r.ad_ids, r.personal) for r in rows}
-    for user, ads, personal in zip(expected.user_ids.tolist(), expected.lists(),
-                                   expected.personal.tolist(), strict=True):
+    for user, ads, personal in zip(
+        expected.user_ids.tolist(), expected.lists(), expected.personal.tolist(), strict=True
+    ):
         assert got[user] == (ads.tolist(), personal)
 
     settings = RedisSettings(url=redis_url)
-    stats = publish_recall_lists(frame, catalog, config, settings, "v3",
-                                 output_path=str(tmp_path / "recall"))
+    stats = publish_recall_lists(
+        frame, catalog, config, settings, "v3", output_path=str(tmp_path / "recall")
+    )
     assert stats.users == 120
     assert stats.personal_ads + stats.fallback_ads == sum(len(a) for a, _ in got.values())
     assert stats.filled_users == sum(p < len(a) for a, p in got.values())
@@ -335,10 +378,14 @@ def samples_frame(spark, rows):
 def test_popular_lists_rank_by_clicks_per_pid_and_overall(spark, redis_url):
     a, b = "430548_1007", "430539_1007"
     rows = (
-        [(1, 100, a, 1)] * 3 + [(1, 100, a, 0)] * 5  # 3 clicks / 8
-        + [(1, 200, a, 1)] * 3 + [(1, 200, a, 0)] * 1  # 3 clicks / 4: wins the tie
-        + [(1, 300, b, 1)] * 4 + [(1, 100, b, 1)] * 2
-        + [(1, 400, b, 0)] * 9 + [(1, 500, b, 0)] * 9  # no clicks: lower id first
+        [(1, 100, a, 1)] * 3
+        + [(1, 100, a, 0)] * 5  # 3 clicks / 8
+        + [(1, 200, a, 1)] * 3
+        + [(1, 200, a, 0)] * 1  # 3 clicks / 4: wins the tie
+        + [(1, 300, b, 1)] * 4
+        + [(1, 100, b, 1)] * 2
+        + [(1, 400, b, 0)] * 9
+        + [(1, 500, b, 0)] * 9  # no clicks: lower id first
     )
     samples = samples_frame(spark, rows)
     lists = collect_popular(popular_lists(samples, length=3))
@@ -346,8 +393,9 @@ def test_popular_lists_rank_by_clicks_per_pid_and_overall(spark, redis_url):
     assert lists[b].tolist() == [300, 100, 400]
     assert lists[keys.POPULAR_ALL].tolist() == [100, 300, 200]
 
-    impressions = {r.adgroup_id: (r.impressions, r.clicks)
-                   for r in ad_impressions(samples).collect()}
+    impressions = {
+        r.adgroup_id: (r.impressions, r.clicks) for r in ad_impressions(samples).collect()
+    }
     assert impressions[100] == (10, 5)
 
     settings = RedisSettings(url=redis_url)
@@ -360,19 +408,27 @@ def test_popular_lists_rank_by_clicks_per_pid_and_overall(spark, redis_url):
 def test_collect_catalog_weights_ads_by_training_impressions(spark):
     ads = spark.createDataFrame([(1, 10), (2, 10), (3, 20)], "adgroup_id int, cate_id int")
     impressions = ad_impressions(samples_frame(spark, [(1, 2, "p", 0)] * 4))
-    catalog = collect_catalog(ads, impressions, (np.array([10, 20]),
-                                                 np.eye(2, dtype=np.float32)), [2])
+    catalog = collect_catalog(
+        ads, impressions, (np.array([10, 20]), np.eye(2, dtype=np.float32)), [2]
+    )
     assert catalog.ad_ids.tolist() == [2, 1, 3]
     assert catalog.weights.tolist() == [5, 1, 1]
 
 
 def test_hit_rate_counts_clicked_pairs_found_in_the_lists(spark):
     lists = spark.createDataFrame([(1, [10, 11, 12], 3), (2, [20, 21], 2)], recall.RECALL_SCHEMA)
-    test_day = samples_frame(spark, [
-        (1, 10, "p", 1), (1, 10, "p", 1), (1, 13, "p", 1), (1, 11, "p", 0),
-        (2, 21, "p", 1), (2, 22, "p", 0),
-        (3, 99, "p", 1),  # no recall list: judged on the fallback
-    ])
+    test_day = samples_frame(
+        spark,
+        [
+            (1, 10, "p", 1),
+            (1, 10, "p", 1),
+            (1, 13, "p", 1),
+            (1, 11, "p", 0),
+            (2, 21, "p", 1),
+            (2, 22, "p", 0),
+            (3, 99, "p", 1),  # no recall list: judged on the fallback
+        ],
+    )
     rate = recall_hit_rate(test_day, lists, fallback=[99, 98])
     assert (rate.clicked_pairs, rate.hits, rate.pairs_on_fallback) == (4, 3, 1)
     assert rate.rate == 0.75
@@ -396,22 +452,29 @@ def test_tiny_preset_end_to_end(spark, redis_url, tmp_path):
     ads = ingest.load_ad_feature(spark, ingest.dataset_path(base, dataset.AD_FEATURE))
     train, test = ingest.split_by_day(samples.data)
 
-    als = train_als(ratings_from_behavior(behavior.data),
-                    AlsConfig(max_iter=5, blocks=2, holdout_fraction=0))
+    als = train_als(
+        ratings_from_behavior(behavior.data), AlsConfig(max_iter=5, blocks=2, holdout_fraction=0)
+    )
     fallback = collect_popular(popular_lists(train))[keys.POPULAR_ALL]
     catalog = collect_catalog(ads.data, ad_impressions(train), als.cate_factors, fallback)
     assert catalog.ads_without_factors + len(catalog.ad_ids) == ads.clean_rows
 
     settings = RedisSettings(url=redis_url)
-    stats = publish_recall_lists(als.user_factor_frame(), catalog,
-                                 RecallConfig(strategy="popular", seed=5), settings, "v1",
-                                 output_path=str(tmp_path / "recall"))
+    stats = publish_recall_lists(
+        als.user_factor_frame(),
+        catalog,
+        RecallConfig(strategy="popular", seed=5),
+        settings,
+        "v1",
+        output_path=str(tmp_path / "recall"),
+    )
     assert stats.users == len(als.user_ids) == stats.full_lists
 
     lists = spark.read.parquet(str(tmp_path / "recall"))
     table = lists.toArrow()
-    listed = dict(zip(table.column("user_id").to_pylist(), table.column("ad_ids").to_pylist(),
-                      strict=True))
+    listed = dict(
+        zip(table.column("user_id").to_pylist(), table.column("ad_ids").to_pylist(), strict=True)
+    )
     client = connect(settings)
     user = int(als.user_ids[len(als.user_ids) // 2])
     assert store.read_recall_list(client, "v1", user).tolist() == listed[user]

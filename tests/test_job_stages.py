@@ -58,8 +58,10 @@ def dataset_files() -> dict[str, list[str]]:
     for user in USERS:
         other = CATEGORIES[(user + 1) % len(CATEGORIES)]
         behavior += [f"{user},{TRAIN_TIME + i},pv,{liked(user)},1" for i in range(6)]
-        behavior += [f"{user},{TRAIN_TIME},buy,{liked(user)},1",
-                     f"{user},{TRAIN_TIME},pv,{other},1"]
+        behavior += [
+            f"{user},{TRAIN_TIME},buy,{liked(user)},1",
+            f"{user},{TRAIN_TIME},pv,{other},1",
+        ]
         for n, ad in enumerate(ads):
             if (ad + user) % 3:
                 continue
@@ -71,11 +73,14 @@ def dataset_files() -> dict[str, list[str]]:
     behavior.append("1,-5,pv,10,1")  # a bad timestamp, rejected
     return {
         RAW_SAMPLE.csv_file: [RAW_SAMPLE.header, *samples],
-        AD_FEATURE.csv_file: [AD_FEATURE.header] + [
+        AD_FEATURE.csv_file: [AD_FEATURE.header]
+        + [
             f"{ad},{category_of(ad)},{ad},{ad % 5 + 1},{ad % 3 + 1 if ad % 7 else 'NULL'},"
-            f"{10.0 + ad}" for ad in ads
+            f"{10.0 + ad}"
+            for ad in ads
         ],
-        USER_PROFILE.csv_file: [USER_PROFILE.header] + [
+        USER_PROFILE.csv_file: [USER_PROFILE.header]
+        + [
             f"{user},0,{user % 12},{user % 2 + 1},{user % 6},{user % 3 + 1},3,0,{user % 4 + 1}"
             for user in PROFILED_USERS
         ],
@@ -93,8 +98,15 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def config(data_dir):
-    return JobConfig(data=str(data_dir), als_rank=4, als_max_iter=5, recall_size=12,
-                     recall_top_categories=2, offline_top_n=5, seed=3)
+    return JobConfig(
+        data=str(data_dir),
+        als_rank=4,
+        als_max_iter=5,
+        recall_size=12,
+        recall_top_categories=2,
+        offline_top_n=5,
+        seed=3,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -160,8 +172,12 @@ def test_recall_stage_hit_rates_do_not_depend_on_the_published_strategy(
     """The strategy left unpublished is built for day-8 clickers only, to the same rates."""
     rates = {
         strategy: recall_stage(
-            tables, als, fallback, dataclasses.replace(config, recall_strategy=strategy),
-            str(tmp_path / strategy), None,
+            tables,
+            als,
+            fallback,
+            dataclasses.replace(config, recall_strategy=strategy),
+            str(tmp_path / strategy),
+            None,
         ).report["hit_rate"]
         for strategy in ("uniform", "popular")
     }
@@ -179,10 +195,15 @@ def test_ranking_stages_serve_the_configured_feature_set(
     recalled = recall_stage(tables, als, fallback, course, str(tmp_path), None)
 
     featured = features_stage(tables, als, sink)
-    assert featured.report == {"users": len(USERS), "ads": len(CATEGORIES) * ADS_PER_CATEGORY,
-                               "categories_with_factors": len(CATEGORIES)}
-    assert store.read_ad_table(redis_client, version)["adgroup_id"].tolist() == \
-        featured.ad_table["adgroup_id"].tolist()
+    assert featured.report == {
+        "users": len(USERS),
+        "ads": len(CATEGORIES) * ADS_PER_CATEGORY,
+        "categories_with_factors": len(CATEGORIES),
+    }
+    assert (
+        store.read_ad_table(redis_client, version)["adgroup_id"].tolist()
+        == featured.ad_table["adgroup_id"].tolist()
+    )
 
     notes = []
     trained = ctr_stage(tables, featured, als, course, sink, note=notes.append)
@@ -207,12 +228,21 @@ def test_ranking_stages_serve_the_configured_feature_set(
 
 def test_publish_stage_commits_the_report_summary(redis_client):
     report = {
-        "config_digest": "abc", "feature_spec_id": "full-x",
-        "recall": {"users": 7}, "features": {"users": 9, "ads": 4},
+        "config_digest": "abc",
+        "feature_spec_id": "full-x",
+        "recall": {"users": 7},
+        "features": {"users": 9, "ads": 4},
         "offline": {"lists": 6, "pid": PIDS[0]},
-        "ctr": {"served_feature_set": "full",
-                "full": {"auc": 0.75, "logloss": 0.2, "observed_ctr": 0.05,
-                         "mean_predicted": 0.06, "train_rows": 100}},
+        "ctr": {
+            "served_feature_set": "full",
+            "full": {
+                "auc": 0.75,
+                "logloss": 0.2,
+                "observed_ctr": 0.05,
+                "mean_predicted": 0.06,
+                "train_rows": 100,
+            },
+        },
     }
     stages = [{"name": name, "seconds": 1.0, "rows": None, "notes": {}} for name in STAGES[:-1]]
     with Publication(redis_client) as first:
@@ -227,10 +257,18 @@ def test_publish_stage_commits_the_report_summary(redis_client):
     assert store.active_version(redis_client) == second.version
     content = store.read_meta(redis_client, second.version).content
     assert (content.config_digest, content.feature_spec_id) == ("abc", "full-x")
-    assert (content.counts.recall_lists, content.counts.offline_lists,
-            content.counts.users, content.counts.ads) == (7, 6, 9, 4)
-    assert content.model_metrics == {"auc": 0.75, "logloss": 0.2, "observed_ctr": 0.05,
-                                     "mean_predicted": 0.06}
+    assert (
+        content.counts.recall_lists,
+        content.counts.offline_lists,
+        content.counts.users,
+        content.counts.ads,
+    ) == (7, 6, 9, 4)
+    assert content.model_metrics == {
+        "auc": 0.75,
+        "logloss": 0.2,
+        "observed_ctr": 0.05,
+        "mean_predicted": 0.06,
+    }
     assert content.stages == STAGES[:-1]
     assert content.offline_pid == PIDS[0]
     assert content.report["memory"] == published.memory

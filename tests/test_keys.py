@@ -40,8 +40,9 @@ def test_every_family_is_pinned_above():
 
 def test_keys_never_contain_hash_tags():
     for family in keys.VERSIONED_FAMILIES:
-        key = family.key("v3", 5 if family.member == "user_id" else None
-                         if family.member is None else "all")
+        key = family.key(
+            "v3", 5 if family.member == "user_id" else None if family.member is None else "all"
+        )
         assert b"{" not in key and b"}" not in key
 
 
@@ -79,8 +80,10 @@ def test_every_family_pairs_its_key_with_one_codec():
         "offline": (np.array([4, 8]), np.array([0.25, 0.5])),
         "user": UserFeatures({"age_level": 3.0}, np.array([0.5, -1.0], dtype=np.float32)),
         "ads": {"adgroup_id": np.array([1, 2], dtype=np.int32)},
-        "cate_factors": {"cate_id": np.array([5], dtype=np.int32),
-                         "factors": np.ones((1, 2), dtype=np.float32)},
+        "cate_factors": {
+            "cate_id": np.array([5], dtype=np.int32),
+            "factors": np.ones((1, 2), dtype=np.float32),
+        },
     }
     for family in keys.VERSIONED_FAMILIES:
         if family.name not in samples:
@@ -93,8 +96,9 @@ def test_every_family_pairs_its_key_with_one_codec():
             assert decoded.profile["age_level"] == 3.0
             assert decoded.als_factors.tolist() == [0.5, -1.0]
         elif isinstance(value, dict):
-            assert {k: v.tolist() for k, v in decoded.items()} == \
-                {k: v.tolist() for k, v in value.items()}
+            assert {k: v.tolist() for k, v in decoded.items()} == {
+                k: v.tolist() for k, v in value.items()
+            }
         else:
             assert decoded.tolist() == value.tolist()
     assert keys.RECALL.codec is keys.POPULAR.codec  # both are ordered ad id lists

@@ -40,8 +40,9 @@ def test_metadata_round_trips():
 
 
 def test_unknown_fields_are_ignored_and_missing_ones_default():
-    raw = json.dumps({"version": "v2", "run_id": "r", "created_at": "x",
-                      "written_by_a_newer_job": {"a": 1}}).encode()
+    raw = json.dumps(
+        {"version": "v2", "run_id": "r", "created_at": "x", "written_by_a_newer_job": {"a": 1}}
+    ).encode()
     meta = VersionMeta.from_json(raw)
     assert meta.version == "v2" and meta.content == VersionContent()
     assert meta.memory_bytes == 0 and meta.created_at_unix is None
@@ -52,15 +53,18 @@ def test_an_older_version_keeps_its_offline_placement_in_the_report():
     assert VersionMeta.from_json(raw).content.offline_pid == "430539_1007"
 
 
-@pytest.mark.parametrize(("document", "field"), [
-    ({"run_id": 5}, "'run_id' must be str"),
-    ({"memory_bytes": "big"}, "'memory_bytes' must be int"),
-    ({"memory_bytes": True}, "'memory_bytes' must be int"),
-    ({"counts": {"users": 1.5}}, "'counts.users' must be int"),
-    ({"model_metrics": {"auc": "high"}}, "'model_metrics.auc' must be a number"),
-    ({"stages": ["ingest", 3]}, "'stages' must list strings"),
-    ({"report": []}, "'report' must be dict"),
-])
+@pytest.mark.parametrize(
+    ("document", "field"),
+    [
+        ({"run_id": 5}, "'run_id' must be str"),
+        ({"memory_bytes": "big"}, "'memory_bytes' must be int"),
+        ({"memory_bytes": True}, "'memory_bytes' must be int"),
+        ({"counts": {"users": 1.5}}, "'counts.users' must be int"),
+        ({"model_metrics": {"auc": "high"}}, "'model_metrics.auc' must be a number"),
+        ({"stages": ["ingest", 3]}, "'stages' must list strings"),
+        ({"report": []}, "'report' must be dict"),
+    ],
+)
 def test_a_field_of_the_wrong_type_is_named(document, field):
     with pytest.raises(CodecError, match=field):
         VersionMeta.from_json(json.dumps(document).encode())

@@ -11,8 +11,13 @@ from adrec.core.model import CtrModel, ModelArtifactError
 
 def model(spec=COURSE):
     weights = np.linspace(-1, 1, spec.dim)
-    return CtrModel(spec=spec, weights=weights, intercept=-3.0, metrics={"auc": 0.61},
-                    trained_at="2026-11-28T00:00:00Z")
+    return CtrModel(
+        spec=spec,
+        weights=weights,
+        intercept=-3.0,
+        metrics={"auc": 0.61},
+        trained_at="2026-11-28T00:00:00Z",
+    )
 
 
 def test_round_trip_preserves_weights_exactly():
@@ -54,8 +59,9 @@ def test_reordered_weights_are_refused():
         CtrModel.from_json(json.dumps(document))
 
 
-@pytest.mark.parametrize("raw", [b"\x80\x04K\x01.", b"[]", b'{"format": "pickle"}',
-                                 b'{"format": "adrec.ctr_model.v1"}'])
+@pytest.mark.parametrize(
+    "raw", [b"\x80\x04K\x01.", b"[]", b'{"format": "pickle"}', b'{"format": "adrec.ctr_model.v1"}']
+)
 def test_foreign_or_broken_artifacts_are_refused(raw):
     with pytest.raises(ModelArtifactError):
         CtrModel.from_json(raw)

@@ -70,12 +70,14 @@ KILLED_WRITER = textwrap.dedent("""
 """)
 
 
-def test_a_killed_run_leaves_the_old_version_served_and_is_cleaned_up_later(redis_client,
-                                                                            redis_url):
+def test_a_killed_run_leaves_the_old_version_served_and_is_cleaned_up_later(
+    redis_client, redis_url
+):
     publish(redis_client)
     v1_keys = sorted(redis_client.keys(b"adrec:v1:*"))
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, redis_url],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, redis_url], stdout=subprocess.PIPE, text=True
+    )
     try:
         killed_version = proc.stdout.readline().strip()
         assert killed_version == "v2"
@@ -120,8 +122,10 @@ def test_reruns_are_idempotent(redis_client):
     publish(redis_client, keep=1)
     publish(redis_client, keep=1)
     assert store.list_versions(redis_client) == ["v2", "v3"]
-    assert store.read_recall_list(redis_client, "v3", 2).tolist() == \
-        store.read_recall_list(redis_client, "v2", 2).tolist()
+    assert (
+        store.read_recall_list(redis_client, "v3", 2).tolist()
+        == store.read_recall_list(redis_client, "v2", 2).tolist()
+    )
     assert len(redis_client.keys(b"adrec:v[0-9]*")) == 2 * (3 + 1)
 
 

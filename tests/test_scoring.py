@@ -41,8 +41,10 @@ def ad_table(ad_ids, rng, twins=TWINS):
         "adgroup_id": np.asarray(ad_ids),
         "cate_id": rng.integers(1, 30, rows).astype(np.int32),
         "price": rng.uniform(1, 500, rows).astype(np.float32),
-        **{name: rng.uniform(0, 0.2, rows).astype(np.float32)
-           for name in ("ctr_ad", "ctr_cate", "ctr_brand")},
+        **{
+            name: rng.uniform(0, 0.2, rows).astype(np.float32)
+            for name in ("ctr_ad", "ctr_cate", "ctr_brand")
+        },
     }
     equal = np.flatnonzero(np.isin(table["adgroup_id"], twins))
     for column in ("cate_id", "price", "ctr_ad", "ctr_cate", "ctr_brand"):
@@ -92,7 +94,7 @@ def test_many_lists_follow_the_rule_list_by_list(top_k):
     order = best_first(ctrs, top_k, lists)
     start, expected = 0, []
     for length in lengths:
-        own = ctrs[start:start + length]
+        own = ctrs[start : start + length]
         expected += [start + i for i in tie_rule(own.tolist(), top_k)]
         assert best_first(own, top_k).tolist() == tie_rule(own.tolist(), top_k)
         start += length
@@ -124,7 +126,13 @@ def test_repeats_count_within_a_list_not_across_lists():
     lists = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2])
     found = known_candidates(index, ids, lists)
     assert list(zip(found.lists.tolist(), found.ids.tolist(), strict=True)) == [
-        (0, 5), (0, 6), (1, 6), (1, 5), (1, 7), (2, 6)]
+        (0, 5),
+        (0, 6),
+        (1, 6),
+        (1, 5),
+        (1, 7),
+        (2, 6),
+    ]
     assert found.unknown == 2  # id 500 in list 1 and in list 2
 
 
@@ -138,19 +146,28 @@ def test_unknown_ads_are_dropped_and_each_distinct_id_counted_once():
     assert known_candidates(index, np.zeros(0, dtype=np.int64)).unknown == 0
 
 
-@pytest.mark.parametrize("ad_ids, dense", [
-    (np.array([1, 2, 5, 9, 400]), True),
-    (np.array([3, 17, DENSE_ID_LIMIT - 1]), True),
-    (np.array([3, 17, DENSE_ID_LIMIT]), False),
-    (np.array([0, 4, 9]), False),  # id 0 takes the slot the dense table keeps for misses
-    (np.array([2**33, 2**33 + 7]), False),
-    (np.zeros(0, dtype=np.int64), False),
-])
+@pytest.mark.parametrize(
+    "ad_ids, dense",
+    [
+        (np.array([1, 2, 5, 9, 400]), True),
+        (np.array([3, 17, DENSE_ID_LIMIT - 1]), True),
+        (np.array([3, 17, DENSE_ID_LIMIT]), False),
+        (np.array([0, 4, 9]), False),  # id 0 takes the slot the dense table keeps for misses
+        (np.array([2**33, 2**33 + 7]), False),
+        (np.zeros(0, dtype=np.int64), False),
+    ],
+)
 def test_dense_and_sparse_lookups_find_the_same_rows(ad_ids, dense):
     index = AdIndex.of(ad_ids)
     assert (index.row_by_id is not None) == dense
-    probes = np.concatenate([ad_ids, ad_ids + 1, ad_ids - 1,
-                             [0, -1, -(2**40), 2**40, DENSE_ID_LIMIT, DENSE_ID_LIMIT + 1]])
+    probes = np.concatenate(
+        [
+            ad_ids,
+            ad_ids + 1,
+            ad_ids - 1,
+            [0, -1, -(2**40), 2**40, DENSE_ID_LIMIT, DENSE_ID_LIMIT + 1],
+        ]
+    )
     expected = [ad_ids.tolist().index(p) if p in ad_ids.tolist() else -1 for p in probes]
     assert index.rows(probes.astype(np.int64)).tolist() == expected
 
@@ -176,11 +193,19 @@ def test_ctrs_are_the_shared_encoder_and_model_predict(spec):
     assert (scored.compiled is None) == (spec is UNSPLIT)
     rows = np.arange(0, 300, 3)
     for person in USERS:
-        affinity = (np.full(len(rows), np.nan) if person.als_factors is None else
-                    features.als_affinity(person.als_factors, table["cate_id"][rows], CATE_IDS,
-                                          factors))
-        columns = {"pid": PID, **person.columns(), "als_affinity": affinity,
-                   **{name: table[name][rows] for name in features.AD_NUMERIC_FIELDS}}
+        affinity = (
+            np.full(len(rows), np.nan)
+            if person.als_factors is None
+            else features.als_affinity(
+                person.als_factors, table["cate_id"][rows], CATE_IDS, factors
+            )
+        )
+        columns = {
+            "pid": PID,
+            **person.columns(),
+            "als_affinity": affinity,
+            **{name: table[name][rows] for name in features.AD_NUMERIC_FIELDS},
+        }
         expected = scored.model.predict(spec.encode(columns))
         np.testing.assert_allclose(scored.ctrs(PID, person, rows), expected, rtol=1e-12)
 
@@ -197,7 +222,7 @@ def test_tied_ads_come_back_in_candidate_order(spec):
     candidates = np.array([40, 9, 12, 3, 250, 7, 33, 1, 5, 101])
     ranked = scored.rank(PID, USERS[0], candidates, 0)
     at = ranked.ad_ids.tolist().index(9)
-    assert ranked.ad_ids[at:at + 5].tolist() == [9, 3, 7, 1, 5]
+    assert ranked.ad_ids[at : at + 5].tolist() == [9, 3, 7, 1, 5]
 
 
 def test_equal_ads_score_equally_wherever_they_stand():
@@ -226,8 +251,9 @@ def test_a_batch_of_users_is_ranked_exactly_as_each_alone(spec, top_k):
     ]
     people = [USERS[i % len(USERS)] for i in range(len(lists))]
     offsets = np.concatenate([[0], np.cumsum([len(ids) for ids in lists])])
-    ids, ctrs, top_offsets = scored.rank_lists(PID, people, np.concatenate(lists).astype(np.int32),
-                                               offsets, top_k)
+    ids, ctrs, top_offsets = scored.rank_lists(
+        PID, people, np.concatenate(lists).astype(np.int32), offsets, top_k
+    )
     assert len(top_offsets) == len(lists) + 1 and top_offsets[-1] == len(ids)
     for i, (candidates, person) in enumerate(zip(lists, people, strict=True)):
         alone = scored.rank(PID, person, candidates.astype(np.int64), top_k)
@@ -244,6 +270,7 @@ def test_a_version_without_category_factors_scores_every_affinity_as_missing():
     rows = np.arange(50)
     assert np.isnan(bare.affinity(USERS[0], rows)).all()
     without_factors = UserFeatures(USERS[0].profile)
-    np.testing.assert_array_equal(bare.ctrs(PID, USERS[0], rows),
-                                  bare.ctrs(PID, without_factors, rows))
+    np.testing.assert_array_equal(
+        bare.ctrs(PID, USERS[0], rows), bare.ctrs(PID, without_factors, rows)
+    )
     assert not np.allclose(scored.ctrs(PID, USERS[0], rows), bare.ctrs(PID, USERS[0], rows))

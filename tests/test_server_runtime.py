@@ -402,8 +402,11 @@ def test_the_observer_wraps_the_unary_methods_of_the_services_and_health():
             await get_candidates(channel, user_id=7)
             await health_status(channel)
         # Health's streaming Watch and reflection pass through unwrapped.
-        assert recorder.wrapped == {(RECALL, "GetCandidates"), ("grpc.health.v1.Health", "Check"),
-                                    ("grpc.health.v1.Health", "List")}
+        assert recorder.wrapped == {
+            (RECALL, "GetCandidates"),
+            ("grpc.health.v1.Health", "Check"),
+            ("grpc.health.v1.Health", "List"),
+        }
         assert recorder.calls == [
             f"/{RECALL}/GetCandidates",
             "/grpc.health.v1.Health/Check",
@@ -420,30 +423,40 @@ def test_grpc_server_metrics_count_each_call_by_its_status_code():
             loopback_channel(running.port) as channel,
         ):
             await get_candidates(channel, user_id=7)
-            for request_id, code in (("abort", grpc.StatusCode.INVALID_ARGUMENT),
-                                     ("crash", grpc.StatusCode.UNKNOWN)):
+            for request_id, code in (
+                ("abort", grpc.StatusCode.INVALID_ARGUMENT),
+                ("crash", grpc.StatusCode.UNKNOWN),
+            ):
                 with pytest.raises(grpc.aio.AioRpcError) as failure:
                     await get_candidates(channel, user_id=7, request_id=request_id)
                 assert failure.value.code() == code
             stub = recall_service_pb2_grpc.RecallServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as late:
                 await stub.GetCandidates(
-                    recall_service_pb2.GetCandidatesRequest(user_id=7, request_id=HOLD),
-                    timeout=0.2)
+                    recall_service_pb2.GetCandidatesRequest(user_id=7, request_id=HOLD), timeout=0.2
+                )
             assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
             def handled(code: str) -> float | None:
-                return metrics.registry.get_sample_value("grpc_server_handled_total", {
-                    "grpc_type": "unary", "grpc_service": RECALL,
-                    "grpc_method": "GetCandidates", "grpc_code": code})
+                return metrics.registry.get_sample_value(
+                    "grpc_server_handled_total",
+                    {
+                        "grpc_type": "unary",
+                        "grpc_service": RECALL,
+                        "grpc_method": "GetCandidates",
+                        "grpc_code": code,
+                    },
+                )
 
             await wait_until(lambda: handled("DeadlineExceeded") == 1)
             servicer.release_held_calls.set()
         labels = {"grpc_type": "unary", "grpc_service": RECALL, "grpc_method": "GetCandidates"}
-        assert {code: handled(code) for code in ("OK", "InvalidArgument", "Unknown")} \
-            == {"OK": 1, "InvalidArgument": 1, "Unknown": 1}
+        assert {code: handled(code) for code in ("OK", "InvalidArgument", "Unknown")} == {
+            "OK": 1,
+            "InvalidArgument": 1,
+            "Unknown": 1,
+        }
         assert metrics.registry.get_sample_value("grpc_server_started_total", labels) == 4
-        assert metrics.registry.get_sample_value(
-            "grpc_server_handling_seconds_count", labels) == 4
+        assert metrics.registry.get_sample_value("grpc_server_handling_seconds_count", labels) == 4
 
     run(scenario)

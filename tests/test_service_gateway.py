@@ -41,27 +41,40 @@ POPULAR = common_pb2.CANDIDATE_SOURCE_POPULAR
 @contextlib.asynccontextmanager
 async def separate_services(redis_url: str, **gateway_env) -> AsyncIterator[dict]:
     """Recall, ranking and gateway as three servers, so one can be stopped on its own."""
-    async with running_stack(redis_url, "recall") as recall, \
-            running_stack(redis_url, "ranking") as ranking:
-        env = {"ADREC_RECALL_ADDRESS": f"127.0.0.1:{recall.services['recall'].port}",
-               "ADREC_RANKING_ADDRESS": f"127.0.0.1:{ranking.services['ranking'].port}",
-               **gateway_env}
-        async with running_stack(redis_url, "gateway", **env) as gateway, \
-                loopback_channel(gateway.services["gateway"].port) as channel:
-            yield {"recall": recall.services["recall"], "ranking": ranking.services["ranking"],
-                   "gateway": gateway, "channel": channel}
+    async with (
+        running_stack(redis_url, "recall") as recall,
+        running_stack(redis_url, "ranking") as ranking,
+    ):
+        env = {
+            "ADREC_RECALL_ADDRESS": f"127.0.0.1:{recall.services['recall'].port}",
+            "ADREC_RANKING_ADDRESS": f"127.0.0.1:{ranking.services['ranking'].port}",
+            **gateway_env,
+        }
+        async with (
+            running_stack(redis_url, "gateway", **env) as gateway,
+            loopback_channel(gateway.services["gateway"].port) as channel,
+        ):
+            yield {
+                "recall": recall.services["recall"],
+                "ranking": ranking.services["ranking"],
+                "gateway": gateway,
+                "channel": channel,
+            }
 
 
 def test_realtime_recommend_end_to_end(redis_client, redis_url):
     data = publish_version(redis_client)
 
     async def scenario():
-        async with running_stack(redis_url) as stack, \
-                loopback_channel(stack.services["gateway"].port) as channel:
+        async with (
+            running_stack(redis_url) as stack,
+            loopback_channel(stack.services["gateway"].port) as channel,
+        ):
             for user in (data.users_with_factors[0], data.users_without_profile[0]):
                 for pid in PIDS:
-                    response = await recommend(channel, user_id=user, pid=pid, count=10,
-                                               request_id=f"r-{user}-{pid}")
+                    response = await recommend(
+                        channel, user_id=user, pid=pid, count=10, request_id=f"r-{user}-{pid}"
+                    )
                     ids, ctrs, _ = expected_ranking(data, user, pid, data.recall_lists[user])
                     assert [ad.ad_id for ad in response.ads] == ids[:10]
                     assert [ad.ctr for ad in response.ads] == pytest.approx(ctrs[:10], rel=1e-6)
@@ -72,25 +85,34 @@ def test_realtime_recommend_end_to_end(redis_client, redis_url):
                     assert response.data_version == data.version
                     assert response.model_version == f"{data.version}/{data.model.spec.spec_id}"
                     assert response.request_id == f"r-{user}-{pid}"
-            unspecified = await recommend(channel, user_id=data.users_with_factors[1],
-                                          pid=PIDS[0], count=3)
+            unspecified = await recommend(
+                channel, user_id=data.users_with_factors[1], pid=PIDS[0], count=3
+            )
             assert unspecified.mode == REALTIME and path(unspecified) == "REALTIME_RANKED"
             assert len(unspecified.request_id) == 32  # generated
-            assert metric(stack, "adrec_recommendations_total", service="gateway",
-                          mode="realtime", path="realtime_ranked") == 5
+            assert (
+                metric(
+                    stack,
+                    "adrec_recommendations_total",
+                    service="gateway",
+                    mode="realtime",
+                    path="realtime_ranked",
+                )
+                == 5
+            )
 
     run(scenario)
 
 
-def test_offline_recommend_serves_the_jobs_list_converted_to_the_placement(
-    redis_client, redis_url
-):
+def test_offline_recommend_serves_the_jobs_list_converted_to_the_placement(redis_client, redis_url):
     data = publish_version(redis_client)
     user = data.users_with_factors[0]
 
     async def scenario():
-        async with running_stack(redis_url) as stack, \
-                loopback_channel(stack.services["gateway"].port) as channel:
+        async with (
+            running_stack(redis_url) as stack,
+            loopback_channel(stack.services["gateway"].port) as channel,
+        ):
             offline_ids, offline_ctrs = data.offline_lists[user]
             for pid in PIDS:
                 response = await recommend(channel, user_id=user, pid=pid, count=10, mode=OFFLINE)
@@ -100,7 +122,8 @@ def test_offline_recommend_serves_the_jobs_list_converted_to_the_placement(
                 assert [ad.ad_id for ad in response.ads] == [ad.ad_id for ad in realtime.ads]
                 # Stored as float16: about three significant digits.
                 assert [ad.ctr for ad in response.ads] == pytest.approx(
-                    [ad.ctr for ad in realtime.ads], rel=2e-3)
+                    [ad.ctr for ad in realtime.ads], rel=2e-3
+                )
                 if pid == OFFLINE_PID:
                     stored = offline_ctrs[:10].astype(np.float16).astype(np.float32)
                     assert [ad.ctr for ad in response.ads] == stored.tolist()
@@ -114,8 +137,10 @@ def test_unknown_users_get_popular_ads_in_both_modes(redis_client, redis_url):
     data = publish_version(redis_client)
 
     async def scenario():
-        async with running_stack(redis_url) as stack, \
-                loopback_channel(stack.services["gateway"].port) as channel:
+        async with (
+            running_stack(redis_url) as stack,
+            loopback_channel(stack.services["gateway"].port) as channel,
+        ):
             for user in (data.users_without_recall[0], 55_555):
                 realtime = await recommend(channel, user_id=user, pid=PIDS[1], count=7)
                 assert path(realtime) == "POPULAR"
@@ -123,27 +148,28 @@ def test_unknown_users_get_popular_ads_in_both_modes(redis_client, redis_url):
                 assert [ad.ad_id for ad in realtime.ads] == data.popular[PIDS[1]][:7].tolist()
                 assert not any(ad.HasField("ctr") for ad in realtime.ads)
                 assert realtime.candidate_source == POPULAR and realtime.model_version == ""
-                offline = await recommend(channel, user_id=user, pid=PIDS[1], count=7,
-                                          mode=OFFLINE)
+                offline = await recommend(channel, user_id=user, pid=PIDS[1], count=7, mode=OFFLINE)
                 assert path(offline) == "POPULAR"
                 assert reasons(offline) == ["NO_OFFLINE_LIST", "NO_RECALL_SET"]
                 assert list(offline.ads) == list(realtime.ads)
-            assert metric(stack, "adrec_fallbacks_total", service="gateway",
-                          reason="no_recall_set") == 4
+            assert (
+                metric(stack, "adrec_fallbacks_total", service="gateway", reason="no_recall_set")
+                == 4
+            )
 
     run(scenario)
 
 
-def test_a_user_without_an_offline_list_gets_recall_order_in_offline_mode(
-    redis_client, redis_url
-):
+def test_a_user_without_an_offline_list_gets_recall_order_in_offline_mode(redis_client, redis_url):
     data = publish_version(redis_client)
     user = data.users_with_factors[4]
     redis_client.delete(keys.OFFLINE.key(data.version, user))
 
     async def scenario():
-        async with running_stack(redis_url) as stack, \
-                loopback_channel(stack.services["gateway"].port) as channel:
+        async with (
+            running_stack(redis_url) as stack,
+            loopback_channel(stack.services["gateway"].port) as channel,
+        ):
             response = await recommend(channel, user_id=user, pid=PIDS[0], count=12, mode=OFFLINE)
             assert path(response) == "RECALL_ORDER"
             assert reasons(response) == ["NO_OFFLINE_LIST"]
@@ -161,27 +187,37 @@ def test_ranking_down_falls_back_to_the_offline_list_then_recall_order(redis_cli
     async def scenario():
         async with separate_services(redis_url) as services:
             channel = services["channel"]
-            assert path(await recommend(channel, user_id=with_offline, pid=PIDS[0], count=5)) \
+            assert (
+                path(await recommend(channel, user_id=with_offline, pid=PIDS[0], count=5))
                 == "REALTIME_RANKED"
+            )
             await services["ranking"].server.stop(grace=0)
 
             offline = await recommend(channel, user_id=with_offline, pid=PIDS[0], count=5)
             assert path(offline) == "OFFLINE_RANKED"
             assert reasons(offline) == ["RANKING_UNAVAILABLE"]
-            assert [ad.ad_id for ad in offline.ads] == \
-                data.offline_lists[with_offline][0][:5].tolist()
+            assert [ad.ad_id for ad in offline.ads] == data.offline_lists[with_offline][0][
+                :5
+            ].tolist()
             assert all(ad.HasField("ctr") for ad in offline.ads)
 
-            recall_order = await recommend(channel, user_id=without_offline, pid=PIDS[0],
-                                           count=5)
+            recall_order = await recommend(channel, user_id=without_offline, pid=PIDS[0], count=5)
             assert path(recall_order) == "RECALL_ORDER"
             assert reasons(recall_order) == ["RANKING_UNAVAILABLE", "NO_OFFLINE_LIST"]
-            assert [ad.ad_id for ad in recall_order.ads] == \
-                data.recall_lists[without_offline][:5].tolist()
+            assert [ad.ad_id for ad in recall_order.ads] == data.recall_lists[without_offline][
+                :5
+            ].tolist()
             assert not any(ad.HasField("ctr") for ad in recall_order.ads)
             assert recall_order.candidate_source == PERSONAL
-            assert metric(services["gateway"], "adrec_fallbacks_total", service="gateway",
-                          reason="ranking_unavailable") == 2
+            assert (
+                metric(
+                    services["gateway"],
+                    "adrec_fallbacks_total",
+                    service="gateway",
+                    reason="ranking_unavailable",
+                )
+                == 2
+            )
 
     run(scenario)
 
@@ -198,12 +234,18 @@ def test_an_outage_logs_a_line_a_second_per_kind_of_degraded_answer_and_counts_a
             await services["ranking"].server.stop(grace=0)
             started = time.monotonic()
             for _ in range(30):
-                answer = await recommend(services["channel"], user_id=user, pid=PIDS[0],
-                                         count=5)
+                answer = await recommend(services["channel"], user_id=user, pid=PIDS[0], count=5)
                 assert reasons(answer) == ["RANKING_UNAVAILABLE"]
             seconds = time.monotonic() - started
-            assert metric(services["gateway"], "adrec_fallbacks_total", service="gateway",
-                          reason="ranking_unavailable") == 30
+            assert (
+                metric(
+                    services["gateway"],
+                    "adrec_fallbacks_total",
+                    service="gateway",
+                    reason="ranking_unavailable",
+                )
+                == 30
+            )
             logged = [record for record in caplog.records if record.msg == "degraded answer"]
             assert 1 <= len(logged) <= seconds + 1
             assert logged[0].reasons == ["ranking_unavailable"]
@@ -225,8 +267,9 @@ def test_recall_down_falls_back_to_the_offline_list_then_popular(redis_client, r
             assert path(offline) == "OFFLINE_RANKED"
             assert reasons(offline) == ["RECALL_UNAVAILABLE"]
 
-            popular = await recommend(channel, user_id=data.users_without_recall[0],
-                                      pid=PIDS[1], count=5)
+            popular = await recommend(
+                channel, user_id=data.users_without_recall[0], pid=PIDS[1], count=5
+            )
             assert path(popular) == "POPULAR"
             assert reasons(popular) == ["RECALL_UNAVAILABLE", "NO_OFFLINE_LIST"]
             assert [ad.ad_id for ad in popular.ads] == data.popular[PIDS[1]][:5].tolist()
@@ -242,14 +285,21 @@ def test_a_hung_ranking_costs_only_the_callers_deadline_and_serves_the_offline_l
     user = data.users_with_factors[0]
 
     async def scenario():
-        async with running_stack(redis_url, "recall") as recall, \
-                service_process(redis_url, "ranking") as ranking:
-            env = {"ADREC_RECALL_ADDRESS": f"127.0.0.1:{recall.services['recall'].port}",
-                   "ADREC_RANKING_ADDRESS": f"127.0.0.1:{ranking.ports['ranking']}",
-                   # A budget far beyond the caller's deadline: the caller's must win.
-                   "ADREC_RANKING_TIMEOUT_MS": 30_000, "ADREC_FALLBACK_RESERVE_MS": 800}
-            async with running_stack(redis_url, "gateway", **env) as gateway, \
-                    loopback_channel(gateway.services["gateway"].port) as channel:
+        async with (
+            running_stack(redis_url, "recall") as recall,
+            service_process(redis_url, "ranking") as ranking,
+        ):
+            env = {
+                "ADREC_RECALL_ADDRESS": f"127.0.0.1:{recall.services['recall'].port}",
+                "ADREC_RANKING_ADDRESS": f"127.0.0.1:{ranking.ports['ranking']}",
+                # A budget far beyond the caller's deadline: the caller's must win.
+                "ADREC_RANKING_TIMEOUT_MS": 30_000,
+                "ADREC_FALLBACK_RESERVE_MS": 800,
+            }
+            async with (
+                running_stack(redis_url, "gateway", **env) as gateway,
+                loopback_channel(gateway.services["gateway"].port) as channel,
+            ):
 
                 async def ranked():
                     answer = await recommend(channel, user_id=user, pid=PIDS[0], count=5)
@@ -263,8 +313,9 @@ def test_a_hung_ranking_costs_only_the_callers_deadline_and_serves_the_offline_l
                 ranking.process.send_signal(signal.SIGSTOP)
                 try:
                     started = time.monotonic()
-                    response = await recommend(channel, timeout=2.0, user_id=user, pid=PIDS[0],
-                                               count=5)
+                    response = await recommend(
+                        channel, timeout=2.0, user_id=user, pid=PIDS[0], count=5
+                    )
                     elapsed = time.monotonic() - started
                 finally:
                     ranking.process.send_signal(signal.SIGCONT)
@@ -278,21 +329,26 @@ def test_a_hung_ranking_costs_only_the_callers_deadline_and_serves_the_offline_l
     run(scenario, timeout=60)
 
 
-def test_a_caller_without_a_deadline_gets_the_configured_request_budget(
-    redis_client, redis_url
-):
+def test_a_caller_without_a_deadline_gets_the_configured_request_budget(redis_client, redis_url):
     data = publish_version(redis_client)
     user = data.users_with_factors[0]
 
     async def scenario():
-        async with running_stack(redis_url, "recall") as recall, \
-                service_process(redis_url, "ranking") as ranking:
-            env = {"ADREC_RECALL_ADDRESS": f"127.0.0.1:{recall.services['recall'].port}",
-                   "ADREC_RANKING_ADDRESS": f"127.0.0.1:{ranking.ports['ranking']}",
-                   "ADREC_REQUEST_TIMEOUT_MS": 2000, "ADREC_RANKING_TIMEOUT_MS": 30_000,
-                   "ADREC_FALLBACK_RESERVE_MS": 800}
-            async with running_stack(redis_url, "gateway", **env) as gateway, \
-                    loopback_channel(gateway.services["gateway"].port) as channel:
+        async with (
+            running_stack(redis_url, "recall") as recall,
+            service_process(redis_url, "ranking") as ranking,
+        ):
+            env = {
+                "ADREC_RECALL_ADDRESS": f"127.0.0.1:{recall.services['recall'].port}",
+                "ADREC_RANKING_ADDRESS": f"127.0.0.1:{ranking.ports['ranking']}",
+                "ADREC_REQUEST_TIMEOUT_MS": 2000,
+                "ADREC_RANKING_TIMEOUT_MS": 30_000,
+                "ADREC_FALLBACK_RESERVE_MS": 800,
+            }
+            async with (
+                running_stack(redis_url, "gateway", **env) as gateway,
+                loopback_channel(gateway.services["gateway"].port) as channel,
+            ):
                 stub = gateway_service_pb2_grpc.GatewayServiceStub(channel)
                 request = gateway_pb2.RecommendRequest(user_id=user, pid=PIDS[0], count=5)
                 deadline = time.monotonic() + 20
@@ -329,8 +385,10 @@ def test_bad_requests_are_invalid_argument_naming_the_field(redis_client, redis_
     publish_version(redis_client)
 
     async def scenario():
-        async with running_stack(redis_url) as stack, \
-                loopback_channel(stack.services["gateway"].port) as channel:
+        async with (
+            running_stack(redis_url) as stack,
+            loopback_channel(stack.services["gateway"].port) as channel,
+        ):
             valid = {"user_id": 1001, "pid": PIDS[0], "count": 500}
             assert len((await recommend(channel, **valid)).ads) == 492  # 8 unknown skipped
             for change, field in INVALID_REQUESTS:
@@ -339,9 +397,16 @@ def test_bad_requests_are_invalid_argument_naming_the_field(redis_client, redis_
                 assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, change
                 assert error.value.details().startswith(f"{field}: "), error.value.details()
             # Nothing reached the downstream services.
-            assert metric(stack, "grpc_server_started_total", grpc_type="unary",
-                          grpc_service="adrec.recall.v1.RecallService",
-                          grpc_method="GetCandidates") == 1
+            assert (
+                metric(
+                    stack,
+                    "grpc_server_started_total",
+                    grpc_type="unary",
+                    grpc_service="adrec.recall.v1.RecallService",
+                    grpc_method="GetCandidates",
+                )
+                == 1
+            )
 
     run(scenario)
 
@@ -351,13 +416,16 @@ def test_count_bounds_the_answer_on_every_path(redis_client, redis_url):
     user = data.users_with_factors[0]
 
     async def scenario():
-        async with running_stack(redis_url) as stack, \
-                loopback_channel(stack.services["gateway"].port) as channel:
+        async with (
+            running_stack(redis_url) as stack,
+            loopback_channel(stack.services["gateway"].port) as channel,
+        ):
             for count in (1, 50, 500):
                 realtime = await recommend(channel, user_id=user, pid=PIDS[0], count=count)
                 assert len(realtime.ads) == min(count, 492)
-                offline = await recommend(channel, user_id=user, pid=PIDS[0], count=count,
-                                          mode=OFFLINE)
+                offline = await recommend(
+                    channel, user_id=user, pid=PIDS[0], count=count, mode=OFFLINE
+                )
                 assert len(offline.ads) == min(count, 50)
                 popular = await recommend(channel, user_id=4242, pid=PIDS[0], count=count)
                 assert len(popular.ads) == min(count, 200)

@@ -61,15 +61,19 @@ def test_health_follows_redis_down_and_back_while_answers_keep_coming():
         user = data.users_with_factors[0]
 
         async def statuses(channels) -> set[int]:
-            return {await health_status(channel, service)
-                    for channel, service in zip(channels, SERVICES.values(), strict=True)}
+            return {
+                await health_status(channel, service)
+                for channel, service in zip(channels, SERVICES.values(), strict=True)
+            }
 
         async def scenario():
             async with running_stack(server.url) as stack:
                 ports = [stack.services[name].port for name in SERVICES]
-                async with loopback_channel(ports[0]) as recall, \
-                        loopback_channel(ports[1]) as ranking, \
-                        loopback_channel(ports[2]) as gateway:
+                async with (
+                    loopback_channel(ports[0]) as recall,
+                    loopback_channel(ports[1]) as ranking,
+                    loopback_channel(ports[2]) as gateway,
+                ):
                     channels = (recall, ranking, gateway)
                     assert await statuses(channels) == {SERVING}
 
@@ -92,13 +96,16 @@ def test_health_follows_redis_down_and_back_while_answers_keep_coming():
                         publish_version, redis.Redis.from_url(server.url), seed=2
                     )
                     assert republished.version == data.version
-                    ids, _, _ = expected_ranking(republished, user, PIDS[0],
-                                                 republished.recall_lists[user])
+                    ids, _, _ = expected_ranking(
+                        republished, user, PIDS[0], republished.recall_lists[user]
+                    )
 
                     async def reloaded():
                         answer = await recommend(gateway, user_id=user, pid=PIDS[0], count=5)
-                        return path(answer) == "REALTIME_RANKED" and \
-                            [ad.ad_id for ad in answer.ads] == ids[:5]
+                        return (
+                            path(answer) == "REALTIME_RANKED"
+                            and [ad.ad_id for ad in answer.ads] == ids[:5]
+                        )
 
                     await wait_until(reloaded)
                     assert await statuses(channels) == {SERVING}
@@ -132,25 +139,41 @@ def test_reflection_describes_every_service_to_grpc_and_buf_clients(redis_client
             for name, full_name in SERVICES.items():
                 port = stack.services[name].port
                 described = await asyncio.to_thread(describe, port)
-                assert described == {full_name, "grpc.health.v1.Health",
-                                     "grpc.reflection.v1alpha.ServerReflection"}
+                assert described == {
+                    full_name,
+                    "grpc.health.v1.Health",
+                    "grpc.reflection.v1alpha.ServerReflection",
+                }
                 code, listed, errors = await run_buf(
-                    "curl", "--protocol", "grpc", "--http2-prior-knowledge", "--reflect",
-                    "--list-services", f"http://127.0.0.1:{port}")
+                    "curl",
+                    "--protocol",
+                    "grpc",
+                    "--http2-prior-knowledge",
+                    "--reflect",
+                    "--list-services",
+                    f"http://127.0.0.1:{port}",
+                )
                 assert code == 0, errors
                 assert full_name in listed.split()
 
             user = data.users_with_factors[0]
             code, output, errors = await run_buf(
-                "curl", "--protocol", "grpc", "--http2-prior-knowledge", "--reflect",
-                "--data", json.dumps({"userId": str(user), "pid": PIDS[0], "count": 3}),
+                "curl",
+                "--protocol",
+                "grpc",
+                "--http2-prior-knowledge",
+                "--reflect",
+                "--data",
+                json.dumps({"userId": str(user), "pid": PIDS[0], "count": 3}),
                 f"http://127.0.0.1:{stack.services['gateway'].port}"
-                f"/{SERVICES['gateway']}/Recommend")
+                f"/{SERVICES['gateway']}/Recommend",
+            )
             assert code == 0, errors
             answer = json.loads(output)
             assert answer["servingPath"] == "SERVING_PATH_REALTIME_RANKED"
-            assert [int(ad["adId"]) for ad in answer["ads"]] == \
-                expected_ranking(data, user, PIDS[0], data.recall_lists[user])[0][:3]
+            assert [int(ad["adId"]) for ad in answer["ads"]] == expected_ranking(
+                data, user, PIDS[0], data.recall_lists[user]
+            )[0][:3]
 
     run(scenario)
 
@@ -163,17 +186,22 @@ def scrape(port: int) -> dict[str, list]:
 
 
 def samples(families: dict, name: str, suffix: str = "", **labels: str) -> list[float]:
-    return [sample.value for sample in families[name]
-            if sample.name == name + suffix
-            and all(sample.labels.get(key) == value for key, value in labels.items())]
+    return [
+        sample.value
+        for sample in families[name]
+        if sample.name == name + suffix
+        and all(sample.labels.get(key) == value for key, value in labels.items())
+    ]
 
 
 def test_metrics_endpoint_serves_standard_grpc_and_domain_metrics(redis_client, redis_url):
     data = publish_version(redis_client)
 
     async def scenario():
-        async with running_stack(redis_url) as stack, \
-                loopback_channel(stack.services["gateway"].port) as channel:
+        async with (
+            running_stack(redis_url) as stack,
+            loopback_channel(stack.services["gateway"].port) as channel,
+        ):
             for user in data.users_with_factors[:3]:
                 await recommend(channel, user_id=user, pid=PIDS[0], count=5)
             await recommend(channel, user_id=424242, pid=PIDS[0], count=5)
@@ -181,43 +209,59 @@ def test_metrics_endpoint_serves_standard_grpc_and_domain_metrics(redis_client, 
                 await recommend(channel, user_id=-1, pid=PIDS[0], count=5)
             families = await asyncio.to_thread(scrape, stack.metrics_port)
 
-        gateway = {"grpc_type": "unary", "grpc_service": SERVICES["gateway"],
-                   "grpc_method": "Recommend"}
+        gateway = {
+            "grpc_type": "unary",
+            "grpc_service": SERVICES["gateway"],
+            "grpc_method": "Recommend",
+        }
         assert samples(families, "grpc_server_started", "_total", **gateway) == [5]
-        assert samples(families, "grpc_server_handled", "_total", grpc_code="OK",
-                       **gateway) == [4]
-        assert samples(families, "grpc_server_handled", "_total", grpc_code="InvalidArgument",
-                       **gateway) == [1]
+        assert samples(families, "grpc_server_handled", "_total", grpc_code="OK", **gateway) == [4]
+        assert samples(
+            families, "grpc_server_handled", "_total", grpc_code="InvalidArgument", **gateway
+        ) == [1]
         assert samples(families, "grpc_server_handling_seconds", "_count", **gateway) == [5]
-        buckets = samples(families, "grpc_server_handling_seconds", "_bucket", le="0.01",
-                          **gateway)
+        buckets = samples(families, "grpc_server_handling_seconds", "_bucket", le="0.01", **gateway)
         assert len(buckets) == 1 and 0 < buckets[0] <= 5
-        ranking = {"grpc_type": "unary", "grpc_service": SERVICES["ranking"],
-                   "grpc_method": "RankCandidates"}
-        assert samples(families, "grpc_server_handled", "_total", grpc_code="OK",
-                       **ranking) == [3]
-        assert samples(families, "adrec_candidates_per_request", "_count", service="ranking") \
-            == [3]
-        assert samples(families, "adrec_candidates_per_request", "_sum", service="recall") \
-            == [3 * 500 + 200]
-        assert samples(families, "adrec_fallbacks", "_total", service="gateway",
-                       reason="no_recall_set") == [1]
+        ranking = {
+            "grpc_type": "unary",
+            "grpc_service": SERVICES["ranking"],
+            "grpc_method": "RankCandidates",
+        }
+        assert samples(families, "grpc_server_handled", "_total", grpc_code="OK", **ranking) == [3]
+        assert samples(families, "adrec_candidates_per_request", "_count", service="ranking") == [3]
+        assert samples(families, "adrec_candidates_per_request", "_sum", service="recall") == [
+            3 * 500 + 200
+        ]
+        assert samples(
+            families, "adrec_fallbacks", "_total", service="gateway", reason="no_recall_set"
+        ) == [1]
         created = dt.datetime.fromisoformat(
-            store.read_meta(redis_client, data.version).created_at).timestamp()
+            store.read_meta(redis_client, data.version).created_at
+        ).timestamp()
         for service in SERVICES:
-            assert samples(families, "adrec_data_version_info", "", service=service,
-                           version=data.version) == [1]
-            assert samples(families, "adrec_data_version_created_timestamp_seconds", "",
-                           service=service) == [created]
+            assert samples(
+                families, "adrec_data_version_info", "", service=service, version=data.version
+            ) == [1]
+            assert samples(
+                families, "adrec_data_version_created_timestamp_seconds", "", service=service
+            ) == [created]
             assert samples(families, "adrec_redis_up", "", service=service) == [1]
         model_version = f"{data.version}/{data.model.spec.spec_id}"
-        assert samples(families, "adrec_model_version_info", "", service="ranking",
-                       version=model_version) == [1]
+        assert samples(
+            families, "adrec_model_version_info", "", service="ranking", version=model_version
+        ) == [1]
         assert samples(families, "adrec_unknown_ads", "_total", service="ranking") == [24]
-        assert samples(families, "adrec_redis_latency_seconds", "_count", service="ranking",
-                       op="user_features") == [3]
-        assert samples(families, "adrec_downstream_latency_seconds", "_count",
-                       service="gateway", downstream="ranking", grpc_code="OK") == [3]
+        assert samples(
+            families, "adrec_redis_latency_seconds", "_count", service="ranking", op="user_features"
+        ) == [3]
+        assert samples(
+            families,
+            "adrec_downstream_latency_seconds",
+            "_count",
+            service="gateway",
+            downstream="ranking",
+            grpc_code="OK",
+        ) == [3]
         assert "process_cpu_seconds" in families
 
     run(scenario)
@@ -234,35 +278,58 @@ def test_serve_all_process_answers_the_cli_logs_json_and_drains_on_sigterm(
         async with service_process(redis_url, "all", log_path=log_path) as served:
             gateway = f"127.0.0.1:{served.ports['gateway']}"
             async with loopback_channel(served.ports["gateway"]) as channel:
+
                 async def serving():
                     return await health_status(channel) == SERVING
 
                 await wait_until(serving, timeout=20)
 
-            args = ["recommend", str(user), "--count", "4", "--gateway", gateway,
-                    "--request-id", "cli-1"]
+            args = [
+                "recommend",
+                str(user),
+                "--count",
+                "4",
+                "--gateway",
+                gateway,
+                "--request-id",
+                "cli-1",
+            ]
             assert await asyncio.to_thread(main, args) == 0
             table = capsys.readouterr().out.splitlines()
             assert table[0].startswith("path realtime_ranked  mode realtime  degraded: no")
-            assert table[1] == (f"data {data.version}  model {data.version}/"
-                                f"{data.model.spec.spec_id}  request cli-1")
+            assert table[1] == (
+                f"data {data.version}  model {data.version}/"
+                f"{data.model.spec.spec_id}  request cli-1"
+            )
             ids, ctrs, _ = expected_ranking(data, user, PIDS[0], data.recall_lists[user])
             assert [line.split() for line in table[3:]] == [
                 [str(rank), str(ad), f"{ctr:.5f}"]
                 for rank, (ad, ctr) in enumerate(zip(ids[:4], ctrs[:4], strict=True), start=1)
             ]
 
-            args = ["recommend", "4242", "--mode", "offline", "--pid", PIDS[1], "--json",
-                    "--gateway", gateway, "--request-id", "cli-2"]
+            args = [
+                "recommend",
+                "4242",
+                "--mode",
+                "offline",
+                "--pid",
+                PIDS[1],
+                "--json",
+                "--gateway",
+                gateway,
+                "--request-id",
+                "cli-2",
+            ]
             assert await asyncio.to_thread(main, args) == 0
             answer = json.loads(capsys.readouterr().out)
             assert answer["servingPath"] == "SERVING_PATH_POPULAR"
-            assert answer["degradationReasons"] == ["DEGRADATION_REASON_NO_OFFLINE_LIST",
-                                                    "DEGRADATION_REASON_NO_RECALL_SET"]
+            assert answer["degradationReasons"] == [
+                "DEGRADATION_REASON_NO_OFFLINE_LIST",
+                "DEGRADATION_REASON_NO_RECALL_SET",
+            ]
 
             metrics = await asyncio.to_thread(scrape, served.ports["metrics"])
-            assert samples(metrics, "grpc_server_started", "_total",
-                           grpc_method="Recommend") == [2]
+            assert samples(metrics, "grpc_server_started", "_total", grpc_method="Recommend") == [2]
 
             served.process.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(served.process.wait(), timeout=30) == 0
@@ -300,14 +367,17 @@ def test_bad_settings_stop_the_start_naming_each_env_var_and_flag(monkeypatch, c
 
     monkeypatch.delenv("ADREC_RECALL_PORT")
     monkeypatch.delenv("ADREC_RELOAD_INTERVAL_SECONDS")
-    assert main(["serve", "gateway", "--ranking-timeout-ms", "0",
-                 "--fallback-reserve-ms", "500"]) == 2
+    assert (
+        main(["serve", "gateway", "--ranking-timeout-ms", "0", "--fallback-reserve-ms", "500"]) == 2
+    )
     error = capsys.readouterr().err
     assert "--ranking-timeout-ms (or ADREC_RANKING_TIMEOUT_MS)='0'" in error
 
     assert main(["serve", "gateway", "--fallback-reserve-ms", "500"]) == 2
-    assert "ADREC_FALLBACK_RESERVE_MS must be smaller than ADREC_REQUEST_TIMEOUT_MS" in \
-        capsys.readouterr().err
+    assert (
+        "ADREC_FALLBACK_RESERVE_MS must be smaller than ADREC_REQUEST_TIMEOUT_MS"
+        in capsys.readouterr().err
+    )
 
     assert main(["serve", "ranking", "--redis", "http://nope"]) == 2
     assert "REDIS_URL" in capsys.readouterr().err
@@ -315,12 +385,15 @@ def test_bad_settings_stop_the_start_naming_each_env_var_and_flag(monkeypatch, c
 
 def test_the_serve_command_only_parses_and_leaves_the_wiring_to_the_runtime():
     # Building the command line must not import the services: `adrec --help` stays light.
-    probe = ("import sys; from adrec.cli import build_parser; build_parser(); "
-             "print(sorted(m for m in sys.modules if m.split('.')[:2] in "
-             "(['services', 'recall'], ['services', 'ranking'], ['services', 'gateway'], "
-             "['services', 'process'])))")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                            check=True)
+    probe = (
+        "import sys; from adrec.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in sys.modules if m.split('.')[:2] in "
+        "(['services', 'recall'], ['services', 'ranking'], ['services', 'gateway'], "
+        "['services', 'process'])))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == "[]"
     assert set(process.TARGETS) == set(SETTINGS)
 
@@ -334,13 +407,17 @@ def test_the_serve_command_only_parses_and_leaves_the_wiring_to_the_runtime():
 
 def test_each_service_declares_its_env_vars_and_ports():
     assert set(SETTINGS) == {"recall", "ranking", "gateway", "all"}
-    assert {"ADREC_RECALL_PORT", "ADREC_METRICS_PORT", "REDIS_URL"} <= \
-        set(service_env_names("recall"))
+    assert {"ADREC_RECALL_PORT", "ADREC_METRICS_PORT", "REDIS_URL"} <= set(
+        service_env_names("recall")
+    )
     assert "ADREC_RANKING_ADDRESS" in service_env_names("gateway")
     assert "ADREC_GATEWAY_PORT" not in service_env_names("ranking")
     defaults = {name: SETTINGS[name]() for name in ("recall", "ranking", "gateway")}
-    ports = {defaults["recall"].recall_port, defaults["ranking"].ranking_port,
-             defaults["gateway"].gateway_port}
+    ports = {
+        defaults["recall"].recall_port,
+        defaults["ranking"].ranking_port,
+        defaults["gateway"].gateway_port,
+    }
     assert len(ports) == 3
     assert defaults["gateway"].ranking_address.endswith(f":{defaults['ranking'].ranking_port}")
     assert defaults["recall"].reload_interval_seconds > TEST_RELOAD_SECONDS
@@ -350,12 +427,18 @@ def test_the_creation_time_of_a_version_comes_from_its_metadata_or_is_not_export
     def created_at(text: str) -> float | None:
         return VersionMeta("v1", "run", text, 0, VersionContent()).created_at_unix
 
-    assert created_at("2026-11-28T02:30:00+00:00") == \
-        dt.datetime(2026, 11, 28, 2, 30, tzinfo=dt.UTC).timestamp()
-    assert created_at("2026-11-28T03:30:00+01:00") == \
-        dt.datetime(2026, 11, 28, 2, 30, tzinfo=dt.UTC).timestamp()
-    assert created_at("2026-11-28T02:30:00") == \
-        dt.datetime(2026, 11, 28, 2, 30, tzinfo=dt.UTC).timestamp()
+    assert (
+        created_at("2026-11-28T02:30:00+00:00")
+        == dt.datetime(2026, 11, 28, 2, 30, tzinfo=dt.UTC).timestamp()
+    )
+    assert (
+        created_at("2026-11-28T03:30:00+01:00")
+        == dt.datetime(2026, 11, 28, 2, 30, tzinfo=dt.UTC).timestamp()
+    )
+    assert (
+        created_at("2026-11-28T02:30:00")
+        == dt.datetime(2026, 11, 28, 2, 30, tzinfo=dt.UTC).timestamp()
+    )
     for text in ("", "yesterday"):
         assert created_at(text) is None
 
@@ -364,7 +447,8 @@ def test_the_creation_time_of_a_version_comes_from_its_metadata_or_is_not_export
 
     def exported() -> float | None:
         return metrics.registry.get_sample_value(
-            "adrec_data_version_created_timestamp_seconds", {"service": "recall"})
+            "adrec_data_version_created_timestamp_seconds", {"service": "recall"}
+        )
 
     recall.set_data_version("v1", 1764297000.0)
     assert exported() == 1764297000.0

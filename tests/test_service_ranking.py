@@ -43,8 +43,10 @@ def test_top_k_and_ctrs_equal_the_model_on_the_shared_encoding(redis_client, red
     data = publish_version(redis_client)
 
     async def scenario():
-        async with running_stack(redis_url, "ranking") as stack, \
-                loopback_channel(ranking_port(stack)) as channel:
+        async with (
+            running_stack(redis_url, "ranking") as stack,
+            loopback_channel(ranking_port(stack)) as channel,
+        ):
             assert stack.services["ranking"].service.snapshot.scorer.compiled is not None
             for user in (data.users_with_factors[0], data.users_without_factors[0]):
                 candidates = data.recall_lists[user].tolist()
@@ -64,15 +66,24 @@ def test_realtime_ranking_equals_the_jobs_offline_scoring(redis_client, redis_ur
     data = publish_version(redis_client)
 
     async def scenario():
-        async with running_stack(redis_url, "ranking") as stack, \
-                loopback_channel(ranking_port(stack)) as channel:
-            users = [*data.users_with_factors[:5], *data.users_without_factors[:2],
-                     *data.users_without_profile[:2]]
+        async with (
+            running_stack(redis_url, "ranking") as stack,
+            loopback_channel(ranking_port(stack)) as channel,
+        ):
+            users = [
+                *data.users_with_factors[:5],
+                *data.users_without_factors[:2],
+                *data.users_without_profile[:2],
+            ]
             for user in users:
                 offline_ids, offline_ctrs = data.offline_lists[user]
-                response = await rank(channel, user_id=user, pid=OFFLINE_PID,
-                                      ad_ids=data.recall_lists[user].tolist(),
-                                      top_k=len(offline_ids))
+                response = await rank(
+                    channel,
+                    user_id=user,
+                    pid=OFFLINE_PID,
+                    ad_ids=data.recall_lists[user].tolist(),
+                    top_k=len(offline_ids),
+                )
                 assert [ad.ad_id for ad in response.ads] == offline_ids.tolist()
                 assert [ad.ctr for ad in response.ads] == pytest.approx(
                     offline_ctrs.tolist(), rel=1e-6
@@ -86,8 +97,10 @@ def test_a_user_without_a_profile_is_scored_with_missing_levels(redis_client, re
     user = data.users_without_profile[0]
 
     async def scenario():
-        async with running_stack(redis_url, "ranking") as stack, \
-                loopback_channel(ranking_port(stack)) as channel:
+        async with (
+            running_stack(redis_url, "ranking") as stack,
+            loopback_channel(ranking_port(stack)) as channel,
+        ):
             candidates = data.recall_lists[user].tolist()
             response = await rank(channel, user_id=user, pid=PIDS[1], ad_ids=candidates)
             assert not response.user_profile_found
@@ -104,12 +117,24 @@ def test_unknown_and_repeated_ads_are_skipped_counted_and_scored_once(redis_clie
     user = data.users_with_factors[1]
     known = data.ads["adgroup_id"][:5].tolist()
     unknown = data.unknown_ad_ids[:3].tolist()
-    candidates = [known[0], unknown[0], known[1], known[0], unknown[1], known[2], unknown[0],
-                  unknown[2], known[3], known[4]]
+    candidates = [
+        known[0],
+        unknown[0],
+        known[1],
+        known[0],
+        unknown[1],
+        known[2],
+        unknown[0],
+        unknown[2],
+        known[3],
+        known[4],
+    ]
 
     async def scenario():
-        async with running_stack(redis_url, "ranking") as stack, \
-                loopback_channel(ranking_port(stack)) as channel:
+        async with (
+            running_stack(redis_url, "ranking") as stack,
+            loopback_channel(ranking_port(stack)) as channel,
+        ):
             response = await rank(channel, user_id=user, pid=PIDS[0], ad_ids=candidates)
             assert sorted(ad.ad_id for ad in response.ads) == sorted(known)
             assert response.unknown_ads_skipped == 3
@@ -135,11 +160,14 @@ def test_ties_keep_the_request_order(redis_client, redis_url):
     store.VersionWriter(redis_client, data.version).put_ad_table(table)
 
     async def scenario():
-        async with running_stack(redis_url, "ranking") as stack, \
-                loopback_channel(ranking_port(stack)) as channel:
+        async with (
+            running_stack(redis_url, "ranking") as stack,
+            loopback_channel(ranking_port(stack)) as channel,
+        ):
             for order in (twins, twins[::-1], [twins[1], twins[0], twins[2]]):
-                response = await rank(channel, user_id=data.users_with_factors[0], pid=PIDS[0],
-                                      ad_ids=order)
+                response = await rank(
+                    channel, user_id=data.users_with_factors[0], pid=PIDS[0], ad_ids=order
+                )
                 assert [ad.ad_id for ad in response.ads] == order
                 assert len({ad.ctr for ad in response.ads}) == 1
 
@@ -150,18 +178,25 @@ def job_top_n(data, table, user: int, candidates: np.ndarray, top_n: int):
     """The batch job's offline list for `user` over `candidates`, by its own rank_users."""
     stored = data.user_features.get(user, UserFeatures.missing())
     profiles = {field: np.array([stored.profile[field]]) for field in features.USER_PROFILE_FIELDS}
-    factors = (np.full((1, data.cate_factors.shape[1]), np.nan, np.float32)
-               if stored.als_factors is None else stored.als_factors[None, :])
+    factors = (
+        np.full((1, data.cate_factors.shape[1]), np.nan, np.float32)
+        if stored.als_factors is None
+        else stored.als_factors[None, :]
+    )
     served = RankingData.as_served(table, (data.cate_ids, data.cate_factors), data.model)
-    ids, ctrs, _ = rank_users(profiles, factors.astype(np.float32), candidates.astype(np.int32),
-                              np.array([0, len(candidates)]), served, pid=OFFLINE_PID,
-                              top_n=top_n)
+    ids, ctrs, _ = rank_users(
+        profiles,
+        factors.astype(np.float32),
+        candidates.astype(np.int32),
+        np.array([0, len(candidates)]),
+        served,
+        pid=OFFLINE_PID,
+        top_n=top_n,
+    )
     return ids.tolist(), ctrs.tolist()
 
 
-def test_tied_ads_in_a_non_sorted_recall_order_rank_as_the_job_ranks_them(
-    redis_client, redis_url
-):
+def test_tied_ads_in_a_non_sorted_recall_order_rank_as_the_job_ranks_them(redis_client, redis_url):
     data = publish_version(redis_client)
     table = data.ads
     ids = table["adgroup_id"]
@@ -173,26 +208,37 @@ def test_tied_ads_in_a_non_sorted_recall_order_rank_as_the_job_ranks_them(
     for column in ("cate_id", "price", "ctr_ad", "ctr_cate", "ctr_brand"):
         table[column][rows] = table[column][rows[0]]
     store.VersionWriter(redis_client, data.version).put_ad_table(table)
-    users = [data.users_with_factors[0], data.users_without_factors[0],
-             data.users_without_profile[0]]
+    users = [
+        data.users_with_factors[0],
+        data.users_without_factors[0],
+        data.users_without_profile[0],
+    ]
 
     async def scenario():
-        async with running_stack(redis_url, "ranking") as stack, \
-                loopback_channel(ranking_port(stack)) as channel:
+        async with (
+            running_stack(redis_url, "ranking") as stack,
+            loopback_channel(ranking_port(stack)) as channel,
+        ):
             for user in users:
                 others = data.recall_lists[user][~np.isin(data.recall_lists[user], twins)]
-                for candidates in (np.array(twins),
-                                   np.concatenate([others[:40], twins, others[40:80]])):
+                for candidates in (
+                    np.array(twins),
+                    np.concatenate([others[:40], twins, others[40:80]]),
+                ):
                     # Every candidate kept, so the five are in the list wherever they rank.
                     top_n = len(candidates)
                     expected_ids, expected_ctrs = job_top_n(data, table, user, candidates, top_n)
-                    response = await rank(channel, user_id=user, pid=OFFLINE_PID,
-                                          ad_ids=candidates.tolist(), top_k=top_n)
+                    response = await rank(
+                        channel,
+                        user_id=user,
+                        pid=OFFLINE_PID,
+                        ad_ids=candidates.tolist(),
+                        top_k=top_n,
+                    )
                     assert [ad.ad_id for ad in response.ads] == expected_ids
-                    assert [ad.ctr for ad in response.ads] == pytest.approx(expected_ctrs,
-                                                                            rel=1e-6)
+                    assert [ad.ctr for ad in response.ads] == pytest.approx(expected_ctrs, rel=1e-6)
                     position = expected_ids.index(twins[0])
-                    assert expected_ids[position:position + 5] == twins
+                    assert expected_ids[position : position + 5] == twins
 
     run(scenario)
 
@@ -203,13 +249,17 @@ def test_a_profile_update_changes_the_next_answer(redis_client, redis_url):
     candidates = data.recall_lists[user].tolist()
 
     async def scenario():
-        async with running_stack(redis_url, "ranking") as stack, \
-                loopback_channel(ranking_port(stack)) as channel:
+        async with (
+            running_stack(redis_url, "ranking") as stack,
+            loopback_channel(ranking_port(stack)) as channel,
+        ):
             before = await rank(channel, user_id=user, pid=PIDS[0], ad_ids=candidates, top_k=5)
             old = data.user_features[user]
-            changed = {**old.profile, "age_level": (old.profile["age_level"] + 3) % 7,
-                       "gender": 3 - old.profile["gender"] if old.profile["gender"] in (1, 2)
-                       else 1.0}
+            changed = {
+                **old.profile,
+                "age_level": (old.profile["age_level"] + 3) % 7,
+                "gender": 3 - old.profile["gender"] if old.profile["gender"] in (1, 2) else 1.0,
+            }
             data.user_features[user] = UserFeatures(changed, -old.als_factors)
             store.VersionWriter(redis_client, data.version).put_user_features(
                 [user], [data.user_features[user]]
@@ -229,8 +279,10 @@ def test_hot_reload_switches_within_the_poll_interval_without_failing_calls(
     first = publish_version(redis_client, seed=1)
 
     async def scenario():
-        async with running_stack(redis_url, "ranking") as stack, \
-                loopback_channel(ranking_port(stack)) as channel:
+        async with (
+            running_stack(redis_url, "ranking") as stack,
+            loopback_channel(ranking_port(stack)) as channel,
+        ):
             user = first.users_with_factors[0]
             candidates = first.recall_lists[user].tolist()
             seen: list[str] = []
@@ -238,8 +290,9 @@ def test_hot_reload_switches_within_the_poll_interval_without_failing_calls(
 
             async def keep_ranking():
                 while not stop.is_set():
-                    response = await rank(channel, user_id=user, pid=PIDS[0],
-                                          ad_ids=candidates, top_k=10)
+                    response = await rank(
+                        channel, user_id=user, pid=PIDS[0], ad_ids=candidates, top_k=10
+                    )
                     seen.append(response.data_version)
 
             callers = [asyncio.ensure_future(keep_ranking()) for _ in range(4)]
@@ -256,17 +309,29 @@ def test_hot_reload_switches_within_the_poll_interval_without_failing_calls(
             assert switch_seconds < TEST_RELOAD_SECONDS + 1.0
             assert set(seen) == {first.version, second.version}
             switched = seen.index(second.version)
-            assert set(seen[switched + 8:]) == {second.version}
-            response = await rank(channel, user_id=second.users_with_factors[0], pid=PIDS[0],
-                                  ad_ids=second.recall_lists[second.users_with_factors[0]]
-                                  .tolist(), top_k=10)
-            ids, _, _ = expected_ranking(second, second.users_with_factors[0], PIDS[0],
-                                         second.recall_lists[second.users_with_factors[0]])
+            assert set(seen[switched + 8 :]) == {second.version}
+            response = await rank(
+                channel,
+                user_id=second.users_with_factors[0],
+                pid=PIDS[0],
+                ad_ids=second.recall_lists[second.users_with_factors[0]].tolist(),
+                top_k=10,
+            )
+            ids, _, _ = expected_ranking(
+                second,
+                second.users_with_factors[0],
+                PIDS[0],
+                second.recall_lists[second.users_with_factors[0]],
+            )
             assert [ad.ad_id for ad in response.ads] == ids[:10]
-            assert metric(stack, "adrec_data_version_info", service="ranking",
-                          version=second.version) == 1
-            assert metric(stack, "adrec_data_version_info", service="ranking",
-                          version=first.version) == 0
+            assert (
+                metric(stack, "adrec_data_version_info", service="ranking", version=second.version)
+                == 1
+            )
+            assert (
+                metric(stack, "adrec_data_version_info", service="ranking", version=first.version)
+                == 0
+            )
 
     run(scenario)
 
@@ -278,33 +343,66 @@ def test_a_model_with_another_feature_spec_is_refused_and_the_old_one_keeps_serv
     caplog.set_level(logging.INFO, logger="services.ranking")
 
     async def scenario():
-        async with running_stack(redis_url, "ranking") as stack, \
-                loopback_channel(ranking_port(stack)) as channel:
+        async with (
+            running_stack(redis_url, "ranking") as stack,
+            loopback_channel(ranking_port(stack)) as channel,
+        ):
             refused = await asyncio.to_thread(
-                publish_version, redis_client, seed=2,
+                publish_version,
+                redis_client,
+                seed=2,
                 model_json=mismatched_model_json(random_model(np.random.default_rng(2))),
             )
             assert store.active_version(redis_client) == refused.version
-            await wait_until(lambda: metric(
-                stack, "adrec_model_reload_failures_total", service="ranking",
-                reason="model_spec_mismatch") == 1)
+            await wait_until(
+                lambda: (
+                    metric(
+                        stack,
+                        "adrec_model_reload_failures_total",
+                        service="ranking",
+                        reason="model_spec_mismatch",
+                    )
+                    == 1
+                )
+            )
             await asyncio.sleep(5 * TEST_RELOAD_SECONDS)  # refused once, not at every poll
-            assert metric(stack, "adrec_model_reload_failures_total", service="ranking",
-                          reason="model_spec_mismatch") == 1
+            assert (
+                metric(
+                    stack,
+                    "adrec_model_reload_failures_total",
+                    service="ranking",
+                    reason="model_spec_mismatch",
+                )
+                == 1
+            )
 
             user = first.users_with_factors[0]
-            response = await rank(channel, user_id=user, pid=PIDS[0],
-                                  ad_ids=first.recall_lists[user].tolist(), top_k=5)
+            response = await rank(
+                channel,
+                user_id=user,
+                pid=PIDS[0],
+                ad_ids=first.recall_lists[user].tolist(),
+                top_k=5,
+            )
             assert response.data_version == first.version
             assert [ad.ad_id for ad in response.ads] == expected_ranking(
-                first, user, PIDS[0], first.recall_lists[user])[0][:5]
+                first, user, PIDS[0], first.recall_lists[user]
+            )[0][:5]
             assert await health_status(channel) == SERVING
-            assert metric(stack, "adrec_model_version_info", service="ranking",
-                          version=f"{first.version}/{first.model.spec.spec_id}") == 1
+            assert (
+                metric(
+                    stack,
+                    "adrec_model_version_info",
+                    service="ranking",
+                    version=f"{first.version}/{first.model.spec.spec_id}",
+                )
+                == 1
+            )
 
             fixed = await asyncio.to_thread(publish_version, redis_client, seed=3)
-            await wait_until(lambda: stack.services["ranking"].service.snapshot.data_version
-                             == fixed.version)
+            await wait_until(
+                lambda: stack.services["ranking"].service.snapshot.data_version == fixed.version
+            )
 
         refusals = [r for r in caplog.records if r.getMessage().startswith("refused data version")]
         assert len(refusals) == 1
@@ -318,15 +416,18 @@ def test_a_model_with_another_feature_spec_is_refused_and_the_old_one_keeps_serv
 
 def test_not_serving_until_a_usable_model_is_published(redis_client, redis_url):
     async def scenario():
-        async with running_stack(redis_url, "ranking") as stack, \
-                loopback_channel(ranking_port(stack)) as channel:
+        async with (
+            running_stack(redis_url, "ranking") as stack,
+            loopback_channel(ranking_port(stack)) as channel,
+        ):
             assert await health_status(channel) == NOT_SERVING
             with pytest.raises(grpc.aio.AioRpcError) as no_model:
                 await rank(channel, user_id=5, pid=PIDS[0], ad_ids=[1, 2])
             assert no_model.value.code() == grpc.StatusCode.UNAVAILABLE
 
             await asyncio.to_thread(
-                publish_version, redis_client,
+                publish_version,
+                redis_client,
                 model_json=mismatched_model_json(random_model(np.random.default_rng(0))),
             )
             await asyncio.sleep(5 * TEST_RELOAD_SECONDS)
@@ -359,8 +460,10 @@ def test_bad_requests_are_invalid_argument_naming_the_field(redis_client, redis_
     publish_version(redis_client)
 
     async def scenario():
-        async with running_stack(redis_url, "ranking") as stack, \
-                loopback_channel(ranking_port(stack)) as channel:
+        async with (
+            running_stack(redis_url, "ranking") as stack,
+            loopback_channel(ranking_port(stack)) as channel,
+        ):
             valid = {"user_id": 1001, "pid": PIDS[0], "ad_ids": [1, 2, 3], "top_k": 2}
             await rank(channel, **valid)
             await rank(channel, **{**valid, "ad_ids": list(range(1, 1001)), "top_k": 1000})
@@ -369,10 +472,14 @@ def test_bad_requests_are_invalid_argument_naming_the_field(redis_client, redis_
                     await rank(channel, **{**valid, **change})
                 assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, change
                 assert error.value.details().startswith(f"{field}: "), error.value.details()
-            assert metric(stack, "grpc_server_handled_total", grpc_type="unary",
-                          grpc_service="adrec.ranking.v1.RankingService",
-                          grpc_method="RankCandidates",
-                          grpc_code="InvalidArgument") == len(INVALID_REQUESTS)
+            assert metric(
+                stack,
+                "grpc_server_handled_total",
+                grpc_type="unary",
+                grpc_service="adrec.ranking.v1.RankingService",
+                grpc_method="RankCandidates",
+                grpc_code="InvalidArgument",
+            ) == len(INVALID_REQUESTS)
 
     run(scenario)
 
@@ -383,8 +490,10 @@ def test_a_course_feature_set_model_is_served_with_the_same_semantics(redis_clie
     user = data.users_with_factors[0]
 
     async def scenario():
-        async with running_stack(redis_url, "ranking") as stack, \
-                loopback_channel(ranking_port(stack)) as channel:
+        async with (
+            running_stack(redis_url, "ranking") as stack,
+            loopback_channel(ranking_port(stack)) as channel,
+        ):
             snapshot = stack.services["ranking"].service.snapshot
             assert snapshot.scorer.compiled is not None  # the split-by-column path, checked at load
             candidates = data.recall_lists[user].tolist()
@@ -398,19 +507,30 @@ def test_a_course_feature_set_model_is_served_with_the_same_semantics(redis_clie
 
 
 def _snapshot(table: dict, factors: dict) -> RankingSnapshot:
-    return RankingSnapshot.build("v1", random_model(np.random.default_rng(5)).to_json(),
-                                 codecs.encode_table(table), codecs.encode_table(factors))
+    return RankingSnapshot.build(
+        "v1",
+        random_model(np.random.default_rng(5)).to_json(),
+        codecs.encode_table(table),
+        codecs.encode_table(factors),
+    )
 
 
 def _ad_data(ad_ids: np.ndarray, rng: np.random.Generator) -> tuple[dict, dict]:
     """An ad table and category factors; categories 20..29 have no factors."""
     rows = len(ad_ids)
-    table = {"adgroup_id": ad_ids, "cate_id": rng.integers(1, 30, rows).astype(np.int32),
-             "price": rng.uniform(1, 500, rows).astype(np.float32),
-             **{name: rng.uniform(0, 0.2, rows).astype(np.float32)
-                for name in ("ctr_ad", "ctr_cate", "ctr_brand")}}
-    factors = {"cate_id": np.arange(1, 20, dtype=np.int32),
-               "factors": rng.normal(0, 0.5, (19, 4)).astype(np.float32)}
+    table = {
+        "adgroup_id": ad_ids,
+        "cate_id": rng.integers(1, 30, rows).astype(np.int32),
+        "price": rng.uniform(1, 500, rows).astype(np.float32),
+        **{
+            name: rng.uniform(0, 0.2, rows).astype(np.float32)
+            for name in ("ctr_ad", "ctr_cate", "ctr_brand")
+        },
+    }
+    factors = {
+        "cate_id": np.arange(1, 20, dtype=np.int32),
+        "factors": rng.normal(0, 0.5, (19, 4)).astype(np.float32),
+    }
     return table, factors
 
 
@@ -421,11 +541,14 @@ def test_ids_past_the_dense_lookup_table_score_the_same_by_binary_search():
     # The same ads under ids too large for a dense table.
     large = _snapshot(*_ad_data(small_ids + DENSE_ID_LIMIT, np.random.default_rng(1)))
     assert small.scorer.index.row_by_id is not None and large.scorer.index.row_by_id is None
-    user = UserFeatures({field: 2.0 for field in features.USER_PROFILE_FIELDS},
-                        rng.normal(0, 0.5, 4).astype(np.float32))
+    user = UserFeatures(
+        {field: 2.0 for field in features.USER_PROFILE_FIELDS},
+        rng.normal(0, 0.5, 4).astype(np.float32),
+    )
     for repeats in (False, True):
-        candidates = np.concatenate([rng.choice(small_ids, 120, replace=False),
-                                     [3, 60_000, 3]])  # ids neither table holds
+        candidates = np.concatenate(
+            [rng.choice(small_ids, 120, replace=False), [3, 60_000, 3]]
+        )  # ids neither table holds
         if repeats:
             candidates = np.concatenate([candidates, candidates[5:40]])
         rng.shuffle(candidates)
@@ -433,8 +556,9 @@ def test_ids_past_the_dense_lookup_table_score_the_same_by_binary_search():
             expected = small.score(PIDS[0], user, candidates, top_k)
             assert expected.unknown_ads == 2
             assert len(expected.ad_ids) == (top_k or 120)
-            shifted = np.where(np.isin(candidates, small_ids), candidates + DENSE_ID_LIMIT,
-                               candidates)
+            shifted = np.where(
+                np.isin(candidates, small_ids), candidates + DENSE_ID_LIMIT, candidates
+            )
             scored = large.score(PIDS[0], user, shifted, top_k)
             assert scored.ad_ids == [ad + DENSE_ID_LIMIT for ad in expected.ad_ids]
             assert scored.ctrs == expected.ctrs
@@ -451,8 +575,9 @@ def test_affinity_is_the_shared_encoders_and_missing_for_categories_without_fact
     known = np.isin(table["cate_id"], cate_factors["cate_id"])
     assert known.any() and not known.all()
     affinity = snapshot.scorer.affinity(user, np.arange(len(ad_ids)))
-    expected = features.als_affinity(factors, table["cate_id"], cate_factors["cate_id"],
-                                     cate_factors["factors"])
+    expected = features.als_affinity(
+        factors, table["cate_id"], cate_factors["cate_id"], cate_factors["factors"]
+    )
     assert np.array_equal(affinity, expected, equal_nan=True)
     assert np.isnan(affinity[~known]).all() and not np.isnan(affinity[known]).any()
     # A version whose categories have no factors at all: every affinity is missing.

@@ -33,8 +33,10 @@ def test_a_users_list_in_order_with_the_limit_honoured(redis_client, redis_url):
     stored = data.recall_lists[user].tolist()
 
     async def scenario():
-        async with running_stack(redis_url, "recall") as stack, \
-                loopback_channel(recall_port(stack)) as channel:
+        async with (
+            running_stack(redis_url, "recall") as stack,
+            loopback_channel(recall_port(stack)) as channel,
+        ):
             whole = await candidates(channel, user_id=user)
             assert list(whole.ad_ids) == stored and len(stored) == 500
             assert whole.source == PERSONAL
@@ -52,8 +54,10 @@ def test_users_without_a_recall_set_get_the_placements_popular_list(redis_client
     data = publish_version(redis_client)
 
     async def scenario():
-        async with running_stack(redis_url, "recall") as stack, \
-                loopback_channel(recall_port(stack)) as channel:
+        async with (
+            running_stack(redis_url, "recall") as stack,
+            loopback_channel(recall_port(stack)) as channel,
+        ):
             for user in (data.users_without_recall[0], 987_654):
                 for pid in PIDS:
                     answer = await candidates(channel, user_id=user, pid=pid, limit=20)
@@ -62,8 +66,10 @@ def test_users_without_a_recall_set_get_the_placements_popular_list(redis_client
                     assert answer.fallback_reason == NO_RECALL_SET
                 overall = await candidates(channel, user_id=user)
                 assert list(overall.ad_ids) == data.popular[keys.POPULAR_ALL].tolist()
-            assert metric(stack, "adrec_fallbacks_total", service="recall",
-                          reason="no_recall_set") == 6
+            assert (
+                metric(stack, "adrec_fallbacks_total", service="recall", reason="no_recall_set")
+                == 6
+            )
 
     run(scenario)
 
@@ -73,8 +79,10 @@ def test_a_placement_without_its_own_popular_list_gets_the_overall_one(redis_cli
     redis_client.delete(keys.POPULAR.key(data.version, PIDS[1]))
 
     async def scenario():
-        async with running_stack(redis_url, "recall") as stack, \
-                loopback_channel(recall_port(stack)) as channel:
+        async with (
+            running_stack(redis_url, "recall") as stack,
+            loopback_channel(recall_port(stack)) as channel,
+        ):
             answer = await candidates(channel, user_id=987_654, pid=PIDS[1], limit=5)
             assert list(answer.ad_ids) == data.popular[keys.POPULAR_ALL][:5].tolist()
 
@@ -87,8 +95,10 @@ def test_an_updated_recall_list_is_served_by_the_next_request(redis_client, redi
     newcomer = data.users_without_recall[1]
 
     async def scenario():
-        async with running_stack(redis_url, "recall") as stack, \
-                loopback_channel(recall_port(stack)) as channel:
+        async with (
+            running_stack(redis_url, "recall") as stack,
+            loopback_channel(recall_port(stack)) as channel,
+        ):
             assert (await candidates(channel, user_id=newcomer)).source == POPULAR
             writer = store.VersionWriter(redis_client, data.version)
             writer.put_recall_lists([user, newcomer], [[11, 22, 33], [44, 55]])
@@ -104,37 +114,46 @@ def test_follows_a_newly_activated_version(redis_client, redis_url):
     first = publish_version(redis_client, seed=1)
 
     async def scenario():
-        async with running_stack(redis_url, "recall") as stack, \
-                loopback_channel(recall_port(stack)) as channel:
+        async with (
+            running_stack(redis_url, "recall") as stack,
+            loopback_channel(recall_port(stack)) as channel,
+        ):
             user = first.users_with_factors[0]
             assert (await candidates(channel, user_id=user)).data_version == first.version
             second = await asyncio.to_thread(publish_version, redis_client, seed=2)
 
             async def switched():
                 answer = await candidates(channel, user_id=user)
-                return answer.data_version == second.version and \
-                    list(answer.ad_ids) == second.recall_lists[user].tolist()
+                return (
+                    answer.data_version == second.version
+                    and list(answer.ad_ids) == second.recall_lists[user].tolist()
+                )
 
             await wait_until(switched)
 
     run(scenario)
 
 
-@pytest.mark.parametrize(("request_fields", "field"), [
-    ({"user_id": 0}, "user_id"),
-    ({"user_id": -1}, "user_id"),
-    ({"user_id": 2**31}, "user_id"),
-    ({"limit": -1}, "limit"),
-    ({"pid": "nope"}, "pid"),
-])
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [
+        ({"user_id": 0}, "user_id"),
+        ({"user_id": -1}, "user_id"),
+        ({"user_id": 2**31}, "user_id"),
+        ({"limit": -1}, "limit"),
+        ({"pid": "nope"}, "pid"),
+    ],
+)
 def test_bad_requests_are_invalid_argument_naming_the_field(
     redis_client, redis_url, request_fields, field
 ):
     publish_version(redis_client)
 
     async def scenario():
-        async with running_stack(redis_url, "recall") as stack, \
-                loopback_channel(recall_port(stack)) as channel:
+        async with (
+            running_stack(redis_url, "recall") as stack,
+            loopback_channel(recall_port(stack)) as channel,
+        ):
             with pytest.raises(grpc.aio.AioRpcError) as error:
                 await candidates(channel, **{"user_id": 1001, **request_fields})
             assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -145,8 +164,10 @@ def test_bad_requests_are_invalid_argument_naming_the_field(
 
 def test_unavailable_before_any_version_is_published(redis_url):
     async def scenario():
-        async with running_stack(redis_url, "recall") as stack, \
-                loopback_channel(recall_port(stack)) as channel:
+        async with (
+            running_stack(redis_url, "recall") as stack,
+            loopback_channel(recall_port(stack)) as channel,
+        ):
             with pytest.raises(grpc.aio.AioRpcError) as error:
                 await candidates(channel, user_id=1001)
             assert error.value.code() == grpc.StatusCode.UNAVAILABLE

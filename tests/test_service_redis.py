@@ -44,8 +44,9 @@ def test_gets_values_and_misses_over_reused_connections(redis_client, redis_url)
                 assert await reader.get(b"adrec:test:missing", op="recall") is None
             # Sequential GETs share one connection; concurrent ones open more.
             assert len(reader._direct._made) == 1
-            values = await asyncio.gather(*(reader.get(b"adrec:test:a", op="recall")
-                                            for _ in range(5)))
+            values = await asyncio.gather(
+                *(reader.get(b"adrec:test:a", op="recall") for _ in range(5))
+            )
             assert values == [b"\x00\x01binary"] * 5
             assert 1 < len(reader._direct._made) <= 5
 
@@ -98,7 +99,8 @@ def test_stale_connection_is_retried_once_on_a_new_socket():
                 client.client_kill_filter(_type="normal", skipme=True)
                 assert await reader.get(b"k", op="recall") == b"v"
                 errors = reader.metrics.metrics.registry.get_sample_value(
-                    "adrec_redis_errors_total", {"service": "recall", "op": "recall"})
+                    "adrec_redis_errors_total", {"service": "recall", "op": "recall"}
+                )
                 assert not errors
 
         run(scenario)

@@ -20,14 +20,16 @@ from adrec.core.settings import (
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
-    port: int = setting("ADREC_DEMO_PORT", 50051, "gRPC port", parse=parse_int,
-                        check=port_number(allow_zero=True))
+    port: int = setting(
+        "ADREC_DEMO_PORT", 50051, "gRPC port", parse=parse_int, check=port_number(allow_zero=True)
+    )
     verbose: bool = setting("ADREC_DEMO_VERBOSE", False, "Verbose logs", parse=parse_bool)
     token: str = setting("ADREC_DEMO_TOKEN", "", "API token", secret=True)
 
     def validate(self):
-        return ["ADREC_DEMO_TOKEN is required when verbose"] if self.verbose and not self.token \
-            else []
+        return (
+            ["ADREC_DEMO_TOKEN is required when verbose"] if self.verbose and not self.token else []
+        )
 
 
 def flags(*argv):

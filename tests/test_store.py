@@ -14,8 +14,15 @@ def publish_minimal(client, version):
     writer = store.VersionWriter(client, version, batch=3)
     lists = [np.arange(1, 501) + i for i in range(7)]
     assert writer.put_recall_lists(range(1, 8), lists) == 7
-    writer.put_meta(VersionMeta(version, "run-1", "2026-12-01T10:00:00+00:00", 0,
-                                VersionContent(counts=VersionCounts(users=7))))
+    writer.put_meta(
+        VersionMeta(
+            version,
+            "run-1",
+            "2026-12-01T10:00:00+00:00",
+            0,
+            VersionContent(counts=VersionCounts(users=7)),
+        )
+    )
     return lists
 
 

@@ -43,7 +43,7 @@ def test_headers_are_the_published_bytes(tiny):
         "raw_sample.csv": b"user,time_stamp,adgroup_id,pid,nonclk,clk",
         "ad_feature.csv": b"adgroup_id,cate_id,campaign_id,customer,brand,price",
         "user_profile.csv": b"userid,cms_segid,cms_group_id,final_gender_code,age_level,"
-                            b"pvalue_level,shopping_level,occupation,new_user_class_level ",
+        b"pvalue_level,shopping_level,occupation,new_user_class_level ",
         "behavior_log.csv": b"user,time_stamp,btag,cate,brand",
     }
     for name in DATA_FILES:
@@ -104,9 +104,14 @@ def test_user_profile_domains_and_missing_rates(tiny):
     profile.columns = [name.strip() for name in profile.columns]
     assert len(profile) == TINY.profile_users
     domains = {
-        "cms_segid": set(range(97)), "cms_group_id": set(range(13)),
-        "final_gender_code": {1, 2}, "age_level": set(range(7)), "pvalue_level": {1, 2, 3},
-        "shopping_level": {1, 2, 3}, "occupation": {0, 1}, "new_user_class_level": {1, 2, 3, 4},
+        "cms_segid": set(range(97)),
+        "cms_group_id": set(range(13)),
+        "final_gender_code": {1, 2},
+        "age_level": set(range(7)),
+        "pvalue_level": {1, 2, 3},
+        "shopping_level": {1, 2, 3},
+        "occupation": {0, 1},
+        "new_user_class_level": {1, 2, 3, 4},
     }
     for column, allowed in domains.items():
         present = profile[column][profile[column] != ""]
@@ -141,8 +146,14 @@ def test_behavior_log_domains_and_btag_mix(tiny):
 def test_truth_side_file_is_aligned_and_the_oracle_beats_chance(tiny):
     samples = read(tiny, "raw_sample.csv")
     truth = read(tiny, TRUTH_FILE)
-    assert list(truth.columns) == ["user", "time_stamp", "adgroup_id", "pid", "clk",
-                                   "click_probability"]
+    assert list(truth.columns) == [
+        "user",
+        "time_stamp",
+        "adgroup_id",
+        "pid",
+        "clk",
+        "click_probability",
+    ]
     assert truth.drop(columns="click_probability").equals(samples.drop(columns="nonclk"))
     assert truth.click_probability.str.fullmatch(r"[01]\.[0-9]{6}").all()
     probability = truth.click_probability.astype(float)
@@ -157,8 +168,9 @@ def test_planted_preferences_show_in_the_behavior_log(tiny):
         read(tiny, "ad_feature.csv")[["adgroup_id", "cate_id"]], on="adgroup_id"
     )
     browsed = behavior.groupby(["user", "cate"]).size().rename("rows").reset_index()
-    joined = samples.merge(browsed, left_on=["user", "cate_id"], right_on=["user", "cate"],
-                           how="left").fillna({"rows": 0})
+    joined = samples.merge(
+        browsed, left_on=["user", "cate_id"], right_on=["user", "cate"], how="left"
+    ).fillna({"rows": 0})
     assert roc_auc_score(joined.clk.astype(int), joined["rows"]) > 0.6
 
 
@@ -190,8 +202,9 @@ def test_synthetic_package_does_not_import_pyspark():
         "for name in names: importlib.import_module(name)\n"
         "print(len(names) > 1, 'pyspark' in sys.modules)"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == "True False"
 
 
@@ -200,7 +213,9 @@ def test_loaders_accept_generated_files(spark, tiny):
     results = load_dataset(spark, str(tiny), persist=False)
     rejected = {name: result.rejected for name, result in results.items()}
     assert rejected == {
-        "raw_sample": {}, "ad_feature": {}, "user_profile": {},
+        "raw_sample": {},
+        "ad_feature": {},
+        "user_profile": {},
         "behavior_log": {"bad_timestamp": manifest["counts"]["behavior_rows_with_bad_timestamp"]},
     }
     assert {name: result.total_rows for name, result in results.items()} == {
@@ -210,8 +225,10 @@ def test_loaders_accept_generated_files(spark, tiny):
 
 def test_cli_generate_refuses_to_overwrite_without_force(tmp_path, capsys):
     out = tmp_path / "data"
-    assert main(["data", "generate", "--preset", "tiny", "--seed", "3", "--out", str(out),
-                 "--quiet"]) == 0
+    assert (
+        main(["data", "generate", "--preset", "tiny", "--seed", "3", "--out", str(out), "--quiet"])
+        == 0
+    )
     assert "raw_sample.csv: 40,000 rows" in capsys.readouterr().out
     before = (out / "raw_sample.csv").read_bytes()
 
@@ -219,8 +236,23 @@ def test_cli_generate_refuses_to_overwrite_without_force(tmp_path, capsys):
     assert re.search(r"--out .* is not empty; pass --force", capsys.readouterr().err)
     assert (out / "raw_sample.csv").read_bytes() == before
 
-    assert main(["data", "generate", "--preset", "tiny", "--seed", "4", "--out", str(out),
-                 "--quiet", "--force"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "generate",
+                "--preset",
+                "tiny",
+                "--seed",
+                "4",
+                "--out",
+                str(out),
+                "--quiet",
+                "--force",
+            ]
+        )
+        == 0
+    )
     assert (out / "raw_sample.csv").read_bytes() != before
 
 
@@ -229,8 +261,10 @@ def test_cli_generate_rejects_bad_arguments(tmp_path, capsys):
     afile.write_text("")
     assert main(["data", "generate", "--preset", "tiny", "--seed", "1", "--out", str(afile)]) == 2
     assert "is not a directory" in capsys.readouterr().err
-    assert main(["data", "generate", "--preset", "tiny", "--seed", "-1", "--out",
-                 str(tmp_path / "x")]) == 2
+    assert (
+        main(["data", "generate", "--preset", "tiny", "--seed", "-1", "--out", str(tmp_path / "x")])
+        == 2
+    )
     assert "--seed" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["data", "generate", "--preset", "huge", "--seed", "1", "--out", str(tmp_path)])

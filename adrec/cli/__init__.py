@@ -44,9 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] not in JOB_PACKAGES:
             raise
-        print(f"adrec {args.command}: error: this command needs the batch job's packages "
-              f"({exc.name} is not installed): pip install 'adrec[job]', or use the job image",
-              file=sys.stderr)
+        print(
+            f"adrec {args.command}: error: this command needs the batch job's packages "
+            f"({exc.name} is not installed): pip install 'adrec[job]', or use the job image",
+            file=sys.stderr,
+        )
         return 2
 
 

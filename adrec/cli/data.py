@@ -14,38 +14,59 @@ PRESET_NAMES = ("tiny", "small", "medium", "full")
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
-        "data", help="generate synthetic data, inspect data files",
+        "data",
+        help="generate synthetic data, inspect data files",
         description="Generate the synthetic data set, or check a data set with the loaders.",
     )
     commands = parser.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
 
     generate = commands.add_parser(
-        "generate", help="write the four CSV files, the click-truth side file and a manifest",
+        "generate",
+        help="write the four CSV files, the click-truth side file and a manifest",
         description="Write raw_sample.csv, ad_feature.csv, user_profile.csv, behavior_log.csv "
-                    "in the published format, raw_sample_truth.csv and manifest.json.",
+        "in the published format, raw_sample_truth.csv and manifest.json.",
     )
-    generate.add_argument("--preset", choices=PRESET_NAMES, required=True,
-                          help="data set size: tiny (tests), small (demo), medium, full")
-    generate.add_argument("--seed", type=int, default=1,
-                          help="random seed (default 1); the same preset and seed give "
-                               "identical files")
+    generate.add_argument(
+        "--preset",
+        choices=PRESET_NAMES,
+        required=True,
+        help="data set size: tiny (tests), small (demo), medium, full",
+    )
+    generate.add_argument(
+        "--seed",
+        type=int,
+        default=1,
+        help="random seed (default 1); the same preset and seed give identical files",
+    )
     generate.add_argument("--out", type=Path, required=True, help="output directory")
-    generate.add_argument("--force", action="store_true",
-                          help="write into a directory that already has files")
-    generate.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                          help="threads drawing rows (does not change the output)")
+    generate.add_argument(
+        "--force", action="store_true", help="write into a directory that already has files"
+    )
+    generate.add_argument(
+        "--workers",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="threads drawing rows (does not change the output)",
+    )
     generate.add_argument("--quiet", action="store_true", help="no progress lines")
     generate.set_defaults(handler=_generate)
 
     inspect = commands.add_parser(
-        "inspect", help="load a data set with the Spark loaders and report rejected rows",
+        "inspect",
+        help="load a data set with the Spark loaders and report rejected rows",
         description="Run the loaders over the four files and print row counts and rejected "
-                    "rows per file and reason.",
+        "rows per file and reason.",
     )
-    inspect.add_argument("source", metavar="DIR_OR_URI",
-                         help="directory or URI prefix holding the four files")
-    inspect.add_argument("--format", choices=("csv", "parquet"), default="csv",
-                         dest="data_format", help="file format (default csv)")
+    inspect.add_argument(
+        "source", metavar="DIR_OR_URI", help="directory or URI prefix holding the four files"
+    )
+    inspect.add_argument(
+        "--format",
+        choices=("csv", "parquet"),
+        default="csv",
+        dest="data_format",
+        help="file format (default csv)",
+    )
     inspect.add_argument("--master", default="local[*]", help="Spark master (default local[*])")
     inspect.set_defaults(handler=_inspect)
 
@@ -68,8 +89,10 @@ def _generate(args: argparse.Namespace) -> int:
     files = result.manifest["files"]
     for name, info in files.items():
         print(f"{out / name}: {info['rows']:,} rows")
-    print(f"mean click probability {result.manifest['clicks']['mean_click_probability']:.4f}, "
-          f"manifest {out / 'manifest.json'}")
+    print(
+        f"mean click probability {result.manifest['clicks']['mean_click_probability']:.4f}, "
+        f"manifest {out / 'manifest.json'}"
+    )
     return 0
 
 
@@ -84,8 +107,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
     existing = SparkSession.getActiveSession()
     spark = existing or (
-        SparkSession.builder.master(args.master).appName("adrec-data-inspect")
-        .config("spark.ui.enabled", "false").getOrCreate()
+        SparkSession.builder.master(args.master)
+        .appName("adrec-data-inspect")
+        .config("spark.ui.enabled", "false")
+        .getOrCreate()
     )
     if existing is None:
         spark.sparkContext.setLogLevel("ERROR")
@@ -94,8 +119,7 @@ def _inspect(args: argparse.Namespace) -> int:
         for table in TABLES.values():
             path = dataset_path(args.source, table, args.data_format)
             try:
-                result = load_table(spark, table, path, data_format=args.data_format,
-                                    persist=False)
+                result = load_table(spark, table, path, data_format=args.data_format, persist=False)
             except IngestError as exc:
                 failures += 1
                 print(f"{table.name}: error: {exc}", file=sys.stderr)

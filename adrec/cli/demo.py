@@ -20,22 +20,31 @@ import time
 
 from adrec.cli import UsageError
 
-JAVA_HINT = ("Java 17 is needed to run Spark: install it (Debian/Ubuntu: "
-             "`apt-get install openjdk-17-jre-headless`, macOS: `brew install openjdk@17`) "
-             "or set JAVA_HOME.")
+JAVA_HINT = (
+    "Java 17 is needed to run Spark: install it (Debian/Ubuntu: "
+    "`apt-get install openjdk-17-jre-headless`, macOS: `brew install openjdk@17`) "
+    "or set JAVA_HOME."
+)
 DEMO_USERS = 5
 SERVICE_START_TIMEOUT = 120.0
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser("demo", help="run the whole system locally on synthetic data",
-                                   description=__doc__)
+    parser = subparsers.add_parser(
+        "demo", help="run the whole system locally on synthetic data", description=__doc__
+    )
     parser.add_argument("--preset", default="small", help="synthetic data size (default small)")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--data-dir", type=pathlib.Path,
-                        help="where to write the data (default: a temporary folder)")
-    parser.add_argument("--keep-running", action="store_true",
-                        help="leave Redis and the services running until Ctrl-C")
+    parser.add_argument(
+        "--data-dir",
+        type=pathlib.Path,
+        help="where to write the data (default: a temporary folder)",
+    )
+    parser.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave Redis and the services running until Ctrl-C",
+    )
     parser.set_defaults(handler=_demo)
 
 
@@ -48,8 +57,9 @@ def _demo(args: argparse.Namespace) -> int:
         raise UsageError(JAVA_HINT)
     with contextlib.ExitStack() as stack:
         redis_url = _redis(stack)
-        data_dir = args.data_dir or pathlib.Path(stack.enter_context(
-            tempfile.TemporaryDirectory(prefix="adrec-demo-")))
+        data_dir = args.data_dir or pathlib.Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="adrec-demo-"))
+        )
         _generate(args.preset, args.seed, data_dir)
         version = _run_job(data_dir, redis_url)
         gateway = _start_services(stack, redis_url)
@@ -106,11 +116,19 @@ def _run_job(data_dir: pathlib.Path, redis_url: str) -> str:
 
 def _start_services(stack: contextlib.ExitStack, redis_url: str) -> str:
     _say("starting the recall, ranking and gateway services")
-    env = {**os.environ, "REDIS_URL": redis_url, "ADREC_HOST": "127.0.0.1",
-           "ADREC_RECALL_PORT": "0", "ADREC_RANKING_PORT": "0", "ADREC_GATEWAY_PORT": "0",
-           "ADREC_METRICS_PORT": "0", "ADREC_LOG_LEVEL": "warning"}
-    process = subprocess.Popen([sys.executable, "-m", "adrec", "serve", "all"], env=env,
-                               stdout=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "ADREC_HOST": "127.0.0.1",
+        "ADREC_RECALL_PORT": "0",
+        "ADREC_RANKING_PORT": "0",
+        "ADREC_GATEWAY_PORT": "0",
+        "ADREC_METRICS_PORT": "0",
+        "ADREC_LOG_LEVEL": "warning",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "adrec", "serve", "all"], env=env, stdout=subprocess.PIPE, text=True
+    )
     stack.callback(_stop, process)
     if process.stdout is None:
         raise RuntimeError("the services' output pipe was not opened")
@@ -152,7 +170,7 @@ def _demo_users(redis_url: str, version: str) -> list[int]:
         if len(users) == 4 * DEMO_USERS:
             break
     client.close()
-    return [*sorted(users)[:DEMO_USERS - 1], max(users, default=0) + 10_000_000]
+    return [*sorted(users)[: DEMO_USERS - 1], max(users, default=0) + 10_000_000]
 
 
 def _show_recommendations(gateway: str, redis_url: str, version: str) -> None:
@@ -177,12 +195,24 @@ def _show_recommendations(gateway: str, redis_url: str, version: str) -> None:
                     timeout=2.0,
                 )
                 elapsed = (time.perf_counter() - started) * 1000
-                ads = " ".join(f"{ad.ad_id}:{ad.ctr:.3f}" if ad.HasField("ctr")
-                               else str(ad.ad_id) for ad in response.ads)
-                rows.append((str(user), name(pb.RecommendMode, mode),
-                             name(pb.ServingPath, response.serving_path), f"{elapsed:.1f}", ads))
+                ads = " ".join(
+                    f"{ad.ad_id}:{ad.ctr:.3f}" if ad.HasField("ctr") else str(ad.ad_id)
+                    for ad in response.ads
+                )
+                rows.append(
+                    (
+                        str(user),
+                        name(pb.RecommendMode, mode),
+                        name(pb.ServingPath, response.serving_path),
+                        f"{elapsed:.1f}",
+                        ads,
+                    )
+                )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     print()
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
-              + "  " + row[4])
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+            + "  "
+            + row[4]
+        )

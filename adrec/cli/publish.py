@@ -38,7 +38,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     update.add_argument("user_id", type=int)
     update.add_argument("--recall", help="comma-separated ad ids, in recall order")
     update.add_argument(
-        "--profile", action="append", default=[], metavar="FIELD=VALUE",
+        "--profile",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
         help=f"set a profile field (one of {', '.join(USER_PROFILE_FIELDS)}); "
         "VALUE is an integer or 'missing'; repeatable",
     )
@@ -69,9 +72,11 @@ def _list(args: argparse.Namespace) -> int:
     print(f"{'':2}{'version':<9}{'created (UTC)':<27}{'users':>9}{'memory MB':>11}  config")
     for meta, active in summaries:
         counts = meta.content.counts
-        print(f"{'* ' if active else '  '}{meta.version:<9}{meta.created_at:<27}"
-              f"{counts.recall_lists or counts.users:>9}{meta.memory_bytes / 1e6:>11.1f}"
-              f"  {meta.content.config_digest[:12]}")
+        print(
+            f"{'* ' if active else '  '}{meta.version:<9}{meta.created_at:<27}"
+            f"{counts.recall_lists or counts.users:>9}{meta.memory_bytes / 1e6:>11.1f}"
+            f"  {meta.content.config_digest[:12]}"
+        )
     return 0
 
 

@@ -25,30 +25,42 @@ MODES = ("realtime", "offline")
 @dataclasses.dataclass(frozen=True)
 class ClientSettings:
     gateway_address: str = setting(
-        "ADREC_GATEWAY_ADDRESS", f"127.0.0.1:{DEFAULT_GATEWAY_PORT}",
+        "ADREC_GATEWAY_ADDRESS",
+        f"127.0.0.1:{DEFAULT_GATEWAY_PORT}",
         "gRPC target of the gateway service",
         aliases=("--gateway",),
     )
     timeout_seconds: float = setting(
-        "ADREC_RECOMMEND_TIMEOUT_SECONDS", 2.0, "Deadline of the Recommend call",
-        parse=parse_float, check=in_range(0.001, 600.0), aliases=("--timeout",),
+        "ADREC_RECOMMEND_TIMEOUT_SECONDS",
+        2.0,
+        "Deadline of the Recommend call",
+        parse=parse_float,
+        check=in_range(0.001, 600.0),
+        aliases=("--timeout",),
     )
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
-        "recommend", help="ask the gateway for a user's ads and print them",
+        "recommend",
+        help="ask the gateway for a user's ads and print them",
         description="Calls GatewayService.Recommend and prints the ads with their CTRs, the "
         "serving path, degradation reasons, data and model versions and the request id.",
     )
     parser.add_argument("user_id", type=int, metavar="USER", help="user id (positive)")
-    parser.add_argument("--pid", default=PIDS[0],
-                        help=f"placement, one of {', '.join(PIDS)} (default: %(default)s)")
+    parser.add_argument(
+        "--pid", default=PIDS[0], help=f"placement, one of {', '.join(PIDS)} (default: %(default)s)"
+    )
     parser.add_argument("--count", type=int, default=10, help="ads wanted, 1..500 (default 10)")
-    parser.add_argument("--mode", choices=MODES, default="realtime",
-                        help="realtime: recall and rank now; offline: the job's ranked list")
-    parser.add_argument("--request-id", default="", help="request id to send (default: "
-                        "the gateway generates one)")
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default="realtime",
+        help="realtime: recall and rank now; offline: the job's ranked list",
+    )
+    parser.add_argument(
+        "--request-id", default="", help="request id to send (default: the gateway generates one)"
+    )
     parser.add_argument("--json", action="store_true", help="print the response as JSON")
     settings_mod.add_flags(ClientSettings, parser)
     parser.set_defaults(handler=_recommend)
@@ -75,7 +87,10 @@ def _recommend(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
 
     request = gateway_service_pb2.RecommendRequest(
-        user_id=args.user_id, pid=args.pid, count=args.count, request_id=args.request_id,
+        user_id=args.user_id,
+        pid=args.pid,
+        count=args.count,
+        request_id=args.request_id,
         mode=f"RECOMMEND_MODE_{args.mode.upper()}",
     )
     with grpc.insecure_channel(client.gateway_address) as channel:

@@ -25,14 +25,16 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     from services.runtime.settings import SETTINGS
 
     parser = subparsers.add_parser(
-        "serve", help="run the recall, ranking and gateway gRPC services",
+        "serve",
+        help="run the recall, ranking and gateway gRPC services",
         description=__doc__.split("\n\n", 1)[1],
     )
     targets = parser.add_subparsers(dest="target", required=True, metavar="SERVICE")
     for target, settings_class in SETTINGS.items():
         sub = targets.add_parser(
             target,
-            help="all three services in one process (local use)" if target == "all"
+            help="all three services in one process (local use)"
+            if target == "all"
             else f"the {target} service",
         )
         settings_mod.add_flags(settings_class, sub)
@@ -51,8 +53,9 @@ def _serve(args: argparse.Namespace) -> int:
     redis_settings = _load(RedisSettings, args, problems)
     if service_settings is None or redis_settings is None:
         raise UsageError(str(settings_mod.SettingsError(problems)))
-    configure_logging(service_settings.log_level,
-                      service="adrec" if args.target == "all" else args.target)
+    configure_logging(
+        service_settings.log_level, service="adrec" if args.target == "all" else args.target
+    )
     return loop.run(process.run(args.target, service_settings, redis_settings))
 
 

@@ -87,21 +87,27 @@ class Publication:
 
     def commit(self, content: VersionContent) -> str | None:
         """Write the metadata, switch readers to this version, prune old ones."""
-        self.writer.put_meta(VersionMeta(
-            version=self.version,
-            run_id=self.run_id,
-            created_at=now_utc(),
-            memory_bytes=max(used_memory(self.client) - self._memory_at_start, 0),
-            content=content,
-        ))
+        self.writer.put_meta(
+            VersionMeta(
+                version=self.version,
+                run_id=self.run_id,
+                created_at=now_utc(),
+                memory_bytes=max(used_memory(self.client) - self._memory_at_start, 0),
+                content=content,
+            )
+        )
         previous = store.activate(self.client, self.version)
         self.committed = True
         self.client.srem(keys.PENDING_VERSIONS, self.version)
         self.removed_versions = prune(self.client, self.keep_versions)
         return previous
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         try:
             if not self.committed and self.version:
                 store.delete_version(self.client, self.version)
@@ -163,9 +169,9 @@ def used_memory(client: Any) -> int:
     return sum(int(node["used_memory"]) for node in info.values())
 
 
-
-def family_memory(client: Any, version: str, sample_per_family: int = 200,
-                  scan_batch: int = 10_000) -> dict[str, dict[str, int]]:
+def family_memory(
+    client: Any, version: str, sample_per_family: int = 200, scan_batch: int = 10_000
+) -> dict[str, dict[str, int]]:
     """Keys and estimated bytes per key family of one version.
 
     Counts are exact (one SCAN over the version); bytes are the mean ``MEMORY USAGE`` of

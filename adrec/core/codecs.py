@@ -114,7 +114,8 @@ def _unpacked_ids(raw: bytes, count: int | None) -> tuple[np.ndarray, memoryview
     else:
         widened = np.zeros((count, _WIDE_WIDTH), dtype=np.uint8)
         widened[:, :_NARROW_WIDTH] = np.frombuffer(body, dtype=np.uint8, count=end).reshape(
-            count, _NARROW_WIDTH)
+            count, _NARROW_WIDTH
+        )
         ids = widened.view(AD_ID_DTYPE).reshape(count)
     return ids, body[end:]
 
@@ -140,8 +141,10 @@ class UserFeatures:
 
     def columns(self) -> dict[str, np.ndarray]:
         """Profile fields as length-1 arrays, ready for FeatureSpec.encode broadcasting."""
-        return {field: np.array([self.profile[field]], dtype=np.float64)
-                for field in USER_PROFILE_FIELDS}
+        return {
+            field: np.array([self.profile[field]], dtype=np.float64)
+            for field in USER_PROFILE_FIELDS
+        }
 
 
 def encode_user_features(features: UserFeatures) -> bytes:
@@ -172,8 +175,9 @@ def decode_user_features(raw: bytes) -> UserFeatures:
         raise CodecError("not an adrec user feature record (bad length or format byte)")
     if (len(raw) - header) % FACTOR_DTYPE.itemsize:
         raise CodecError(f"user feature record of {len(raw)} bytes has a torn factor vector")
-    profile_codes = np.frombuffer(raw, dtype=_PROFILE_DTYPE, count=len(USER_PROFILE_FIELDS),
-                                  offset=1)
+    profile_codes = np.frombuffer(
+        raw, dtype=_PROFILE_DTYPE, count=len(USER_PROFILE_FIELDS), offset=1
+    )
     profile = {
         field: float("nan") if code == _MISSING else float(code)
         for field, code in zip(USER_PROFILE_FIELDS, profile_codes.tolist(), strict=True)

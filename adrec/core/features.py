@@ -163,6 +163,7 @@ _TRANSFORMS = {
 
 Block = OneHot | PidOneHot | Numeric | MissingIndicator
 
+
 def profile_levels(field: str) -> tuple[int, ...]:
     """The known levels of a profile field: its published value domain."""
     for column in USER_PROFILE.columns:
@@ -174,8 +175,15 @@ def profile_levels(field: str) -> tuple[int, ...]:
 
 _PROFILE_BLOCKS: tuple[Block, ...] = tuple(
     OneHot(field, profile_levels(field))
-    for field in ("cms_group_id", "gender", "age_level", "shopping_level", "occupation",
-                  "pvalue_level", "new_user_class_level")
+    for field in (
+        "cms_group_id",
+        "gender",
+        "age_level",
+        "shopping_level",
+        "occupation",
+        "pvalue_level",
+        "new_user_class_level",
+    )
 )
 
 
@@ -200,8 +208,12 @@ class FeatureSpec:
     def spec_id(self) -> str:
         """Identifies the exact encoding; a model trained under another id is refused."""
         definition = json.dumps(
-            {"schema": SCHEMA_VERSION, "name": self.name, "features": self.feature_names,
-             "constants": TRANSFORM_CONSTANTS},
+            {
+                "schema": SCHEMA_VERSION,
+                "name": self.name,
+                "features": self.feature_names,
+                "constants": TRANSFORM_CONSTANTS,
+            },
             sort_keys=True,
         )
         digest = hashlib.sha256(definition.encode()).hexdigest()[:12]
@@ -213,8 +225,7 @@ class FeatureSpec:
         start = 0
         for block in self.blocks:
             if block.column == column and isinstance(block, OneHot | PidOneHot):
-                slots: tuple[int | str, ...] = (
-                    block.levels if isinstance(block, OneHot) else PIDS)
+                slots: tuple[int | str, ...] = block.levels if isinstance(block, OneHot) else PIDS
                 if level in slots:
                     return start + slots.index(level)
             start += len(block.names)
@@ -276,7 +287,9 @@ def feature_spec(name: str) -> FeatureSpec:
 
 
 def als_affinity(
-    user_factors: np.ndarray, ad_cate_ids: np.ndarray, cate_ids: np.ndarray,
+    user_factors: np.ndarray,
+    ad_cate_ids: np.ndarray,
+    cate_ids: np.ndarray,
     cate_factors: np.ndarray,
 ) -> np.ndarray:
     """Predicted ALS rating of a user for each ad's category; NaN where unknown.

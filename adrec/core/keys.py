@@ -94,25 +94,33 @@ class KeyFamily(Generic[Value]):
 
 AD_IDS = Codec[np.ndarray](
     "ad ids in order: a width byte (3 or 4), then each id little-endian in that many bytes",
-    codecs.encode_ad_ids, codecs.decode_ad_ids,
+    codecs.encode_ad_ids,
+    codecs.decode_ad_ids,
 )
 SCORED_ADS = Codec[tuple[np.ndarray, np.ndarray]](
     "ad ids as in an ad id list, then one float16 CTR per id",
-    lambda scored: codecs.encode_scored_ads(*scored), codecs.decode_scored_ads,
+    lambda scored: codecs.encode_scored_ads(*scored),
+    codecs.decode_scored_ads,
 )
 USER_FEATURES = Codec[UserFeatures](
     "format byte, one int8 per profile field (-1 missing), then float32 ALS factors",
-    codecs.encode_user_features, codecs.decode_user_features,
+    codecs.encode_user_features,
+    codecs.decode_user_features,
 )
 COLUMN_TABLE = Codec[dict[str, np.ndarray]](
     "column table: magic, format, JSON header of names, dtypes and shapes, then the arrays",
-    codecs.encode_table, codecs.decode_table,
+    codecs.encode_table,
+    codecs.decode_table,
 )
 METADATA = Codec[VersionMeta](
-    "version metadata, JSON", VersionMeta.to_json, VersionMeta.from_json,
+    "version metadata, JSON",
+    VersionMeta.to_json,
+    VersionMeta.from_json,
 )
 MODEL_ARTIFACT = Codec[CtrModel](
-    "CTR model artifact, JSON", CtrModel.to_json, CtrModel.from_json,
+    "CTR model artifact, JSON",
+    CtrModel.to_json,
+    CtrModel.from_json,
 )
 
 META = KeyFamily("meta", None, METADATA)
@@ -125,7 +133,14 @@ CATE_FACTORS = KeyFamily("cate_factors", None, COLUMN_TABLE)
 MODEL = KeyFamily("model", None, MODEL_ARTIFACT)
 
 VERSIONED_FAMILIES: tuple[KeyFamily[Any], ...] = (
-    META, RECALL, OFFLINE, USER, POPULAR, ADS, CATE_FACTORS, MODEL,
+    META,
+    RECALL,
+    OFFLINE,
+    USER,
+    POPULAR,
+    ADS,
+    CATE_FACTORS,
+    MODEL,
 )
 
 #: Popular-list scope covering every placement.

@@ -70,19 +70,21 @@ class VersionMeta:
 
     def to_json(self) -> bytes:
         content = self.content
-        return codecs.encode_json({
-            "version": self.version,
-            "run_id": self.run_id,
-            "created_at": self.created_at,
-            "memory_bytes": self.memory_bytes,
-            "config_digest": content.config_digest,
-            "feature_spec_id": content.feature_spec_id,
-            "counts": dataclasses.asdict(content.counts),
-            "model_metrics": dict(content.model_metrics),
-            "stages": list(content.stages),
-            "offline_pid": content.offline_pid,
-            "report": dict(content.report),
-        })
+        return codecs.encode_json(
+            {
+                "version": self.version,
+                "run_id": self.run_id,
+                "created_at": self.created_at,
+                "memory_bytes": self.memory_bytes,
+                "config_digest": content.config_digest,
+                "feature_spec_id": content.feature_spec_id,
+                "counts": dataclasses.asdict(content.counts),
+                "model_metrics": dict(content.model_metrics),
+                "stages": list(content.stages),
+                "offline_pid": content.offline_pid,
+                "report": dict(content.report),
+            }
+        )
 
     @classmethod
     def from_json(cls, raw: bytes) -> VersionMeta:
@@ -96,10 +98,12 @@ class VersionMeta:
             content=VersionContent(
                 config_digest=_field(document, "config_digest", str, ""),
                 feature_spec_id=_field(document, "feature_spec_id", str, ""),
-                counts=VersionCounts(**{
-                    name.name: _field(counts, name.name, int, 0, parent="counts")
-                    for name in dataclasses.fields(VersionCounts)
-                }),
+                counts=VersionCounts(
+                    **{
+                        name.name: _field(counts, name.name, int, 0, parent="counts")
+                        for name in dataclasses.fields(VersionCounts)
+                    }
+                ),
                 model_metrics=_metrics(_field(document, "model_metrics", dict, {})),
                 stages=tuple(_strings(_field(document, "stages", list, []), "stages")),
                 offline_pid=_field(document, "offline_pid", str, None)
@@ -109,8 +113,9 @@ class VersionMeta:
         )
 
 
-def _field(document: Mapping[str, Any], name: str, kind: type, default: Any,
-           parent: str = "") -> Any:
+def _field(
+    document: Mapping[str, Any], name: str, kind: type, default: Any, parent: str = ""
+) -> Any:
     value = document.get(name)
     if value is None:
         return default
@@ -118,8 +123,7 @@ def _field(document: Mapping[str, Any], name: str, kind: type, default: Any,
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         where = f"{parent}.{name}" if parent else name
         raise codecs.CodecError(
-            f"version metadata field {where!r} must be {kind.__name__}, "
-            f"not {type(value).__name__}"
+            f"version metadata field {where!r} must be {kind.__name__}, not {type(value).__name__}"
         )
     return value
 
@@ -135,8 +139,10 @@ def _report_offline_pid(document: Mapping[str, Any]) -> str | None:
 def _metrics(metrics: Mapping[str, Any]) -> dict[str, float | None]:
     for name, value in metrics.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise codecs.CodecError(f"version metadata field 'model_metrics.{name}' must be a "
-                                    f"number, not {type(value).__name__}")
+            raise codecs.CodecError(
+                f"version metadata field 'model_metrics.{name}' must be a "
+                f"number, not {type(value).__name__}"
+            )
     return {name: None if value is None else float(value) for name, value in metrics.items()}
 
 

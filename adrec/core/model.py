@@ -78,8 +78,9 @@ class CtrModel:
             weights_by_name = document["weights"]
             intercept = float(document["intercept"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise ModelArtifactError(f"model artifact is missing or has a bad field: {exc}") \
-                from None
+            raise ModelArtifactError(
+                f"model artifact is missing or has a bad field: {exc}"
+            ) from None
         if stored_id != spec.spec_id:
             raise ModelArtifactError(
                 f"model was trained with feature spec {stored_id!r} but this code encodes "

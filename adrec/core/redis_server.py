@@ -66,12 +66,18 @@ def _spawn(port: int, workdir: Path, extra_args: tuple[str, ...] = ()) -> subpro
         raise RedisServerError(INSTALL_HINT)
     args = [
         binary,
-        "--port", str(port),
-        "--bind", "127.0.0.1",
-        "--save", "",
-        "--appendonly", "no",
-        "--dir", str(workdir),
-        "--logfile", str(workdir / "redis.log"),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+        "--logfile",
+        str(workdir / "redis.log"),
         *extra_args,
     ]
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -102,7 +108,9 @@ def private_redis(
         port = free_port()
         workdir = Path(tmp)
         server = PrivateRedis(
-            port=port, process=_spawn(port, workdir, extra_args), workdir=workdir,
+            port=port,
+            process=_spawn(port, workdir, extra_args),
+            workdir=workdir,
             extra_args=extra_args,
         )
         try:

@@ -213,7 +213,10 @@ class CtrScorer:
 
     @classmethod
     def build(
-        cls, model: CtrModel, ads: Mapping[str, np.ndarray], cate_ids: np.ndarray,
+        cls,
+        model: CtrModel,
+        ads: Mapping[str, np.ndarray],
+        cate_ids: np.ndarray,
         cate_factors: np.ndarray,
     ) -> CtrScorer:
         """Prepare the ad table (sorted by id) and the category factors (sorted by category,
@@ -225,8 +228,9 @@ class CtrScorer:
         cate_ids = np.asarray(cate_ids).astype(np.int64)
         if len(cate_ids) > 1 and not (np.diff(cate_ids) > 0).all():
             raise ScoringDataError("category factors are not sorted")
-        ad_numeric = {name: np.asarray(ads[name]).astype(np.float64)
-                      for name in features.AD_NUMERIC_FIELDS}
+        ad_numeric = {
+            name: np.asarray(ads[name]).astype(np.float64) for name in features.AD_NUMERIC_FIELDS
+        }
         # Stored as float32: widening once here gives the values als_affinity computes with
         # after widening the rows it gathers.
         factors = np.asarray(cate_factors).astype(np.float32).astype(np.float64)
@@ -256,8 +260,12 @@ class CtrScorer:
         return Ranked(found.ids[order], ctrs[order], found.unknown)
 
     def rank_lists(
-        self, pid: str, users: Sequence[UserFeatures], candidates: np.ndarray,
-        offsets: np.ndarray, top_k: int,
+        self,
+        pid: str,
+        users: Sequence[UserFeatures],
+        candidates: np.ndarray,
+        offsets: np.ndarray,
+        top_k: int,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`rank` of many users at once: (ad ids, CTRs, offsets into them).
 
@@ -308,8 +316,9 @@ class CtrScorer:
         # category has no factors meets the NaN row, so its product is NaN. A matrix product
         # may give two ads of one category values a last bit apart; the model reads the
         # affinity as float32, which rounds that away unless it straddles a float32 step.
-        return self.cate_factors.take(self.ad_cate_rows.take(rows), axis=0) \
-            @ np.asarray(factors, np.float64)
+        return self.cate_factors.take(self.ad_cate_rows.take(rows), axis=0) @ np.asarray(
+            factors, np.float64
+        )
 
 
 # ------------------------------------------------------------------ the model split by column
@@ -339,15 +348,24 @@ class CompiledModel:
         rows = len(next(iter(ads.values())))
         ad_margins = np.zeros(rows)
         for start in range(0, rows, AD_CHUNK):
-            chunk = {c: ads[c][start:start + AD_CHUNK] for c in features.AD_NUMERIC_FIELDS
-                     if c in columns}
+            chunk = {
+                c: ads[c][start : start + AD_CHUNK]
+                for c in features.AD_NUMERIC_FIELDS
+                if c in columns
+            }
             if chunk:
-                ad_margins[start:start + AD_CHUNK] = _contributions(model, slots, chunk)
-        pid_margins = {pid: float(_contributions(model, slots, {"pid": np.array([pid])})[0])
-                       for pid in PIDS} if "pid" in columns else {}
+                ad_margins[start : start + AD_CHUNK] = _contributions(model, slots, chunk)
+        pid_margins = (
+            {pid: float(_contributions(model, slots, {"pid": np.array([pid])})[0]) for pid in PIDS}
+            if "pid" in columns
+            else {}
+        )
         profile_margins = {
-            field: (_contributions(model, slots, {field: PROFILE_VALUES})
-                    if field in columns else np.zeros(len(PROFILE_VALUES))).tolist()
+            field: (
+                _contributions(model, slots, {field: PROFILE_VALUES})
+                if field in columns
+                else np.zeros(len(PROFILE_VALUES))
+            ).tolist()
             for field in features.USER_PROFILE_FIELDS
         }
         pair = None
@@ -386,13 +404,15 @@ class CompiledModel:
         for column in features.AD_NUMERIC_FIELDS:
             columns[column] = ads[column][position]
         spec = self.model.spec
-        expected = spec.encode(columns).astype(np.float64) @ self.model.weights \
-            + self.model.intercept
+        expected = (
+            spec.encode(columns).astype(np.float64) @ self.model.weights + self.model.intercept
+        )
         actual = np.empty(samples)
         for i in range(samples):
             profile = {f: float(columns[f][i]) for f in features.USER_PROFILE_FIELDS}
-            actual[i] = self.margins(str(pids[i]), UserFeatures(profile), position[i:i + 1],
-                                     affinity[i:i + 1])[0]
+            actual[i] = self.margins(
+                str(pids[i]), UserFeatures(profile), position[i : i + 1], affinity[i : i + 1]
+            )[0]
         return bool(np.max(np.abs(actual - expected)) <= TOLERANCE)
 
 
@@ -425,9 +445,7 @@ def _contributions(
     return total
 
 
-def _affine_pair(
-    model: CtrModel, slots: dict[str, list[int]]
-) -> tuple[float, float, float] | None:
+def _affine_pair(model: CtrModel, slots: dict[str, list[int]]) -> tuple[float, float, float] | None:
     probed = _contributions(model, slots, {PAIR_COLUMN: np.array([np.nan, *_AFFINE_PROBES])})
     missing, finite = float(probed[0]), probed[1:]
     offset = float(finite[_AFFINE_PROBES.tolist().index(0.0)])

@@ -59,8 +59,7 @@ def setting(
     aliases: tuple[str, ...] = (),
 ) -> Any:
     """Declare a dataclass field backed by env var ``env``, its flag and any flag aliases."""
-    spec = SettingSpec(env=env, help=help, parse=parse, check=check, secret=secret,
-                       aliases=aliases)
+    spec = SettingSpec(env=env, help=help, parse=parse, check=check, secret=secret, aliases=aliases)
     return dataclasses.field(default=default, metadata={_SETTING_KEY: spec})
 
 
@@ -133,7 +132,11 @@ def add_flags(cls: type, parser: argparse.ArgumentParser) -> None:
     """Add one optional flag per setting; absent flags leave env/defaults alone."""
     for name, spec in specs(cls).items():
         parser.add_argument(
-            spec.flag, *spec.aliases, dest=f"setting_{name}", default=None, metavar=spec.env,
+            spec.flag,
+            *spec.aliases,
+            dest=f"setting_{name}",
+            default=None,
+            metavar=spec.env,
             help=spec.help,
         )
 

@@ -133,22 +133,26 @@ def draw_block(world: World, index: int) -> _Block:
     clicked = (rng.random(len(probability)) < probability).astype(np.int8)
     shown_at = rng.integers(SAMPLE_START, SAMPLE_END, len(shown_to))
 
-    raw_sample = pa.table({
-        "user": world.user_ids[shown_to],
-        "time_stamp": shown_at,
-        "adgroup_id": world.ad_ids[shown_ads],
-        "pid": label_column(pid, PIDS),
-        "nonclk": 1 - clicked,
-        "clk": clicked,
-    })
-    truth_table = pa.table({
-        "user": raw_sample["user"],
-        "time_stamp": raw_sample["time_stamp"],
-        "adgroup_id": raw_sample["adgroup_id"],
-        "pid": raw_sample["pid"],
-        "clk": raw_sample["clk"],
-        "click_probability": fixed_decimals(probability, 6),
-    })
+    raw_sample = pa.table(
+        {
+            "user": world.user_ids[shown_to],
+            "time_stamp": shown_at,
+            "adgroup_id": world.ad_ids[shown_ads],
+            "pid": label_column(pid, PIDS),
+            "nonclk": 1 - clicked,
+            "clk": clicked,
+        }
+    )
+    truth_table = pa.table(
+        {
+            "user": raw_sample["user"],
+            "time_stamp": raw_sample["time_stamp"],
+            "adgroup_id": raw_sample["adgroup_id"],
+            "pid": raw_sample["pid"],
+            "clk": raw_sample["clk"],
+            "click_probability": fixed_decimals(probability, 6),
+        }
+    )
     behavior, brand_slots = _behavior_table(world, behaving, behavior_categories, rng)
     return _Block(
         raw_sample_csv=csv_lines(raw_sample),
@@ -181,11 +185,13 @@ def _behavior_table(
     bad = slice(*np.searchsorted(world.bad_timestamp_rows, [first_row, first_row + rows]))
     bad_rows = world.bad_timestamp_rows[bad] - first_row
     time_stamp[bad_rows] = -rng.integers(0, SAMPLE_START, len(bad_rows))
-    table = pa.table({
-        "user": world.user_ids[users],
-        "time_stamp": time_stamp,
-        "btag": label_column(btag, BTAGS),
-        "cate": world.category_ids[categories],
-        "brand": world.brand_ids[brand_slots],
-    })
+    table = pa.table(
+        {
+            "user": world.user_ids[users],
+            "time_stamp": time_stamp,
+            "btag": label_column(btag, BTAGS),
+            "cate": world.category_ids[categories],
+            "brand": world.brand_ids[brand_slots],
+        }
+    )
     return table, brand_slots

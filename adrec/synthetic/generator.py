@@ -54,8 +54,10 @@ def generate(
     seconds["entities and calibration"] = time.perf_counter() - started
     report.line(f"entities ready: {preset.users:,} users, {preset.ads:,} ads")
 
-    for name, writer in (("ad_feature.csv", write_ad_feature),
-                         ("user_profile.csv", write_user_profile)):
+    for name, writer in (
+        ("ad_feature.csv", write_ad_feature),
+        ("user_profile.csv", write_user_profile),
+    ):
         started = time.perf_counter()
         writer(world, out)
         seconds[name] = time.perf_counter() - started

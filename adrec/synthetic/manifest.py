@@ -39,8 +39,10 @@ def build_manifest(world: World, totals: Totals) -> dict[str, Any]:
             AD_FEATURE.csv_file: {"rows": preset.ads},
             USER_PROFILE.csv_file: {"rows": int(world.has_profile.sum())},
             BEHAVIOR_LOG.csv_file: {"rows": totals.behavior_rows},
-            TRUTH_FILE: {"rows": totals.samples,
-                         "note": "row i gives the true click probability of raw_sample row i"},
+            TRUTH_FILE: {
+                "rows": totals.samples,
+                "note": "row i gives the true click probability of raw_sample row i",
+            },
         },
         "counts": {
             "users": preset.users,

@@ -53,13 +53,15 @@ def non_pv_probability(world: World, users: np.ndarray, categories: np.ndarray) 
     return sigmoid(world.non_pv_intercept + world.truth.non_pv_preference_slope * relative)
 
 
-def preferred_categories(world: World, users: np.ndarray, topic_cdf: np.ndarray,
-                         rng: np.random.Generator) -> np.ndarray:
+def preferred_categories(
+    world: World, users: np.ndarray, topic_cdf: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
     """One category per entry of ``users``: a topic from the user's mix, then a category from
     the topic (``topic_cdf`` holds each topic's cumulative distribution over categories)."""
     topic_draw = rng.random(len(users))
-    topics = np.minimum((topic_draw[:, None] >= world.user_topic_cdf[users]).sum(axis=1),
-                        LATENT_RANK - 1)
+    topics = np.minimum(
+        (topic_draw[:, None] >= world.user_topic_cdf[users]).sum(axis=1), LATENT_RANK - 1
+    )
     category_draw = rng.random(len(users))
     categories = np.empty(len(users), dtype=np.int64)
     for topic in range(LATENT_RANK):
@@ -69,8 +71,7 @@ def preferred_categories(world: World, users: np.ndarray, topic_cdf: np.ndarray,
     return in_range
 
 
-def impression_categories(world: World, users: np.ndarray,
-                          rng: np.random.Generator) -> np.ndarray:
+def impression_categories(world: World, users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Ad categories of impressions: part preference draws, part popularity draws."""
     from_preference = rng.random(len(users)) < world.truth.impression_preference_share
     by_preference = preferred_categories(world, users, world.topic_ad_category_cdf, rng)
@@ -87,11 +88,11 @@ def _preference(world: World, users: np.ndarray, categories: np.ndarray) -> np.n
     return preference
 
 
-def log_relative_preference(world: World, users: np.ndarray,
-                            categories: np.ndarray) -> np.ndarray:
+def log_relative_preference(world: World, users: np.ndarray, categories: np.ndarray) -> np.ndarray:
     """How much more the user prefers the category than the average user does (log ratio)."""
-    log_ratio: np.ndarray = np.log(_preference(world, users, categories)
-                                   / world.category_average_preference[categories])
+    log_ratio: np.ndarray = np.log(
+        _preference(world, users, categories) / world.category_average_preference[categories]
+    )
     return log_ratio
 
 
@@ -101,15 +102,13 @@ def _interest(world: World, users: np.ndarray, categories: np.ndarray) -> np.nda
     return interest
 
 
-def ads_in_categories(world: World, categories: np.ndarray,
-                      rng: np.random.Generator) -> np.ndarray:
+def ads_in_categories(world: World, categories: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     ranks = zipf_ranks(rng, world.ad_count[categories], world.truth.ad_popularity_zipf)
     ads: np.ndarray = world.ad_start[categories] + ranks
     return ads
 
 
-def click_logits(world: World, users: np.ndarray, ads: np.ndarray,
-                 pid: np.ndarray) -> np.ndarray:
+def click_logits(world: World, users: np.ndarray, ads: np.ndarray, pid: np.ndarray) -> np.ndarray:
     """The planted click logit without its intercept."""
     truth = world.truth
     categories = world.ad_category[ads]

@@ -29,6 +29,7 @@ class Progress:
         if self.enabled:
             elapsed = time.monotonic() - self.started
             prefix = "\r" if self.interactive else ""
-            sys.stderr.write(f"{prefix}adrec datagen [{elapsed:7.1f}s] {message}"
-                             + ("\n" if final else ""))
+            sys.stderr.write(
+                f"{prefix}adrec datagen [{elapsed:7.1f}s] {message}" + ("\n" if final else "")
+            )
             sys.stderr.flush()

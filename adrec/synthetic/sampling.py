@@ -44,8 +44,9 @@ def zipf_ranks(rng: np.random.Generator, sizes: np.ndarray, exponent: float) -> 
     return ranks
 
 
-def draw_levels(rng: np.random.Generator, shares: dict[int, float], n: int,
-                missing_share: float = 0.0) -> np.ndarray:
+def draw_levels(
+    rng: np.random.Generator, shares: dict[int, float], n: int, missing_share: float = 0.0
+) -> np.ndarray:
     levels = rng.choice(np.array(list(shares)), size=n, p=list(shares.values()))
     if missing_share:
         levels[rng.random(n) < missing_share] = MISSING

@@ -17,14 +17,16 @@ from adrec.synthetic.world import World
 def write_ad_feature(world: World, out: Path) -> None:
     order = np.lexsort((world.ad_ids, world.ad_customer))  # the real file is sorted by customer
     brand = world.ad_brand[order]
-    table = pa.table({
-        "adgroup_id": world.ad_ids[order],
-        "cate_id": world.category_ids[world.ad_category[order]],
-        "campaign_id": world.ad_campaign[order],
-        "customer": world.ad_customer[order],
-        "brand": pc.fill_null(pa.array(brand, mask=brand == 0).cast(pa.string()), NULL_BRAND),
-        "price": _price_strings(world.ad_price_cents[order]),
-    })
+    table = pa.table(
+        {
+            "adgroup_id": world.ad_ids[order],
+            "cate_id": world.category_ids[world.ad_category[order]],
+            "campaign_id": world.ad_campaign[order],
+            "customer": world.ad_customer[order],
+            "brand": pc.fill_null(pa.array(brand, mask=brand == 0).cast(pa.string()), NULL_BRAND),
+            "price": _price_strings(world.ad_price_cents[order]),
+        }
+    )
     with atomic_file(out / AD_FEATURE.csv_file) as handle:
         write_table(handle, AD_FEATURE.header, table)
 

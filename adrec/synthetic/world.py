@@ -138,8 +138,9 @@ def _build_categories(preset: Preset, seed: int, truth: PlantedTruth) -> _Catego
     popularity = popularity[order]
 
     ad_popularity = popularity[:with_ads] / popularity[:with_ads].sum()
-    ad_count = 1 + rng.multinomial(preset.ads - with_ads,
-                                   normalized(ad_popularity**truth.category_size_exponent))
+    ad_count = 1 + rng.multinomial(
+        preset.ads - with_ads, normalized(ad_popularity**truth.category_size_exponent)
+    )
     brand_count = 1 + rng.multinomial(preset.brands - total, normalized(popularity**0.7))
 
     loadings = rng.gamma(truth.topic_categories / total, 1.0, (LATENT_RANK, total))
@@ -177,8 +178,7 @@ class _Ads(TypedDict):
     ad_centered_log_price: np.ndarray
 
 
-def _build_ads(preset: Preset, seed: int, truth: PlantedTruth,
-               categories: _Categories) -> _Ads:
+def _build_ads(preset: Preset, seed: int, truth: PlantedTruth, categories: _Categories) -> _Ads:
     rng = random_stream(seed, Stream.ADS)
     n = preset.ads
     category = np.repeat(np.arange(preset.ad_categories), categories["ad_count"])
@@ -190,8 +190,9 @@ def _build_ads(preset: Preset, seed: int, truth: PlantedTruth,
     brand[rng.random(n) < truth.null_brand_share] = 0
 
     # Campaigns group neighbouring ads of a category; customers own campaigns across categories.
-    campaign_of_ad = np.repeat(np.arange(preset.campaigns),
-                               random_group_sizes(rng, n, preset.campaigns))
+    campaign_of_ad = np.repeat(
+        np.arange(preset.campaigns), random_group_sizes(rng, n, preset.campaigns)
+    )
     customer_of_campaign = np.empty(preset.campaigns, dtype=np.int64)
     customer_of_campaign[rng.permutation(preset.campaigns)] = np.repeat(
         np.arange(preset.customers), random_group_sizes(rng, preset.campaigns, preset.customers)
@@ -237,13 +238,15 @@ def _build_users(preset: Preset, seed: int, truth: PlantedTruth) -> _Users:
     age = draw_levels(rng, AGE_SHARES, everyone)
     # As in the real data, cms_group_id encodes gender and age: 0..6 male, 7..12 female.
     group = np.where(gender == 1, age, 6 + np.maximum(age, 1))
-    segment = np.where(rng.random(everyone) < SEGMENT_ZERO_SHARE, 0,
-                       rng.integers(1, SEGMENTS, everyone))
+    segment = np.where(
+        rng.random(everyone) < SEGMENT_ZERO_SHARE, 0, rng.integers(1, SEGMENTS, everyone)
+    )
     pvalue = draw_levels(rng, PVALUE_SHARES, everyone, missing_share=PVALUE_MISSING)
     shopping = draw_levels(rng, SHOPPING_SHARES, everyone)
     occupation = (rng.random(everyone) < OCCUPATION_STUDENT_SHARE).astype(np.int64)
-    new_user_class = draw_levels(rng, NEW_USER_CLASS_SHARES, everyone,
-                                 missing_share=NEW_USER_CLASS_MISSING)
+    new_user_class = draw_levels(
+        rng, NEW_USER_CLASS_SHARES, everyone, missing_share=NEW_USER_CLASS_MISSING
+    )
     has_profile = np.ones(everyone, dtype=bool)
     has_profile[rng.choice(preset.users, preset.users_without_profile, replace=False)] = False
     topic_mix = rng.dirichlet(np.full(LATENT_RANK, truth.user_topic_concentration), preset.users)
@@ -264,9 +267,14 @@ def _build_users(preset: Preset, seed: int, truth: PlantedTruth) -> _Users:
         "user_topics": topic_mix.astype(np.float32),
         "user_topic_cdf": np.cumsum(topic_mix, axis=1),
         "profile": {
-            "cms_segid": segment, "cms_group_id": group, "final_gender_code": gender,
-            "age_level": age, "pvalue_level": pvalue, "shopping_level": shopping,
-            "occupation": occupation, "new_user_class_level ": new_user_class,
+            "cms_segid": segment,
+            "cms_group_id": group,
+            "final_gender_code": gender,
+            "age_level": age,
+            "pvalue_level": pvalue,
+            "shopping_level": shopping,
+            "occupation": occupation,
+            "new_user_class_level ": new_user_class,
         },
         "has_profile": has_profile,
         "user_click_term": click_term.astype(np.float32),

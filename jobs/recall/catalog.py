@@ -110,8 +110,8 @@ def _guide_table(offsets: np.ndarray, ticket_starts: np.ndarray) -> np.ndarray:
     category = np.repeat(np.arange(len(sizes)), sizes)
     cell = np.arange(offsets[-1]) - offsets[category]
     weight = ticket_starts[offsets[1:]] - ticket_starts[offsets[:-1]]
-    first_ticket: np.ndarray = (
-        ticket_starts[offsets[category]] + -(-cell * weight[category] // sizes[category])
+    first_ticket: np.ndarray = ticket_starts[offsets[category]] + -(
+        -cell * weight[category] // sizes[category]
     )
     return np.searchsorted(ticket_starts, first_ticket, side="right") - 1
 

@@ -49,18 +49,20 @@ def recall_hit_rate(
     without_list = clicked
     hits = pairs = 0
     if recall_lists is not None:
-        with_list = recall_lists.select("user_id", "ad_ids").join(
-            sf.broadcast(clicked), "user_id"
+        with_list = recall_lists.select("user_id", "ad_ids").join(sf.broadcast(clicked), "user_id")
+        row = aggregate_row(
+            with_list.agg(
+                sf.sum(sf.size("clicked")).alias("pairs"),
+                sf.sum(sf.size(sf.array_intersect("clicked", "ad_ids"))).alias("hits"),
+            )
         )
-        row = aggregate_row(with_list.agg(
-            sf.sum(sf.size("clicked")).alias("pairs"),
-            sf.sum(sf.size(sf.array_intersect("clicked", "ad_ids"))).alias("hits"),
-        ))
         pairs, hits = int(row["pairs"] or 0), int(row["hits"] or 0)
         without_list = clicked.join(recall_lists.select("user_id"), "user_id", "left_anti")
-    row = aggregate_row(without_list.agg(
-        sf.sum(sf.size("clicked")).alias("pairs"),
-        sf.sum(sf.size(sf.array_intersect("clicked", fallback_ids))).alias("hits"),
-    ))
+    row = aggregate_row(
+        without_list.agg(
+            sf.sum(sf.size("clicked")).alias("pairs"),
+            sf.sum(sf.size(sf.array_intersect("clicked", fallback_ids))).alias("hits"),
+        )
+    )
     fallback_pairs = int(row["pairs"] or 0)
     return HitRate(pairs + fallback_pairs, hits + int(row["hits"] or 0), fallback_pairs)

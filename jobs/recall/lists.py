@@ -35,11 +35,13 @@ from jobs.recall.sampler import DRAW_COST, draw_bound, sample_by_draws, sample_b
 STRATEGIES = ("uniform", "popular")
 
 RECALL_SCHEMA = "user_id int, ad_ids array<int>, personal int"
-_ARROW_SCHEMA = pa.schema([
-    ("user_id", pa.int32()),
-    ("ad_ids", pa.list_(pa.int32())),
-    ("personal", pa.int32()),
-])
+_ARROW_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.int32()),
+        ("ad_ids", pa.list_(pa.int32())),
+        ("personal", pa.int32()),
+    ]
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +80,11 @@ class RecallChunk:
             values = self.ad_ids[np.arange(self.ad_ids.shape[1]) < self.lengths[:, None]]
         offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int32)
         return pa.RecordBatch.from_arrays(
-            [pa.array(self.user_ids), pa.ListArray.from_arrays(pa.array(offsets),
-                                                               pa.array(values)),
-             pa.array(self.personal)],
+            [
+                pa.array(self.user_ids),
+                pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),
+                pa.array(self.personal),
+            ],
             schema=_ARROW_SCHEMA,
         )
 
@@ -92,8 +96,10 @@ def recall_chunk(
     user_ids = np.asarray(user_ids, dtype=np.int64)
     factors = np.asarray(user_factors, dtype=np.float32)
     if factors.shape != (len(user_ids), catalog.cate_factors.shape[1]):
-        raise ValueError(f"expected {len(user_ids)} factor rows of rank "
-                         f"{catalog.cate_factors.shape[1]}, got shape {factors.shape}")
+        raise ValueError(
+            f"expected {len(user_ids)} factor rows of rank "
+            f"{catalog.cate_factors.shape[1]}, got shape {factors.shape}"
+        )
     length = config.list_length
     ad_ids = np.zeros((len(user_ids), length), dtype=np.int32)
     personal = np.zeros(len(user_ids), dtype=np.int32)
@@ -128,8 +134,8 @@ def _fill_from_popular(ad_ids: np.ndarray, personal: np.ndarray, popular: np.nda
     rank = np.cumsum(available, axis=1)
     need = length - personal[short]
     fill_rows, fill_cols = np.nonzero(available & (rank <= need[:, None]))
-    ad_ids[short[fill_rows], personal[short[fill_rows]] + rank[fill_rows, fill_cols] - 1] = (
-        popular[fill_cols]
-    )
+    ad_ids[short[fill_rows], personal[short[fill_rows]] + rank[fill_rows, fill_cols] - 1] = popular[
+        fill_cols
+    ]
     lengths[short] += np.minimum(need, available.sum(axis=1)).astype(np.int32)
     return lengths

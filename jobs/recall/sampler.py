@@ -42,8 +42,9 @@ def walk(top: np.ndarray, sizes: np.ndarray, length: int) -> tuple[Segments, np.
     before = np.cumsum(size, axis=1) - size
     take = np.clip(length - before, 0, size)
     rows, ranks = np.nonzero(take)
-    segments = Segments(rows, top[rows, ranks], take[rows, ranks], size[rows, ranks],
-                         before[rows, ranks])
+    segments = Segments(
+        rows, top[rows, ranks], take[rows, ranks], size[rows, ranks], before[rows, ranks]
+    )
     return segments, take.sum(axis=1)
 
 
@@ -78,7 +79,10 @@ _GROUP_ITEMS = 1 << 15
 
 
 def sample_by_keys(
-    catalog: RecallCatalog, popular: bool, streams: np.ndarray, segments: Segments,
+    catalog: RecallCatalog,
+    popular: bool,
+    streams: np.ndarray,
+    segments: Segments,
     out: np.ndarray,
 ) -> None:
     """Give every ad of each segment's category a random key; keep the ``take`` smallest."""
@@ -88,16 +92,19 @@ def sample_by_keys(
     ends = np.cumsum(segments.size)
     first = 0
     while first < len(segments):
-        budget = np.searchsorted(ends, ends[first] - segments.size[first] + _GROUP_ITEMS,
-                                 side="right")
+        budget = np.searchsorted(
+            ends, ends[first] - segments.size[first] + _GROUP_ITEMS, side="right"
+        )
         last = min(max(int(budget), first + 1), first + (1 << segment_bits))
-        _sample_group_by_keys(catalog, popular, streams, segments.subset(slice(first, last)),
-                              out)
+        _sample_group_by_keys(catalog, popular, streams, segments.subset(slice(first, last)), out)
         first = last
 
 
 def _sample_group_by_keys(
-    catalog: RecallCatalog, popular: bool, streams: np.ndarray, segments: Segments,
+    catalog: RecallCatalog,
+    popular: bool,
+    streams: np.ndarray,
+    segments: Segments,
     out: np.ndarray,
 ) -> None:
     """One sort of ``segment | key | position`` packed in a uint64 orders every segment.
@@ -139,7 +146,10 @@ def _sample_group_by_keys(
 
 
 def sample_by_draws(
-    catalog: RecallCatalog, popular: bool, streams: np.ndarray, segments: Segments,
+    catalog: RecallCatalog,
+    popular: bool,
+    streams: np.ndarray,
+    segments: Segments,
     out: np.ndarray,
 ) -> None:
     """Draw with replacement and keep first occurrences until ``take`` distinct ads.
@@ -160,12 +170,12 @@ def sample_by_draws(
         number = np.repeat(drawn[pending] - (np.cumsum(counts) - counts), counts) + np.arange(
             counts.sum()
         )
-        bits = random_bits(streams[segments.row[segment]], number.astype(np.uint64)
-                            + DRAW_COUNTER)
+        bits = random_bits(streams[segments.row[segment]], number.astype(np.uint64) + DRAW_COUNTER)
         draws.append((segment, number, _pick(catalog, popular, segments.cate[segment], bits)))
         drawn[pending] += counts
-        segment, number, position = _first_occurrences(*map(np.concatenate, zip(*draws,
-                                                                               strict=True)))
+        segment, number, position = _first_occurrences(
+            *map(np.concatenate, zip(*draws, strict=True))
+        )
         deficit = segments.take - np.bincount(segment, minlength=len(segments))
         pending = np.flatnonzero(deficit > 0)
         wanted[pending] = 2 * deficit[pending] + 8
@@ -206,14 +216,13 @@ def _first_occurrences(
     return (
         (by_draw >> np.uint64(position_bits + number_bits)).astype(np.int64),
         ((by_draw >> np.uint64(position_bits)) & np.uint64((1 << number_bits) - 1)).astype(
-            np.int64),
+            np.int64
+        ),
         (by_draw & np.uint64((1 << position_bits) - 1)).astype(np.int64),
     )
 
 
-def _pick(
-    catalog: RecallCatalog, popular: bool, cate: np.ndarray, bits: np.ndarray
-) -> np.ndarray:
+def _pick(catalog: RecallCatalog, popular: bool, cate: np.ndarray, bits: np.ndarray) -> np.ndarray:
     """One draw per entry: a position inside category ``cate`` (popular: by weight)."""
     unit = unit_interval(bits)
     size = catalog.sizes[cate]

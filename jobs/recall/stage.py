@@ -88,22 +88,26 @@ def save_recall_lists(recall_lists: DataFrame, path: str) -> None:
     shrinks, so parquet's default dictionary attempt and compression only cost CPU:
     plain, uncompressed pages are several times cheaper to write.
     """
-    (recall_lists.write.mode("overwrite")
-     .option("compression", "none")
-     .option("parquet.enable.dictionary", "false")
-     .parquet(path))
+    (
+        recall_lists.write.mode("overwrite")
+        .option("compression", "none")
+        .option("parquet.enable.dictionary", "false")
+        .parquet(path)
+    )
 
 
 def recall_stats(recall_lists: DataFrame, list_length: int) -> RecallStats:
     """Counts over (ad_ids, personal) rows, e.g. for the quality report."""
     length = sf.size("ad_ids")
-    row = aggregate_row(recall_lists.agg(
-        sf.count(sf.lit(1)).alias("users"),
-        sf.sum((length == list_length).cast("long")).alias("full_lists"),
-        sf.sum((sf.col("personal") < length).cast("long")).alias("filled_users"),
-        sf.sum("personal").alias("personal_ads"),
-        sf.sum(length - sf.col("personal")).alias("fallback_ads"),
-    ))
+    row = aggregate_row(
+        recall_lists.agg(
+            sf.count(sf.lit(1)).alias("users"),
+            sf.sum((length == list_length).cast("long")).alias("full_lists"),
+            sf.sum((sf.col("personal") < length).cast("long")).alias("filled_users"),
+            sf.sum("personal").alias("personal_ads"),
+            sf.sum(length - sf.col("personal")).alias("fallback_ads"),
+        )
+    )
     return RecallStats(**{name: int(row[name] or 0) for name in _STATS_FIELDS})
 
 
@@ -114,8 +118,9 @@ def write_recall_lists(recall_lists: DataFrame, redis: RedisSettings, version: s
         lists = batch.column("ad_ids")
         flat = pc.list_flatten(lists).to_numpy()
         bounds = pc.list_value_length(lists).to_numpy().cumsum()
-        return writer.put_recall_lists(batch.column("user_id").to_numpy(),
-                                       np.split(flat, bounds[:-1]))
+        return writer.put_recall_lists(
+            batch.column("user_id").to_numpy(), np.split(flat, bounds[:-1])
+        )
 
     return write_from_executors(recall_lists.select("user_id", "ad_ids"), redis, version, put)
 
@@ -160,5 +165,6 @@ def _chunk_stats(chunk: RecallChunk) -> pa.RecordBatch:
         "personal_ads": int(personal.sum()),
         "fallback_ads": int((lengths - personal).sum()),
     }
-    return pa.RecordBatch.from_arrays([pa.array([counts[name]], pa.int64())
-                                       for name in _STATS_FIELDS], names=_STATS_FIELDS)
+    return pa.RecordBatch.from_arrays(
+        [pa.array([counts[name]], pa.int64()) for name in _STATS_FIELDS], names=_STATS_FIELDS
+    )

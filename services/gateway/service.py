@@ -55,15 +55,20 @@ PERSONAL = common_pb2.CANDIDATE_SOURCE_PERSONAL
 POPULAR = common_pb2.CANDIDATE_SOURCE_POPULAR
 Reason = gateway_pb2.DegradationReason
 #: Degradation reason -> its name in metrics and logs ("ranking_unavailable", ...).
-_REASON_NAMES = {value: name.removeprefix("DEGRADATION_REASON_").lower()
-                 for name, value in Reason.items()}
+_REASON_NAMES = {
+    value: name.removeprefix("DEGRADATION_REASON_").lower() for name, value in Reason.items()
+}
 
 #: Downstream failure -> (reason when late, reason otherwise).
 _DOWNSTREAM_REASONS = {
-    "recall": (gateway_pb2.DEGRADATION_REASON_RECALL_DEADLINE_EXCEEDED,
-               gateway_pb2.DEGRADATION_REASON_RECALL_UNAVAILABLE),
-    "ranking": (gateway_pb2.DEGRADATION_REASON_RANKING_DEADLINE_EXCEEDED,
-                gateway_pb2.DEGRADATION_REASON_RANKING_UNAVAILABLE),
+    "recall": (
+        gateway_pb2.DEGRADATION_REASON_RECALL_DEADLINE_EXCEEDED,
+        gateway_pb2.DEGRADATION_REASON_RECALL_UNAVAILABLE,
+    ),
+    "ranking": (
+        gateway_pb2.DEGRADATION_REASON_RANKING_DEADLINE_EXCEEDED,
+        gateway_pb2.DEGRADATION_REASON_RANKING_UNAVAILABLE,
+    ),
 }
 
 
@@ -222,8 +227,12 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
             raise UnavailableError("no published data version yet")
 
         call = _Call(
-            user_id=user_id, pid=pid, count=count, mode=mode,
-            request_id=request.request_id or uuid.uuid4().hex, version=current,
+            user_id=user_id,
+            pid=pid,
+            count=count,
+            mode=mode,
+            request_id=request.request_id or uuid.uuid4().hex,
+            version=current,
             deadline=_Deadline(context.time_remaining(), self.budgets),
         )
         await (self._realtime(call) if mode == REALTIME else self._offline(call))
@@ -238,16 +247,22 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
             return
         if recalled.source != PERSONAL:
             call.reasons.append(gateway_pb2.DEGRADATION_REASON_NO_RECALL_SET)
-            call.unscored(gateway_pb2.SERVING_PATH_POPULAR, POPULAR, recalled.ad_ids,
-                          recalled.data_version)
+            call.unscored(
+                gateway_pb2.SERVING_PATH_POPULAR, POPULAR, recalled.ad_ids, recalled.data_version
+            )
             return
         ranked: ranking_service_pb2.RankCandidatesResponse | None = await self._call(
-            "ranking", self.ranking.RankCandidates,
+            "ranking",
+            self.ranking.RankCandidates,
             ranking_service_pb2.RankCandidatesRequest(
-                user_id=call.user_id, pid=call.pid, ad_ids=recalled.ad_ids, top_k=call.count,
+                user_id=call.user_id,
+                pid=call.pid,
+                ad_ids=recalled.ad_ids,
+                top_k=call.count,
                 request_id=call.request_id,
             ),
-            call.deadline.for_downstream(self.budgets.ranking), call,
+            call.deadline.for_downstream(self.budgets.ranking),
+            call,
         )
         if ranked is not None:
             call.ads = ranked.ads
@@ -255,8 +270,12 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
             call.data_version, call.model_version = ranked.data_version, ranked.model_version
             return
         if not await self._offline_list(call):
-            call.unscored(gateway_pb2.SERVING_PATH_RECALL_ORDER, PERSONAL, recalled.ad_ids,
-                          recalled.data_version)
+            call.unscored(
+                gateway_pb2.SERVING_PATH_RECALL_ORDER,
+                PERSONAL,
+                recalled.ad_ids,
+                recalled.data_version,
+            )
 
     async def _offline(self, call: _Call) -> None:
         if await self._offline_list(call):
@@ -266,19 +285,26 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
             self._popular(call)
         elif recalled.source != PERSONAL:
             call.reasons.append(gateway_pb2.DEGRADATION_REASON_NO_RECALL_SET)
-            call.unscored(gateway_pb2.SERVING_PATH_POPULAR, POPULAR, recalled.ad_ids,
-                          recalled.data_version)
+            call.unscored(
+                gateway_pb2.SERVING_PATH_POPULAR, POPULAR, recalled.ad_ids, recalled.data_version
+            )
         else:
-            call.unscored(gateway_pb2.SERVING_PATH_RECALL_ORDER, PERSONAL, recalled.ad_ids,
-                          recalled.data_version)
+            call.unscored(
+                gateway_pb2.SERVING_PATH_RECALL_ORDER,
+                PERSONAL,
+                recalled.ad_ids,
+                recalled.data_version,
+            )
 
     async def _recall(self, call: _Call) -> recall_service_pb2.GetCandidatesResponse | None:
         recalled: recall_service_pb2.GetCandidatesResponse | None = await self._call(
-            "recall", self.recall.GetCandidates,
+            "recall",
+            self.recall.GetCandidates,
             recall_service_pb2.GetCandidatesRequest(
                 user_id=call.user_id, pid=call.pid, request_id=call.request_id
             ),
-            call.deadline.for_downstream(self.budgets.recall), call,
+            call.deadline.for_downstream(self.budgets.recall),
+            call,
         )
         if recalled is not None:
             self.metrics.candidates.observe(len(recalled.ad_ids))
@@ -302,9 +328,14 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
             held_back = self._failure_logs.allow((downstream, code))
             if held_back is not None:
                 self.log.warning(
-                    "%s call failed: %s", downstream, error.details(),
-                    extra={"request_id": call.request_id, "grpc_code": code.name,
-                           "similar_failures_not_logged": held_back},
+                    "%s call failed: %s",
+                    downstream,
+                    error.details(),
+                    extra={
+                        "request_id": call.request_id,
+                        "grpc_code": code.name,
+                        "similar_failures_not_logged": held_back,
+                    },
                 )
             return None
         finally:
@@ -315,30 +346,41 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
         current = call.version
         try:
             scored = await self.reader.read(
-                keys.OFFLINE, current.version, call.user_id, op="offline",
+                keys.OFFLINE,
+                current.version,
+                call.user_id,
+                op="offline",
                 timeout=max(call.deadline.remaining(), MIN_REDIS_WAIT_SECONDS),
             )
         except RedisError as error:
             held_back = self._failure_logs.allow(("redis", type(error)))
             if held_back is not None:
-                self.log.warning("cannot read the offline list: %s", error,
-                                 extra={"request_id": call.request_id,
-                                        "similar_failures_not_logged": held_back})
+                self.log.warning(
+                    "cannot read the offline list: %s",
+                    error,
+                    extra={"request_id": call.request_id, "similar_failures_not_logged": held_back},
+                )
             scored = None
         if scored is None or not len(scored[0]):
             call.reasons.append(gateway_pb2.DEGRADATION_REASON_NO_OFFLINE_LIST)
             return False
         ad_ids, ctrs = scored
         ad_ids, ctrs = ad_ids[: call.count], current.offline_ctrs(call.pid, ctrs[: call.count])
-        call.ads = [ScoredAd(ad_id=ad_id, ctr=ctr)
-                    for ad_id, ctr in zip(ad_ids.tolist(), ctrs.tolist(), strict=True)]
+        call.ads = [
+            ScoredAd(ad_id=ad_id, ctr=ctr)
+            for ad_id, ctr in zip(ad_ids.tolist(), ctrs.tolist(), strict=True)
+        ]
         call.path, call.source = gateway_pb2.SERVING_PATH_OFFLINE_RANKED, PERSONAL
         call.data_version, call.model_version = current.version, current.model_version
         return True
 
     def _popular(self, call: _Call) -> None:
-        call.unscored(gateway_pb2.SERVING_PATH_POPULAR, POPULAR,
-                      call.version.popular.for_pid(call.pid), call.version.version)
+        call.unscored(
+            gateway_pb2.SERVING_PATH_POPULAR,
+            POPULAR,
+            call.version.popular.for_pid(call.pid),
+            call.version.version,
+        )
 
     def _record(self, call: _Call) -> None:
         key = (call.mode, call.path)
@@ -360,8 +402,10 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
         held_back = self._degraded_logs.allow((call.path, *call.reasons))
         if held_back is not None:
             self.log.info(
-                "degraded answer", extra={
-                    "request_id": call.request_id, "reasons": reasons,
+                "degraded answer",
+                extra={
+                    "request_id": call.request_id,
+                    "reasons": reasons,
                     "serving_path": gateway_pb2.ServingPath.Name(call.path),
                     "similar_answers_not_logged": held_back,
                 },

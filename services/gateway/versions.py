@@ -55,7 +55,10 @@ class GatewayVersion:
             # stored, for the placement they were scored at.
             log.warning(
                 "offline CTRs of version %s are served as scored for placement %s: %s",
-                version, offline_pid, error, extra={"version": version},
+                version,
+                offline_pid,
+                error,
+                extra={"version": version},
             )
         else:
             if model is not None:
@@ -75,5 +78,6 @@ def _placement_shifts(model: CtrModel, offline_pid: str) -> dict[str, float]:
     if base is None:
         return {}
     weights = model.weights
-    return {pid: float(weights[slot] - weights[base])
-            for pid, slot in slots.items() if slot is not None}
+    return {
+        pid: float(weights[slot] - weights[base]) for pid, slot in slots.items() if slot is not None
+    }

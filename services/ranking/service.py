@@ -64,8 +64,9 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
 
     async def load_version(self, version: str, meta: VersionMeta | None) -> None:
         model_json, ad_table, cate_factors = [
-            await self.reader.get(family.key(version), op=f"load_{family.name}",
-                                  timeout=LOAD_TIMEOUT_SECONDS)
+            await self.reader.get(
+                family.key(version), op=f"load_{family.name}", timeout=LOAD_TIMEOUT_SECONDS
+            )
             for family in (keys.MODEL, keys.ADS, keys.CATE_FACTORS)
         ]
         try:
@@ -74,25 +75,37 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
                 RankingSnapshot.build, version, model_json, ad_table, cate_factors
             )
         except (ModelArtifactError, SnapshotError) as error:
-            reason = ("model_spec_mismatch" if isinstance(error, ModelArtifactError)
-                      else "bad_version_data")
+            reason = (
+                "model_spec_mismatch"
+                if isinstance(error, ModelArtifactError)
+                else "bad_version_data"
+            )
             self.metrics.model_reload_failure(reason)
             serving = self.snapshot.data_version if self.snapshot else None
             self.log.error(
-                "refused data version %s; %s", version,
+                "refused data version %s; %s",
+                version,
                 f"still serving {serving}" if serving else "nothing to serve yet",
-                extra={"version": version, "reason": reason, "error": str(error),
-                       "serving_version": serving},
+                extra={
+                    "version": version,
+                    "reason": reason,
+                    "error": str(error),
+                    "serving_version": serving,
+                },
             )
             return
         self.snapshot = snapshot
-        self.metrics.set_data_version(snapshot.data_version,
-                                     meta.created_at_unix if meta else None)
+        self.metrics.set_data_version(snapshot.data_version, meta.created_at_unix if meta else None)
         self.metrics.set_model_version(snapshot.model_version)
         self.log.info(
-            "loaded data version %s", version,
-            extra={"version": version, "model_version": snapshot.model_version,
-                   "ads": snapshot.ads, "categories": len(snapshot.cate_ids)},
+            "loaded data version %s",
+            version,
+            extra={
+                "version": version,
+                "model_version": snapshot.model_version,
+                "ads": snapshot.ads,
+                "categories": len(snapshot.cate_ids),
+            },
         )
 
     @grpc_errors
@@ -134,8 +147,10 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
         if stored is None:
             self.metrics.user_profiles_missing.inc()
         return RankCandidatesResponse(
-            ads=[ScoredAd(ad_id=ad_id, ctr=ctr)
-                 for ad_id, ctr in zip(scored.ad_ids, scored.ctrs, strict=True)],
+            ads=[
+                ScoredAd(ad_id=ad_id, ctr=ctr)
+                for ad_id, ctr in zip(scored.ad_ids, scored.ctrs, strict=True)
+            ],
             model_version=snapshot.model_version,
             data_version=snapshot.data_version,
             unknown_ads_skipped=scored.unknown_ads,

@@ -56,9 +56,11 @@ class RankingSnapshot:
         model = CtrModel.from_json(model_json)
         try:
             table = codecs.decode_table(ad_table)
-            factors = (codecs.decode_table(cate_factors) if cate_factors is not None
-                       else {"cate_id": np.zeros(0, np.int32),
-                             "factors": np.zeros((0, 0), np.float32)})
+            factors = (
+                codecs.decode_table(cate_factors)
+                if cate_factors is not None
+                else {"cate_id": np.zeros(0, np.int32), "factors": np.zeros((0, 0), np.float32)}
+            )
             scorer = CtrScorer.build(model, table, factors["cate_id"], factors["factors"])
         except (codecs.CodecError, ScoringDataError) as error:
             raise SnapshotError(f"version {data_version}: {error}") from None
@@ -72,9 +74,7 @@ class RankingSnapshot:
     def cate_ids(self) -> np.ndarray:
         return self.scorer.cate_ids
 
-    def score(
-        self, pid: str, user: UserFeatures, candidates: np.ndarray, top_k: int
-    ) -> Scored:
+    def score(self, pid: str, user: UserFeatures, candidates: np.ndarray, top_k: int) -> Scored:
         """The best `top_k` distinct candidates (all when 0), CTR descending, ties in order."""
         ranked = self.scorer.rank(pid, user, candidates, top_k)
         return Scored(ranked.ad_ids.tolist(), ranked.ctrs.tolist(), ranked.unknown_ads)

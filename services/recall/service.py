@@ -62,9 +62,12 @@ class RecallService(recall_service_pb2_grpc.RecallServiceServicer):
         self.current = RecallVersion(version, popular)
         self.metrics.set_data_version(version, meta.created_at_unix if meta else None)
         self.log.info(
-            "following data version %s", version,
-            extra={"version": version,
-                   "popular_lists": {scope: len(ids) for scope, ids in popular.by_scope.items()}},
+            "following data version %s",
+            version,
+            extra={
+                "version": version,
+                "popular_lists": {scope: len(ids) for scope, ids in popular.by_scope.items()},
+            },
         )
 
     @grpc_errors

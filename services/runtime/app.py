@@ -159,8 +159,10 @@ async def running_service(
     options = []
     if settings.max_connection_age_seconds > 0:
         age_ms = int(settings.max_connection_age_seconds * 1000)
-        options += [("grpc.max_connection_age_ms", age_ms),
-                    ("grpc.max_connection_age_grace_ms", int(settings.drain_seconds * 1000))]
+        options += [
+            ("grpc.max_connection_age_ms", age_ms),
+            ("grpc.max_connection_age_grace_ms", int(settings.drain_seconds * 1000)),
+        ]
     async with serve(
         service.spec,
         host=host,

@@ -108,8 +108,9 @@ class RedisReader:
         self.client = client
         self.metrics = metrics
         self.timeout = timeout
-        self._direct = (DirectGets(client.connection_pool)
-                        if isinstance(client, redis.asyncio.Redis) else None)
+        self._direct = (
+            DirectGets(client.connection_pool) if isinstance(client, redis.asyncio.Redis) else None
+        )
         self._get = self._direct.get if self._direct is not None else client.get
 
     async def get(self, key: bytes, op: str, timeout: float | None = None) -> bytes | None:
@@ -127,9 +128,15 @@ class RedisReader:
         finally:
             latency.observe(time.perf_counter() - start)
 
-    async def read(self, family: keys.KeyFamily[Value], version: str,
-                   member: int | str | None = None, *, op: str,
-                   timeout: float | None = None) -> Value | None:
+    async def read(
+        self,
+        family: keys.KeyFamily[Value],
+        version: str,
+        member: int | str | None = None,
+        *,
+        op: str,
+        timeout: float | None = None,
+    ) -> Value | None:
         """One key of `family`, decoded by the family's codec; None when it does not exist."""
         raw = await self.get(family.key(version, member), op=op, timeout=timeout)
         return family.decode(raw) if raw is not None else None

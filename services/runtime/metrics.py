@@ -40,8 +40,23 @@ from services.runtime.server import UnaryBehavior, UnaryObserver
 
 #: Latency buckets for calls that take milliseconds (seconds, as Prometheus wants).
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1,
-    0.25, 0.5, 1.0, 2.5, 5.0,
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
 )
 #: Candidate list sizes: the job's recall lists hold 500, RankCandidates takes up to 1000.
 CANDIDATE_BUCKETS = (0, 1, 10, 25, 50, 100, 200, 300, 400, 500, 750, 1000)
@@ -81,23 +96,29 @@ class Metrics:
             collector(registry=self.registry)
         grpc_labels = ("grpc_type", "grpc_service", "grpc_method")
         self.grpc_started = Counter(
-            "grpc_server_started_total", "RPCs started on the server.", grpc_labels,
+            "grpc_server_started_total",
+            "RPCs started on the server.",
+            grpc_labels,
             registry=self.registry,
         )
         self.grpc_handled = Counter(
-            "grpc_server_handled_total", "RPCs completed on the server, by status code.",
+            "grpc_server_handled_total",
+            "RPCs completed on the server, by status code.",
             (*grpc_labels, "grpc_code"),
             registry=self.registry,
         )
         self.grpc_handling_seconds = Histogram(
             "grpc_server_handling_seconds",
             "Time from receiving an RPC to its completion on the server.",
-            grpc_labels, buckets=LATENCY_BUCKETS,
+            grpc_labels,
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.candidates = Histogram(
-            "adrec_candidates_per_request", "Candidate ads handled per request.",
-            ("service",), buckets=CANDIDATE_BUCKETS,
+            "adrec_candidates_per_request",
+            "Candidate ads handled per request.",
+            ("service",),
+            buckets=CANDIDATE_BUCKETS,
             registry=self.registry,
         )
         self.fallbacks = Counter(
@@ -107,23 +128,27 @@ class Metrics:
             registry=self.registry,
         )
         self.recommendations = Counter(
-            "adrec_recommendations_total", "Recommend answers by requested mode and serving path.",
+            "adrec_recommendations_total",
+            "Recommend answers by requested mode and serving path.",
             ("service", "mode", "path"),
             registry=self.registry,
         )
         self.data_version = Gauge(
-            "adrec_data_version_info", "Published data version loaded (value 1).",
+            "adrec_data_version_info",
+            "Published data version loaded (value 1).",
             ("service", "version"),
             registry=self.registry,
         )
         self.model_version = Gauge(
-            "adrec_model_version_info", "CTR model version loaded (value 1).",
+            "adrec_model_version_info",
+            "CTR model version loaded (value 1).",
             ("service", "version"),
             registry=self.registry,
         )
         self.version_loaded_at = Gauge(
             "adrec_data_version_loaded_timestamp_seconds",
-            "When the loaded data version was loaded (Unix time).", ("service",),
+            "When the loaded data version was loaded (Unix time).",
+            ("service",),
             registry=self.registry,
         )
         self.version_created_at = Gauge(
@@ -151,22 +176,29 @@ class Metrics:
             registry=self.registry,
         )
         self.redis_latency = Histogram(
-            "adrec_redis_latency_seconds", "Latency of Redis commands, by operation.",
-            ("service", "op"), buckets=LATENCY_BUCKETS,
+            "adrec_redis_latency_seconds",
+            "Latency of Redis commands, by operation.",
+            ("service", "op"),
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.redis_errors = Counter(
-            "adrec_redis_errors_total", "Failed Redis commands, by operation.", ("service", "op"),
+            "adrec_redis_errors_total",
+            "Failed Redis commands, by operation.",
+            ("service", "op"),
             registry=self.registry,
         )
         self.redis_up = Gauge(
-            "adrec_redis_up", "1 when the last Redis check succeeded.", ("service",),
+            "adrec_redis_up",
+            "1 when the last Redis check succeeded.",
+            ("service",),
             registry=self.registry,
         )
         self.downstream_latency = Histogram(
             "adrec_downstream_latency_seconds",
             "Latency of the gateway's calls to recall and ranking, by outcome.",
-            ("service", "downstream", "grpc_code"), buckets=LATENCY_BUCKETS,
+            ("service", "downstream", "grpc_code"),
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
 
@@ -262,8 +294,9 @@ def grpc_server_observer(metrics: Metrics) -> UnaryObserver:
                 return response
             except asyncio.CancelledError:
                 remaining = context.time_remaining()
-                code = "DeadlineExceeded" if remaining is not None and remaining <= 0 \
-                    else "Canceled"
+                code = (
+                    "DeadlineExceeded" if remaining is not None and remaining <= 0 else "Canceled"
+                )
                 raise
             except Exception:
                 # An abort has set the code; any other exception reaches the client as UNKNOWN.
@@ -307,16 +340,22 @@ class MetricsEndpoint:
 
 def start_metrics_endpoint(registry: CollectorRegistry, host: str, port: int) -> MetricsEndpoint:
     """Serve `registry` on http://host:port/metrics; port 0 binds a free port."""
-    family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                flags=socket.AI_PASSIVE)[0][0]
+    family = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0][0]
     server_class = type("MetricsHTTPServer", (_MetricsHTTPServer,), {"address_family": family})
     try:
-        server: WSGIServer = make_server(host, port, make_wsgi_app(registry), server_class,
-                                         handler_class=_QuietHandler)
+        server: WSGIServer = make_server(
+            host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler
+        )
     except OSError as error:
         raise OSError(f"cannot serve metrics on {host}:{port}: {error}") from error
     # A short poll keeps close() quick; the thread otherwise sleeps in select().
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              name="metrics-endpoint", daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever,
+        kwargs={"poll_interval": 0.05},
+        name="metrics-endpoint",
+        daemon=True,
+    )
     thread.start()
     return MetricsEndpoint(server, thread)

@@ -53,8 +53,9 @@ def known_pid(field: str, pid: str, *, required: bool) -> str:
         return pid
     if pid not in PIDS:
         shown = repr(pid) if pid else "empty"
-        raise InvalidArgumentError(field, f"{shown} is not a known placement; known: "
-                                     f"{', '.join(PIDS)}")
+        raise InvalidArgumentError(
+            field, f"{shown} is not a known placement; known: {', '.join(PIDS)}"
+        )
     return pid
 
 

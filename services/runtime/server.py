@@ -67,8 +67,11 @@ class ServiceSpec:
         servicer: object,
         add_to_server: Callable[[Any, grpc.aio.Server], None],
     ) -> ServiceSpec:
-        unary = tuple(method.name for method in descriptor.methods
-                      if not method.client_streaming and not method.server_streaming)
+        unary = tuple(
+            method.name
+            for method in descriptor.methods
+            if not method.client_streaming and not method.server_streaming
+        )
         return cls(descriptor.full_name, servicer, add_to_server, unary)
 
     def register(self, server: grpc.aio.Server, observer: UnaryObserver | None) -> None:
@@ -159,8 +162,11 @@ async def serve(
         ],
     )
     health = health_aio.HealthServicer()
-    health_spec = ServiceSpec.of(health_pb2.DESCRIPTOR.services_by_name["Health"], health,
-                                 health_pb2_grpc.add_HealthServicer_to_server)
+    health_spec = ServiceSpec.of(
+        health_pb2.DESCRIPTOR.services_by_name["Health"],
+        health,
+        health_pb2_grpc.add_HealthServicer_to_server,
+    )
     for spec in (*services, health_spec):
         spec.register(server, observer)
     await set_serving_status(health, service_names, serving=False)

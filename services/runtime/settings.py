@@ -40,53 +40,71 @@ _PORT_HELP = "gRPC port of the {} service; 0 picks a free one"
 class ServerSettings:
     """What every service process needs: where to listen, limits, polling, logs."""
 
-    host: str = setting(
-        "ADREC_HOST", "0.0.0.0", "Address the gRPC and metrics servers listen on"
-    )
+    host: str = setting("ADREC_HOST", "0.0.0.0", "Address the gRPC and metrics servers listen on")
     metrics_port: int = setting(
-        "ADREC_METRICS_PORT", DEFAULT_METRICS_PORT,
+        "ADREC_METRICS_PORT",
+        DEFAULT_METRICS_PORT,
         "Port of the Prometheus /metrics endpoint; 0 picks a free one",
-        parse=parse_int, check=port_number(allow_zero=True),
+        parse=parse_int,
+        check=port_number(allow_zero=True),
     )
     max_message_bytes: int = setting(
-        "ADREC_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES,
-        "Largest gRPC message received or sent", parse=parse_int,
+        "ADREC_MAX_MESSAGE_BYTES",
+        DEFAULT_MAX_MESSAGE_BYTES,
+        "Largest gRPC message received or sent",
+        parse=parse_int,
         check=in_range(16 * 1024, 64 * 1024 * 1024),
     )
     drain_seconds: float = setting(
-        "ADREC_DRAIN_SECONDS", 20.0,
+        "ADREC_DRAIN_SECONDS",
+        20.0,
         "On SIGTERM, how long in-flight calls may finish (keep below the pod's grace period)",
-        parse=parse_float, check=in_range(0.0, 600.0),
+        parse=parse_float,
+        check=in_range(0.0, 600.0),
     )
     reload_interval_seconds: float = setting(
-        "ADREC_RELOAD_INTERVAL_SECONDS", 2.0,
+        "ADREC_RELOAD_INTERVAL_SECONDS",
+        2.0,
         "How often Redis is checked and the active data version pointer polled",
-        parse=parse_float, check=in_range(0.05, 300.0),
+        parse=parse_float,
+        check=in_range(0.05, 300.0),
     )
     max_connection_age_seconds: float = setting(
-        "ADREC_MAX_CONNECTION_AGE_SECONDS", 300.0,
+        "ADREC_MAX_CONNECTION_AGE_SECONDS",
+        300.0,
         "Clients are asked to reconnect after this long, so they re-resolve DNS and spread "
         "over new replicas; 0 disables",
-        parse=parse_float, check=in_range(0.0, 86400.0),
+        parse=parse_float,
+        check=in_range(0.0, 86400.0),
     )
     log_level: str = setting(
-        "ADREC_LOG_LEVEL", "info", "Log level", parse=str.lower, check=one_of(*LOG_LEVELS),
+        "ADREC_LOG_LEVEL",
+        "info",
+        "Log level",
+        parse=str.lower,
+        check=one_of(*LOG_LEVELS),
     )
 
 
 @dataclasses.dataclass(frozen=True)
 class _RecallOptions:
     recall_port: int = setting(
-        "ADREC_RECALL_PORT", DEFAULT_RECALL_PORT, _PORT_HELP.format("recall"),
-        parse=parse_int, check=port_number(allow_zero=True),
+        "ADREC_RECALL_PORT",
+        DEFAULT_RECALL_PORT,
+        _PORT_HELP.format("recall"),
+        parse=parse_int,
+        check=port_number(allow_zero=True),
     )
 
 
 @dataclasses.dataclass(frozen=True)
 class _RankingOptions:
     ranking_port: int = setting(
-        "ADREC_RANKING_PORT", DEFAULT_RANKING_PORT, _PORT_HELP.format("ranking"),
-        parse=parse_int, check=port_number(allow_zero=True),
+        "ADREC_RANKING_PORT",
+        DEFAULT_RANKING_PORT,
+        _PORT_HELP.format("ranking"),
+        parse=parse_int,
+        check=port_number(allow_zero=True),
     )
 
 
@@ -97,35 +115,50 @@ def _positive_ms(value: int) -> str | None:
 @dataclasses.dataclass(frozen=True)
 class _GatewayOptions:
     gateway_port: int = setting(
-        "ADREC_GATEWAY_PORT", DEFAULT_GATEWAY_PORT, _PORT_HELP.format("gateway"),
-        parse=parse_int, check=port_number(allow_zero=True),
+        "ADREC_GATEWAY_PORT",
+        DEFAULT_GATEWAY_PORT,
+        _PORT_HELP.format("gateway"),
+        parse=parse_int,
+        check=port_number(allow_zero=True),
     )
     recall_address: str = setting(
-        "ADREC_RECALL_ADDRESS", f"127.0.0.1:{DEFAULT_RECALL_PORT}",
+        "ADREC_RECALL_ADDRESS",
+        f"127.0.0.1:{DEFAULT_RECALL_PORT}",
         "gRPC target of the recall service, e.g. dns:///recall:50051 (headless Service); "
         "`serve all` uses its own",
     )
     ranking_address: str = setting(
-        "ADREC_RANKING_ADDRESS", f"127.0.0.1:{DEFAULT_RANKING_PORT}",
+        "ADREC_RANKING_ADDRESS",
+        f"127.0.0.1:{DEFAULT_RANKING_PORT}",
         "gRPC target of the ranking service, e.g. dns:///ranking:50052; `serve all` uses its own",
     )
     request_timeout_ms: int = setting(
-        "ADREC_REQUEST_TIMEOUT_MS", 200,
+        "ADREC_REQUEST_TIMEOUT_MS",
+        200,
         "Time budget of a Recommend call whose caller set no deadline",
-        parse=parse_int, check=_positive_ms,
+        parse=parse_int,
+        check=_positive_ms,
     )
     recall_timeout_ms: int = setting(
-        "ADREC_RECALL_TIMEOUT_MS", 50, "Longest wait for the recall service within a call",
-        parse=parse_int, check=_positive_ms,
+        "ADREC_RECALL_TIMEOUT_MS",
+        50,
+        "Longest wait for the recall service within a call",
+        parse=parse_int,
+        check=_positive_ms,
     )
     ranking_timeout_ms: int = setting(
-        "ADREC_RANKING_TIMEOUT_MS", 80, "Longest wait for the ranking service within a call",
-        parse=parse_int, check=_positive_ms,
+        "ADREC_RANKING_TIMEOUT_MS",
+        80,
+        "Longest wait for the ranking service within a call",
+        parse=parse_int,
+        check=_positive_ms,
     )
     fallback_reserve_ms: int = setting(
-        "ADREC_FALLBACK_RESERVE_MS", 5,
+        "ADREC_FALLBACK_RESERVE_MS",
+        5,
         "Part of the caller's deadline kept back from downstream calls to serve a fallback",
-        parse=parse_int, check=in_range(0, 60_000),
+        parse=parse_int,
+        check=in_range(0, 60_000),
     )
 
     def validate(self) -> list[str]:
