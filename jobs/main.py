@@ -16,12 +16,18 @@ import sys
 import redis
 
 from adrec.core import settings
+from adrec.core.catalog import LockLostError, PublishLockedError
 from adrec.core.redis_conn import RedisSettings
 from jobs.config import JobConfig
 
 
 class JobUsageError(Exception):
     """Bad settings or input files: one clear line, exit code 2."""
+
+
+class JobRefusedError(Exception):
+    """The job stopped without publishing because another run holds or took the catalog:
+    one clear line, exit code 1, the previous version still serving."""
 
 
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         result = run_job(config, redis_settings)
     except JobInputError as exc:
         raise JobUsageError(str(exc)) from None
+    except (PublishLockedError, LockLostError) as exc:
+        raise JobRefusedError(str(exc)) from None
     if args.report_json:
         args.report_json.write_text(result.report_json())
     print(result.report_text())
@@ -63,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except JobUsageError as exc:
         print(f"adrec job: error: {exc}", file=sys.stderr)
         return 2
+    except JobRefusedError as exc:
+        print(f"adrec job: error: {exc}", file=sys.stderr)
+        return 1
     except redis.ConnectionError as exc:
         print(f"adrec job: error: cannot reach Redis: {exc}", file=sys.stderr)
         return 1

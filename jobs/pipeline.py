@@ -38,7 +38,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F  # noqa: N812 - the conventional alias
 
 from adrec.core import keys
-from adrec.core.catalog import Publication, family_memory
+from adrec.core.catalog import Publication, PublishLockedError, family_memory, lock_holder
 from adrec.core.dataset import TRUTH_FILE
 from adrec.core.features import COURSE, FULL, feature_spec
 from adrec.core.metadata import VersionContent, VersionCounts
@@ -230,6 +230,14 @@ def run_job(
 ) -> JobResult:
     """Ingest, then the stages ``config.stages`` selects, then publish when it is selected."""
     client = _reachable(redis_settings)
+    publishing = "publish" in config.stages
+    holder = lock_holder(client) if publishing else None
+    if holder:
+        # Before the work, not after an ingest that can take most of an hour.
+        raise PublishLockedError(
+            f"another run ({holder}) is publishing to this Redis; wait for it to finish "
+            "(adrec publish list shows its version once it has) and run again"
+        )
     spark = spark or build_session(config.master or None, local_memory=config.local_memory)
     progress = progress or Progress(config.stages)
     report: dict[str, Any] = {
@@ -243,7 +251,6 @@ def run_job(
         tables = _timed(progress, "ingest", ingest_stage, spark, config)
         report["ingest"] = tables.report
         # Bad input fails above, before the publish lock is taken.
-        publishing = "publish" in config.stages
         with (
             Publication(client, keep_versions=config.keep_versions)
             if publishing

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import redis
 
+from adrec.cli import main
 from adrec.core import keys, store
+from adrec.core.catalog import Publication
 from adrec.core.features import FULL
 from adrec.core.redis_conn import RedisSettings
 from adrec.core.redis_server import free_port
@@ -142,6 +144,16 @@ def test_unreachable_redis_fails_before_any_work(tiny_data):
     url = f"redis://127.0.0.1:{free_port()}/0"
     with pytest.raises(JobInputError, match="cannot reach Redis"):
         run_job(job_config(tiny_data), redis_at(url))
+
+
+def test_a_second_job_is_refused_before_any_work(tiny_data, redis_client, redis_url, capsys):
+    with Publication(redis_client) as running:
+        code = main(["job", "run", "--data", str(tiny_data), "--redis-url", redis_url])
+        assert code == 1
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("adrec job: error: another run") and running.run_id in error
+        assert "Traceback" not in error and len(error.splitlines()) == 1
+    assert store.active_version(redis_client) is None
 
 
 def test_stages_without_publish_write_nothing(

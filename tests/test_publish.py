@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 
 from adrec.core import keys, store
-from adrec.core.catalog import Publication, PublishLockedError, rollback, version_summaries
+from adrec.core.catalog import (
+    LockLostError,
+    Publication,
+    PublishLockedError,
+    rollback,
+    version_summaries,
+)
 from adrec.core.metadata import VersionContent, VersionCounts
 
 
@@ -141,3 +147,63 @@ def test_family_memory_counts_every_key_and_estimates_bytes(redis_client):
     # 1,501-byte values live in jemalloc's 1,536-byte class, plus key and entry overhead.
     assert 300 * 1536 <= memory["recall"]["bytes"] <= 300 * 2000
     assert set(memory) == {"recall", "popular"}
+
+
+def test_a_run_that_lost_its_lock_never_activates_its_version(redis_client):
+    publish(redis_client)
+    paused = Publication(redis_client).__enter__()
+    paused.writer.put_recall_lists([1, 2], [np.array([7]), np.array([8])])
+    # The paused run's lease runs out (a pause past the lock's TTL) and a second run starts:
+    # it takes the lock, removes the paused run's pending version as an orphan, publishes.
+    redis_client.delete(keys.PUBLISH_LOCK)
+    second, previous = publish(redis_client, offset=20)
+    assert previous == "v1" and second.version == "v3"
+    assert redis_client.keys(f"adrec:{paused.version}:*".encode()) == []
+
+    with pytest.raises(LockLostError, match="lost the publish lock"):
+        paused.commit(VersionContent(counts=VersionCounts(users=2)))
+    with pytest.raises(LockLostError):
+        paused.writer.put_recall_lists([3], [np.array([9])])
+    paused.__exit__(None, None, None)
+
+    assert store.active_version(redis_client) == "v3"
+    assert store.read_recall_list(redis_client, "v3", 1).tolist() == [21, 22, 23, 24, 25]
+    assert store.list_versions(redis_client) == ["v1", "v3"]
+
+
+def test_the_heartbeat_notices_when_another_run_holds_the_lock(redis_client):
+    with Publication(redis_client, lock_ttl=0.4) as pub:
+        redis_client.set(keys.PUBLISH_LOCK, "another-run", px=60_000)
+        deadline = time.monotonic() + 20
+        while not pub.lock.lost and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pub.lock.lost
+        with pytest.raises(LockLostError):
+            pub.commit(VersionContent())
+    # The run that lost the lock leaves the other run's lock in place.
+    assert redis_client.get(keys.PUBLISH_LOCK) == b"another-run"
+    assert store.active_version(redis_client) is None
+
+
+def test_rollback_takes_the_lock_so_it_cannot_race_a_publishing_job(redis_client):
+    publish(redis_client)
+    publish(redis_client, offset=5)
+    with Publication(redis_client) as running:
+        with pytest.raises(PublishLockedError, match=running.run_id):
+            rollback(redis_client, "v1")
+        assert store.active_version(redis_client) == "v2"
+    assert rollback(redis_client, "v1") == "v2"
+    assert not redis_client.exists(keys.PUBLISH_LOCK)
+
+
+def test_rollback_refuses_a_version_that_is_not_completed(redis_client):
+    publish(redis_client)
+    with Publication(redis_client) as pending:
+        pending_version = pending.version
+        pending.writer.put_recall_lists([1], [np.array([4])])
+        # Written, but its own run is still working on it: not a version to roll back to.
+        redis_client.delete(keys.PUBLISH_LOCK)
+        with pytest.raises(store.VersionNotFoundError, match="not a completed"):
+            rollback(redis_client, pending_version)
+        assert store.active_version(redis_client) == "v1"
+        redis_client.set(keys.PUBLISH_LOCK, pending.run_id)

@@ -5,7 +5,7 @@ import redis
 
 from adrec.core.redis_conn import RedisSettings, connect, connect_async, redacted, validate_url
 from adrec.core.redis_server import private_redis
-from adrec.core.settings import SettingsError, load
+from adrec.core.settings import SettingsError, describe, load
 
 
 def test_connects_with_db_from_url(redis_server):
@@ -66,3 +66,34 @@ def test_rediss_and_cluster_validation():
 def test_redacted_hides_passwords():
     assert redacted("rediss://:pw@h:6380/0") == "rediss://:***@h:6380/0"
     assert redacted("redis://h:6379/0") == "redis://h:6379/0"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:s3cret-pw@127.0.0.1:notaport/0",
+        "rediss://admin:s3cret-pw@cache.example:6380/x",
+        "redis://:s3cret-pw@[::1/0",
+        "ftp://:s3cret-pw@h/0",
+    ],
+)
+def test_a_bad_url_is_named_without_its_password(url):
+    with pytest.raises(SettingsError) as error:
+        load(RedisSettings, env={"REDIS_URL": url})
+    assert "REDIS_URL=" in str(error.value) and "s3cret-pw" not in str(error.value)
+
+
+def test_the_cli_never_prints_the_password_of_a_bad_url(capsys):
+    from adrec.cli import main
+
+    for argv in (["publish", "list"], ["job", "run", "--data", "nowhere"]):
+        code = main([*argv, "--redis-url", "redis://:s3cret-pw@127.0.0.1:nope/0"])
+        printed = capsys.readouterr()
+        assert code == 2 and "REDIS_URL" in printed.err
+        assert "s3cret-pw" not in printed.err + printed.out
+
+
+def test_settings_logged_show_the_url_without_its_password():
+    settings = load(RedisSettings, env={"REDIS_URL": "redis://:s3cret-pw@h:6379/0"})
+    assert describe(settings)["REDIS_URL"] == "redis://:***@h:6379/0"
+    assert settings.url == "redis://:s3cret-pw@h:6379/0"

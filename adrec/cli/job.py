@@ -42,6 +42,9 @@ def _run(args: argparse.Namespace) -> int:
         return job_main.run(args)
     except job_main.JobUsageError as exc:
         raise UsageError(str(exc)) from None
+    except job_main.JobRefusedError as exc:
+        print(f"adrec job: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _package(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 
 import numpy as np
 import redis
@@ -81,13 +82,16 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    from adrec.core.catalog import rollback
+    from adrec.core.catalog import PublishLockedError, rollback
     from adrec.core.store import VersionNotFoundError
 
     try:
         previous = rollback(_client(args), args.version)
     except (ValueError, VersionNotFoundError) as exc:
         raise UsageError(str(exc)) from None
+    except PublishLockedError as exc:
+        print(f"adrec publish: error: {exc}; roll back after it finishes", file=sys.stderr)
+        return 1
     print(f"active version: {args.version} (was {previous})")
     return 0
 

@@ -27,6 +27,8 @@ import uuid
 from types import TracebackType
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from adrec.core import keys, store
 from adrec.core.metadata import VersionContent, VersionMeta, now_utc
 from adrec.core.store import VersionWriter
@@ -45,48 +47,116 @@ class PublishLockedError(RuntimeError):
     """Another run holds the publish lock."""
 
 
+class LockLostError(RuntimeError):
+    """This run no longer holds the publish lock, so another may have taken over its work."""
+
+
+class PublishLock:
+    """The one-writer lease on the catalog: ``SET NX PX`` renewed by a heartbeat thread.
+
+    Holding it is what entitles a run to delete orphans, switch the active version and
+    prune. A run can lose it without knowing (a pause longer than ``ttl``: GC, SIGSTOP, a
+    slow disk), so every step that changes what readers see first calls :meth:`renew`,
+    which fails once another run holds the key: the renewal also restarts the lease, so the
+    step after it has a whole ``ttl`` to finish.
+    """
+
+    def __init__(self, client: Any, ttl: float, owner: str | None = None):
+        self.client = client
+        self.ttl_ms = int(ttl * 1000)
+        self.owner = owner or uuid.uuid4().hex
+        self._release = client.register_script(_RELEASE_IF_OWNER)
+        self._refresh = client.register_script(_REFRESH_IF_OWNER)
+        self._stop = threading.Event()
+        self._lost = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    @property
+    def lost(self) -> bool:
+        return self._lost.is_set()
+
+    def acquire(self, heartbeat: bool = True) -> None:
+        if not self.client.set(keys.PUBLISH_LOCK, self.owner, nx=True, px=self.ttl_ms):
+            holder = self.client.get(keys.PUBLISH_LOCK)
+            raise PublishLockedError(
+                f"another run ({holder.decode() if holder else 'unknown'}) is publishing; "
+                f"its lock expires {self.ttl_ms // 1000}s after it stops"
+            )
+        if heartbeat:
+            self._heartbeat = threading.Thread(target=self._beat, name="publish-lock", daemon=True)
+            self._heartbeat.start()
+
+    def renew(self) -> None:
+        """Restart the lease; raises LockLostError when this run no longer holds it."""
+        if self.lost or not self._refresh(keys=[keys.PUBLISH_LOCK], args=[self.owner, self.ttl_ms]):
+            self._lost.set()
+            raise LockLostError(
+                f"run {self.owner} lost the publish lock (paused for longer than its "
+                f"{self.ttl_ms // 1000}s lease?); another run may be publishing, so this one "
+                "stops without touching the active version"
+            )
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+        self._release(keys=[keys.PUBLISH_LOCK], args=[self.owner])
+
+    def _beat(self) -> None:
+        interval = self.ttl_ms / 4000
+        while not self._stop.wait(interval):
+            try:
+                self.renew()
+            except LockLostError:
+                return
+            except RedisError:
+                # A blip must not end the heartbeat: the next beat retries, and if the
+                # lease runs out meanwhile, the next renew says so.
+                continue
+
+
 class Publication:
     def __init__(self, client: Any, keep_versions: int = 2, lock_ttl: float = 60.0):
         if keep_versions < 0:
             raise ValueError("keep_versions must be 0 or more")
         self.client = client
         self.keep_versions = keep_versions
-        self.lock_ttl_ms = int(lock_ttl * 1000)
-        self.run_id = uuid.uuid4().hex
+        self.lock = PublishLock(client, lock_ttl)
+        self.run_id = self.lock.owner
         self.version = ""
         self.committed = False
         self.removed_versions: list[str] = []
-        self._release = client.register_script(_RELEASE_IF_OWNER)
-        self._refresh = client.register_script(_REFRESH_IF_OWNER)
-        self._stop_heartbeat = threading.Event()
-        self._heartbeat: threading.Thread | None = None
         self._memory_at_start = 0
 
     @property
     def writer(self) -> VersionWriter:
+        if self.lock.lost:
+            raise LockLostError(f"run {self.run_id} lost the publish lock; it writes no more")
         return VersionWriter(self.client, self.version)
 
     def __enter__(self) -> Publication:
-        if not self.client.set(keys.PUBLISH_LOCK, self.run_id, nx=True, px=self.lock_ttl_ms):
-            holder = self.client.get(keys.PUBLISH_LOCK)
-            raise PublishLockedError(
-                f"another run ({holder.decode() if holder else 'unknown'}) is publishing; "
-                f"its lock expires {self.lock_ttl_ms // 1000}s after it stops"
-            )
-        self._heartbeat = threading.Thread(target=self._beat, name="publish-lock", daemon=True)
-        self._heartbeat.start()
+        self.lock.acquire()
         try:
             self._remove_orphans()
             self._memory_at_start = used_memory(self.client)
             self.version = store.allocate_version(self.client)
             self.client.sadd(keys.PENDING_VERSIONS, self.version)
         except BaseException:
-            self._unlock()
+            self.lock.release()
             raise
         return self
 
     def commit(self, content: VersionContent) -> str | None:
-        """Write the metadata, switch readers to this version, prune old ones."""
+        """Write the metadata, switch readers to this version, prune old ones.
+
+        Refuses (LockLostError) when the lock was lost: another run may have removed this
+        run's keys as an orphan's, and activating them would serve an empty version.
+        """
+        self.lock.renew()
+        if not self.client.sismember(keys.PENDING_VERSIONS, self.version):
+            raise LockLostError(
+                f"version {self.version} is no longer pending: another run removed it"
+            )
         self.writer.put_meta(
             VersionMeta(
                 version=self.version,
@@ -96,6 +166,7 @@ class Publication:
                 content=content,
             )
         )
+        self.lock.renew()
         previous = store.activate(self.client, self.version)
         self.committed = True
         self.client.srem(keys.PENDING_VERSIONS, self.version)
@@ -109,22 +180,13 @@ class Publication:
         tb: TracebackType | None,
     ) -> None:
         try:
-            if not self.committed and self.version:
+            # Without the lock this run's version may already belong to another run's
+            # cleanup; the lock's next holder removes whatever is left.
+            if not self.committed and self.version and not self.lock.lost:
                 store.delete_version(self.client, self.version)
                 self.client.srem(keys.PENDING_VERSIONS, self.version)
         finally:
-            self._unlock()
-
-    def _beat(self) -> None:
-        interval = self.lock_ttl_ms / 4000
-        while not self._stop_heartbeat.wait(interval):
-            self._refresh(keys=[keys.PUBLISH_LOCK], args=[self.run_id, self.lock_ttl_ms])
-
-    def _unlock(self) -> None:
-        self._stop_heartbeat.set()
-        if self._heartbeat is not None:
-            self._heartbeat.join()
-        self._release(keys=[keys.PUBLISH_LOCK], args=[self.run_id])
+            self.lock.release()
 
     def _remove_orphans(self) -> None:
         # Holding the lock, any pending version belongs to a run that died mid-write.
@@ -133,6 +195,12 @@ class Publication:
             if orphan != store.active_version(self.client):
                 store.delete_version(self.client, orphan)
             self.client.srem(keys.PENDING_VERSIONS, orphan)
+
+
+def lock_holder(client: Any) -> str | None:
+    """The run holding the publish lock, if any: lets a job fail before hours of work."""
+    holder = client.get(keys.PUBLISH_LOCK)
+    return holder.decode() if holder is not None else None
 
 
 def prune(client: Any, keep_versions: int) -> list[str]:
@@ -145,9 +213,28 @@ def prune(client: Any, keep_versions: int) -> list[str]:
     return doomed
 
 
-def rollback(client: Any, version: str) -> str | None:
-    """Make an older completed version active again; returns the one it replaces."""
-    return store.activate(client, keys.check_version(version))
+def rollback(client: Any, version: str, lock_ttl: float = 30.0) -> str | None:
+    """Make an older completed version active again; returns the one it replaces.
+
+    Takes the publish lock, so it cannot race a job's prune (which could be deleting the
+    very version being activated) or a job's switch; PublishLockedError while one holds it.
+    """
+    keys.check_version(version)
+    lock = PublishLock(client, lock_ttl)
+    lock.acquire(heartbeat=False)
+    try:
+        if (
+            client.sismember(keys.PENDING_VERSIONS, version)
+            or client.zscore(keys.VERSIONS, version) is None
+        ):
+            raise store.VersionNotFoundError(
+                f"version {version} does not exist or is not a completed, kept version "
+                "(see adrec publish list)"
+            )
+        lock.renew()
+        return store.activate(client, version)
+    finally:
+        lock.release()
 
 
 def version_summaries(client: Any) -> list[tuple[VersionMeta, bool]]:

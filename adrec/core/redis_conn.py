@@ -18,7 +18,10 @@ SUPPORTED_SCHEMES = ("redis", "rediss", "unix")
 
 def validate_url(url: str) -> str | None:
     """Why ``url`` is not a usable Redis URL, or None when it is."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as error:
+        return f"is not a URL ({error})"
     if parts.scheme not in SUPPORTED_SCHEMES:
         return f"scheme must be one of {', '.join(s + '://' for s in SUPPORTED_SCHEMES)}"
     if parts.scheme != "unix" and not parts.hostname:
@@ -33,6 +36,20 @@ def validate_url(url: str) -> str | None:
     return None
 
 
+def redacted(url: str) -> str:
+    """The URL with any password replaced, for logs and error messages."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        # Too malformed to tell where a password would be: show none of it.
+        return "***"
+    if password is None:
+        return url
+    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
 @dataclasses.dataclass(frozen=True)
 class RedisSettings:
     url: str = setting(
@@ -40,6 +57,7 @@ class RedisSettings:
         "redis://127.0.0.1:6379/0",
         "Redis URL: redis://[:password@]host:port/db, rediss:// for TLS, unix:///path.sock",
         check=validate_url,
+        show=redacted,
         aliases=("--redis",),
     )
     password: str = setting(
@@ -93,12 +111,3 @@ def connect_async(
     if settings.cluster:
         return redis.asyncio.cluster.RedisCluster.from_url(settings.url, **options)
     return redis.asyncio.Redis.from_url(settings.url, **options)
-
-
-def redacted(url: str) -> str:
-    """The URL with any password replaced, for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()

@@ -42,6 +42,13 @@ class SettingSpec:
     check: Callable[[Any], str | None] | None = None
     secret: bool = False
     aliases: tuple[str, ...] = ()
+    #: How a raw value appears in errors and logs, for values that can embed a secret.
+    show: Callable[[str], str] | None = None
+
+    def shown(self, raw: str) -> str:
+        if self.secret:
+            return "***"
+        return repr(self.show(raw) if self.show is not None else raw)
 
     @property
     def flag(self) -> str:
@@ -57,9 +64,12 @@ def setting(
     check: Callable[[Any], str | None] | None = None,
     secret: bool = False,
     aliases: tuple[str, ...] = (),
+    show: Callable[[str], str] | None = None,
 ) -> Any:
     """Declare a dataclass field backed by env var ``env``, its flag and any flag aliases."""
-    spec = SettingSpec(env=env, help=help, parse=parse, check=check, secret=secret, aliases=aliases)
+    spec = SettingSpec(
+        env=env, help=help, parse=parse, check=check, secret=secret, aliases=aliases, show=show
+    )
     return dataclasses.field(default=default, metadata={_SETTING_KEY: spec})
 
 
@@ -160,7 +170,7 @@ def load(
         else:
             values[name] = defaults[name]
             continue
-        shown = "***" if spec.secret else repr(raw)
+        shown = spec.shown(raw)
         try:
             value = spec.parse(raw)
         except ValueError as exc:
@@ -184,5 +194,9 @@ def describe(instance: Any) -> dict[str, Any]:
     out = {}
     for name, spec in specs(type(instance)).items():
         value = getattr(instance, name)
-        out[spec.env] = "***" if spec.secret and value else value
+        if spec.secret and value:
+            value = "***"
+        elif spec.show is not None and isinstance(value, str):
+            value = spec.show(value)
+        out[spec.env] = value
     return out
