@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 import pytest
+import redis
 from grpc_helpers import loopback_channel
 from service_data import (
     PIDS,
@@ -24,13 +25,17 @@ from service_data import (
     run,
     running_stack,
     service_process,
+    service_settings,
 )
 
 from adrec.api.common.v1 import common_pb2
 from adrec.api.gateway.v1 import gateway_service_pb2 as gateway_pb2
 from adrec.api.gateway.v1 import gateway_service_pb2_grpc
 from adrec.core import keys
+from adrec.core.redis_conn import RedisSettings
+from adrec.core.redis_server import private_redis
 from jobs.offline import OFFLINE_PID
+from services.process import serving
 
 REALTIME = gateway_pb2.RECOMMEND_MODE_REALTIME
 OFFLINE = gateway_pb2.RECOMMEND_MODE_OFFLINE
@@ -433,3 +438,42 @@ def test_count_bounds_the_answer_on_every_path(redis_client, redis_url):
             assert (np.diff(ctrs) <= 0).all()
 
     run(scenario)
+
+
+def test_a_hung_redis_still_answers_within_the_callers_deadline():
+    # Its own redis-server: the test stops it.
+    with private_redis() as server:
+        client = redis.Redis.from_url(server.url)
+        data = publish_version(client)
+        user = data.users_with_factors[0]
+        settings = service_settings("all", ADREC_FALLBACK_RESERVE_MS=800)
+
+        async def scenario():
+            async with (
+                serving(
+                    "all", settings, RedisSettings(url=server.url, socket_timeout_s=5.0)
+                ) as stack,
+                loopback_channel(stack.services["gateway"].port) as channel,
+            ):
+                answer = await recommend(channel, user_id=user, pid=PIDS[0], count=5)
+                assert path(answer) == "REALTIME_RANKED"
+                server.process.send_signal(signal.SIGSTOP)
+                try:
+                    for _ in range(3):
+                        started = time.monotonic()
+                        response = await recommend(
+                            channel, timeout=2.0, user_id=user, pid=PIDS[0], count=5
+                        )
+                        elapsed = time.monotonic() - started
+                        assert path(response) == "POPULAR"
+                        assert "NO_OFFLINE_LIST" in reasons(response)
+                        assert [ad.ad_id for ad in response.ads] == data.popular[PIDS[0]][
+                            :5
+                        ].tolist()
+                        # Redis' own 5 s read bound and the caller's 2 s both lose to the
+                        # caller's deadline minus the 0.8 s reserve the fallback keeps.
+                        assert elapsed < 2.0
+                finally:
+                    server.process.send_signal(signal.SIGCONT)
+
+        run(scenario)

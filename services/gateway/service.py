@@ -5,9 +5,9 @@ one: the candidates in recall order. When recall is down or late: the offline li
 popular ads. A user without a personal recall set gets popular ads (recall serves them).
 OFFLINE: the offline list; without one: recall order, or popular ads.
 
-Every downstream call gets min(the caller's remaining time minus a reserve kept for the
-fallback, that downstream's own budget); a caller without a deadline gets the configured
-request budget. Popular lists are held in memory per version, so an answer exists even
+Every downstream call and every Redis read gets min(the caller's remaining time minus a
+reserve kept for the fallback, its own budget); a caller without a deadline gets the
+configured request budget. Popular lists are held in memory per version, so an answer exists even
 while Redis and both downstream services are unreachable.
 """
 
@@ -350,7 +350,10 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
                 current.version,
                 call.user_id,
                 op="offline",
-                timeout=max(call.deadline.remaining(), MIN_REDIS_WAIT_SECONDS),
+                # A hung Redis must leave the popular fallback its reserve too.
+                timeout=max(
+                    call.deadline.for_downstream(self.reader.timeout), MIN_REDIS_WAIT_SECONDS
+                ),
             )
         except RedisError as error:
             held_back = self._failure_logs.allow(("redis", type(error)))
