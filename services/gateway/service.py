@@ -5,10 +5,12 @@ one: the candidates in recall order. When recall is down or late: the offline li
 popular ads. A user without a personal recall set gets popular ads (recall serves them).
 OFFLINE: the offline list; without one: recall order, or popular ads.
 
-Every downstream call and every Redis read gets min(the caller's remaining time minus a
-reserve kept for the fallback, its own budget); a caller without a deadline gets the
-configured request budget. Popular lists are held in memory per version, so an answer exists even
-while Redis and both downstream services are unreachable.
+Every downstream call gets min(the caller's remaining time minus a reserve kept for the
+fallback, that downstream's own budget); the offline-list read, itself a fallback, may
+spend half of that reserve, so the answer from memory after it still comes in time. A
+caller without a deadline gets the configured request budget. Popular lists are held in
+memory per version, so an answer exists even while Redis and both downstream services are
+unreachable.
 """
 
 from __future__ import annotations
@@ -117,6 +119,11 @@ class _Deadline:
 
     def for_downstream(self, cap: float) -> float:
         return min(self.remaining() - self.budgets.fallback_reserve, cap)
+
+    def for_fallback_read(self, cap: float) -> float:
+        """A read that is itself a fallback (the offline list) spends half the reserve; the
+        other half stays for answering from memory (recall order, popular)."""
+        return min(self.remaining() - self.budgets.fallback_reserve / 2, cap)
 
 
 @dataclasses.dataclass
@@ -350,9 +357,9 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
                 current.version,
                 call.user_id,
                 op="offline",
-                # A hung Redis must leave the popular fallback its reserve too.
+                # A hung Redis must leave the answer from memory its time too.
                 timeout=max(
-                    call.deadline.for_downstream(self.reader.timeout), MIN_REDIS_WAIT_SECONDS
+                    call.deadline.for_fallback_read(self.reader.timeout), MIN_REDIS_WAIT_SECONDS
                 ),
             )
         except RedisError as error:
