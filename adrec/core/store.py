@@ -25,7 +25,7 @@ from adrec.core.model import CtrModel
 Value = TypeVar("Value")
 
 #: Keys per pipeline round trip: large enough to amortise latency, small enough
-#: that one batch of recall lists (~2 KB each) stays a few MB.
+#: that one batch of recall lists (about 1.5 KB each) stays a few MB.
 WRITE_BATCH = 2000
 
 
