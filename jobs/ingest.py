@@ -65,6 +65,10 @@ class IngestError(Exception):
     """A file cannot be loaded at all: missing, empty, or not in the published format."""
 
 
+#: Characters of a rejected row kept as its reason's example.
+EXAMPLE_CHARS = 200
+
+
 @dataclass
 class LoadResult:
     """The clean rows of one table and an account of every rejected row."""
@@ -183,7 +187,8 @@ def load_table(
     classified = fields.select(
         *(values[column.name].alias(column.name) for column in table.columns),
         reason.alias("reject_reason"),
-        sf.when(reason.isNotNull(), raw_row).alias("rejected_row"),
+        # A junk line can be megabytes long: reports show its start only.
+        sf.when(reason.isNotNull(), sf.substring(raw_row, 1, EXAMPLE_CHARS)).alias("rejected_row"),
     )
     if persist:
         classified = classified.persist(StorageLevel.MEMORY_AND_DISK)

@@ -19,6 +19,7 @@ from adrec.core.dataset import (
     split_of,
 )
 from jobs.ingest import (
+    EXAMPLE_CHARS,
     IngestError,
     load_ad_feature,
     load_behavior_log,
@@ -375,3 +376,13 @@ def test_load_dataset_reads_all_four_files_from_a_directory(spark, tmp_path):
         "user_profile": 5,
         "behavior_log": 6,
     }
+
+
+def test_a_huge_junk_row_is_reported_by_its_start_only(spark, tmp_path):
+    junk = "9," + "x" * 1_000_000
+    result = load_raw_sample(
+        spark, write(tmp_path, "raw_sample.csv", f"{RAW_SAMPLE.header}\n{junk}\n")
+    )
+    example = result.examples["wrong_field_count"]
+    assert example == junk[:EXAMPLE_CHARS]
+    assert all(len(line) < 400 for line in result.report_lines())

@@ -383,6 +383,10 @@ INVALID_REQUESTS = [
     ({"count": 501}, "count"),
     ({"count": -1}, "count"),
     ({"mode": 7}, "mode"),
+    # Large values are named, never echoed whole (a 900 KB echo exceeded the status size).
+    ({"pid": "p" * 900_000}, "pid"),
+    ({"request_id": "r" * 129}, "request_id"),
+    ({"request_id": "r" * 900_000}, "request_id"),
 ]
 
 
@@ -396,11 +400,14 @@ def test_bad_requests_are_invalid_argument_naming_the_field(redis_client, redis_
         ):
             valid = {"user_id": 1001, "pid": PIDS[0], "count": 500}
             assert len((await recommend(channel, **valid)).ads) == 492  # 8 unknown skipped
+            longest_id = {**valid, "request_id": "r" * 128}
+            assert len((await recommend(channel, **longest_id)).ads) == 492
             for change, field in INVALID_REQUESTS:
                 with pytest.raises(grpc.aio.AioRpcError) as error:
                     await recommend(channel, **{**valid, **change})
                 assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, change
                 assert error.value.details().startswith(f"{field}: "), error.value.details()
+                assert len(error.value.details()) < 300
             # Nothing reached the downstream services.
             assert (
                 metric(
@@ -410,7 +417,7 @@ def test_bad_requests_are_invalid_argument_naming_the_field(redis_client, redis_
                     grpc_service="adrec.recall.v1.RecallService",
                     grpc_method="GetCandidates",
                 )
-                == 1
+                == 2
             )
 
     run(scenario)

@@ -36,8 +36,10 @@ from services.runtime.data import RedisReader
 from services.runtime.logs import LogThrottle, service_logger
 from services.runtime.metrics import GRPC_CODE_NAMES
 from services.runtime.requests import (
+    MAX_REQUEST_ID_LENGTH,
     InvalidArgumentError,
     UnavailableError,
+    bounded_text,
     grpc_errors,
     in_range,
     known_pid,
@@ -226,6 +228,7 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
         user_id = positive_id("user_id", request.user_id)
         pid = known_pid("pid", request.pid, required=True)
         count = in_range("count", request.count, 1, MAX_COUNT)
+        request_id = bounded_text("request_id", request.request_id, MAX_REQUEST_ID_LENGTH)
         mode = request.mode or REALTIME
         if mode not in (REALTIME, OFFLINE):
             raise InvalidArgumentError("mode", f"unknown mode {mode}")
@@ -238,7 +241,7 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
             pid=pid,
             count=count,
             mode=mode,
-            request_id=request.request_id or uuid.uuid4().hex,
+            request_id=request_id or uuid.uuid4().hex,
             version=current,
             deadline=_Deadline(context.time_remaining(), self.budgets),
         )

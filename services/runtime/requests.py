@@ -15,6 +15,11 @@ import grpc
 
 from adrec.core.dataset import PIDS
 
+#: Characters of a bad value an error message repeats.
+ECHO_LIMIT = 40
+#: Longest request id a caller may send: enough for any UUID or trace id.
+MAX_REQUEST_ID_LENGTH = 128
+
 #: The largest id the data set's int32 columns and Redis keys hold.
 MAX_ID = 2**31 - 1
 
@@ -52,11 +57,25 @@ def known_pid(field: str, pid: str, *, required: bool) -> str:
     if not pid and not required:
         return pid
     if pid not in PIDS:
-        shown = repr(pid) if pid else "empty"
+        shown = _excerpt(pid) if pid else "empty"
         raise InvalidArgumentError(
             field, f"{shown} is not a known placement; known: {', '.join(PIDS)}"
         )
     return pid
+
+
+def bounded_text(field: str, value: str, limit: int) -> str:
+    """A free-text field (a caller's request id) that is echoed, forwarded and logged."""
+    if len(value) > limit:
+        raise InvalidArgumentError(
+            field, f"holds {len(value)} characters; at most {limit} ({_excerpt(value)})"
+        )
+    return value
+
+
+def _excerpt(text: str) -> str:
+    # An error must fit in a status message however large the value it names.
+    return repr(text) if len(text) <= ECHO_LIMIT else f"{text[:ECHO_LIMIT]!r}..."
 
 
 def grpc_errors(
