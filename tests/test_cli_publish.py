@@ -18,6 +18,7 @@ def publish(client, offset):
         pub.writer.put_user_features(
             [1], [UserFeatures({"age_level": 2, "gender": 1}, np.ones(3, dtype=np.float32))]
         )
+        pub.writer.put_ad_table({"adgroup_id": np.arange(1, 31, dtype=np.int32)})
         pub.commit(VersionContent(counts=VersionCounts(recall_lists=2), config_digest="abc123"))
 
 
@@ -74,6 +75,8 @@ def test_update_user_recall_and_profile(redis_client, redis_url):
         (["1", "--profile", "age_level=300"], "0..127"),
         (["1", "--recall", "5", "--profile", "age_level=x"], "0..127"),
         (["1"], "nothing to update"),
+        # An ad the version lacks: refused, and the profile change with it.
+        (["1", "--recall", "3,999,40", "--profile", "age_level=4"], "2 ads that version v1 does"),
     ],
 )
 def test_update_user_bad_input_writes_nothing(redis_client, redis_url, capsys, argv, message):

@@ -31,7 +31,7 @@ from service_data import (
 from adrec.api.common.v1 import common_pb2
 from adrec.api.gateway.v1 import gateway_service_pb2 as gateway_pb2
 from adrec.api.gateway.v1 import gateway_service_pb2_grpc
-from adrec.core import keys
+from adrec.core import keys, store
 from adrec.core.redis_conn import RedisSettings
 from adrec.core.redis_server import private_redis
 from jobs.offline import OFFLINE_PID
@@ -484,3 +484,37 @@ def test_a_hung_redis_still_answers_within_the_callers_deadline():
                     server.process.send_signal(signal.SIGCONT)
 
         run(scenario)
+
+
+def test_a_recall_set_of_unknown_ads_falls_back_instead_of_answering_nothing(
+    redis_client, redis_url
+):
+    data = publish_version(redis_client)
+    with_offline, without_offline = data.users_with_factors[:2]
+    writer = store.VersionWriter(redis_client, data.version)
+    writer.put_recall_lists([with_offline, without_offline], [data.unknown_ad_ids] * 2)
+    redis_client.delete(keys.OFFLINE.key(data.version, without_offline))
+
+    async def scenario():
+        async with (
+            running_stack(redis_url) as stack,
+            loopback_channel(stack.services["gateway"].port) as channel,
+        ):
+            offline = await recommend(channel, user_id=with_offline, pid=PIDS[0], count=5)
+            assert path(offline) == "OFFLINE_RANKED"
+            assert reasons(offline) == ["NO_KNOWN_CANDIDATES"]
+            expected = data.offline_lists[with_offline][0][:5].tolist()
+            assert [ad.ad_id for ad in offline.ads] == expected
+
+            popular = await recommend(channel, user_id=without_offline, pid=PIDS[0], count=5)
+            assert path(popular) == "POPULAR"
+            assert reasons(popular) == ["NO_KNOWN_CANDIDATES", "NO_OFFLINE_LIST"]
+            assert [ad.ad_id for ad in popular.ads] == data.popular[PIDS[0]][:5].tolist()
+            assert (
+                metric(
+                    stack, "adrec_fallbacks_total", service="gateway", reason="no_known_candidates"
+                )
+                == 2
+            )
+
+    run(scenario)

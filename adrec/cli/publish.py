@@ -144,6 +144,17 @@ def _update_user(args: argparse.Namespace) -> int:
     version = store.active_version(client)
     if version is None:
         raise UsageError("no active version to update; run `adrec job run` first")
+    if recall is not None:
+        # Checked before anything is written: ads the version does not have would be
+        # recalled, then dropped by ranking, every time.
+        table = store.read_ad_table(client, version)
+        known = table["adgroup_id"] if table is not None else np.zeros(0, dtype=np.int64)
+        unknown = sorted(set(recall) - set(known.tolist()))
+        if unknown:
+            shown = ", ".join(map(str, unknown[:10])) + (", ..." if len(unknown) > 10 else "")
+            raise UsageError(
+                f"--recall names {len(unknown)} ads that version {version} does not have: {shown}"
+            )
     writer = store.VersionWriter(client, version)
     if profile_changes:
         current = store.read_user_features(client, version, args.user_id) or UserFeatures.missing()

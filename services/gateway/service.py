@@ -274,6 +274,13 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
             call.deadline.for_downstream(self.budgets.ranking),
             call,
         )
+        if ranked is not None and not ranked.ads:
+            # Every candidate is unknown to the ad table: an empty "ranked" answer would
+            # look healthy while serving nothing.
+            call.reasons.append(gateway_pb2.DEGRADATION_REASON_NO_KNOWN_CANDIDATES)
+            if not await self._offline_list(call):
+                self._popular(call)
+            return
         if ranked is not None:
             call.ads = ranked.ads
             call.path, call.source = gateway_pb2.SERVING_PATH_REALTIME_RANKED, PERSONAL

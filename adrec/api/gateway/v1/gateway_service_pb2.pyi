@@ -31,6 +31,7 @@ class DegradationReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DEGRADATION_REASON_NO_OFFLINE_LIST: _ClassVar[DegradationReason]
     DEGRADATION_REASON_RECALL_UNAVAILABLE: _ClassVar[DegradationReason]
     DEGRADATION_REASON_RECALL_DEADLINE_EXCEEDED: _ClassVar[DegradationReason]
+    DEGRADATION_REASON_NO_KNOWN_CANDIDATES: _ClassVar[DegradationReason]
 RECOMMEND_MODE_UNSPECIFIED: RecommendMode
 RECOMMEND_MODE_REALTIME: RecommendMode
 RECOMMEND_MODE_OFFLINE: RecommendMode
@@ -46,6 +47,7 @@ DEGRADATION_REASON_NO_RECALL_SET: DegradationReason
 DEGRADATION_REASON_NO_OFFLINE_LIST: DegradationReason
 DEGRADATION_REASON_RECALL_UNAVAILABLE: DegradationReason
 DEGRADATION_REASON_RECALL_DEADLINE_EXCEEDED: DegradationReason
+DEGRADATION_REASON_NO_KNOWN_CANDIDATES: DegradationReason
 
 class RecommendRequest(_message.Message):
     __slots__ = ("user_id", "pid", "count", "mode", "request_id")
