@@ -59,6 +59,11 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
         )
 
     @property
+    def answers_without_redis(self) -> bool:
+        # Every answer needs the user's features from Redis.
+        return False
+
+    @property
     def ready(self) -> bool:
         return self.snapshot is not None
 

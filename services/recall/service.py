@@ -54,6 +54,11 @@ class RecallService(recall_service_pb2_grpc.RecallServiceServicer):
         )
 
     @property
+    def answers_without_redis(self) -> bool:
+        # Every answer is a Redis read of the user's recall list.
+        return False
+
+    @property
     def ready(self) -> bool:
         return self.current is not None
 

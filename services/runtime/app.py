@@ -3,8 +3,11 @@
 Each service implements :class:`VersionedService`: it names its gRPC service, prepares its
 per-version state when the active version changes, and says when it is ready. The watcher
 polls ``adrec:active`` and the active version's metadata (the same GETs double as the Redis
-liveness check) and keeps the health status in step: SERVING only while Redis answers and
-the service is ready.
+liveness check) and keeps the health status in step. Readiness means "this replica can
+answer usefully now": SERVING once the service is ready and, for a service that needs Redis
+on every request (recall, ranking), while Redis answers. A service that can answer from
+memory (the gateway's popular lists) stays SERVING through a Redis outage, so an outage
+does not take every replica out of rotation at once.
 """
 
 from __future__ import annotations
@@ -39,6 +42,11 @@ class VersionedService(Protocol):
     @property
     def ready(self) -> bool:
         """True once the service can answer requests from a loaded version."""
+        ...
+
+    @property
+    def answers_without_redis(self) -> bool:
+        """Whether its answers stay useful while Redis is unreachable."""
         ...
 
     async def load_version(self, version: str, meta: VersionMeta | None) -> None:
@@ -125,7 +133,7 @@ class VersionWatcher:
         self.reader.metrics.set_redis_up(up)
 
     async def _update_health(self) -> None:
-        serving = bool(self.redis_up) and self.service.ready
+        serving = self.service.ready and (bool(self.redis_up) or self.service.answers_without_redis)
         if serving != self.serving:
             await self.running.set_serving(serving)
             self.service.log.info(
