@@ -13,7 +13,13 @@ from service_data import run
 
 from adrec.core.redis_conn import RedisSettings
 from adrec.core.redis_server import private_redis
-from services.runtime.data import DirectGets, RedisReader, client_without_socket_timeouts
+from services.runtime.data import (
+    MAX_IDLE_CONNECTIONS,
+    MAX_OPEN_CONNECTIONS,
+    DirectGets,
+    RedisReader,
+    client_without_socket_timeouts,
+)
 from services.runtime.metrics import Metrics
 
 #: Time limit of each read: no test here waits for it to run out, so it is wide enough that
@@ -43,12 +49,12 @@ def test_gets_values_and_misses_over_reused_connections(redis_client, redis_url)
                 assert await reader.get(b"adrec:test:a", op="recall") == b"\x00\x01binary"
                 assert await reader.get(b"adrec:test:missing", op="recall") is None
             # Sequential GETs share one connection; concurrent ones open more.
-            assert len(reader._direct._made) == 1
+            assert reader._direct.open_connections == 1
             values = await asyncio.gather(
                 *(reader.get(b"adrec:test:a", op="recall") for _ in range(5))
             )
             assert values == [b"\x00\x01binary"] * 5
-            assert 1 < len(reader._direct._made) <= 5
+            assert 1 < reader._direct.open_connections <= 5
 
     run(scenario)
 
@@ -65,7 +71,7 @@ def test_a_get_cancelled_mid_reply_leaves_no_reply_behind_for_the_next(redis_cli
             with pytest.raises(redis.exceptions.TimeoutError):
                 await reader.get(b"adrec:test:a", op="recall", timeout=0)
             assert await reader.get(b"adrec:test:b", op="recall") == b"b"
-            assert len(reader._direct._made) == 1
+            assert reader._direct.open_connections == 1
 
     run(scenario)
 
@@ -105,3 +111,35 @@ def test_stale_connection_is_retried_once_on_a_new_socket():
 
         run(scenario)
         client.close()
+
+
+def test_a_burst_of_reads_is_served_over_a_bounded_number_of_connections(redis_client, redis_url):
+    redis_client.set(b"adrec:test:a", b"a")
+    baseline = int(redis_client.info("clients")["connected_clients"])
+
+    async def scenario():
+        async with reader_of(redis_url) as reader:
+            direct = reader._direct
+            peak = 0
+            done = asyncio.Event()
+
+            async def sample():
+                nonlocal peak
+                while not done.is_set():
+                    peak = max(peak, direct.open_connections)
+                    await asyncio.sleep(0)
+
+            sampler = asyncio.create_task(sample())
+            values = await asyncio.gather(
+                *(reader.get(b"adrec:test:a", op="recall") for _ in range(600))
+            )
+            done.set()
+            await sampler
+            assert values == [b"a"] * 600
+            assert 1 < peak <= MAX_OPEN_CONNECTIONS
+            # Once the burst is over only the idle ones stay, on both sides.
+            assert direct.open_connections <= MAX_IDLE_CONNECTIONS
+            connected = int(redis_client.info("clients")["connected_clients"])
+            assert connected - baseline <= MAX_IDLE_CONNECTIONS
+
+    run(scenario)
