@@ -77,9 +77,8 @@ class PublishLock:
 
     def acquire(self, heartbeat: bool = True) -> None:
         if not self.client.set(keys.PUBLISH_LOCK, self.owner, nx=True, px=self.ttl_ms):
-            holder = self.client.get(keys.PUBLISH_LOCK)
             raise PublishLockedError(
-                f"another run ({holder.decode() if holder else 'unknown'}) is publishing; "
+                f"another run ({lock_holder(self.client) or 'unknown'}) is publishing; "
                 f"its lock expires {self.ttl_ms // 1000}s after it stops"
             )
         if heartbeat:
@@ -231,7 +230,6 @@ def rollback(client: Any, version: str, lock_ttl: float = 30.0) -> str | None:
                 f"version {version} does not exist or is not a completed, kept version "
                 "(see adrec publish list)"
             )
-        lock.renew()
         return store.activate(client, version)
     finally:
         lock.release()
