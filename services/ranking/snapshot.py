@@ -14,9 +14,8 @@ import dataclasses
 
 import numpy as np
 
-from adrec.core import codecs
+from adrec.core import codecs, keys
 from adrec.core.codecs import UserFeatures
-from adrec.core.model import CtrModel
 from adrec.core.scoring import CtrScorer, ScoringDataError
 from services.runtime.data import model_version
 
@@ -53,11 +52,11 @@ class RankingSnapshot:
             raise SnapshotError(f"version {data_version} has no CTR model")
         if ad_table is None:
             raise SnapshotError(f"version {data_version} has no ad feature table")
-        model = CtrModel.from_json(model_json)
+        model = keys.MODEL.decode(model_json)
         try:
-            table = codecs.decode_table(ad_table)
+            table = keys.ADS.decode(ad_table)
             factors = (
-                codecs.decode_table(cate_factors)
+                keys.CATE_FACTORS.decode(cate_factors)
                 if cate_factors is not None
                 else {"cate_id": np.zeros(0, np.int32), "factors": np.zeros((0, 0), np.float32)}
             )
