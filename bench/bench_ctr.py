@@ -115,21 +115,18 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
         },
     )
     with clock("ingest"):
-        tables = ingest.load_dataset(spark, str(data_dir))
-        # The loader caches every validated column; keep just what the stages read.
+        tables = ingest.load_dataset(spark, str(data_dir), staging=str(data_dir / "staging"))
         samples = (
             tables["raw_sample"]
             .data.select("user_id", "time_stamp", "adgroup_id", "pid", "clk", "event_day")
             .persist(StorageLevel.MEMORY_AND_DISK)
         )
         samples.count()
-        tables["raw_sample"].unpersist()
     with clock("ratings and ALS"):
         als = train_als(
             ratings.ratings_from_behavior(tables["behavior_log"].data),
             AlsConfig(holdout_fraction=0.0, blocks=4),
         )
-        tables["behavior_log"].unpersist()
 
     defaults = job_features.Smoothing()
     smoothing = job_features.Smoothing(
@@ -140,7 +137,7 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     )
     config = ctr.CtrConfig(reg_param=args.reg_param or ctr.CtrConfig().reg_param)
     with clock("user features"):
-        users = job_features.user_features(tables["user_profile"].data, als.user_factors)
+        users = job_features.user_features(tables["user_profile"].data, als.user_factor_frame())
         users = users.persist(StorageLevel.MEMORY_AND_DISK)
         user_count = users.count()
     with clock("ad features"):
@@ -203,7 +200,8 @@ def _loads(
     from jobs import offline
 
     rng = np.random.default_rng(seed)
-    user_ids = als.user_ids[:offline_users]
+    first_users = als.user_factor_frame().select("user_id").orderBy("user_id").limit(offline_users)
+    user_ids = np.array([row.user_id for row in first_users.collect()], dtype=np.int32)
     ad_ids = ad_table["adgroup_id"]
     lists = np.stack([rng.choice(ad_ids, RECALL_LENGTH, replace=False) for _ in user_ids])
     offsets = pa.array(np.arange(0, lists.size + 1, RECALL_LENGTH, dtype=np.int32))

@@ -3,7 +3,9 @@
 Contract: :func:`train_als` takes ``(user_id, cate_id, rating)`` rows (see
 ``jobs.ratings``) and an :class:`AlsConfig` (the course's explicit-feedback
 defaults: rank 10, 10 iterations, regParam 0.1) and returns an :class:`AlsResult`:
-user and category factors as numpy arrays (ids ascending, float32 matrices), the
+the user factors as a DataFrame (one row per user, never collected: there is a row for
+every user of the data set), the category factors as numpy arrays (ids ascending,
+float32 matrix; a few thousand rows, which recall and ranking hold in memory), the
 held-out RMSE and the fitted model.
 
 Evaluation, then refit: the ratings are split at random (``holdout_fraction``,
@@ -57,8 +59,7 @@ class AlsConfig:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class AlsResult:
-    user_ids: np.ndarray  # int32, ascending
-    user_vectors: np.ndarray  # float32 (users, rank), row i belongs to user_ids[i]
+    users: int  # users with factors
     cate_ids: np.ndarray  # int32, ascending
     cate_vectors: np.ndarray  # float32 (categories, rank)
     holdout_rmse: float | None
@@ -71,11 +72,7 @@ class AlsResult:
 
     @property
     def rank(self) -> int:
-        return int(self.user_vectors.shape[1])
-
-    @property
-    def user_factors(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.user_ids, self.user_vectors
+        return int(self.cate_vectors.shape[1])
 
     @property
     def cate_factors(self) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +87,7 @@ class AlsResult:
     def metrics(self) -> dict[str, float | int | None]:
         return {
             "als_rank": self.rank,
-            "als_users": len(self.user_ids),
+            "als_users": self.users,
             "als_categories": len(self.cate_ids),
             "als_train_ratings": self.train_ratings,
             "als_holdout_ratings": self.holdout_ratings,
@@ -115,11 +112,9 @@ def train_als(ratings: DataFrame, config: AlsConfig = AlsConfig()) -> AlsResult:
         train_count = ratings.count()
     finally:
         ratings.unpersist()
-    user_ids, user_vectors = _factors(model.userFactors, config.rank)
     cate_ids, cate_vectors = _factors(model.itemFactors, config.rank)
     return AlsResult(
-        user_ids=user_ids,
-        user_vectors=user_vectors,
+        users=model.userFactors.count(),
         cate_ids=cate_ids,
         cate_vectors=cate_vectors,
         holdout_rmse=holdout_rmse,

@@ -49,9 +49,19 @@ def _check_stages(stages: tuple[str, ...]) -> str | None:
     return None
 
 
+#: Below this heap Spark refuses to start (it reserves 300 MB and wants 1.5x that).
+MIN_LOCAL_MEMORY_MB = 512
+
+
 def _memory_size(value: str) -> str | None:
-    if re.fullmatch(r"[1-9][0-9]*[mg]", value) is None:
-        return "must be a JVM memory size such as 4g or 2048m"
+    if value == "auto":
+        return None
+    match = re.fullmatch(r"([1-9][0-9]*)([mg])", value)
+    if match is None:
+        return "must be auto or a JVM memory size such as 8g or 2048m"
+    megabytes = int(match[1]) * (1024 if match[2] == "g" else 1)
+    if megabytes < MIN_LOCAL_MEMORY_MB:
+        return f"must be at least {MIN_LOCAL_MEMORY_MB}m: Spark does not start with less"
     return None
 
 
@@ -82,10 +92,25 @@ class JobConfig:
     )
     local_memory: str = setting(
         "ADREC_JOB_LOCAL_MEMORY",
-        "4g",
-        "JVM heap of a local run (Spark's 1g default cannot cache medium data); "
-        "under spark-submit its --driver-memory and --executor-memory apply",
+        "auto",
+        "JVM heap of a local run; auto: 40% of the machine's (or container's) memory. "
+        "Under spark-submit its --driver-memory and --executor-memory apply",
         check=_memory_size,
+    )
+    max_rejected_share: float = setting(
+        "ADREC_JOB_MAX_REJECTED_SHARE",
+        0.01,
+        "Stop before publishing when more than this share of a file's rows is rejected",
+        parse=parse_float,
+        check=in_range(0.0, 1.0),
+    )
+    max_row_drop: float = setting(
+        "ADREC_JOB_MAX_ROW_DROP",
+        0.2,
+        "Stop before publishing when a table has this share fewer clean rows than the "
+        "active version's input had (1: never)",
+        parse=parse_float,
+        check=in_range(0.0, 1.0),
     )
     seed: int = setting("ADREC_JOB_SEED", 42, "Seed for ALS and recall sampling", parse=parse_int)
     als_rank: int = setting(
@@ -126,6 +151,13 @@ class JobConfig:
         "full",
         "Feature set of the served CTR model",
         check=one_of(*FEATURE_SETS),
+    )
+    ctr_train_rows: int = setting(
+        "ADREC_JOB_CTR_TRAIN_ROWS",
+        5_000_000,
+        "At most this many training impressions per CTR model, a seeded sample; 0: all",
+        parse=parse_int,
+        check=in_range(0, 10**12),
     )
     ctr_reg_param: float = setting(
         "ADREC_JOB_CTR_REG_PARAM",
@@ -172,6 +204,8 @@ class JobConfig:
             "work_dir",
             "keep_versions",
             "local_memory",
+            "max_rejected_share",
+            "max_row_drop",
         ):
             shaping.pop(operational)
         canonical = json.dumps(shaping, sort_keys=True)

@@ -10,13 +10,20 @@ Contract:
   ``test`` split (day 8); ``metrics`` is JSON-serialisable and also stored in the model.
 - :func:`predict` ``(examples, model)`` -> ``label``, ``probability``: scores with the
   artifact itself, the numbers the service would produce.
-- :func:`evaluate` ``(labels, probabilities)`` -> AUC, logloss, calibration and a
-  10-bin reliability table; :func:`oracle_metrics` ``(spark, data_dir)`` gives the same
-  for the synthetic data's true click probabilities on the test day.
+- :func:`evaluate` ``(scored)`` -> AUC, logloss, calibration and a 10-bin reliability
+  table of a ``label``, ``probability`` frame, computed on the executors (the test day
+  has millions of rows at full size; only a few aggregates reach the driver);
+  :func:`oracle_metrics` ``(spark, data_dir)`` gives the same for the synthetic data's
+  true click probabilities on the test day.
 
 Training is unweighted by default: the predicted CTRs are used as probabilities (ranking
 scores, offline lists, the quality report), and reweighting the rare clicks would inflate
 them all.
+
+``max_train_rows`` bounds the rows a model is fitted on with a seeded sample (a hash of
+the row, so any partitioning picks the same rows): a model of a few dozen weights has
+converged long before tens of millions of rows, while every L-BFGS iteration is a full
+pass over them.
 """
 
 from __future__ import annotations
@@ -30,17 +37,19 @@ from typing import Any, cast
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pyspark import StorageLevel
 from pyspark.ml.classification import LogisticRegression, LogisticRegressionModel
+from pyspark.ml.evaluation import BinaryClassificationEvaluator
 from pyspark.ml.functions import array_to_vector
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F  # noqa: N812 - the conventional alias
 from pyspark.sql import types as T  # noqa: N812
-from sklearn.metrics import log_loss, roc_auc_score
 
 from adrec.core.dataset import TRUTH_FILE
 from adrec.core.features import FeatureSpec
 from adrec.core.model import CtrModel
 from jobs.ingest import event_day_column, on_test_day
+from jobs.spark import aggregate_row
 
 RELIABILITY_BINS = 10
 
@@ -56,12 +65,17 @@ class CtrConfig:
     standardization: bool = True
     #: Weight of a click relative to a non-click; anything but 1 miscalibrates the CTRs.
     positive_weight: float = 1.0
+    #: At most this many training rows, a seeded sample; None: all of them.
+    max_train_rows: int | None = None
+    seed: int = 42
 
     def __post_init__(self) -> None:
         if self.reg_param < 0 or not 0 <= self.elastic_net_param <= 1:
             raise ValueError("reg_param must be >= 0 and elastic_net_param within [0, 1]")
         if self.max_iter < 1 or self.tol <= 0 or self.positive_weight <= 0:
             raise ValueError("max_iter, tol and positive_weight must be positive")
+        if self.max_train_rows is not None and self.max_train_rows < 1:
+            raise ValueError("max_train_rows must be positive (None: every row)")
 
 
 # ------------------------------------------------------------------ encoding
@@ -120,10 +134,33 @@ def predict(examples: DataFrame, model: CtrModel) -> DataFrame:
 # ------------------------------------------------------------------ training
 
 
-def fit(examples: DataFrame, spec: FeatureSpec, config: CtrConfig) -> LogisticRegressionModel:
-    """Spark ML logistic regression on the ``train`` split of ``examples``."""
-    training_rows = examples.where(F.col("split") == "train").select("label", *spec.input_columns)
-    train = encode_features(training_rows, spec).select(
+_SAMPLE_BUCKETS = 1 << 20
+
+
+def training_rows(examples: DataFrame, config: CtrConfig, available: int) -> DataFrame:
+    """The ``train`` split, sampled down to about ``config.max_train_rows`` when larger."""
+    train = examples.where(F.col("split") == "train")
+    if config.max_train_rows is None or available <= config.max_train_rows:
+        return train
+    kept = round(_SAMPLE_BUCKETS * config.max_train_rows / available)
+    bucket = F.pmod(
+        F.xxhash64("user_id", "time_stamp", "adgroup_id", F.lit(config.seed)),
+        F.lit(_SAMPLE_BUCKETS),
+    )
+    return train.where(bucket < kept)
+
+
+def fit(
+    examples: DataFrame, spec: FeatureSpec, config: CtrConfig, available: int | None = None
+) -> LogisticRegressionModel:
+    """Spark ML logistic regression on the ``train`` split of ``examples``.
+
+    ``available`` is the split's row count when the caller knows it (for the sample).
+    """
+    if available is None:
+        available = examples.where(F.col("split") == "train").count()
+    rows = training_rows(examples, config, available).select("label", *spec.input_columns)
+    train = encode_features(rows, spec).select(
         "label", array_to_vector(F.col("features")).alias("features")
     )
     options: dict[str, Any] = {}
@@ -166,22 +203,24 @@ def train_ctr_model(
 ) -> tuple[CtrModel, dict[str, Any]]:
     """Fit on days 1-7, evaluate the artifact on day 8; metrics go into the artifact too."""
     config = config or CtrConfig()
-    train_rows = examples.where(F.col("split") == "train").count()
-    if train_rows == 0:
+    available = examples.where(F.col("split") == "train").count()
+    if available == 0:
         raise ValueError("no training examples (days 1-7) to fit the CTR model on")
+    sampled = config.max_train_rows is not None and available > config.max_train_rows
+    used = training_rows(examples, config, available).count() if sampled else available
     started = time.perf_counter()
-    fitted = fit(examples, spec, config)
+    fitted = fit(examples, spec, config, available)
     train_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
     unevaluated = to_ctr_model(fitted, spec)
-    scored = predict(examples.where(F.col("split") == "test"), unevaluated).toPandas()
-    test = evaluate(scored["label"].to_numpy(), scored["probability"].to_numpy())
+    test = evaluate(predict(examples.where(F.col("split") == "test"), unevaluated))
     metrics = {
         "feature_set": spec.name,
         "feature_spec_id": spec.spec_id,
         "features": spec.dim,
-        "train_rows": train_rows,
+        "train_rows": used,
+        "train_rows_available": available,
         "iterations": int(fitted.summary.totalIterations),
         "config": dataclasses.asdict(config),
         **test,
@@ -194,21 +233,50 @@ def train_ctr_model(
 # ------------------------------------------------------------------ evaluation
 
 
+_EPSILON = 1e-15
+# Rank error of the reliability bins' edges: a 10,000th of the rows.
+_QUANTILE_ERROR = 1e-4
+
+
 def evaluate(
-    labels: np.ndarray, probabilities: np.ndarray, bins: int = RELIABILITY_BINS
+    scored: DataFrame,
+    bins: int = RELIABILITY_BINS,
+    label: str = "label",
+    probability: str = "probability",
 ) -> dict[str, Any]:
     """AUC, logloss and calibration of predicted click probabilities against 0/1 labels.
 
     The reliability table splits the rows, sorted by prediction, into ``bins`` groups of
     (nearly) equal size: CTRs crowd into a narrow range, where equal-width bins would
     leave most bins empty. ``calibration_error`` is the row-weighted mean absolute gap
-    between predicted and observed CTR over those bins.
+    between predicted and observed CTR over those bins. The AUC is exact (ties count
+    half, as in the trapezoidal ROC); bin edges are quantiles within a 10,000th of the
+    rows. Everything is aggregated on the executors.
     """
-    labels = np.asarray(labels, dtype=np.float64)
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    if labels.shape != probabilities.shape or labels.ndim != 1:
-        raise ValueError("labels and probabilities must be 1-d arrays of the same length")
-    rows = len(labels)
+    frame = scored.select(
+        F.col(label).cast("double").alias("label"),
+        F.col(probability).cast("double").alias("probability"),
+    ).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        return _evaluate(frame, bins)
+    finally:
+        frame.unpersist()
+
+
+def _evaluate(frame: DataFrame, bins: int) -> dict[str, Any]:
+    clipped = F.least(F.greatest(F.col("probability"), F.lit(_EPSILON)), F.lit(1 - _EPSILON))
+    row_loss = -(
+        F.col("label") * F.log(clipped) + (F.lit(1.0) - F.col("label")) * F.log(1 - clipped)
+    )
+    totals = aggregate_row(
+        frame.agg(
+            F.count(F.lit(1)).alias("rows"),
+            F.sum("label").alias("clicks"),
+            F.avg("probability").alias("mean_predicted"),
+            F.avg(row_loss).alias("logloss"),
+        )
+    )
+    rows = int(totals["rows"])
     if rows == 0:
         return {
             "test_rows": 0,
@@ -219,29 +287,53 @@ def evaluate(
             "calibration_error": None,
             "reliability": [],
         }
-    both_classes = 0 < labels.sum() < rows
-    order = np.argsort(probabilities, kind="stable")
-    reliability = []
-    for chunk in np.array_split(order, min(bins, rows)):
-        reliability.append(
-            {
-                "rows": len(chunk),
-                "min_predicted": float(probabilities[chunk].min()),
-                "max_predicted": float(probabilities[chunk].max()),
-                "mean_predicted": float(probabilities[chunk].mean()),
-                "observed_ctr": float(labels[chunk].mean()),
-            }
+    clicks = float(totals["clicks"])
+    auc = None
+    if 0 < clicks < rows:
+        evaluator = BinaryClassificationEvaluator(
+            rawPredictionCol="probability", labelCol="label", metricName="areaUnderROC", numBins=0
         )
+        auc = float(evaluator.evaluate(frame))
+    reliability = _reliability(frame, min(bins, rows))
     gap = sum(b["rows"] * abs(b["mean_predicted"] - b["observed_ctr"]) for b in reliability)
     return {
         "test_rows": rows,
-        "auc": float(roc_auc_score(labels, probabilities)) if both_classes else None,
-        "logloss": float(log_loss(labels, np.clip(probabilities, 1e-15, 1 - 1e-15), labels=[0, 1])),
-        "observed_ctr": float(labels.mean()),
-        "mean_predicted": float(probabilities.mean()),
+        "auc": auc,
+        "logloss": float(totals["logloss"]),
+        "observed_ctr": clicks / rows,
+        "mean_predicted": float(totals["mean_predicted"]),
         "calibration_error": float(gap / rows),
         "reliability": reliability,
     }
+
+
+def _reliability(frame: DataFrame, bins: int) -> list[dict[str, Any]]:
+    edges = frame.approxQuantile("probability", [i / bins for i in range(1, bins)], _QUANTILE_ERROR)
+    # A row's bin is the number of edges below its prediction: rows tied on an edge
+    # share the lower bin.
+    position = sum(((F.col("probability") > F.lit(edge)).cast("int") for edge in edges), F.lit(0))
+    grouped = (
+        frame.groupBy(position.alias("bin"))
+        .agg(
+            F.count(F.lit(1)).alias("rows"),
+            F.min("probability").alias("min_predicted"),
+            F.max("probability").alias("max_predicted"),
+            F.avg("probability").alias("mean_predicted"),
+            F.avg("label").alias("observed_ctr"),
+        )
+        .orderBy("bin")
+        .collect()
+    )
+    return [
+        {
+            "rows": int(row["rows"]),
+            "min_predicted": float(row["min_predicted"]),
+            "max_predicted": float(row["max_predicted"]),
+            "mean_predicted": float(row["mean_predicted"]),
+            "observed_ctr": float(row["observed_ctr"]),
+        }
+        for row in grouped
+    ]
 
 
 def oracle_metrics(spark: SparkSession, data_dir: str) -> dict[str, Any]:
@@ -256,9 +348,5 @@ def oracle_metrics(spark: SparkSession, data_dir: str) -> dict[str, Any]:
     truth = spark.read.csv(
         f"{data_dir.rstrip('/')}/{TRUTH_FILE}", schema=schema, header=True, mode="FAILFAST"
     )
-    test = (
-        truth.where(on_test_day(event_day_column(F.col("time_stamp"))))
-        .select("clk", "click_probability")
-        .toPandas()
-    )
-    return evaluate(test["clk"].to_numpy(), test["click_probability"].to_numpy())
+    test = truth.where(on_test_day(event_day_column(F.col("time_stamp"))))
+    return evaluate(test, label="clk", probability="click_probability")

@@ -4,7 +4,8 @@ Contract (every transform is DataFrame in, DataFrame out; loaders write to Redis
 
 - :func:`user_features` ``(profile, user_factors)`` -> one row per user that has a profile
   or ALS factors: ``user_id``, the eight profile fields (int, null = missing) and
-  ``als_factors`` (array<float>, null = no factors).
+  ``als_factors`` (array<float>, null = no factors); ``user_factors`` is the ALS model's
+  frame (``user_id``, ``als_factors``).
 - :func:`ad_features` ``(ads, samples, smoothing)`` -> one row per ad: ids, ``price`` and
   the smoothed historical CTRs ``ctr_ad``, ``ctr_cate``, ``ctr_brand`` (float), computed
   from the training days of ``samples`` only.
@@ -34,7 +35,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F  # noqa: N812 - the conventional alias
 from pyspark.sql import types as T  # noqa: N812
 
@@ -100,37 +101,16 @@ def train_samples(samples: DataFrame) -> DataFrame:
 # ------------------------------------------------------------------ user features
 
 
-def factor_frame(
-    spark: SparkSession, ids: np.ndarray, vectors: np.ndarray, id_column: str
-) -> DataFrame:
-    """Numpy factors -> DataFrame(``id_column`` int, ``als_factors`` array<float>)."""
-    ids = np.asarray(ids, dtype=np.int32)
-    vectors = np.asarray(vectors, dtype=np.float32)
-    if vectors.ndim != 2 or len(vectors) != len(ids):
-        raise ValueError(f"expected one factor row per id, got {vectors.shape} for {len(ids)} ids")
-    rank = vectors.shape[1]
-    offsets = pa.array(np.arange(0, len(ids) * rank + 1, rank, dtype=np.int32))
-    lists = pa.ListArray.from_arrays(offsets, pa.array(vectors.ravel()))
-    table = pa.table({id_column: pa.array(ids), "als_factors": lists})
-    schema = T.StructType(
-        [
-            T.StructField(id_column, T.IntegerType(), False),
-            T.StructField("als_factors", FACTORS_TYPE, True),
-        ]
-    )
-    return spark.createDataFrame(table, schema=schema)
-
-
-def user_features(
-    profile: DataFrame, user_factors: tuple[np.ndarray, np.ndarray] | None
-) -> DataFrame:
+def user_features(profile: DataFrame, user_factors: DataFrame | None) -> DataFrame:
     """Profile fields (missing kept null) full-outer-joined with ALS user factors."""
     users = profile.select(
         F.col("user_id").cast("int"), *(F.col(f).cast("int") for f in USER_PROFILE_FIELDS)
     )
     if user_factors is None:
         return users.withColumn("als_factors", F.lit(None).cast(FACTORS_TYPE))
-    factors = factor_frame(profile.sparkSession, *user_factors, id_column="user_id")
+    factors = user_factors.select(
+        F.col("user_id").cast("int"), F.col("als_factors").cast(FACTORS_TYPE)
+    )
     return users.join(factors, "user_id", "full_outer")
 
 

@@ -7,6 +7,11 @@ and the per-reason rejected counts (plus one example row per reason), so one bad
 crashes a load and never vanishes silently. Clean rows come out with normalized column
 names and explicit types.
 
+The job loads with a ``staging`` folder: the classified rows are written there once as
+Parquet, typed and compressed, and everything after (the counts, every later stage) reads
+that copy. Nothing is cached in memory, so the load's memory does not grow with the
+input, and the text is parsed once however often later stages read a table.
+
 Lines are split on ``,`` rather than parsed by Spark's CSV reader because that reader
 silently pads or truncates rows with the wrong number of fields; the published files never
 quote a field, so splitting is exact.
@@ -19,7 +24,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypedDict, Unpack
 
-from pyspark import StorageLevel
 from pyspark.errors import AnalysisException
 from pyspark.sql import Column as SparkColumn
 from pyspark.sql import DataFrame, SparkSession
@@ -80,8 +84,6 @@ class LoadResult:
     rejected: dict[str, int] = field(default_factory=dict)
     # One offending input row per reason, for reports.
     examples: dict[str, str] = field(default_factory=dict)
-    # The persisted classified rows ``data`` is filtered from, if the load cached them.
-    cached: DataFrame | None = field(default=None, repr=False)
 
     @property
     def rejected_rows(self) -> int:
@@ -101,11 +103,6 @@ class LoadResult:
             for reason, count in self.rejected.items()
         ]
         return lines
-
-    def unpersist(self) -> None:
-        """Release the cached rows once the caller is done with ``data``."""
-        if self.cached is not None:
-            self.cached.unpersist()
 
 
 def output_schema(table: TableFormat) -> st.StructType:
@@ -167,12 +164,13 @@ def load_table(
     path: str,
     *,
     data_format: Format = "csv",
-    persist: bool = True,
+    staging: str | None = None,
 ) -> LoadResult:
     """Load one published table from ``path`` (local path or any URI Spark reads).
 
-    With ``persist`` the classified rows are cached, so counting the rejections is the only
-    pass over the source and later uses of ``data`` read the cache.
+    With ``staging`` (a folder every executor can reach) the classified rows are written
+    there as Parquet in the only pass over the source; without it every use of ``data``
+    parses the source again, which suits one-off inspection.
     """
 
     if data_format not in FORMATS:
@@ -190,8 +188,10 @@ def load_table(
         # A junk line can be megabytes long: reports show its start only.
         sf.when(reason.isNotNull(), sf.substring(raw_row, 1, EXAMPLE_CHARS)).alias("rejected_row"),
     )
-    if persist:
-        classified = classified.persist(StorageLevel.MEMORY_AND_DISK)
+    if staging is not None:
+        staged = f"{staging.rstrip('/')}/{table.name}.parquet"
+        classified.write.mode("overwrite").parquet(staged)
+        classified = spark.read.parquet(staged)
 
     summary = (
         classified.groupBy("reject_reason")
@@ -220,7 +220,6 @@ def load_table(
         total_rows,
         rejected,
         examples,
-        cached=classified if persist else None,
     )
     if rejected:
         log.warning("%s", "\n".join(result.report_lines()))
@@ -231,7 +230,7 @@ class LoadOptions(TypedDict, total=False):
     """The keyword options of :func:`load_table` the per-table loaders pass on."""
 
     data_format: Format
-    persist: bool
+    staging: str | None
 
 
 def load_raw_sample(spark: SparkSession, path: str, **options: Unpack[LoadOptions]) -> LoadResult:
@@ -251,7 +250,7 @@ def load_behavior_log(spark: SparkSession, path: str, **options: Unpack[LoadOpti
 
 
 def load_dataset(
-    spark: SparkSession, base: str, *, data_format: Format = "csv", persist: bool = True
+    spark: SparkSession, base: str, *, data_format: Format = "csv", staging: str | None = None
 ) -> dict[str, LoadResult]:
     """All four tables from a directory or URI prefix holding the published file names."""
     return {
@@ -260,7 +259,7 @@ def load_dataset(
             table,
             dataset_path(base, table, data_format),
             data_format=data_format,
-            persist=persist,
+            staging=staging,
         )
         for name, table in TABLES.items()
     }

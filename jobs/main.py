@@ -10,6 +10,7 @@ It imports neither the command line nor grpc: the Spark driver loads only the jo
 from __future__ import annotations
 
 import argparse
+import logging
 import pathlib
 import sys
 
@@ -30,6 +31,51 @@ class JobRefusedError(Exception):
     one clear line, exit code 1, the previous version still serving."""
 
 
+class JobResourceError(Exception):
+    """Spark ran out of memory: one line naming the setting to raise, exit code 1."""
+
+
+_OUT_OF_MEMORY = ("OutOfMemoryError", "Java heap space", "GC overhead limit exceeded")
+
+
+def memory_problem(exc: BaseException, config: JobConfig) -> str | None:
+    """The line to print when ``exc`` means Spark's JVM ran out of memory, else None.
+
+    A task's OutOfMemoryError reaches Python as a Py4JJavaError naming it; in local mode
+    the JVM may exit at once instead, and Python then only loses its connection to it.
+    """
+    from py4j.protocol import Py4JError, Py4JNetworkError  # noqa: PLC0415 - with pyspark
+
+    try:
+        text = str(exc)
+    except Exception:  # py4j's str() fails once the JVM is gone
+        text = ""
+    died = isinstance(exc, Py4JNetworkError | ConnectionError) or (
+        isinstance(exc, Py4JError) and not text
+    )
+    if not died and not any(marker in text for marker in _OUT_OF_MEMORY):
+        return None
+    from jobs.spark import local_heap  # noqa: PLC0415 - with pyspark
+
+    memory = settings.specs(JobConfig)["local_memory"]
+    what = "ran out of memory" if not died else "stopped, most often because it ran out of memory"
+    return (
+        f"the Spark JVM {what} (local heap {local_heap(config.local_memory)}); raise "
+        f"{memory.env} ({memory.flag}, a size such as 16g) or, under spark-submit, "
+        "--driver-memory and --executor-memory"
+    )
+
+
+class _WithoutTraceback(logging.Filter):
+    """py4j logs a full traceback when the JVM goes away; the job says why in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("py4j") or "py4j" in record.pathname:
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
     """Every job setting and Redis setting as a flag, plus where to write the report."""
     settings.add_flags(JobConfig, parser)
@@ -48,12 +94,20 @@ def run(args: argparse.Namespace) -> int:
         raise JobUsageError(str(exc)) from None
     from jobs.pipeline import JobInputError, run_job  # noqa: PLC0415 - pyspark after validation
 
+    for logger in (logging.getLogger(), logging.getLogger("py4j")):
+        logger.addFilter(_WithoutTraceback())
+
     try:
         result = run_job(config, redis_settings)
     except JobInputError as exc:
         raise JobUsageError(str(exc)) from None
     except (PublishLockedError, LockLostError) as exc:
         raise JobRefusedError(str(exc)) from None
+    except Exception as exc:
+        problem = memory_problem(exc, config)
+        if problem is None:
+            raise
+        raise JobResourceError(problem) from None
     if args.report_json:
         args.report_json.write_text(result.report_json())
     print(result.report_text())
@@ -71,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     except JobUsageError as exc:
         print(f"adrec job: error: {exc}", file=sys.stderr)
         return 2
-    except JobRefusedError as exc:
+    except (JobRefusedError, JobResourceError) as exc:
         print(f"adrec job: error: {exc}", file=sys.stderr)
         return 1
     except redis.ConnectionError as exc:

@@ -37,7 +37,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F  # noqa: N812 - the conventional alias
 
-from adrec.core import keys
+from adrec.core import keys, store
 from adrec.core.catalog import Publication, PublishLockedError, family_memory, lock_holder
 from adrec.core.dataset import TRUTH_FILE
 from adrec.core.features import COURSE, FULL, feature_spec
@@ -45,10 +45,10 @@ from adrec.core.metadata import VersionContent, VersionCounts
 from adrec.core.model import CtrModel
 from adrec.core.redis_conn import RedisSettings, connect, redacted
 from adrec.core.store import VersionWriter
-from jobs import ctr, features, ingest, offline, popular, ratings, recall
+from jobs import ctr, features, ingest, input_checks, offline, popular, ratings, recall
 from jobs.als import AlsConfig, AlsResult, train_als
 from jobs.config import JobConfig
-from jobs.progress import Progress
+from jobs.progress import Progress, spark_work
 from jobs.report import render_report
 from jobs.spark import build_session
 
@@ -117,7 +117,7 @@ class AlsOutput:
 
     @property
     def rows(self) -> int:
-        return len(self.result.user_ids)
+        return self.result.users
 
     @property
     def report(self) -> dict[str, Any]:
@@ -239,7 +239,7 @@ def run_job(
             "(adrec publish list shows its version once it has) and run again"
         )
     spark = spark or build_session(config.master or None, local_memory=config.local_memory)
-    progress = progress or Progress(config.stages)
+    progress = progress or Progress(config.stages, work=spark_work(spark.sparkContext))
     report: dict[str, Any] = {
         "config": dataclasses.asdict(config),
         "config_digest": config.digest(),
@@ -248,7 +248,10 @@ def run_job(
     }
     version = None
     with _work_dir(config, spark) as scratch:
-        tables = _timed(progress, "ingest", ingest_stage, spark, config)
+        active = active_input(client)
+        tables = _timed(
+            progress, "ingest", ingest_stage, spark, config, f"{scratch}/ingest", active
+        )
         report["ingest"] = tables.report
         # Bad input fails above, before the publish lock is taken.
         with (
@@ -373,14 +376,55 @@ def _work_dir(config: JobConfig, spark: SparkSession) -> Iterator[str]:
 # ------------------------------------------------------------------ the stages
 
 
-def ingest_stage(spark: SparkSession, config: JobConfig) -> IngestedTables:
+@dataclasses.dataclass(frozen=True)
+class ActiveInput:
+    """The clean input rows the active version was built from, per table."""
+
+    version: str
+    rows: dict[str, int]
+
+
+def active_input(client: Any) -> ActiveInput | None:
+    version = store.active_version(client)
+    meta = store.read_meta(client, version) if version else None
+    if version is None or meta is None or not meta.content.input_rows:
+        return None
+    return ActiveInput(version, dict(meta.content.input_rows))
+
+
+def ingest_stage(
+    spark: SparkSession, config: JobConfig, staging: str, active: ActiveInput | None = None
+) -> IngestedTables:
+    """The four tables, staged as Parquet under ``staging``; damaged input stops the run.
+
+    ``active`` is what the active version was built from: a table that shrank by more
+    than ``config.max_row_drop`` against it stops the run too.
+    """
     try:
-        loaded = ingest.load_dataset(spark, config.data, data_format=config.input_format)
+        loaded = ingest.load_dataset(
+            spark, config.data, data_format=config.input_format, staging=staging
+        )
     except ingest.IngestError as exc:
         raise JobInputError(str(exc)) from None
     for name, table in loaded.items():
         if table.clean_rows == 0:
             raise JobInputError(f"{table.source}: no usable rows in {name}")
+    report = {
+        name: {
+            "rows": t.total_rows,
+            "clean": t.clean_rows,
+            "rejected": t.rejected,
+            "source": t.source,
+        }
+        for name, t in loaded.items()
+    }
+    problems = input_checks.rejected_share_problems(report, config.max_rejected_share)
+    if active is not None:
+        problems += input_checks.row_drop_problems(
+            report, active.rows, active.version, config.max_row_drop
+        )
+    if problems:
+        raise JobInputError("; ".join(problems) + "; nothing was published")
     samples = loaded["raw_sample"].data
     train, test = ingest.split_by_day(samples)
     return IngestedTables(
@@ -389,15 +433,7 @@ def ingest_stage(spark: SparkSession, config: JobConfig) -> IngestedTables:
         user_profile=loaded["user_profile"].data,
         behavior_log=loaded["behavior_log"].data,
         split=TrainTestSplit(train, test),
-        report={
-            name: {
-                "rows": t.total_rows,
-                "clean": t.clean_rows,
-                "rejected": t.rejected,
-                "source": t.source,
-            }
-            for name, t in loaded.items()
-        },
+        report=report,
     )
 
 
@@ -507,7 +543,7 @@ def _hit_rates(
 
 def features_stage(tables: IngestedTables, als: AlsOutput, sink: Sink | None) -> FeaturesOutput:
     smoothing = features.Smoothing()
-    users = features.user_features(tables.user_profile, als.result.user_factors).persist(
+    users = features.user_features(tables.user_profile, als.result.user_factor_frame()).persist(
         StorageLevel.MEMORY_AND_DISK
     )
     ads = features.ad_features(tables.ad_feature, tables.raw_sample, smoothing)
@@ -548,7 +584,13 @@ def ctr_stage(
     models, metrics = {}, {}
     for spec in (COURSE, FULL):
         models[spec.name], metrics[spec.name] = ctr.train_ctr_model(
-            examples, spec, ctr.CtrConfig(reg_param=config.ctr_reg_param)
+            examples,
+            spec,
+            ctr.CtrConfig(
+                reg_param=config.ctr_reg_param,
+                max_train_rows=config.ctr_train_rows or None,
+                seed=config.seed,
+            ),
         )
         note(
             f"{spec.name}: AUC {metrics[spec.name]['auc']}, logloss {metrics[spec.name]['logloss']}"
@@ -627,5 +669,6 @@ def version_content(report: dict[str, Any]) -> VersionContent:
         else {},
         stages=tuple(s["name"] for s in report.get("stages", [])),
         offline_pid=report.get("offline", {}).get("pid"),
+        input_rows={name: counts["clean"] for name, counts in report.get("ingest", {}).items()},
         report=report,
     )

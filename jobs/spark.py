@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 from pyspark.sql import DataFrame, Row, SparkSession
 
@@ -17,11 +18,43 @@ DEFAULT_CONF = {
 }
 
 
+LOG_CONFIG = Path(__file__).with_name("log4j2.properties")
+
+#: Share of the memory a local run's JVM heap takes under ``auto``: the Python workers
+#: (one per core), the driver's own Python and the page cache the Parquet scratch
+#: files live in need the rest.
+AUTO_HEAP_SHARE = 0.4
+MIN_AUTO_HEAP_MB = 1024
+# cgroup v2, then v1: a container's memory limit.
+_CGROUP_LIMIT_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def machine_memory_bytes() -> int:
+    """Physical memory, or the container's limit when a cgroup sets a lower one."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in _CGROUP_LIMIT_FILES:
+        try:
+            raw = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if raw.isdigit():
+            return min(physical, int(raw))
+    return physical
+
+
+def local_heap(setting: str) -> str:
+    """The JVM heap of a local run: the setting itself, or ``auto`` sized from the machine."""
+    if setting != "auto":
+        return setting
+    megabytes = int(machine_memory_bytes() * AUTO_HEAP_SHARE) // (1 << 20)
+    return f"{max(MIN_AUTO_HEAP_MB, megabytes)}m"
+
+
 def build_session(
     master: str | None = None,
     app_name: str = "adrec-job",
     conf: Mapping[str, str] | None = None,
-    local_memory: str = "4g",
+    local_memory: str = "auto",
 ) -> SparkSession:
     """Get or create the session.
 
@@ -42,7 +75,10 @@ def build_session(
         # schedule hundreds of tiny tasks per iteration on a laptop.
         builder = builder.config("spark.sql.shuffle.partitions", str(4 * (os.cpu_count() or 2)))
         # Driver and executors share this one JVM; its heap is fixed when it starts.
-        builder = builder.config("spark.driver.memory", local_memory)
+        builder = builder.config("spark.driver.memory", local_heap(local_memory))
+        builder = builder.config(
+            "spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile=file:{LOG_CONFIG}"
+        )
     for key, value in {**DEFAULT_CONF, **(conf or {})}.items():
         builder = builder.config(key, value)
     session = builder.getOrCreate()

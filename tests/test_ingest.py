@@ -147,9 +147,20 @@ def test_raw_sample_counts_every_reason_and_keeps_clean_rows(spark, tmp_path):
     report = "\n".join(result.report_lines())
     assert "19 rows, 5 clean, 14 rejected" in report
     assert "bad_timestamp: 3" in report
-    assert result.cached.is_cached
-    result.unpersist()
-    assert not result.cached.is_cached
+
+
+def test_a_staged_load_parses_the_source_once_and_reads_its_parquet_copy(spark, tmp_path):
+    source = tmp_path / "raw_sample.csv"
+    source.write_text(RAW_SAMPLE_CSV)
+    result = load_raw_sample(spark, str(source), staging=str(tmp_path / "staging"))
+    # Later stages must not depend on the source: they read the staged copy.
+    source.unlink()
+
+    assert (tmp_path / "staging" / "raw_sample.parquet").is_dir()
+    assert result.total_rows == 19
+    assert result.rejected["bad_timestamp"] == 3
+    assert result.data.count() == 5
+    assert columns_and_types(result.data.schema) == columns_and_types(output_schema(RAW_SAMPLE))
 
 
 def test_day_split_is_at_china_midnight(spark, tmp_path):
@@ -182,7 +193,7 @@ def test_day_column_ignores_session_time_zone(spark, tmp_path):
     path = write(tmp_path, "raw_sample.csv", RAW_SAMPLE_CSV)
     spark.conf.set("spark.sql.session.timeZone", "America/Los_Angeles")
     try:
-        days = load_raw_sample(spark, path, persist=False).data.select("event_day").collect()
+        days = load_raw_sample(spark, path).data.select("event_day").collect()
     finally:
         spark.conf.set("spark.sql.session.timeZone", "UTC")
     assert sorted(row.event_day for row in days)[1:3] == [date(2017, 5, 12), date(2017, 5, 13)]
@@ -368,7 +379,7 @@ def test_load_dataset_reads_all_four_files_from_a_directory(spark, tmp_path):
         ("behavior_log", BEHAVIOR_LOG_CSV),
     ):
         write(tmp_path, f"{name}.csv", text)
-    results = load_dataset(spark, f"file://{tmp_path}", persist=False)
+    results = load_dataset(spark, f"file://{tmp_path}")
     assert list(results) == list(TABLES)
     assert {name: result.clean_rows for name, result in results.items()} == {
         "raw_sample": 5,

@@ -243,6 +243,15 @@ USER_FACTORS = (
     np.array([2, 4], dtype=np.int32),
     np.array([[0.5, -1.0, 2.0], [1.0, 1.0, 1.0]], dtype=np.float32),
 )
+
+
+def factor_rows(spark, factors):
+    """ALS user factors as the model's frame: (user_id, als_factors)."""
+    ids, vectors = factors
+    rows = [(int(i), [float(x) for x in v]) for i, v in zip(ids, vectors, strict=True)]
+    return spark.createDataFrame(rows, "user_id int, als_factors array<float>")
+
+
 CATE_FACTORS = (
     np.array([10, 30], dtype=np.int32),
     np.array([[1.0, 0.0, 0.5], [2.0, 2.0, 2.0]], dtype=np.float32),
@@ -250,7 +259,8 @@ CATE_FACTORS = (
 
 
 def test_user_features_keep_missing_fields_and_join_als_factors(spark, redis_url, redis_client):
-    users = job_features.user_features(profile_frame(spark, PROFILES), USER_FACTORS)
+    factors = factor_rows(spark, USER_FACTORS)
+    users = job_features.user_features(profile_frame(spark, PROFILES), factors)
     rows = {row["user_id"]: row for row in users.collect()}
     assert sorted(rows) == [1, 2, 3, 4]
     assert rows[1]["pvalue_level"] is None and rows[1]["als_factors"] is None
@@ -277,7 +287,8 @@ def test_training_examples_join_users_ads_and_als_affinity(spark):
         samples_frame(spark, HAND_TRAINING),
         job_features.Smoothing(folds=1),
     )
-    users = job_features.user_features(profile_frame(spark, PROFILES), USER_FACTORS)
+    factors = factor_rows(spark, USER_FACTORS)
+    users = job_features.user_features(profile_frame(spark, PROFILES), factors)
     samples = samples_frame(
         spark,
         [
@@ -419,10 +430,15 @@ def test_trained_model_round_trips_through_redis(spark, redis_client):
     assert loaded.spec == COURSE and loaded.metrics == metrics
 
 
-def test_evaluate_on_a_hand_computable_example():
+def scored_frame(spark, labels, predicted):
+    rows = [(float(y), float(p)) for y, p in zip(labels, predicted, strict=True)]
+    return spark.createDataFrame(rows, "label double, probability double")
+
+
+def test_evaluate_on_a_hand_computable_example(spark):
     labels = np.array([0, 0, 1, 1, 0, 1])
     predicted = np.array([0.1, 0.4, 0.35, 0.8, 0.2, 0.9])
-    metrics = ctr.evaluate(labels, predicted, bins=3)
+    metrics = ctr.evaluate(scored_frame(spark, labels, predicted), bins=3)
     # Positive-negative pairs ranked right: 0.35 beats 0.1 and 0.2, 0.8 and 0.9 beat all.
     assert metrics["auc"] == pytest.approx(8 / 9)
     expected_logloss = -np.mean(np.log([0.9, 0.6, 0.35, 0.8, 0.8, 0.9]))
@@ -439,8 +455,41 @@ def test_evaluate_on_a_hand_computable_example():
     assert metrics["calibration_error"] == pytest.approx(sum(gaps) / 3)
 
 
-def test_evaluate_without_both_classes_has_no_auc():
-    assert ctr.evaluate(np.zeros(4), np.full(4, 0.1))["auc"] is None
+def test_evaluate_without_both_classes_has_no_auc(spark):
+    assert ctr.evaluate(scored_frame(spark, np.zeros(4), np.full(4, 0.1)))["auc"] is None
+
+
+def test_evaluate_matches_sklearn_with_ties_on_many_rows(spark):
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    rng = np.random.default_rng(11)
+    # Rounded predictions: many ties, which an exact AUC counts as half.
+    predicted = np.round(rng.uniform(0.01, 0.2, 5_000), 3)
+    labels = (rng.random(5_000) < predicted).astype(float)
+    metrics = ctr.evaluate(scored_frame(spark, labels, predicted))
+
+    assert metrics["auc"] == pytest.approx(roc_auc_score(labels, predicted), abs=1e-12)
+    assert metrics["logloss"] == pytest.approx(log_loss(labels, predicted), rel=1e-12)
+    sizes = [b["rows"] for b in metrics["reliability"]]
+    assert sum(sizes) == 5_000 and len(sizes) == 10
+    # Ties on an edge move whole groups of equal predictions; bins stay close to a tenth.
+    assert max(sizes) - min(sizes) < 600
+
+
+def test_training_rows_are_sampled_the_same_whatever_the_partitioning(spark):
+    examples = random_examples(spark, rows=2_000)
+    available = examples.where(F.col("split") == "train").count()
+    config = ctr.CtrConfig(max_train_rows=available // 4)
+
+    def sampled(frame):
+        return sorted(
+            (r.user_id, r.time_stamp) for r in ctr.training_rows(frame, config, available).collect()
+        )
+
+    first, second = sampled(examples.repartition(1)), sampled(examples.repartition(7))
+    assert first == second
+    assert abs(len(first) - available // 4) < available * 0.08
+    assert ctr.training_rows(examples, ctr.CtrConfig(), available).count() == available
 
 
 # ------------------------------------------------------------------ offline ranking
@@ -524,7 +573,8 @@ def test_offline_lists_are_the_models_top_n_as_the_ranking_service_ranks_them(
         ads_frame(spark, ad_rows), samples_frame(spark, training), job_features.Smoothing(folds=1)
     )
     table = job_features.ad_table(ad_features)
-    users = job_features.user_features(profile_frame(spark, PROFILES), USER_FACTORS)
+    factors = factor_rows(spark, USER_FACTORS)
+    users = job_features.user_features(profile_frame(spark, PROFILES), factors)
     model = CtrModel(FULL, rng.normal(0, 1, FULL.dim), -3.0)
 
     recall = {
@@ -620,7 +670,7 @@ def test_both_feature_sets_beat_chance_on_the_tiny_preset(spark, tiny_data):
         AlsConfig(max_iter=5, holdout_fraction=0.0, blocks=2),
     )
     smoothing = job_features.Smoothing()
-    users = job_features.user_features(tables["user_profile"].data, als.user_factors)
+    users = job_features.user_features(tables["user_profile"].data, als.user_factor_frame())
     ads = job_features.ad_features(tables["ad_feature"].data, samples, smoothing).cache()
     examples = job_features.training_examples(
         samples, users, ads, als.cate_factors, smoothing
@@ -635,5 +685,3 @@ def test_both_feature_sets_beat_chance_on_the_tiny_preset(spark, tiny_data):
         assert result["mean_predicted"] == pytest.approx(result["observed_ctr"], rel=0.25)
     examples.unpersist()
     ads.unpersist()
-    for table in tables.values():
-        table.unpersist()

@@ -22,6 +22,7 @@ from adrec.core.redis_conn import RedisSettings
 from adrec.core.store import VersionWriter
 from jobs.config import STAGES, JobConfig
 from jobs.pipeline import (
+    ActiveInput,
     JobInputError,
     Sink,
     als_stage,
@@ -110,8 +111,8 @@ def config(data_dir):
 
 
 @pytest.fixture(scope="module")
-def tables(spark, config):
-    return ingest_stage(spark, config)
+def tables(spark, config, tmp_path_factory):
+    return ingest_stage(spark, config, str(tmp_path_factory.mktemp("staging")))
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +148,44 @@ def test_ingest_stage_refuses_a_file_without_usable_rows(spark, data_dir, tmp_pa
     shutil.copytree(data_dir, tmp_path, dirs_exist_ok=True)
     (tmp_path / USER_PROFILE.csv_file).write_text(f"{USER_PROFILE.header}\nx,0,1,1,1,1,1,0,1\n")
     with pytest.raises(JobInputError, match="no usable rows in user_profile"):
-        ingest_stage(spark, JobConfig(data=str(tmp_path)))
+        ingest_stage(spark, JobConfig(data=str(tmp_path)), str(tmp_path / "staging"))
+
+
+def test_ingest_stage_stops_on_a_file_that_is_mostly_junk(spark, data_dir, tmp_path):
+    shutil.copytree(data_dir, tmp_path, dirs_exist_ok=True)
+    ads = (tmp_path / AD_FEATURE.csv_file).read_text().splitlines()
+    junk = [f"junk line {n}" for n in range(len(ads))]
+    (tmp_path / AD_FEATURE.csv_file).write_text("\n".join([*ads, *junk]) + "\n")
+    config = JobConfig(data=str(tmp_path))
+    with pytest.raises(JobInputError) as refused:
+        ingest_stage(spark, config, str(tmp_path / "staging"))
+    message = str(refused.value)
+    assert f"{len(junk):,} of {len(ads) - 1 + len(junk):,} rows rejected" in message
+    assert "ad_feature.csv" in message and "wrong_field_count" in message
+    assert "ADREC_JOB_MAX_REJECTED_SHARE=0.01" in message and "nothing was published" in message
+    # A looser setting lets the same files through.
+    loose = dataclasses.replace(config, max_rejected_share=0.6)
+    assert ingest_stage(spark, loose, str(tmp_path / "staging")).report["ad_feature"]["clean"]
+
+
+def test_ingest_stage_stops_when_a_table_shrinks_against_the_active_version(
+    spark, data_dir, tmp_path
+):
+    shutil.copytree(data_dir, tmp_path, dirs_exist_ok=True)
+    profiles = (tmp_path / USER_PROFILE.csv_file).read_text().splitlines()
+    kept = profiles[: 1 + (len(profiles) - 1) // 2]
+    (tmp_path / USER_PROFILE.csv_file).write_text("\n".join(kept) + "\n")
+    before = len(profiles) - 1
+    active = ActiveInput("7", {"user_profile": before, "raw_sample": 1})
+    with pytest.raises(JobInputError) as refused:
+        ingest_stage(spark, JobConfig(data=str(tmp_path)), str(tmp_path / "staging"), active)
+    message = str(refused.value)
+    assert f"{len(kept) - 1:,} clean rows" in message
+    assert f"the {before:,} active version 7" in message
+    assert "ADREC_JOB_MAX_ROW_DROP=0.2" in message
+    # Growing tables and a disabled check pass.
+    allowed = JobConfig(data=str(tmp_path), max_row_drop=1.0)
+    assert ingest_stage(spark, allowed, str(tmp_path / "staging"), active).rows
 
 
 def test_recall_stage_computes_the_same_whether_it_publishes_or_not(
@@ -158,7 +196,7 @@ def test_recall_stage_computes_the_same_whether_it_publishes_or_not(
     dry = recall_stage(tables, als, fallback, config, str(tmp_path / "b"), None)
 
     assert published.report == dry.report
-    assert published.rows == len(als.result.user_ids) == len(USERS)
+    assert published.rows == als.result.users == len(USERS)
     lists = by_user(dry.lists)
     assert by_user(published.lists) == lists
     for user, ads in lists.items():

@@ -20,6 +20,7 @@ META = VersionMeta(
         model_metrics={"auc": 0.7, "logloss": None},
         stages=("ingest", "publish"),
         offline_pid="430548_1007",
+        input_rows={"raw_sample": 100, "user_profile": 7},
         report={"offline": {"pid": "430548_1007", "top_n": 50}},
     ),
 )
@@ -29,6 +30,7 @@ def test_metadata_json_is_pinned():
     assert keys.META.encode(META) == (
         b'{"config_digest":"abc","counts":{"ads":9,"offline_lists":4,"recall_lists":5,'
         b'"users":6},"created_at":"2026-12-01T10:00:00+00:00","feature_spec_id":"full-v1-x",'
+        b'"input_rows":{"raw_sample":100,"user_profile":7},'
         b'"memory_bytes":1234,"model_metrics":{"auc":0.7,"logloss":null},'
         b'"offline_pid":"430548_1007","report":{"offline":{"pid":"430548_1007","top_n":50}},'
         b'"run_id":"3f2a","stages":["ingest","publish"],"version":"v7"}'
@@ -60,6 +62,7 @@ def test_an_older_version_keeps_its_offline_placement_in_the_report():
         ({"memory_bytes": "big"}, "'memory_bytes' must be int"),
         ({"memory_bytes": True}, "'memory_bytes' must be int"),
         ({"counts": {"users": 1.5}}, "'counts.users' must be int"),
+        ({"input_rows": {"raw_sample": "many"}}, "'input_rows.raw_sample' must be int"),
         ({"model_metrics": {"auc": "high"}}, "'model_metrics.auc' must be a number"),
         ({"stages": ["ingest", 3]}, "'stages' must list strings"),
         ({"report": []}, "'report' must be dict"),

@@ -210,7 +210,7 @@ def test_synthetic_package_does_not_import_pyspark():
 
 def test_loaders_accept_generated_files(spark, tiny):
     manifest = json.loads((tiny / MANIFEST_FILE).read_text())
-    results = load_dataset(spark, str(tiny), persist=False)
+    results = load_dataset(spark, str(tiny))
     rejected = {name: result.rejected for name, result in results.items()}
     assert rejected == {
         "raw_sample": {},

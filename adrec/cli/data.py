@@ -119,7 +119,7 @@ def _inspect(args: argparse.Namespace) -> int:
         for table in TABLES.values():
             path = dataset_path(args.source, table, args.data_format)
             try:
-                result = load_table(spark, table, path, data_format=args.data_format, persist=False)
+                result = load_table(spark, table, path, data_format=args.data_format)
             except IngestError as exc:
                 failures += 1
                 print(f"{table.name}: error: {exc}", file=sys.stderr)

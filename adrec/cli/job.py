@@ -42,7 +42,7 @@ def _run(args: argparse.Namespace) -> int:
         return job_main.run(args)
     except job_main.JobUsageError as exc:
         raise UsageError(str(exc)) from None
-    except job_main.JobRefusedError as exc:
+    except (job_main.JobRefusedError, job_main.JobResourceError) as exc:
         print(f"adrec job: error: {exc}", file=sys.stderr)
         return 1
 

@@ -42,6 +42,9 @@ class VersionContent:
     stages: tuple[str, ...] = ()
     #: Placement the offline lists were scored at; None when the version has none.
     offline_pid: str | None = None
+    #: Clean rows of each input table the version was built from (the next run's
+    #: guard against a truncated file).
+    input_rows: Mapping[str, int] = dataclasses.field(default_factory=dict)
     #: The run's whole quality report, for people and tools; no reader depends on its shape.
     report: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -82,6 +85,7 @@ class VersionMeta:
                 "model_metrics": dict(content.model_metrics),
                 "stages": list(content.stages),
                 "offline_pid": content.offline_pid,
+                "input_rows": dict(content.input_rows),
                 "report": dict(content.report),
             }
         )
@@ -108,6 +112,7 @@ class VersionMeta:
                 stages=tuple(_strings(_field(document, "stages", list, []), "stages")),
                 offline_pid=_field(document, "offline_pid", str, None)
                 or _report_offline_pid(document),
+                input_rows=_counts(_field(document, "input_rows", dict, {}), "input_rows"),
                 report=_field(document, "report", dict, {}),
             ),
         )
@@ -144,6 +149,12 @@ def _metrics(metrics: Mapping[str, Any]) -> dict[str, float | None]:
                 f"number, not {type(value).__name__}"
             )
     return {name: None if value is None else float(value) for name, value in metrics.items()}
+
+
+def _counts(counts: Mapping[str, Any], name: str) -> dict[str, int]:
+    return {
+        key: _field(counts, key, int, 0, parent=name) for key in counts if counts[key] is not None
+    }
 
 
 def _strings(values: list[Any], name: str) -> list[str]:
