@@ -226,6 +226,13 @@ def load_table(
     return result
 
 
+def write_published_parquet(result: LoadResult, table: TableFormat, path: str) -> None:
+    """The clean rows of a load as Parquet in the published layout (CSV header names)."""
+    result.data.select(
+        *(sf.col(column.name).alias(column.source) for column in table.columns)
+    ).write.mode("overwrite").parquet(path)
+
+
 class LoadOptions(TypedDict, total=False):
     """The keyword options of :func:`load_table` the per-table loaders pass on."""
 

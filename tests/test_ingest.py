@@ -397,3 +397,26 @@ def test_a_huge_junk_row_is_reported_by_its_start_only(spark, tmp_path):
     example = result.examples["wrong_field_count"]
     assert example == junk[:EXAMPLE_CHARS]
     assert all(len(line) < 400 for line in result.report_lines())
+
+
+def test_data_convert_writes_parquet_the_job_loads_to_the_same_clean_rows(
+    spark, tiny_data, tmp_path, capsys
+):
+    from adrec.cli import main
+
+    out = tmp_path / "parquet"
+    assert main(["data", "convert", str(tiny_data), "--out", str(out)]) == 0
+    assert "behavior_log" in capsys.readouterr().out
+    assert not (out / ".staging").exists()
+    from_csv = load_dataset(spark, str(tiny_data))
+    from_parquet = load_dataset(spark, str(out), data_format="parquet")
+    for name, csv_result in from_csv.items():
+        parquet_result = from_parquet[name]
+        assert parquet_result.rejected == {}
+        assert parquet_result.clean_rows == csv_result.clean_rows
+        columns = sorted(csv_result.data.columns)
+        # Exactly the same rows: nothing is in one load and not the other.
+        assert (
+            parquet_result.data.select(*columns).exceptAll(csv_result.data.select(*columns)).count()
+            == 0
+        )

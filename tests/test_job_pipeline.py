@@ -15,6 +15,7 @@ from adrec.cli import main
 from adrec.core import keys, store
 from adrec.core.catalog import Publication
 from adrec.core.features import FULL
+from adrec.core.metadata import VersionContent
 from adrec.core.redis_conn import RedisSettings
 from adrec.core.redis_server import free_port
 from adrec.core.settings import SettingsError, load
@@ -138,6 +139,32 @@ def test_bad_input_fails_clearly_and_leaves_the_previous_version(
     with pytest.raises(JobInputError, match=expected):
         run_job(job_config(data), redis_at(redis_url), spark=spark)
     assert snapshot(redis_client) == served_version
+
+
+@pytest.mark.parametrize("damage", ["profile_cut_in_half", "ads_mostly_junk"])
+def test_a_damaged_file_stops_the_run_before_it_publishes(
+    spark, tiny_data, tmp_path, redis_client, redis_url, damage
+):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    profile_rows = len((tiny_data / "user_profile.csv").read_text().splitlines()) - 1
+    with Publication(redis_client) as pub:
+        pub.writer.put_recall_lists([1], [np.array([5, 6])])
+        pub.commit(VersionContent(input_rows={"user_profile": profile_rows}))
+    before = snapshot(redis_client)
+    if damage == "profile_cut_in_half":
+        lines = (tiny_data / "user_profile.csv").read_text().splitlines()
+        (data / "user_profile.csv").write_text("\n".join(lines[: len(lines) // 2]) + "\n")
+        expected = ["user_profile", "fewer than the", "ADREC_JOB_MAX_ROW_DROP"]
+    else:
+        lines = (tiny_data / "ad_feature.csv").read_text().splitlines()
+        junk = [f"{n},junk" for n in range(len(lines) * 9999)]
+        (data / "ad_feature.csv").write_text("\n".join([*lines, *junk]) + "\n")
+        expected = ["ad_feature", "ad_feature.csv", "rows rejected", "ADREC_JOB_MAX_REJECTED_SHARE"]
+    with pytest.raises(JobInputError) as refused:
+        run_job(job_config(data), redis_at(redis_url), spark=spark)
+    assert all(part in str(refused.value) for part in expected), str(refused.value)
+    assert snapshot(redis_client) == before
 
 
 def test_unreachable_redis_fails_before_any_work(tiny_data):
