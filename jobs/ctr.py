@@ -20,10 +20,10 @@ Training is unweighted by default: the predicted CTRs are used as probabilities 
 scores, offline lists, the quality report), and reweighting the rare clicks would inflate
 them all.
 
-``max_train_rows`` bounds the rows a model is fitted on with a seeded sample (a hash of
-the row, so any partitioning picks the same rows): a model of a few dozen weights has
-converged long before tens of millions of rows, while every L-BFGS iteration is a full
-pass over them.
+:func:`training_sample` bounds the training impressions with a seeded sample (a hash of
+the row, so any partitioning picks the same rows), applied before the examples are
+built: a model of a few dozen weights has converged long before tens of millions of
+rows, while building each example and every L-BFGS iteration cost a pass over them.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from pyspark import StorageLevel
 from pyspark.ml.classification import LogisticRegression, LogisticRegressionModel
 from pyspark.ml.evaluation import BinaryClassificationEvaluator
 from pyspark.ml.functions import array_to_vector
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F  # noqa: N812 - the conventional alias
 from pyspark.sql import types as T  # noqa: N812
 
@@ -65,17 +65,12 @@ class CtrConfig:
     standardization: bool = True
     #: Weight of a click relative to a non-click; anything but 1 miscalibrates the CTRs.
     positive_weight: float = 1.0
-    #: At most this many training rows, a seeded sample; None: all of them.
-    max_train_rows: int | None = None
-    seed: int = 42
 
     def __post_init__(self) -> None:
         if self.reg_param < 0 or not 0 <= self.elastic_net_param <= 1:
             raise ValueError("reg_param must be >= 0 and elastic_net_param within [0, 1]")
         if self.max_iter < 1 or self.tol <= 0 or self.positive_weight <= 0:
             raise ValueError("max_iter, tol and positive_weight must be positive")
-        if self.max_train_rows is not None and self.max_train_rows < 1:
-            raise ValueError("max_train_rows must be positive (None: every row)")
 
 
 # ------------------------------------------------------------------ encoding
@@ -137,29 +132,21 @@ def predict(examples: DataFrame, model: CtrModel) -> DataFrame:
 _SAMPLE_BUCKETS = 1 << 20
 
 
-def training_rows(examples: DataFrame, config: CtrConfig, available: int) -> DataFrame:
-    """The ``train`` split, sampled down to about ``config.max_train_rows`` when larger."""
-    train = examples.where(F.col("split") == "train")
-    if config.max_train_rows is None or available <= config.max_train_rows:
-        return train
-    kept = round(_SAMPLE_BUCKETS * config.max_train_rows / available)
+def training_sample(available: int, max_rows: int | None, seed: int) -> Column:
+    """True for about ``max_rows`` of ``available`` impression rows, the same whatever the
+    partitioning; always true when ``max_rows`` is None or not below ``available``."""
+    if max_rows is None or available <= max_rows:
+        return F.lit(True)
+    kept = round(_SAMPLE_BUCKETS * max_rows / available)
     bucket = F.pmod(
-        F.xxhash64("user_id", "time_stamp", "adgroup_id", F.lit(config.seed)),
-        F.lit(_SAMPLE_BUCKETS),
+        F.xxhash64("user_id", "time_stamp", "adgroup_id", F.lit(seed)), F.lit(_SAMPLE_BUCKETS)
     )
-    return train.where(bucket < kept)
+    return bucket < kept
 
 
-def fit(
-    examples: DataFrame, spec: FeatureSpec, config: CtrConfig, available: int | None = None
-) -> LogisticRegressionModel:
-    """Spark ML logistic regression on the ``train`` split of ``examples``.
-
-    ``available`` is the split's row count when the caller knows it (for the sample).
-    """
-    if available is None:
-        available = examples.where(F.col("split") == "train").count()
-    rows = training_rows(examples, config, available).select("label", *spec.input_columns)
+def fit(examples: DataFrame, spec: FeatureSpec, config: CtrConfig) -> LogisticRegressionModel:
+    """Spark ML logistic regression on the ``train`` split of ``examples``."""
+    rows = examples.where(F.col("split") == "train").select("label", *spec.input_columns)
     train = encode_features(rows, spec).select(
         "label", array_to_vector(F.col("features")).alias("features")
     )
@@ -199,17 +186,21 @@ def to_ctr_model(
 
 
 def train_ctr_model(
-    examples: DataFrame, spec: FeatureSpec, config: CtrConfig | None = None
+    examples: DataFrame,
+    spec: FeatureSpec,
+    config: CtrConfig | None = None,
+    sampled_from: int | None = None,
 ) -> tuple[CtrModel, dict[str, Any]]:
-    """Fit on days 1-7, evaluate the artifact on day 8; metrics go into the artifact too."""
+    """Fit on days 1-7, evaluate the artifact on day 8; metrics go into the artifact too.
+
+    ``sampled_from``: the training impressions ``examples`` were sampled from, if it was.
+    """
     config = config or CtrConfig()
-    available = examples.where(F.col("split") == "train").count()
-    if available == 0:
+    train_rows = examples.where(F.col("split") == "train").count()
+    if train_rows == 0:
         raise ValueError("no training examples (days 1-7) to fit the CTR model on")
-    sampled = config.max_train_rows is not None and available > config.max_train_rows
-    used = training_rows(examples, config, available).count() if sampled else available
     started = time.perf_counter()
-    fitted = fit(examples, spec, config, available)
+    fitted = fit(examples, spec, config)
     train_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -219,8 +210,8 @@ def train_ctr_model(
         "feature_set": spec.name,
         "feature_spec_id": spec.spec_id,
         "features": spec.dim,
-        "train_rows": used,
-        "train_rows_available": available,
+        "train_rows": train_rows,
+        "train_rows_available": sampled_from or train_rows,
         "iterations": int(fitted.summary.totalIterations),
         "config": dataclasses.asdict(config),
         **test,

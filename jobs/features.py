@@ -308,16 +308,22 @@ def training_examples(
     ads: DataFrame,
     cate_factors: tuple[np.ndarray, np.ndarray] | None,
     smoothing: Smoothing,
+    train_sample: Column | None = None,
 ) -> DataFrame:
     """Impressions of known ads with user and ad features, split train (days 1-7) / test (8).
 
     ``ads`` is the output of :func:`ad_features`: test rows see exactly the CTRs that are
     served; training rows see out-of-fold CTRs when ``smoothing.folds > 1``.
+    ``train_sample`` keeps only the training rows it is true for (the CTRs still count
+    every impression).
     """
     split = F.when(_is_train(), "train").when(_is_test(), "test")
+    kept = F.col("split").isNotNull()
+    if train_sample is not None:
+        kept = (F.col("split") == "test") | ((F.col("split") == "train") & train_sample)
     rows = (
         samples.withColumn("split", split)
-        .where(F.col("split").isNotNull())
+        .where(kept)
         .withColumn("label", F.col("clk").cast("double"))
         .join(_with_out_of_fold_ctrs(ads, samples, smoothing), "adgroup_id")
         .join(users, "user_id", "left")

@@ -572,13 +572,19 @@ def ctr_stage(
     sink: Sink | None,
     note: Callable[[str], None] = lambda _: None,
 ) -> CtrOutput:
-    """Both feature sets trained and evaluated for the report; the configured one is served."""
+    """Both feature sets trained and evaluated for the report; the configured one is served.
+
+    The models are fitted on at most ``config.ctr_train_rows`` training impressions.
+    """
+    available = tables.split.train.count()
+    sample = ctr.training_sample(available, config.ctr_train_rows or None, config.seed)
     examples = features.training_examples(
         tables.raw_sample,
         featured.users,
         featured.ads,
         als.result.cate_factors,
         featured.smoothing,
+        train_sample=sample,
     ).persist(StorageLevel.MEMORY_AND_DISK)
     served = feature_spec(config.feature_set)
     models, metrics = {}, {}
@@ -586,11 +592,8 @@ def ctr_stage(
         models[spec.name], metrics[spec.name] = ctr.train_ctr_model(
             examples,
             spec,
-            ctr.CtrConfig(
-                reg_param=config.ctr_reg_param,
-                max_train_rows=config.ctr_train_rows or None,
-                seed=config.seed,
-            ),
+            ctr.CtrConfig(reg_param=config.ctr_reg_param),
+            sampled_from=available,
         )
         note(
             f"{spec.name}: AUC {metrics[spec.name]['auc']}, logloss {metrics[spec.name]['logloss']}"

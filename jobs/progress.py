@@ -20,6 +20,7 @@ from pyspark import SparkContext
 
 HEARTBEAT_SECONDS = 30.0
 _POLL_SECONDS = 2.0
+_STAGES_SHOWN = 2
 
 
 @dataclasses.dataclass
@@ -124,13 +125,17 @@ class Progress:
         if not work:
             return f"{line}; no Spark tasks running (driver-side work)"
         parts = []
-        for running in sorted(work, key=lambda w: w.stage_id):
+        # The busiest stages first; a join schedules several at once, most of them waiting.
+        shown = sorted(work, key=lambda w: (-w.done, -w.total, w.stage_id))[:_STAGES_SHOWN]
+        for running in sorted(shown, key=lambda w: w.stage_id):
             first = self._first_seen[running.stage_id]
             part = f"Spark stage {running.stage_id}: {running.done:,}/{running.total:,} tasks"
             if running.done and now > first:
                 left = (running.total - running.done) * (now - first) / running.done
                 part += f", about {duration(left)} left"
             parts.append(part)
+        if len(work) > len(shown):
+            parts.append(f"{len(work) - len(shown)} more Spark stages waiting")
         return f"{line}; " + "; ".join(parts)
 
     def _running(self, now: float) -> list[SparkWork]:

@@ -83,7 +83,27 @@ def build_session(
         builder = builder.config(key, value)
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("WARN")
+    if not local and not session.sparkContext.getConf().contains(SHUFFLE_PARTITIONS):
+        session.conf.set(SHUFFLE_PARTITIONS, str(cluster_shuffle_partitions(session)))
     return session
+
+
+SHUFFLE_PARTITIONS = "spark.sql.shuffle.partitions"
+
+
+def cluster_shuffle_partitions(session: SparkSession) -> int:
+    """Four per core the application may use, when the submitter chose no number.
+
+    Spark's default of 200 makes each ALS and L-BFGS iteration 200 tasks, most of them
+    empty on all but the largest data. Executors register after the session starts, so
+    the cores come from ``spark.cores.max`` (standalone, ``--total-executor-cores``) or
+    the executors requested, not from what has registered so far.
+    """
+    conf = session.sparkContext.getConf()
+    requested = int(conf.get("spark.cores.max", "0")) or int(
+        conf.get("spark.executor.instances", "0")
+    ) * int(conf.get("spark.executor.cores", "1"))
+    return 4 * max(requested, session.sparkContext.defaultParallelism, 2)
 
 
 def aggregate_row(aggregate: DataFrame) -> Row:

@@ -315,6 +315,23 @@ def test_training_examples_join_users_ads_and_als_affinity(spark):
     assert all(math.isnan(rows[i]["als_affinity"]) for i in (0, 1, 3))
     assert rows[1]["gender"] is None and rows[0]["cms_group_id"] == 3
 
+    # A training sample drops training rows only; every impression still counts in the CTRs.
+    sampled = job_features.training_examples(
+        samples,
+        users,
+        ads,
+        CATE_FACTORS,
+        job_features.Smoothing(folds=1),
+        train_sample=F.col("adgroup_id") == 3,
+    )
+    kept = sorted(sampled.collect(), key=lambda r: (r["split"], r["user_id"], r["adgroup_id"]))
+    assert [(r["split"], r["adgroup_id"]) for r in kept] == [
+        ("test", 1),
+        ("test", 2),
+        ("train", 3),
+    ]
+    assert [r["ctr_ad"] for r in kept] == [rows[0]["ctr_ad"], rows[1]["ctr_ad"], rows[3]["ctr_ad"]]
+
 
 # ------------------------------------------------------------------ training parity
 
@@ -478,18 +495,21 @@ def test_evaluate_matches_sklearn_with_ties_on_many_rows(spark):
 
 def test_training_rows_are_sampled_the_same_whatever_the_partitioning(spark):
     examples = random_examples(spark, rows=2_000)
-    available = examples.where(F.col("split") == "train").count()
-    config = ctr.CtrConfig(max_train_rows=available // 4)
+    available = examples.count()
+    sample = ctr.training_sample(available, available // 4, seed=5)
 
     def sampled(frame):
-        return sorted(
-            (r.user_id, r.time_stamp) for r in ctr.training_rows(frame, config, available).collect()
-        )
+        return sorted((r.user_id, r.time_stamp) for r in frame.where(sample).collect())
 
     first, second = sampled(examples.repartition(1)), sampled(examples.repartition(7))
     assert first == second
     assert abs(len(first) - available // 4) < available * 0.08
-    assert ctr.training_rows(examples, ctr.CtrConfig(), available).count() == available
+    assert sampled(examples) != sorted(
+        (r.user_id, r.time_stamp)
+        for r in examples.where(ctr.training_sample(available, available // 4, seed=6)).collect()
+    )
+    assert examples.where(ctr.training_sample(available, None, seed=5)).count() == available
+    assert examples.where(ctr.training_sample(available, available, seed=5)).count() == available
 
 
 # ------------------------------------------------------------------ offline ranking
