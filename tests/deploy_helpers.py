@@ -1,4 +1,5 @@
-"""Rendering deploy/ with `kubectl kustomize`, and finding objects, pods and env in the result.
+"""Rendering deploy/ with `kubectl kustomize`, and finding objects, pods and env in the result;
+the alert rules of the PrometheusRule.
 
 Shared by the test_deploy_* modules; the `rendered` fixture (conftest.py) renders each
 overlay once per session.
@@ -23,6 +24,7 @@ from services.runtime.settings import (
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
+PROMETHEUS_RULE = DEPLOY / "monitoring" / "prometheusrule.yaml"
 
 OVERLAYS = ("dev", "prod", "prod-spark-operator")
 SERVICE_PORTS = {
@@ -57,6 +59,13 @@ def kustomize(overlay: str) -> list[dict[str, Any]]:
     )
     assert result.returncode == 0, f"kubectl kustomize {overlay} failed:\n{result.stderr}"
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def rule_groups() -> list[dict[str, Any]]:
+    """The rule groups of the PrometheusRule, as a plain Prometheus rule file holds them."""
+    rule = yaml.safe_load(PROMETHEUS_RULE.read_text())
+    assert rule["apiVersion"] == CUSTOM_KINDS["PrometheusRule"] and rule["kind"] == "PrometheusRule"
+    return rule["spec"]["groups"]
 
 
 def of_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

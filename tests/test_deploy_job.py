@@ -53,7 +53,8 @@ def test_the_cronjob_runs_spark_submit_in_kubernetes_mode(rendered, overlay):
     if overlay == "prod":
         assert confs["spark.kubernetes.executor.secrets.adrec-redis"] == "/etc/adrec/redis-tls"
 
-    # RBAC: the driver's ServiceAccount may manage its executors.
+    # RBAC: the driver's ServiceAccount may manage its executors (and nothing more:
+    # test_deploy_network.py).
     binding = named(objects, "RoleBinding", "adrec-job-spark")
     assert {"kind": "ServiceAccount", "name": "adrec-job"} in [
         {k: s[k] for k in ("kind", "name")} for s in binding["subjects"]
@@ -62,7 +63,7 @@ def test_the_cronjob_runs_spark_submit_in_kubernetes_mode(rendered, overlay):
     granted = {
         (res, verb) for rule in role["rules"] for res in rule["resources"] for verb in rule["verbs"]
     }
-    for resource in ("pods", "services", "configmaps"):
+    for resource in ("pods", "configmaps"):
         for verb in ("create", "get", "list", "watch", "delete"):
             assert (resource, verb) in granted, (resource, verb)
 

@@ -16,8 +16,7 @@ from typing import Any
 
 import pytest
 import redis
-import yaml
-from deploy_helpers import CUSTOM_KINDS, DEPLOY, OVERLAYS, REPO, SERVICE_PORTS, of_kind
+from deploy_helpers import DEPLOY, OVERLAYS, REPO, SERVICE_PORTS, of_kind, rule_groups
 from grpc_helpers import loopback_channel
 from prometheus_client.parser import text_string_to_metric_families
 from service_data import PIDS, path, publish_version, recommend, run, service_settings
@@ -59,12 +58,6 @@ def test_service_monitors_scrape_each_services_metrics_port_once(rendered, overl
         assert [svc["metadata"]["name"] for svc in scraped] == [monitor["metadata"]["name"]]
         (port,) = [p for p in scraped[0]["spec"]["ports"] if p["name"] == endpoint["port"]]
         assert port["port"] == DEFAULT_METRICS_PORT
-
-
-def rule_groups() -> list[dict[str, Any]]:
-    rule = yaml.safe_load((DEPLOY / "monitoring" / "prometheusrule.yaml").read_text())
-    assert rule["apiVersion"] == CUSTOM_KINDS["PrometheusRule"] and rule["kind"] == "PrometheusRule"
-    return rule["spec"]["groups"]
 
 
 def alerts() -> list[dict[str, Any]]:

@@ -33,7 +33,7 @@ from adrec.api.gateway.v1 import gateway_service_pb2 as gateway_pb2
 from adrec.api.gateway.v1 import gateway_service_pb2_grpc
 from adrec.core import keys, store
 from adrec.core.redis_conn import RedisSettings
-from adrec.core.redis_server import private_redis
+from adrec.core.redis_server import free_port, private_redis
 from jobs.offline import OFFLINE_PID
 from services.process import serving
 
@@ -516,5 +516,41 @@ def test_a_recall_set_of_unknown_ads_falls_back_instead_of_answering_nothing(
                 )
                 == 2
             )
+
+    run(scenario)
+
+
+def test_without_a_version_the_gateway_tells_an_unreachable_redis_from_an_empty_one(redis_url):
+    password = "not-for-callers"
+    port = free_port()
+    # Nothing listens there: every connection is refused.
+    closed = f"redis://:{password}@127.0.0.1:{port}/0"
+    downstreams = {
+        "ADREC_RECALL_ADDRESS": f"127.0.0.1:{free_port()}",
+        "ADREC_RANKING_ADDRESS": f"127.0.0.1:{free_port()}",
+    }
+
+    async def refusal(url: str) -> str:
+        async with (
+            running_stack(url, "gateway", **downstreams) as stack,
+            loopback_channel(stack.services["gateway"].port) as channel,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await recommend(channel, user_id=1001, pid=PIDS[0], count=5)
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+            return error.value.details()
+
+    async def scenario():
+        unreachable = await refusal(closed)
+        assert unreachable == "no data version loaded: Redis is unreachable (ConnectionError)"
+        for secret in (password, closed, str(port)):
+            assert secret not in unreachable
+
+        empty = await refusal(redis_url)
+        assert "unreachable" not in empty
+        assert empty == (
+            "no data version loaded: Redis is reachable but has no active version; "
+            "publish one with the job"
+        )
 
     run(scenario)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import json
 import signal
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 
 import grpc
@@ -36,14 +38,17 @@ from service_data import (
     wait_until,
 )
 
+from adrec.api.gateway.v1 import gateway_service_pb2 as gateway_pb2
+from adrec.api.recall.v1 import recall_service_pb2
 from adrec.cli import main
 from adrec.core import store
 from adrec.core.metadata import VersionContent, VersionMeta
 from adrec.core.redis_conn import RedisSettings
 from adrec.core.redis_server import free_port, private_redis
 from services import process
+from services.runtime.data import RedisOp
 from services.runtime.health import LIVENESS_SERVICE_NAME
-from services.runtime.metrics import Metrics
+from services.runtime.metrics import GRPC_CODE_NAMES, Metrics
 from services.runtime.settings import SETTINGS, service_env_names
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -272,6 +277,100 @@ def test_metrics_endpoint_serves_standard_grpc_and_domain_metrics(redis_client, 
         assert "process_cpu_seconds" in families
 
     run(scenario)
+
+
+def series(families: dict, name: str, suffix: str = "") -> dict[frozenset, float]:
+    """Label set -> value of every sample `name + suffix` of a scrape."""
+    return {
+        frozenset(sample.labels.items()): sample.value
+        for sample in families.get(name, [])
+        if sample.name == name + suffix
+    }
+
+
+def label_sets(**values: Iterable[str]) -> set[frozenset]:
+    """Every combination of the given label values."""
+    names = list(values)
+    return {
+        frozenset(zip(names, combination, strict=True))
+        for combination in itertools.product(*values.values())
+    }
+
+
+def enum_values(enum) -> list[str]:
+    """A proto enum's values as metrics spell them: `SERVING_PATH_POPULAR` -> "popular"."""
+    prefix = enum.Name(0).removesuffix("UNSPECIFIED")
+    return [name.removeprefix(prefix).lower() for name, value in enum.items() if value]
+
+
+def fresh_and_after(fresh: dict, after: dict, name: str, labels: frozenset) -> tuple[float, float]:
+    return series(fresh, name, "_total")[labels], series(after, name, "_total")[labels]
+
+
+def test_a_fresh_stack_exports_every_failure_counter_at_0_so_the_first_failure_counts(
+    redis_client, redis_url
+):
+    """rate() and increase() count what a counter gained between two scrapes: a series born
+    at its first failure hides that failure. Before any call, every method's handled count
+    by status code and every counter of a known set of reasons or operations reads 0."""
+    data = publish_version(redis_client)
+
+    async def scenario():
+        async with running_stack(redis_url) as stack:
+            fresh = await asyncio.to_thread(scrape, stack.metrics_port)
+            await stack.services["ranking"].server.stop(None)
+            async with loopback_channel(stack.services["gateway"].port) as channel:
+                answer = await recommend(
+                    channel, user_id=data.users_with_factors[0], pid=PIDS[0], count=5
+                )
+            return fresh, answer, await asyncio.to_thread(scrape, stack.metrics_port)
+
+    fresh, answer, after = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+
+    codes = list(GRPC_CODE_NAMES.values())
+    assert len(set(codes)) == len(grpc.StatusCode)
+    methods = {
+        service: [
+            method.name
+            for method in descriptor_pool.Default().FindServiceByName(service).methods
+            if not method.client_streaming and not method.server_streaming
+        ]
+        for service in (*SERVICES.values(), "grpc.health.v1.Health")
+    }
+    calls = set().union(
+        *(
+            label_sets(grpc_type=["unary"], grpc_service=[service], grpc_method=names)
+            for service, names in methods.items()
+        )
+    )
+    assert series(fresh, "grpc_server_started", "_total") == dict.fromkeys(calls, 0)
+    assert series(fresh, "grpc_server_handled", "_total") == dict.fromkeys(
+        {call | {("grpc_code", code)} for call in calls for code in codes}, 0
+    )
+    fallbacks = label_sets(
+        service=["gateway"], reason=enum_values(gateway_pb2.DegradationReason)
+    ) | label_sets(service=["recall"], reason=enum_values(recall_service_pb2.FallbackReason))
+    assert series(fresh, "adrec_fallbacks", "_total") == dict.fromkeys(fallbacks, 0)
+    answers = label_sets(
+        service=["gateway"],
+        mode=enum_values(gateway_pb2.RecommendMode),
+        path=enum_values(gateway_pb2.ServingPath),
+    )
+    assert series(fresh, "adrec_recommendations", "_total") == dict.fromkeys(answers, 0)
+    refusals = label_sets(service=["ranking"], reason=["model_spec_mismatch", "bad_version_data"])
+    assert series(fresh, "adrec_model_reload_failures", "_total") == dict.fromkeys(refusals, 0)
+    redis_errors = label_sets(service=list(SERVICES), op=[op.value for op in RedisOp])
+    assert series(fresh, "adrec_redis_errors", "_total") == dict.fromkeys(redis_errors, 0)
+
+    # The first failure: ranking has gone away, and the gateway answers from a fallback.
+    reason = reasons(answer)[0]
+    assert reason in ("RANKING_UNAVAILABLE", "RANKING_DEADLINE_EXCEEDED")
+    fallback = frozenset({"service": "gateway", "reason": reason.lower()}.items())
+    assert fresh_and_after(fresh, after, "adrec_fallbacks", fallback) == (0, 1)
+    served = frozenset(
+        {"service": "gateway", "mode": "realtime", "path": path(answer).lower()}.items()
+    )
+    assert fresh_and_after(fresh, after, "adrec_recommendations", served) == (0, 1)
 
 
 def test_serve_all_process_answers_the_cli_logs_json_and_drains_on_sigterm(

@@ -32,9 +32,9 @@ from adrec.api.recall.v1 import recall_service_pb2, recall_service_pb2_grpc
 from adrec.core import keys
 from adrec.core.metadata import VersionMeta
 from services.gateway.versions import GatewayVersion
-from services.runtime.data import RedisReader
+from services.runtime.data import RedisOp, RedisReader
 from services.runtime.logs import LogThrottle, service_logger
-from services.runtime.metrics import GRPC_CODE_NAMES
+from services.runtime.metrics import GRPC_CODE_NAMES, enum_labels
 from services.runtime.requests import (
     MAX_REQUEST_ID_LENGTH,
     InvalidArgumentError,
@@ -59,9 +59,10 @@ PERSONAL = common_pb2.CANDIDATE_SOURCE_PERSONAL
 POPULAR = common_pb2.CANDIDATE_SOURCE_POPULAR
 Reason = gateway_pb2.DegradationReason
 #: Degradation reason -> its name in metrics and logs ("ranking_unavailable", ...).
-_REASON_NAMES = {
-    value: name.removeprefix("DEGRADATION_REASON_").lower() for name, value in Reason.items()
-}
+_REASON_NAMES = enum_labels(Reason)
+#: Mode and serving path -> their names in adrec_recommendations_total.
+_MODE_NAMES = enum_labels(gateway_pb2.RecommendMode)
+_PATH_NAMES = enum_labels(gateway_pb2.ServingPath)
 
 #: Downstream failure -> (reason when late, reason otherwise).
 _DOWNSTREAM_REASONS = {
@@ -195,7 +196,17 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
         self.ranking = ranking_service_pb2_grpc.RankingServiceStub(ranking_channel)  # type: ignore[no-untyped-call]
         self.budgets = budgets
         self.current: GatewayVersion | None = None
-        self._answers: dict[tuple[int, int], Any] = {}
+        #: Error class of the last failed load of an active version, for the answer while
+        #: none is loaded.
+        self._load_failure: str | None = None
+        self.metrics.declare_fallback_reasons(_REASON_NAMES.values())
+        recommendations = self.metrics.metrics.recommendations
+        # At 0 from the start too: the answers are the fallback ratios' denominator.
+        self._answers = {
+            (mode, path): recommendations.labels(self.name, mode_name, path_name)
+            for mode, mode_name in _MODE_NAMES.items()
+            for path, path_name in _PATH_NAMES.items()
+        }
         self._downstream_latency: dict[tuple[str, str], Any] = {}
         self._failure_logs = LogThrottle()
         self._degraded_logs = LogThrottle()
@@ -218,7 +229,11 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
         return self.current is not None
 
     async def load_version(self, version: str, meta: VersionMeta | None) -> None:
-        self.current = await GatewayVersion.read(self.reader, version, meta, self.log)
+        try:
+            self.current = await GatewayVersion.read(self.reader, version, meta, self.log)
+        except Exception as error:
+            self._load_failure = type(error).__name__
+            raise
         self.metrics.set_data_version(version, meta.created_at_unix if meta else None)
         if self.current.model_version:
             self.metrics.set_model_version(self.current.model_version)
@@ -239,7 +254,7 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
             raise InvalidArgumentError("mode", f"unknown mode {mode}")
         current = self.current
         if current is None:
-            raise UnavailableError("no published data version yet")
+            raise UnavailableError(self._why_no_version())
 
         call = _Call(
             user_id=user_id,
@@ -253,6 +268,25 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
         await (self._realtime(call) if mode == REALTIME else self._offline(call))
         self._record(call)
         return call.response()
+
+    def _why_no_version(self) -> str:
+        """Why no version is loaded, by the version watcher's last poll.
+
+        Names only the error class: a Redis error's text may carry the server's address,
+        which is none of the caller's business.
+        """
+        failure = self.reader.last_failure
+        if failure is not None:
+            return f"no data version loaded: Redis is unreachable ({failure})"
+        if self._load_failure is not None:
+            return (
+                "no data version loaded: loading the active version failed "
+                f"({self._load_failure}); see the gateway's log"
+            )
+        return (
+            "no data version loaded: Redis is reachable but has no active version; "
+            "publish one with the job"
+        )
 
     async def _realtime(self, call: _Call) -> None:
         recalled = await self._recall(call)
@@ -371,7 +405,7 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
                 keys.OFFLINE,
                 current.version,
                 call.user_id,
-                op="offline",
+                op=RedisOp.OFFLINE,
                 # A hung Redis must leave the answer from memory its time too.
                 timeout=max(
                     call.deadline.for_fallback_read(self.reader.timeout), MIN_REDIS_WAIT_SECONDS
@@ -408,15 +442,7 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
         )
 
     def _record(self, call: _Call) -> None:
-        key = (call.mode, call.path)
-        counter = self._answers.get(key)
-        if counter is None:
-            counter = self._answers[key] = self.metrics.metrics.recommendations.labels(
-                self.name,
-                gateway_pb2.RecommendMode.Name(call.mode).removeprefix("RECOMMEND_MODE_").lower(),
-                gateway_pb2.ServingPath.Name(call.path).removeprefix("SERVING_PATH_").lower(),
-            )
-        counter.inc()
+        self._answers[(call.mode, call.path)].inc()
         if not call.reasons:
             return
         reasons = [_REASON_NAMES[reason] for reason in call.reasons]

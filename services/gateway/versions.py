@@ -18,7 +18,7 @@ from adrec.core import keys
 from adrec.core.dataset import PIDS
 from adrec.core.metadata import VersionMeta
 from adrec.core.model import CtrModel, ModelArtifactError
-from services.runtime.data import PopularLists, RedisReader, model_version
+from services.runtime.data import PopularLists, RedisOp, RedisReader, model_version
 from services.runtime.logs import ServiceLogger
 
 #: Placement the job scores offline lists at, unless the version's job report names another.
@@ -49,7 +49,7 @@ class GatewayVersion:
         offline_pid = (meta.content.offline_pid if meta else None) or DEFAULT_OFFLINE_PID
         spec_id, shifts = "", {}
         try:
-            model = await reader.read(keys.MODEL, version, op="load_model")
+            model = await reader.read(keys.MODEL, version, op=RedisOp.LOAD_MODEL)
         except ModelArtifactError as error:
             # The job scored the lists with this artifact all the same; serve them as
             # stored, for the placement they were scored at.

@@ -22,7 +22,7 @@ from adrec.core.codecs import UserFeatures
 from adrec.core.metadata import VersionMeta
 from adrec.core.model import ModelArtifactError
 from services.ranking.snapshot import RankingSnapshot, SnapshotError
-from services.runtime.data import LOAD_TIMEOUT_SECONDS, RedisReader
+from services.runtime.data import LOAD_TIMEOUT_SECONDS, RedisOp, RedisReader
 from services.runtime.logs import service_logger
 from services.runtime.requests import (
     InvalidArgumentError,
@@ -40,6 +40,19 @@ MAX_TOP_K = 1000
 RankCandidatesResponse = ranking_service_pb2.RankCandidatesResponse
 ScoredAd = common_pb2.ScoredAd
 
+#: Why a published version is refused, by the error refusing it: the `reason` label of
+#: adrec_model_reload_failures_total, exported at 0 for each from the start.
+REFUSAL_REASONS: dict[type[Exception], str] = {
+    ModelArtifactError: "model_spec_mismatch",
+    SnapshotError: "bad_version_data",
+}
+#: What a version load reads, in order.
+_VERSION_DATA = (
+    (keys.MODEL, RedisOp.LOAD_MODEL),
+    (keys.ADS, RedisOp.LOAD_ADS),
+    (keys.CATE_FACTORS, RedisOp.LOAD_CATE_FACTORS),
+)
+
 
 class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
     name = "ranking"
@@ -48,6 +61,7 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
         self.reader = reader
         self.metrics = reader.metrics
         self.log = service_logger(self.name)
+        self.metrics.declare_reload_failure_reasons(REFUSAL_REASONS.values())
         self.snapshot: RankingSnapshot | None = None
 
     @property
@@ -69,22 +83,16 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
 
     async def load_version(self, version: str, meta: VersionMeta | None) -> None:
         model_json, ad_table, cate_factors = [
-            await self.reader.get(
-                family.key(version), op=f"load_{family.name}", timeout=LOAD_TIMEOUT_SECONDS
-            )
-            for family in (keys.MODEL, keys.ADS, keys.CATE_FACTORS)
+            await self.reader.get(family.key(version), op=op, timeout=LOAD_TIMEOUT_SECONDS)
+            for family, op in _VERSION_DATA
         ]
         try:
             # Decoding a large ad table takes a while: keep answering requests meanwhile.
             snapshot = await asyncio.to_thread(
                 RankingSnapshot.build, version, model_json, ad_table, cate_factors
             )
-        except (ModelArtifactError, SnapshotError) as error:
-            reason = (
-                "model_spec_mismatch"
-                if isinstance(error, ModelArtifactError)
-                else "bad_version_data"
-            )
+        except tuple(REFUSAL_REASONS) as error:
+            reason = next(r for kind, r in REFUSAL_REASONS.items() if isinstance(error, kind))
             self.metrics.model_reload_failure(reason)
             serving = self.snapshot.data_version if self.snapshot else None
             self.log.error(
@@ -139,7 +147,7 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
 
         try:
             stored = await self.reader.read(
-                keys.USER, snapshot.data_version, user_id, op="user_features"
+                keys.USER, snapshot.data_version, user_id, op=RedisOp.USER_FEATURES
             )
         except RedisError as error:
             raise UnavailableError(f"cannot read the user's features: {error}") from None

@@ -16,8 +16,9 @@ from adrec.api.common.v1 import common_pb2
 from adrec.api.recall.v1 import recall_service_pb2, recall_service_pb2_grpc
 from adrec.core import keys
 from adrec.core.metadata import VersionMeta
-from services.runtime.data import PopularLists, RedisReader
+from services.runtime.data import PopularLists, RedisOp, RedisReader
 from services.runtime.logs import service_logger
+from services.runtime.metrics import enum_labels
 from services.runtime.requests import (
     InvalidArgumentError,
     UnavailableError,
@@ -28,6 +29,8 @@ from services.runtime.requests import (
 from services.runtime.server import ServiceSpec
 
 GetCandidatesResponse = recall_service_pb2.GetCandidatesResponse
+#: Fallback reason -> its name in metrics ("no_recall_set").
+_FALLBACK_REASONS = enum_labels(recall_service_pb2.FallbackReason)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +46,7 @@ class RecallService(recall_service_pb2_grpc.RecallServiceServicer):
         self.reader = reader
         self.metrics = reader.metrics
         self.log = service_logger(self.name)
+        self.metrics.declare_fallback_reasons(_FALLBACK_REASONS.values())
         self.current: RecallVersion | None = None
 
     @property
@@ -93,7 +97,7 @@ class RecallService(recall_service_pb2_grpc.RecallServiceServicer):
             raise UnavailableError("no published data version yet")
 
         try:
-            ids = await self.reader.read(keys.RECALL, current.version, user_id, op="recall")
+            ids = await self.reader.read(keys.RECALL, current.version, user_id, op=RedisOp.RECALL)
         except RedisError as error:
             raise UnavailableError(f"cannot read the recall set: {error}") from None
         if ids is not None and len(ids):
@@ -108,11 +112,12 @@ class RecallService(recall_service_pb2_grpc.RecallServiceServicer):
         popular = current.popular.for_pid(pid)
         if limit:
             popular = popular[:limit]
-        self.metrics.fallback("no_recall_set")
+        reason = recall_service_pb2.FALLBACK_REASON_NO_RECALL_SET
+        self.metrics.fallback(_FALLBACK_REASONS[reason])
         self.metrics.candidates.observe(len(popular))
         return GetCandidatesResponse(
             ad_ids=popular,
             source=common_pb2.CANDIDATE_SOURCE_POPULAR,
-            fallback_reason=recall_service_pb2.FALLBACK_REASON_NO_RECALL_SET,
+            fallback_reason=reason,
             data_version=current.version,
         )

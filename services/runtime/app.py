@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from adrec.core import keys
 from adrec.core.metadata import VersionMeta
-from services.runtime.data import RedisReader
+from services.runtime.data import RedisOp, RedisReader
 from services.runtime.logs import ServiceLogger
 from services.runtime.metrics import Metrics, grpc_server_observer
 from services.runtime.server import RunningServer, ServiceSpec, serve
@@ -82,7 +82,7 @@ class VersionWatcher:
         """Poll Redis and the pointer once, load a new version, and update health."""
         log = self.service.log
         try:
-            raw = await self.reader.get(keys.ACTIVE_VERSION, op="active_version")
+            raw = await self.reader.get(keys.ACTIVE_VERSION, op=RedisOp.ACTIVE_VERSION)
             if raw is None:
                 if not self._warned_no_version:
                     log.warning("no active data version in Redis yet; publish one with the job")
@@ -106,7 +106,7 @@ class VersionWatcher:
         await self._update_health()
 
     async def _meta(self, version: str) -> VersionMeta | None:
-        return await self.reader.read(keys.META, version, op="version_meta")
+        return await self.reader.read(keys.META, version, op=RedisOp.VERSION_META)
 
     async def run(self) -> None:
         """Check every interval until :meth:`stop`."""

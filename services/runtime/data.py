@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import time
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -28,6 +29,21 @@ def model_version(data_version: str, feature_spec_id: str) -> str:
     the job scored with the same model, so the two compare equal.
     """
     return f"{data_version}/{feature_spec_id}"
+
+
+class RedisOp(enum.StrEnum):
+    """What a service reads from Redis: the `op` label of adrec_redis_latency_seconds and
+    adrec_redis_errors_total. Every reader exports the error count of each at 0."""
+
+    ACTIVE_VERSION = "active_version"
+    VERSION_META = "version_meta"
+    POPULAR = "popular"
+    RECALL = "recall"
+    OFFLINE = "offline"
+    USER_FEATURES = "user_features"
+    LOAD_MODEL = "load_model"
+    LOAD_ADS = "load_ads"
+    LOAD_CATE_FACTORS = "load_cate_factors"
 
 
 #: Bound on reading a whole version's bulk data (the ad table, the largest value of a
@@ -132,31 +148,41 @@ class RedisReader:
     running out raises redis' TimeoutError, a RedisError like every other Redis failure.
     A standalone client's GETs go through :class:`DirectGets`; a cluster client routes its
     own.
+
+    `last_failure` names the error class the last GET failed with (None once one
+    succeeds): a service without data, whose only GETs are then the version watcher's
+    polls, tells an unreachable Redis from one without a published version by it.
     """
 
     def __init__(self, client: Any, metrics: ServiceMetrics, timeout: float):
         self.client = client
         self.metrics = metrics
+        metrics.declare_redis_ops(RedisOp)
         self.timeout = timeout
+        self.last_failure: str | None = None
         self._direct = (
             DirectGets(client.connection_pool) if isinstance(client, redis.asyncio.Redis) else None
         )
         self._get = self._direct.get if self._direct is not None else client.get
 
-    async def get(self, key: bytes, op: str, timeout: float | None = None) -> bytes | None:
+    async def get(self, key: bytes, op: RedisOp, timeout: float | None = None) -> bytes | None:
         latency = self.metrics.redis_latency(op)
         start = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout if timeout is None else timeout):
-                return await self._get(key)
+                value = await self._get(key)
         except TimeoutError:
             self.metrics.redis_error(op)
+            self.last_failure = RedisTimeoutError.__name__
             raise RedisTimeoutError(f"Redis did not answer {op} in time") from None
-        except Exception:
+        except Exception as error:
             self.metrics.redis_error(op)
+            self.last_failure = type(error).__name__
             raise
         finally:
             latency.observe(time.perf_counter() - start)
+        self.last_failure = None
+        return value
 
     async def read(
         self,
@@ -164,7 +190,7 @@ class RedisReader:
         version: str,
         member: int | str | None = None,
         *,
-        op: str,
+        op: RedisOp,
         timeout: float | None = None,
     ) -> Value | None:
         """One key of `family`, decoded by the family's codec; None when it does not exist."""
@@ -192,7 +218,7 @@ class PopularLists:
     async def read(cls, reader: RedisReader, version: str) -> PopularLists:
         by_scope = {}
         for scope in (keys.POPULAR_ALL, *PIDS):
-            ids = await reader.read(keys.POPULAR, version, scope, op="popular")
+            ids = await reader.read(keys.POPULAR, version, scope, op=RedisOp.POPULAR)
             if ids is not None:
                 by_scope[scope] = tuple(ids.tolist())
         return cls(by_scope)

@@ -20,11 +20,13 @@ import dataclasses
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -81,6 +83,14 @@ GRPC_CODE_NAMES = {
     grpc.StatusCode.DATA_LOSS: "DataLoss",
     grpc.StatusCode.UNAUTHENTICATED: "Unauthenticated",
 }
+
+
+def enum_labels(enum: EnumTypeWrapper) -> dict[int, str]:
+    """The label value of each value of a proto enum but its zero one (`..._UNSPECIFIED`,
+    which is never reported): its name less the enum's prefix, in lower case
+    (`DEGRADATION_REASON_RANKING_UNAVAILABLE` -> "ranking_unavailable")."""
+    prefix = enum.Name(0).removesuffix("UNSPECIFIED")
+    return {value: name.removeprefix(prefix).lower() for name, value in enum.items() if value}
 
 
 class Metrics:
@@ -207,7 +217,12 @@ class Metrics:
 
 
 class ServiceMetrics:
-    """The domain metrics of one service, label children cached for the request path."""
+    """The domain metrics of one service, label children cached for the request path.
+
+    The service declares the closed sets of its label values (fallback reasons, reload
+    failure reasons, Redis operations) so their counters are exported at 0 before the first
+    event; a value outside them is still counted, from its first event on.
+    """
 
     def __init__(self, metrics: Metrics, service: str):
         self.metrics = metrics
@@ -216,24 +231,39 @@ class ServiceMetrics:
         self.unknown_ads = metrics.unknown_ads.labels(service)
         self.user_profiles_missing = metrics.user_profiles_missing.labels(service)
         self._redis_latency: dict[str, Any] = {}
+        self._redis_errors: dict[str, Any] = {}
         self._fallbacks: dict[str, Any] = {}
+        self._reload_failures: dict[str, Any] = {}
         self._data_version: str | None = None
         self._model_version: str | None = None
 
+    def declare_fallback_reasons(self, reasons: Iterable[str]) -> None:
+        """Export adrec_fallbacks_total at 0 for each of `reasons`."""
+        for reason in reasons:
+            self._child(self.metrics.fallbacks, self._fallbacks, reason)
+
+    def declare_reload_failure_reasons(self, reasons: Iterable[str]) -> None:
+        """Export adrec_model_reload_failures_total at 0 for each of `reasons`."""
+        for reason in reasons:
+            self._child(self.metrics.model_reload_failures, self._reload_failures, reason)
+
+    def declare_redis_ops(self, ops: Iterable[str]) -> None:
+        """Export adrec_redis_errors_total at 0 for each of `ops`.
+
+        Their latency histograms stay born at the first command: a histogram child is a
+        series per bucket, and no alert counts its first observation.
+        """
+        for op in ops:
+            self._child(self.metrics.redis_errors, self._redis_errors, op)
+
     def fallback(self, reason: str) -> None:
-        child = self._fallbacks.get(reason)
-        if child is None:
-            child = self._fallbacks[reason] = self.metrics.fallbacks.labels(self.service, reason)
-        child.inc()
+        self._child(self.metrics.fallbacks, self._fallbacks, reason).inc()
 
     def redis_latency(self, op: str) -> Any:
-        child = self._redis_latency.get(op)
-        if child is None:
-            child = self._redis_latency[op] = self.metrics.redis_latency.labels(self.service, op)
-        return child
+        return self._child(self.metrics.redis_latency, self._redis_latency, op)
 
     def redis_error(self, op: str) -> None:
-        self.metrics.redis_errors.labels(self.service, op).inc()
+        self._child(self.metrics.redis_errors, self._redis_errors, op).inc()
 
     def set_redis_up(self, up: bool) -> None:
         self.metrics.redis_up.labels(self.service).set(1 if up else 0)
@@ -257,7 +287,14 @@ class ServiceMetrics:
         )
 
     def model_reload_failure(self, reason: str) -> None:
-        self.metrics.model_reload_failures.labels(self.service, reason).inc()
+        self._child(self.metrics.model_reload_failures, self._reload_failures, reason).inc()
+
+    def _child(self, family: Counter | Histogram, cache: dict[str, Any], value: str) -> Any:
+        """The (service, value) child of `family`, created (so exported) on first use."""
+        child = cache.get(value)
+        if child is None:
+            child = cache[value] = family.labels(self.service, value)
+        return child
 
 
 def _swap_info(gauge: Gauge, service: str, old: str | None, new: str) -> str:
@@ -269,19 +306,19 @@ def _swap_info(gauge: Gauge, service: str, old: str | None, new: str) -> str:
 
 def grpc_server_observer(metrics: Metrics) -> UnaryObserver:
     """A `serve(observer=...)` recording grpc_server_{started,handled}_total and
-    _handling_seconds for each unary method it wraps."""
+    _handling_seconds for each unary method it wraps.
+
+    `serve` wraps the methods as it registers them, so every method's series, and its
+    handled count for every status code, exist at 0 from the server's start.
+    """
 
     def observe(service: str, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
         labels = ("unary", service, method)
         started = metrics.grpc_started.labels(*labels)
         seconds = metrics.grpc_handling_seconds.labels(*labels)
-        handled_by_code: dict[str, Any] = {}
-
-        def handled(code: str) -> Any:
-            child = handled_by_code.get(code)
-            if child is None:
-                child = handled_by_code[code] = metrics.grpc_handled.labels(*labels, code)
-            return child
+        handled_by_code = {
+            code: metrics.grpc_handled.labels(*labels, code) for code in GRPC_CODE_NAMES.values()
+        }
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started.inc()
@@ -305,7 +342,7 @@ def grpc_server_observer(metrics: Metrics) -> UnaryObserver:
                 raise
             finally:
                 seconds.observe(time.perf_counter() - start)
-                handled(code).inc()
+                handled_by_code[code].inc()
 
         return observed
 
