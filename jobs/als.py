@@ -97,7 +97,11 @@ class AlsResult:
 
 
 def train_als(ratings: DataFrame, config: AlsConfig = AlsConfig()) -> AlsResult:
-    ratings = ratings.select("user_id", "cate_id", "rating").persist(StorageLevel.MEMORY_AND_DISK)
+    # Every iteration reads the ratings: cache them, unless the caller already has.
+    cached_by_caller = ratings.is_cached
+    ratings = ratings.select("user_id", "cate_id", "rating")
+    if not cached_by_caller:
+        ratings = ratings.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         holdout_rmse = baseline_rmse = None
         holdout_count = 0
@@ -111,7 +115,8 @@ def train_als(ratings: DataFrame, config: AlsConfig = AlsConfig()) -> AlsResult:
         model = _estimator(config).fit(ratings)
         train_count = ratings.count()
     finally:
-        ratings.unpersist()
+        if not cached_by_caller:
+            ratings.unpersist()
     cate_ids, cate_vectors = _factors(model.itemFactors, config.rank)
     return AlsResult(
         users=model.userFactors.count(),
