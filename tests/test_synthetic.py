@@ -280,3 +280,15 @@ def test_cli_inspect_reports_counts_per_file_and_reason(spark, tiny, tmp_path, c
     assert main(["data", "inspect", str(tmp_path)]) == 1
     assert "raw_sample: error: raw_sample: no such file" in capsys.readouterr().err
     assert main(["data", "inspect", str(tmp_path / "absent")]) == 2
+
+
+def test_the_real_preset_is_full_with_the_real_behaviour_log():
+    from adrec.cli.data import PRESET_NAMES
+    from adrec.synthetic.presets import REAL_BEHAVIOR_ROWS
+
+    real, full = PRESETS["real"].as_dict(), PRESETS["full"].as_dict()
+    assert real["behavior_rows"] == REAL_BEHAVIOR_ROWS == 723_268_134
+    differing = {name for name in real if real[name] != full[name]}
+    assert differing == {"name", "behavior_rows"}
+    PRESETS["real"].validate()
+    assert set(PRESET_NAMES) == set(PRESETS)
