@@ -139,8 +139,9 @@ def _measure(data: str, redis_url: str, flags: list[str], report_path: Path) -> 
         f"version's used_memory <= {TARGET_REDIS_BYTES / 1e9:.0f} GB": version_bytes
         <= TARGET_REDIS_BYTES,
     }
+    print("targets of the full preset (2 cores, 24 GiB):")
     for name, ok in checks.items():
-        print(f"{'PASS' if ok else 'FAIL'} {name}")
+        print(f"  {'PASS' if ok else 'FAIL'} {name}")
     return 0
 
 
