@@ -36,6 +36,7 @@ class JobResourceError(Exception):
 
 
 _OUT_OF_MEMORY = ("OutOfMemoryError", "Java heap space", "GC overhead limit exceeded")
+_JVM_GONE = ("SparkContext was shut down", "Answer from Java side is empty")
 
 
 def memory_problem(exc: BaseException, config: JobConfig) -> str | None:
@@ -44,14 +45,18 @@ def memory_problem(exc: BaseException, config: JobConfig) -> str | None:
     A task's OutOfMemoryError reaches Python as a Py4JJavaError naming it; in local mode
     the JVM may exit at once instead, and Python then only loses its connection to it.
     """
-    from py4j.protocol import Py4JError, Py4JNetworkError  # noqa: PLC0415 - with pyspark
+    from py4j.protocol import Py4JError, Py4JJavaError  # noqa: PLC0415 - with pyspark
 
     try:
         text = str(exc)
     except Exception:  # py4j's str() fails once the JVM is gone
         text = ""
-    died = isinstance(exc, Py4JNetworkError | ConnectionError) or (
-        isinstance(exc, Py4JError) and not text
+    # A Py4JError that is not a Java exception means the gateway itself failed: the JVM
+    # went away under the call (after its uncaught-exception handler exited on the OOM).
+    died = (
+        isinstance(exc, ConnectionError)
+        or (isinstance(exc, Py4JError) and not isinstance(exc, Py4JJavaError))
+        or any(marker in text for marker in _JVM_GONE)
     )
     if not died and not any(marker in text for marker in _OUT_OF_MEMORY):
         return None

@@ -37,6 +37,11 @@ def test_a_heap_spark_cannot_start_with_is_refused_by_name():
 def test_only_memory_failures_are_explained_as_memory():
     config = JobConfig(data="d", local_memory="6g")
     assert memory_problem(ValueError("bad row"), config) is None
+    from py4j.protocol import Py4JError
+
+    # The gateway failing under a call, rather than a Java exception, means the JVM is gone.
+    gone = memory_problem(Py4JError("An error occurred while calling o56.collectToPython"), config)
+    assert gone is not None and gone.startswith("the Spark JVM stopped")
     assert memory_problem(ConnectionRefusedError(111, "Connection refused"), config) == (
         "the Spark JVM stopped, most often because it ran out of memory (local heap 6g); "
         "raise ADREC_JOB_LOCAL_MEMORY (--job-local-memory, a size such as 16g) or, under "
@@ -57,6 +62,7 @@ try:
     spark.range(2).repartition(2).select(F.size(F.array_distinct(huge))).collect()
 except Exception as exc:
     print("PROBLEM:", memory_problem(exc, JobConfig(data="d", local_memory="600m")))
+    print("RAISED:", type(exc).__name__)
 """
 
 
@@ -74,7 +80,7 @@ def test_a_spark_out_of_memory_is_one_line_naming_the_setting_without_a_stack_tr
     )
     problem = [line for line in run.stdout.splitlines() if line.startswith("PROBLEM:")]
     assert len(problem) == 1, run.stdout + run.stderr
-    assert "the Spark JVM" in problem[0] and "local heap 600m" in problem[0]
+    assert "the Spark JVM" in problem[0] and "local heap 600m" in problem[0], run.stdout
     assert "raise ADREC_JOB_LOCAL_MEMORY" in problem[0]
     # The JVM's own log says what happened in single lines, never a trace.
     assert "OutOfMemoryError" in run.stderr
