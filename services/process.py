@@ -77,6 +77,9 @@ async def serving(
                             service_settings,
                             host=host,
                             port=getattr(service_settings, f"{name}_port"),
+                            max_concurrent_rpcs=getattr(
+                                service_settings, f"{name}_max_concurrent_rpcs"
+                            ),
                         )
                     )
             if target in ("gateway", "all"):
@@ -112,6 +115,7 @@ async def serving(
                         service_settings,
                         host=host,
                         port=service_settings.gateway_port,
+                        max_concurrent_rpcs=service_settings.gateway_max_concurrent_rpcs,
                     )
                 )
             yield Stack(services, metrics, endpoint.port)

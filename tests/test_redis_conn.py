@@ -3,7 +3,14 @@
 import pytest
 import redis
 
-from adrec.core.redis_conn import RedisSettings, connect, connect_async, redacted, validate_url
+from adrec.core.redis_conn import (
+    RedisSettings,
+    connect,
+    connect_async,
+    redacted,
+    redis_problem,
+    validate_url,
+)
 from adrec.core.redis_server import private_redis
 from adrec.core.settings import SettingsError, describe, load
 
@@ -66,6 +73,22 @@ def test_rediss_and_cluster_validation():
 def test_redacted_hides_passwords():
     assert redacted("rediss://:pw@h:6380/0") == "rediss://:***@h:6380/0"
     assert redacted("redis://h:6379/0") == "redis://h:6379/0"
+
+
+def test_a_redis_problem_is_one_bounded_line_without_any_password():
+    settings = RedisSettings(url="redis://:in-url@h:6379/0", password="from-secret")
+    reply = redis.ResponseError("ERR in-url from-secret " + "x" * 1000)
+    problem = redis_problem(reply, settings)
+    assert problem.startswith("Redis at redis://:***@h:6379/0 refused a command: ERR *** *** x")
+    assert "in-url" not in problem and "from-secret" not in problem
+    assert len(problem) < 300 and "\n" not in problem
+    assert redis_problem(redis.TimeoutError("Timeout reading from socket"), settings) == (
+        "Redis at redis://:***@h:6379/0 did not answer within 1 s (REDIS_TIMEOUT_SECONDS): "
+        "Timeout reading from socket"
+    )
+    assert redis_problem(redis.AuthenticationError("invalid password"), settings).startswith(
+        "Redis at redis://:***@h:6379/0 refused the credentials"
+    )
 
 
 @pytest.mark.parametrize(

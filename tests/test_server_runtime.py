@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import os
+import random
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -14,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import descriptor_pool
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_helpers import health_status, loopback_channel, run_buf
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
@@ -23,7 +27,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from adrec.api.common.v1 import common_pb2
 from adrec.api.recall.v1 import recall_service_pb2, recall_service_pb2_grpc
 from services.runtime.health import LIVENESS_SERVICE_NAME, wait_until_serving
-from services.runtime.metrics import Metrics, grpc_server_observer
+from services.runtime.metrics import Metrics, call_counters, grpc_server_observer
 from services.runtime.server import RunningServer, ServiceSpec, run_until_signalled, serve
 
 RECALL = recall_service_pb2.DESCRIPTOR.services_by_name["RecallService"].full_name
@@ -42,6 +46,7 @@ class FixedRecallServicer(recall_service_pb2_grpc.RecallServiceServicer):
     def __init__(self) -> None:
         self.held_call_started = asyncio.Event()
         self.release_held_calls = asyncio.Event()
+        self.held_calls = 0
 
     async def GetCandidates(self, request, context):
         if request.request_id == "abort":
@@ -49,6 +54,7 @@ class FixedRecallServicer(recall_service_pb2_grpc.RecallServiceServicer):
         if request.request_id == "crash":
             raise RuntimeError("a bug")
         if request.request_id == HOLD:
+            self.held_calls += 1
             self.held_call_started.set()
             await self.release_held_calls.wait()
         return recall_service_pb2.GetCandidatesResponse(
@@ -460,3 +466,240 @@ def test_grpc_server_metrics_count_each_call_by_its_status_code():
         assert metrics.registry.get_sample_value("grpc_server_handling_seconds_count", labels) == 4
 
     run(scenario)
+
+
+# ------------------------------------------------------------------ overload and bad bytes
+
+LIMIT = 8
+SHED_DETAILS = f"server busy: at its limit of {LIMIT} concurrent calls; retry later"
+
+
+@asynccontextmanager
+async def limited_recall_server() -> AsyncIterator[
+    tuple[RunningServer, FixedRecallServicer, Metrics]
+]:
+    """A recall server admitting LIMIT calls at once, counted as the services count them."""
+    metrics = Metrics()
+    async with recall_server(
+        observer=grpc_server_observer(metrics),
+        max_concurrent_rpcs=LIMIT,
+        counters=call_counters(metrics),
+    ) as (running, servicer):
+        yield running, servicer, metrics
+
+
+def counted(
+    metrics: Metrics, name: str, service: str = RECALL, method: str = "GetCandidates", **labels: str
+) -> float | None:
+    return metrics.registry.get_sample_value(
+        name, {"grpc_service": service, "grpc_method": method, **labels}
+    )
+
+
+def handled(
+    metrics: Metrics, code: str, service: str = RECALL, method: str = "GetCandidates"
+) -> float | None:
+    return counted(
+        metrics, "grpc_server_handled_total", service, method, grpc_type="unary", grpc_code=code
+    )
+
+
+def held_call(channel: grpc.aio.Channel, timeout: float = 20) -> asyncio.Future[Any]:
+    stub = recall_service_pb2_grpc.RecallServiceStub(channel)
+    return asyncio.ensure_future(
+        stub.GetCandidates(
+            recall_service_pb2.GetCandidatesRequest(user_id=7, request_id=HOLD), timeout=timeout
+        )
+    )
+
+
+def test_a_burst_over_the_limit_gets_resource_exhausted_at_once_and_each_is_counted():
+    excess = 40
+
+    async def scenario():
+        async with (
+            limited_recall_server() as (running, servicer, metrics),
+            loopback_channel(running.port) as channel,
+        ):
+            calls = [held_call(channel) for _ in range(LIMIT + excess)]
+            # The admitted calls wait for the release; the others are answered meanwhile.
+            await wait_until(
+                lambda: (
+                    sum(call.done() for call in calls) >= excess and servicer.held_calls == LIMIT
+                )
+            )
+            assert running.calls_running == LIMIT
+            # Health is never shed: probes answer while the service is at its limit.
+            assert await health_status(channel, LIVENESS_SERVICE_NAME) == SERVING
+            shed = [call.exception() for call in calls if call.done()]
+            assert len(shed) == excess
+            assert {(error.code(), error.details()) for error in shed} == {
+                (grpc.StatusCode.RESOURCE_EXHAUSTED, SHED_DETAILS)
+            }
+            servicer.release_held_calls.set()
+            answers = await asyncio.gather(*(call for call in calls if not call.done()))
+            assert [list(answer.ad_ids) for answer in answers] == [[101, 102, 103]] * LIMIT
+            await wait_until(lambda: running.calls_running == 0)
+
+        assert counted(metrics, "adrec_shed_total") == excess
+        assert handled(metrics, "ResourceExhausted") == excess
+        assert handled(metrics, "OK") == LIMIT
+        assert handled(metrics, "Unknown") == 0
+        assert counted(metrics, "grpc_server_started_total", grpc_type="unary") == LIMIT + excess
+        assert counted(metrics, "adrec_abandoned_total") == 0
+
+    run(scenario)
+
+
+def test_calls_within_the_limit_are_never_shed_and_free_their_place_however_they_end():
+    async def scenario():
+        async with (
+            limited_recall_server() as (running, servicer, metrics),
+            loopback_channel(running.port) as channel,
+        ):
+            stub = recall_service_pb2_grpc.RecallServiceStub(channel)
+            calls = [held_call(channel) for _ in range(LIMIT)]
+            await wait_until(lambda: servicer.held_calls == LIMIT)
+            assert running.calls_running == LIMIT
+            servicer.release_held_calls.set()
+            await asyncio.gather(*calls)
+
+            # A full set of calls ending every other way: cancelled by the caller, past its
+            # deadline, aborted by the handler, crashed in it.
+            servicer.release_held_calls = asyncio.Event()
+            cancelled = [held_call(channel) for _ in range(2)]
+            late = [held_call(channel, timeout=0.3) for _ in range(2)]
+            failing = [
+                asyncio.ensure_future(
+                    stub.GetCandidates(
+                        recall_service_pb2.GetCandidatesRequest(user_id=7, request_id=kind),
+                        timeout=20,
+                    )
+                )
+                for kind in ("abort", "abort", "crash", "crash")
+            ]
+            await wait_until(lambda: servicer.held_calls == LIMIT + 4)
+            for call in cancelled:
+                call.cancel()
+            outcomes = await asyncio.gather(*cancelled, *late, *failing, return_exceptions=True)
+            assert [
+                "cancelled" if isinstance(outcome, asyncio.CancelledError) else outcome.code()
+                for outcome in outcomes
+            ] == ["cancelled"] * 2 + [grpc.StatusCode.DEADLINE_EXCEEDED] * 2 + [
+                grpc.StatusCode.INVALID_ARGUMENT
+            ] * 2 + [grpc.StatusCode.UNKNOWN] * 2
+            await wait_until(lambda: running.calls_running == 0)
+
+            # Every place is free again: a full set is admitted once more.
+            calls = [held_call(channel) for _ in range(LIMIT)]
+            await wait_until(lambda: servicer.held_calls == 2 * LIMIT + 4)
+            servicer.release_held_calls.set()
+            assert len(await asyncio.gather(*calls)) == LIMIT
+
+        assert counted(metrics, "adrec_shed_total") == 0
+        assert handled(metrics, "ResourceExhausted") == 0
+        assert handled(metrics, "OK") == 2 * LIMIT
+        assert handled(metrics, "DeadlineExceeded") == 2
+        assert handled(metrics, "Canceled") == 2
+
+    run(scenario)
+
+
+def test_a_call_that_ends_before_its_handler_runs_is_counted_as_abandoned():
+    """A caller that gives up while its call waits, here for a request that never comes,
+    leaves no handler to count it: the call is counted when it ends, and its place is freed."""
+
+    async def scenario():
+        async with (
+            limited_recall_server() as (running, servicer, metrics),
+            loopback_channel(running.port) as channel,
+        ):
+            never = asyncio.Event()
+
+            async def no_request():
+                await never.wait()
+                yield b""
+
+            # Streaming the request lets the call start without it.
+            unsent = channel.stream_unary(f"/{RECALL}/GetCandidates")
+            cancelled = asyncio.ensure_future(unsent(no_request(), timeout=20))
+            late = asyncio.ensure_future(unsent(no_request(), timeout=0.3))
+            await wait_until(lambda: running.calls_running == 2)
+            cancelled.cancel()
+            outcomes = await asyncio.gather(cancelled, late, return_exceptions=True)
+            assert isinstance(outcomes[0], asyncio.CancelledError)
+            assert outcomes[1].code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await wait_until(lambda: counted(metrics, "adrec_abandoned_total") == 2)
+            assert running.calls_running == 0
+            assert servicer.held_calls == 0
+
+        assert counted(metrics, "grpc_server_started_total", grpc_type="unary") == 0
+        assert counted(metrics, "adrec_shed_total") == 0
+
+    run(scenario)
+
+
+#: Bytes no request message parses: an unfinished varint, a field number 0 with an
+#: invalid wire type, and seeded random bytes (checked below to be invalid too).
+GARBAGE = (b"\xff" * 8, bytes(range(256)), random.Random(16).randbytes(100))
+
+
+def test_bytes_that_are_no_request_get_invalid_argument_counted_and_logged_throttled(caplog, capfd):
+    caplog.set_level(logging.DEBUG)
+    for garbage in GARBAGE:
+        for message in (recall_service_pb2.GetCandidatesRequest, health_pb2.HealthCheckRequest):
+            with pytest.raises(DecodeError):
+                message.FromString(garbage)
+    calls = 30
+
+    async def scenario():
+        async with (
+            limited_recall_server() as (running, _, metrics),
+            loopback_channel(running.port) as channel,
+        ):
+            # No serializers: the bytes go out as they are.
+            raw = channel.unary_unary(f"/{RECALL}/GetCandidates")
+            started = time.monotonic()
+            for index in range(calls):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await raw(GARBAGE[index % len(GARBAGE)], timeout=10)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert refused.value.details() == (
+                    "request is not a valid adrec.recall.v1.GetCandidatesRequest"
+                )
+            elapsed = time.monotonic() - started
+            # Health's methods get the same treatment, the streaming Watch included.
+            with pytest.raises(grpc.aio.AioRpcError) as check:
+                await channel.unary_unary("/grpc.health.v1.Health/Check")(GARBAGE[0], timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as watch:
+                async for _ in channel.unary_stream("/grpc.health.v1.Health/Watch")(
+                    GARBAGE[0], timeout=10
+                ):
+                    pass
+            for refusal in (check, watch):
+                assert refusal.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert refusal.value.details() == (
+                    "request is not a valid grpc.health.v1.HealthCheckRequest"
+                )
+            assert list((await get_candidates(channel, user_id=7)).ad_ids) == [101, 102, 103]
+            await wait_until(lambda: running.calls_running == 0)
+            return metrics, elapsed
+
+    metrics, elapsed = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+    assert handled(metrics, "InvalidArgument") == calls
+    assert handled(metrics, "Unknown") == 0
+    assert handled(metrics, "OK") == 1
+    assert handled(metrics, "InvalidArgument", "grpc.health.v1.Health", "Check") == 1
+
+    output = capfd.readouterr()
+    assert "Traceback" not in output.out + output.err + caplog.text
+    assert [record for record in caplog.records if record.exc_info] == []
+    lines = [
+        record
+        for record in caplog.records
+        if record.getMessage() == "refused a request that does not decode"
+        and getattr(record, "method", None) == f"/{RECALL}/GetCandidates"
+    ]
+    # One line a second at most, each saying how many were held back before it.
+    assert 1 <= len(lines) <= 1 + math.ceil(elapsed)
+    assert len(lines) + sum(record.held_back for record in lines[1:]) <= calls

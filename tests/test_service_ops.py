@@ -361,6 +361,18 @@ def test_a_fresh_stack_exports_every_failure_counter_at_0_so_the_first_failure_c
     assert series(fresh, "adrec_model_reload_failures", "_total") == dict.fromkeys(refusals, 0)
     redis_errors = label_sets(service=list(SERVICES), op=[op.value for op in RedisOp])
     assert series(fresh, "adrec_redis_errors", "_total") == dict.fromkeys(redis_errors, 0)
+    # Calls shed over a server's limit (health is never shed), and calls that ended before
+    # their handler ran.
+    methods_of = {call - {("grpc_type", "unary")} for call in calls}
+    assert series(fresh, "adrec_shed", "_total") == dict.fromkeys(
+        {
+            labels
+            for labels in methods_of
+            if ("grpc_service", "grpc.health.v1.Health") not in labels
+        },
+        0,
+    )
+    assert series(fresh, "adrec_abandoned", "_total") == dict.fromkeys(methods_of, 0)
 
     # The first failure: ranking has gone away, and the gateway answers from a fallback.
     reason = reasons(answer)[0]
@@ -371,6 +383,76 @@ def test_a_fresh_stack_exports_every_failure_counter_at_0_so_the_first_failure_c
         {"service": "gateway", "mode": "realtime", "path": path(answer).lower()}.items()
     )
     assert fresh_and_after(fresh, after, "adrec_recommendations", served) == (0, 1)
+
+
+def test_the_gateway_sheds_a_burst_over_its_limit_and_its_calls_downstream_still_get_through(
+    redis_client, redis_url
+):
+    """`serve all`, the gateway admitting 2 calls at once: a burst gets RESOURCE_EXHAUSTED
+    for the excess, each counted, and never UNKNOWN. The limit is the gateway server's own,
+    so the calls it makes to recall and ranking in the same process are admitted by theirs:
+    every admitted call is answered ranked. Bytes that are no RecommendRequest get
+    INVALID_ARGUMENT, counted with the other answers."""
+    data = publish_version(redis_client)
+    user = data.users_with_factors[0]
+    burst = 150
+
+    async def scenario():
+        async with (
+            running_stack(redis_url, ADREC_GATEWAY_MAX_CONCURRENT_RPCS=2) as stack,
+            loopback_channel(stack.services["gateway"].port) as channel,
+        ):
+
+            async def one() -> str:
+                try:
+                    answer = await recommend(
+                        channel, timeout=30, user_id=user, pid=PIDS[0], count=5
+                    )
+                except grpc.aio.AioRpcError as error:
+                    assert error.details() == (
+                        "server busy: at its limit of 2 concurrent calls; retry later"
+                    )
+                    return error.code().name
+                return path(answer)
+
+            outcomes = await asyncio.gather(*(one() for _ in range(burst)))
+            raw = channel.unary_unary("/adrec.gateway.v1.GatewayService/Recommend")
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await raw(b"\xff" * 16, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert refused.value.details() == (
+                "request is not a valid adrec.gateway.v1.RecommendRequest"
+            )
+            await wait_until(lambda: stack.services["gateway"].server.calls_running == 0)
+            return outcomes, await asyncio.to_thread(scrape, stack.metrics_port)
+
+    outcomes, families = asyncio.run(asyncio.wait_for(scenario(), timeout=90))
+    shed = outcomes.count("RESOURCE_EXHAUSTED")
+    assert 0 < shed < burst
+    assert set(outcomes) == {"RESOURCE_EXHAUSTED", "REALTIME_RANKED"}
+
+    def handled(service: str, method: str, code: str) -> list[float]:
+        return samples(
+            families,
+            "grpc_server_handled",
+            "_total",
+            grpc_service=SERVICES[service],
+            grpc_method=method,
+            grpc_code=code,
+        )
+
+    def shed_count(service: str, method: str) -> list[float]:
+        labels = {"grpc_service": SERVICES[service], "grpc_method": method}
+        return samples(families, "adrec_shed", "_total", **labels)
+
+    assert shed_count("gateway", "Recommend") == [shed]
+    assert handled("gateway", "Recommend", "ResourceExhausted") == [shed]
+    assert handled("gateway", "Recommend", "OK") == [burst - shed]
+    assert handled("gateway", "Recommend", "InvalidArgument") == [1]
+    assert handled("gateway", "Recommend", "Unknown") == [0]
+    assert shed_count("recall", "GetCandidates") == [0]
+    assert shed_count("ranking", "RankCandidates") == [0]
+    assert handled("ranking", "RankCandidates", "OK") == [burst - shed]
 
 
 def test_serve_all_process_answers_the_cli_logs_json_and_drains_on_sigterm(

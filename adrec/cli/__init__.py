@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     except redis.ConnectionError as exc:
         print(f"adrec {args.command}: error: cannot reach Redis: {exc}", file=sys.stderr)
         return 1
+    except redis.RedisError as exc:
+        # The commands that take a Redis URL name it themselves; this keeps any other
+        # Redis failure to one line as well.
+        print(f"adrec {args.command}: error: Redis failed: {exc}", file=sys.stderr)
+        return 1
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] not in JOB_PACKAGES:
             raise

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import redis
@@ -14,7 +16,7 @@ import redis.cluster
 from adrec.cli import UsageError
 from adrec.core import settings
 from adrec.core.features import USER_PROFILE_FIELDS
-from adrec.core.redis_conn import RedisSettings, connect
+from adrec.core.redis_conn import RedisSettings, connect, redis_problem
 
 MAX_RECALL_IDS = 1000
 
@@ -25,11 +27,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
     listing = actions.add_parser("list", help="kept versions, newest first")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    listing.set_defaults(handler=_list)
+    listing.set_defaults(handler=_using_redis(_list))
 
     back = actions.add_parser("rollback", help="make an older kept version active again")
     back.add_argument("version", help="version id, e.g. v17")
-    back.set_defaults(handler=_rollback)
+    back.set_defaults(handler=_using_redis(_rollback))
 
     update = actions.add_parser(
         "update-user",
@@ -46,17 +48,40 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help=f"set a profile field (one of {', '.join(USER_PROFILE_FIELDS)}); "
         "VALUE is an integer or 'missing'; repeatable",
     )
-    update.set_defaults(handler=_update_user)
+    update.set_defaults(handler=_using_redis(_update_user))
 
     for sub in (listing, back, update):
         settings.add_flags(RedisSettings, sub)
 
 
-def _client(args: argparse.Namespace) -> redis.Redis | redis.cluster.RedisCluster:
+def _settings(args: argparse.Namespace) -> RedisSettings:
     try:
-        return connect(settings.load(RedisSettings, flags=args))
+        return settings.load(RedisSettings, flags=args)
     except settings.SettingsError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _client(args: argparse.Namespace) -> redis.Redis | redis.cluster.RedisCluster:
+    return connect(_settings(args))
+
+
+def _using_redis(
+    action: Callable[[argparse.Namespace], int],
+) -> Callable[[argparse.Namespace], int]:
+    """`action`, with a Redis that cannot be used (refused, silent, not Redis at all)
+    reported as one line naming its URL, exit code 1."""
+
+    @functools.wraps(action)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return action(args)
+        except redis.RedisError as exc:
+            # The client exists, so the settings it came from load.
+            problem = redis_problem(exc, _settings(args))
+            print(f"adrec publish: error: {problem}", file=sys.stderr)
+            return 1
+
+    return run
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -111,3 +111,41 @@ def connect_async(
     if settings.cluster:
         return redis.asyncio.cluster.RedisCluster.from_url(settings.url, **options)
     return redis.asyncio.Redis.from_url(settings.url, **options)
+
+
+#: Characters of a Redis error an error line repeats: a server's reply can be of any size.
+_DETAIL_LIMIT = 200
+
+
+def redis_problem(error: redis.RedisError, settings: RedisSettings) -> str:
+    """One line saying why the Redis at the settings' URL could not be used, for a command's
+    error output: the URL redacted, and no password even where the error repeats it."""
+    where = redacted(settings.url)
+    detail = str(error) or type(error).__name__
+    for secret in (_url_password(settings.url), settings.password):
+        if secret:
+            detail = detail.replace(secret, "***")
+    if len(detail) > _DETAIL_LIMIT:
+        detail = detail[:_DETAIL_LIMIT] + "..."
+    # Subclasses before their bases: an AuthenticationError is a ConnectionError.
+    if isinstance(error, redis.AuthenticationError):
+        return f"Redis at {where} refused the credentials: {detail}"
+    if isinstance(error, redis.TimeoutError):
+        return (
+            f"Redis at {where} did not answer within {settings.socket_timeout_s:g} s "
+            f"(REDIS_TIMEOUT_SECONDS): {detail}"
+        )
+    if isinstance(error, redis.ConnectionError):
+        return f"cannot reach Redis at {where}: {detail}"
+    if isinstance(error, redis.exceptions.InvalidResponse):
+        return f"{where} does not answer as a Redis server (is it the right port?): {detail}"
+    if isinstance(error, redis.ResponseError):
+        return f"Redis at {where} refused a command: {detail}"
+    return f"Redis at {where} failed: {detail}"
+
+
+def _url_password(url: str) -> str | None:
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None

@@ -24,7 +24,7 @@ from adrec.core import keys
 from adrec.core.metadata import VersionMeta
 from services.runtime.data import RedisOp, RedisReader
 from services.runtime.logs import ServiceLogger
-from services.runtime.metrics import Metrics, grpc_server_observer
+from services.runtime.metrics import Metrics, call_counters, grpc_server_observer
 from services.runtime.server import RunningServer, ServiceSpec, serve
 from services.runtime.settings import ServerSettings
 
@@ -162,8 +162,10 @@ async def running_service(
     *,
     host: str,
     port: int,
+    max_concurrent_rpcs: int,
 ) -> AsyncIterator[RunningService]:
-    """Serve `service` with health, reflection and metrics, watching the data version."""
+    """Serve `service` with health, reflection and metrics, watching the data version;
+    calls past `max_concurrent_rpcs` at once are shed (adrec_shed_total)."""
     options = []
     if settings.max_connection_age_seconds > 0:
         age_ms = int(settings.max_connection_age_seconds * 1000)
@@ -177,6 +179,8 @@ async def running_service(
         port=port,
         max_message_bytes=settings.max_message_bytes,
         observer=grpc_server_observer(metrics),
+        max_concurrent_rpcs=max_concurrent_rpcs,
+        counters=call_counters(metrics),
         options=options,
     ) as running:
         watcher = VersionWatcher(service, reader, running, settings.reload_interval_seconds)

@@ -7,7 +7,9 @@ usual gRPC dashboards expect; the domain metrics carry a `service` label because
 `adrec serve all` runs the three services in one process behind one `/metrics`.
 
     metrics = Metrics()                          # its own registry
-    async with serve(spec, observer=grpc_server_observer(metrics)): ...
+    async with serve(
+        spec, observer=grpc_server_observer(metrics), counters=call_counters(metrics), ...
+    ): ...
     endpoint = start_metrics_endpoint(metrics.registry, "0.0.0.0", 9464)
     recall = metrics.service("recall")
     recall.fallback("no_recall_set")
@@ -38,7 +40,7 @@ from prometheus_client import (
     process_collector,
 )
 
-from services.runtime.server import UnaryBehavior, UnaryObserver
+from services.runtime.server import CallCounters, UnaryBehavior, UnaryObserver
 
 #: Latency buckets for calls that take milliseconds (seconds, as Prometheus wants).
 LATENCY_BUCKETS = (
@@ -122,6 +124,20 @@ class Metrics:
             "Time from receiving an RPC to its completion on the server.",
             grpc_labels,
             buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.shed = Counter(
+            "adrec_shed_total",
+            "RPCs answered RESOURCE_EXHAUSTED before any work: the server was at its limit "
+            "of concurrent calls.",
+            ("grpc_service", "grpc_method"),
+            registry=self.registry,
+        )
+        self.abandoned = Counter(
+            "adrec_abandoned_total",
+            "RPCs that ended before their handler ran: the caller cancelled, or its deadline "
+            "passed, while the call waited.",
+            ("grpc_service", "grpc_method"),
             registry=self.registry,
         )
         self.candidates = Histogram(
@@ -347,6 +363,15 @@ def grpc_server_observer(metrics: Metrics) -> UnaryObserver:
         return observed
 
     return observe
+
+
+def call_counters(metrics: Metrics) -> CallCounters:
+    """A `serve(counters=...)` counting adrec_shed_total and adrec_abandoned_total, each
+    method's series at 0 from the server's start."""
+    return CallCounters(
+        shed=lambda service, method: metrics.shed.labels(service, method).inc,
+        abandoned=lambda service, method: metrics.abandoned.labels(service, method).inc,
+    )
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -34,6 +34,18 @@ DEFAULT_GATEWAY_PORT = 50053
 DEFAULT_METRICS_PORT = 9464
 
 _PORT_HELP = "gRPC port of the {} service; 0 picks a free one"
+_LIMIT_HELP = (
+    "Calls the {} server runs at once; each one more is answered RESOURCE_EXHAUSTED at once "
+    "(adrec_shed_total)"
+)
+_LIMIT_RANGE = in_range(1, 100_000)
+# A call that would only wait past its caller's deadline is better refused at once: at
+# about 1.6 ms of CPU per Recommend (docs/operations.md, "Scaling"), 256 in flight are two
+# 200 ms request budgets of one core's work. Recall and ranking get twice as many, as each
+# admitted gateway call makes one call to each and several gateways share them; in
+# `serve all` the gateway's own calls downstream then always fit.
+DEFAULT_GATEWAY_MAX_CONCURRENT_RPCS = 256
+DEFAULT_BACKEND_MAX_CONCURRENT_RPCS = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +107,13 @@ class _RecallOptions:
         parse=parse_int,
         check=port_number(allow_zero=True),
     )
+    recall_max_concurrent_rpcs: int = setting(
+        "ADREC_RECALL_MAX_CONCURRENT_RPCS",
+        DEFAULT_BACKEND_MAX_CONCURRENT_RPCS,
+        _LIMIT_HELP.format("recall"),
+        parse=parse_int,
+        check=_LIMIT_RANGE,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +124,13 @@ class _RankingOptions:
         _PORT_HELP.format("ranking"),
         parse=parse_int,
         check=port_number(allow_zero=True),
+    )
+    ranking_max_concurrent_rpcs: int = setting(
+        "ADREC_RANKING_MAX_CONCURRENT_RPCS",
+        DEFAULT_BACKEND_MAX_CONCURRENT_RPCS,
+        _LIMIT_HELP.format("ranking"),
+        parse=parse_int,
+        check=_LIMIT_RANGE,
     )
 
 
@@ -120,6 +146,13 @@ class _GatewayOptions:
         _PORT_HELP.format("gateway"),
         parse=parse_int,
         check=port_number(allow_zero=True),
+    )
+    gateway_max_concurrent_rpcs: int = setting(
+        "ADREC_GATEWAY_MAX_CONCURRENT_RPCS",
+        DEFAULT_GATEWAY_MAX_CONCURRENT_RPCS,
+        _LIMIT_HELP.format("gateway"),
+        parse=parse_int,
+        check=_LIMIT_RANGE,
     )
     recall_address: str = setting(
         "ADREC_RECALL_ADDRESS",
