@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d'
 PIP_COMPILE_FLAGS := --quiet --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links
 NPM_STAMP := node_modules/.installed-$(shell cat package-lock.json | cksum | cut -d' ' -f1)
 
-.PHONY: test test-fast static demo lint lock protos check-system check-system-tests clean
+.PHONY: test test-fast static demo lint lock protos check-system check-system-tests clean images images-smoke
 
 test: check-system-tests $(STAMP) $(NPM_STAMP)
 	@$(MAKE) --no-print-directory static
@@ -37,6 +37,16 @@ lint: $(STAMP) $(NPM_STAMP)
 
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py
+
+# Both images from deploy/images, with buildah and no Docker engine; where the pinned bases
+# cannot be pulled it creates local stand-ins for them from Debian's packages (as root).
+images:
+	scripts/build-images
+
+# Builds both, runs the job image on tiny data and the services image read-only, checks a
+# Recommend answer and the drain on SIGTERM. Slow, so not part of `make test`.
+images-smoke: $(STAMP)
+	scripts/smoke-images
 
 check-system:
 	@scripts/check-system

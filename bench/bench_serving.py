@@ -1,7 +1,8 @@
 """Serving latency and throughput: Recommend REALTIME against a bare echo and the course's Spark.
 
 Run: ``.venv/bin/python bench/bench_serving.py`` (run time in docs/performance.md;
-``--quick`` halves the step durations).
+``--quick`` halves the step durations; ``--cpu-limit gateway=0.5`` holds a service to the
+CPU of its pod's request, which is what sizing a pod needs).
 
 One run, everything on this machine, all traffic to 127.0.0.1:
 
@@ -166,23 +167,57 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def started(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen(
-        args,
-        env={**os.environ, **env},
-        cwd=REPO_ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield process
-    finally:
-        process.terminate()
+def started(
+    args: list[str], env: dict[str, str], cpu_limit: float | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `args` for the duration; with `cpu_limit`, held to that many CPUs."""
+    with contextlib.ExitStack() as stack:
+        group = stack.enter_context(cpu_cgroup(cpu_limit)) if cpu_limit is not None else None
+        process = subprocess.Popen(
+            args,
+            env={**os.environ, **env},
+            cwd=REPO_ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            if group is not None:
+                (group / "cgroup.procs").write_text(str(process.pid))
+            yield process
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+CFS_PERIOD_US = 100_000
+
+
+@contextlib.contextmanager
+def cpu_cgroup(cores: float) -> Iterator[Path]:
+    """A cgroup whose processes share `cores` CPUs, by the CFS quota a Kubernetes CPU limit
+    sets (Linux, as root; cgroup v2, or v1's cpu controller). Removed on exit, once the
+    processes moved into it have ended."""
+    name = f"adrec-bench-{os.getpid()}-{time.monotonic_ns()}"
+    quota = max(1000, int(cores * CFS_PERIOD_US))
+    unified = Path("/sys/fs/cgroup")
+    controllers = unified / "cgroup.subtree_control"
+    if controllers.exists() and "cpu" in controllers.read_text().split():
+        group = unified / name
+        group.mkdir()
+        (group / "cpu.max").write_text(f"{quota} {CFS_PERIOD_US}")
+    else:
+        group = unified / "cpu" / name
+        group.mkdir()
+        (group / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+        (group / "cpu.cfs_quota_us").write_text(str(quota))
+    try:
+        yield group
+    finally:
+        group.rmdir()
 
 
 def wait_serving(port: int, timeout: float = 60) -> None:
@@ -520,7 +555,7 @@ def spark_transform_latency(requests: int = 20) -> float:
 # ---------------------------------------------------------------- the run
 
 
-def run(quick: bool) -> int:
+def run(quick: bool, cpu_limits: dict[str, float]) -> int:
     from adrec.core.redis_server import private_redis
 
     duration = 4.0 if quick else 8.0
@@ -529,6 +564,8 @@ def run(quick: bool) -> int:
         + ", ".join(f"{load:.1f}" for load in os.getloadavg()),
         flush=True,
     )
+    for name, cores in cpu_limits.items():
+        print(f"{name} held to {cores:g} CPU (CFS quota, as a Kubernetes limit)", flush=True)
     with private_redis() as redis_server:
         print(f"publishing {USERS} users x {CANDIDATES} candidates, {ADS} ads ...", flush=True)
         started_at = time.monotonic()
@@ -560,7 +597,9 @@ def run(quick: bool) -> int:
         )
         with contextlib.ExitStack() as stack:
             pids = {
-                name: stack.enter_context(started([*ADREC, "serve", name], env)).pid
+                name: stack.enter_context(
+                    started([*ADREC, "serve", name], env, cpu_limits.get(name))
+                ).pid
                 for name, env in services.items()
             }
             recall_bytes, ranking_bytes = downstream_reply_sizes()
@@ -704,6 +743,14 @@ def report(recommend: list[Step], echo: list[Step], chain: list[Step], spark_sec
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter steps")
+    parser.add_argument(
+        "--cpu-limit",
+        action="append",
+        default=[],
+        metavar="SERVICE=CPUS",
+        help="hold a service process (recall, ranking, gateway) to CPUS cores, e.g. its "
+        "pod's CPU request, with a cgroup CPU quota (Linux, as root); repeatable",
+    )
     commands = parser.add_subparsers(dest="command")
     echo = commands.add_parser("echo-server", help="(internal) the bare echo service")
     echo.add_argument("--port", type=int, required=True)
@@ -738,7 +785,16 @@ def main() -> int:
             cpu_pids,
         )
         return 0
-    return run(args.quick)
+    cpu_limits = {}
+    for item in args.cpu_limit:
+        name, _, cores = item.partition("=")
+        try:
+            cpu_limits[name] = float(cores)
+        except ValueError:
+            cpu_limits[name] = 0.0
+        if name not in ("recall", "ranking", "gateway") or not cpu_limits[name] > 0:
+            parser.error(f"--cpu-limit {item}: expected recall|ranking|gateway=CPUS, CPUS > 0")
+    return run(args.quick, cpu_limits)
 
 
 if __name__ == "__main__":

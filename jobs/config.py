@@ -133,6 +133,13 @@ class JobConfig:
         parse=parse_int,
         check=in_range(1, 1000),
     )
+    interest_ads_per_category: int = setting(
+        "ADREC_JOB_INTEREST_ADS_PER_CATEGORY",
+        50,
+        "Leading ads kept per category for real-time interest (the most clicked first)",
+        parse=parse_int,
+        check=in_range(1, 1000),
+    )
     recall_top_categories: int = setting(
         "ADREC_JOB_RECALL_TOP_CATEGORIES",
         20,

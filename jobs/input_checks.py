@@ -5,15 +5,45 @@ counted and skipped. These checks look at the whole table instead. A file whose 
 share is above ``ADREC_JOB_MAX_REJECTED_SHARE``, or a table with a larger share fewer
 clean rows than the active version was built from (``ADREC_JOB_MAX_ROW_DROP``), stops
 the run before anything is written, naming the file, the counts and the setting.
+
+A local input folder that is missing, or lacks one of the four files, stops the run
+before Spark starts (:func:`local_input_problem`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
+from adrec.core.dataset import TABLES, Format
 from adrec.core.settings import specs
 from jobs.config import JobConfig
+
+
+def local_input_problem(data: str, data_format: Format) -> str | None:
+    """What is wrong with a local input folder, or None; URIs other than file: are left to
+    Spark, which alone can read them."""
+    uri = urlparse(data)
+    if uri.scheme not in ("", "file"):
+        return None
+    spec = specs(JobConfig)["data"]
+    folder = Path(uri.path if uri.scheme else data)
+    named = f"{spec.env} ({spec.aliases[0]}) {data}"
+    if not folder.exists():
+        return f"{named}: no such folder"
+    if not folder.is_dir():
+        return f"{named}: not a folder"
+    expected = [table.file_name(data_format) for table in TABLES.values()]
+    missing = [name for name in expected if not (folder / name).exists()]
+    if missing:
+        writer = "adrec data generate" if data_format == "csv" else "adrec data convert"
+        return (
+            f"{named}: missing {', '.join(missing)} (the job reads {', '.join(expected)}; "
+            f"{writer} writes them)"
+        )
+    return None
 
 
 def _setting(name: str, value: float) -> str:

@@ -230,6 +230,10 @@ def run_job(
 ) -> JobResult:
     """Ingest, then the stages ``config.stages`` selects, then publish when it is selected."""
     client = _reachable(redis_settings)
+    # Before Spark starts: a mistyped folder would otherwise cost a JVM start to report.
+    problem = input_checks.local_input_problem(config.data, config.input_format)
+    if problem is not None:
+        raise JobInputError(problem)
     publishing = "publish" in config.stages
     holder = lock_holder(client) if publishing else None
     if holder:
@@ -299,7 +303,7 @@ def _transform_and_load(
     sections["als"] = als.report
     if "popular" not in config.stages:
         return sections
-    fallback = _timed(progress, "popular", popular_stage, tables.split.train, config, sink)
+    fallback = _timed(progress, "popular", popular_stage, tables, config, sink)
     sections["popular"] = fallback.report
     if "recall" not in config.stages:
         return sections
@@ -456,10 +460,18 @@ def als_stage(rated: Ratings, config: JobConfig) -> AlsOutput:
     return AlsOutput(result)
 
 
-def popular_stage(train: DataFrame, config: JobConfig, sink: Sink | None) -> PopularOutput:
+def popular_stage(tables: IngestedTables, config: JobConfig, sink: Sink | None) -> PopularOutput:
+    """The popular fallback lists, and each category's leading ads for real-time interest."""
+    train = tables.split.train
     lists = popular.collect_popular(popular.popular_lists(train, length=config.recall_size))
+    leaders = popular.collect_category_leaders(
+        popular.category_leaders(
+            tables.ad_feature, popular.ad_impressions(train), config.interest_ads_per_category
+        )
+    )
     if sink:
         popular.write_popular(lists, sink.redis, sink.version)
+        popular.write_category_leaders(leaders, sink.redis, sink.version)
     return PopularOutput(lists)
 
 

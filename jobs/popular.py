@@ -9,6 +9,10 @@ Contract:
   per scope.
 - :func:`collect_popular` turns those rows into ordered id arrays per scope and
   :func:`write_popular` loads them into a version.
+- :func:`category_leaders` ``(ad_feature, impressions, per_category)`` -> ``cate_id``,
+  ``rank``, ``adgroup_id``: every category's leading ads in the same order, ads never shown
+  last; real-time interest in a category puts them first in a user's candidates.
+  :func:`collect_category_leaders` collects them as the ``category_ads`` table.
 
 ``train_samples`` are raw_sample rows of days 1-7 only (``adgroup_id``, ``pid``, ``clk``);
 using day 8 would leak the test day into the lists the hit rate is measured on.
@@ -63,6 +67,45 @@ def popular_lists(train_samples: DataFrame, length: int = DEFAULT_LENGTH) -> Dat
         .where(sf.col("rank") <= length)
         .select("scope", "rank", "adgroup_id", "clicks", "impressions")
     )
+
+
+def category_leaders(ads: DataFrame, impressions: DataFrame, per_category: int) -> DataFrame:
+    if per_category < 1:
+        raise ValueError(f"ads per category must be positive, got {per_category}")
+    shown = ads.select("adgroup_id", "cate_id").join(
+        impressions.select("adgroup_id", "impressions", "clicks"), "adgroup_id", "left"
+    )
+    ranking = Window.partitionBy("cate_id").orderBy(
+        sf.coalesce(sf.col("clicks"), sf.lit(0)).desc(),
+        sf.col("impressions").isNull().asc(),
+        sf.col("impressions").asc(),
+        sf.col("adgroup_id").asc(),
+    )
+    return (
+        shown.withColumn("rank", sf.row_number().over(ranking))
+        .where(sf.col("rank") <= per_category)
+        .select("cate_id", "rank", "adgroup_id")
+    )
+
+
+def collect_category_leaders(leaders: DataFrame) -> dict[str, np.ndarray]:
+    """The ``category_ads`` table: one row per ad, by ascending ``cate_id`` then rank."""
+    frame = leaders.select("cate_id", "rank", "adgroup_id").toPandas()
+    frame = frame.sort_values(["cate_id", "rank"], kind="stable")
+    return {
+        "cate_id": frame["cate_id"].to_numpy(dtype=np.int32),
+        "ad_id": frame["adgroup_id"].to_numpy(dtype=np.int32),
+    }
+
+
+def write_category_leaders(
+    table: Mapping[str, np.ndarray], redis: RedisSettings, version: str
+) -> None:
+    client = connect(redis)
+    try:
+        VersionWriter(client, version).put_category_ads(table)
+    finally:
+        client.close()
 
 
 def collect_popular(lists: DataFrame) -> dict[str, np.ndarray]:

@@ -1,8 +1,13 @@
-"""Generate the Python protobuf and gRPC modules for the protos in this directory.
+"""Generate the Python protobuf and gRPC modules and the protoset for the protos here.
 
-    python protos/generate.py                # rewrite adrec/api from the protos
-    python protos/generate.py --check        # exit 1 listing the differences if adrec/api is stale
+    python protos/generate.py                # rewrite adrec/api and the protoset from the protos
+    python protos/generate.py --check        # exit 1 listing the differences if either is stale
     python protos/generate.py --out DIR ...  # the same against another tree
+
+The protoset (`protos/adrec.protoset.binpb`, a FileDescriptorSet with source info) lets
+clients that have no reflection, or that want the API's comments, read the schema:
+`grpcurl -protoset protos/adrec.protoset.binpb ... describe` shows every comment, which
+server reflection (built from the generated modules, without source info) cannot.
 
 protoc names each module after its proto package (`adrec.recall.v1`), but the modules live
 under `adrec.api` so they cannot collide with hand-written `adrec.*` packages; the generated
@@ -23,6 +28,7 @@ from grpc_tools import protoc
 
 PROTO_ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = PROTO_ROOT.parent / "adrec" / "api"
+DEFAULT_PROTOSET = PROTO_ROOT / "adrec.protoset.binpb"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 PROTO_PACKAGE_ROOT = "adrec"
 
@@ -37,10 +43,12 @@ def proto_files() -> list[Path]:
     return sorted((PROTO_ROOT / PROTO_PACKAGE_ROOT).rglob("*.proto"))
 
 
-def render() -> dict[str, str]:
-    """Return the generated modules, keyed by their POSIX path relative to the output root."""
+def render() -> tuple[dict[str, str], bytes]:
+    """Return the generated modules, keyed by their POSIX path relative to the output root,
+    and the protoset."""
     well_known_types = resources.files("grpc_tools") / "_proto"
     with tempfile.TemporaryDirectory(prefix="adrec-protoc-") as scratch:
+        protoset = Path(scratch) / DEFAULT_PROTOSET.name
         exit_code = protoc.main(
             [
                 "grpc_tools.protoc",
@@ -49,19 +57,24 @@ def render() -> dict[str, str]:
                 f"--python_out={scratch}",
                 f"--pyi_out={scratch}",
                 f"--grpc_python_out={scratch}",
+                f"--descriptor_set_out={protoset}",
+                # Source info carries the comments; imports make the set self-contained.
+                "--include_source_info",
+                "--include_imports",
                 *(str(path) for path in proto_files()),
             ]
         )
         if exit_code != 0:
             raise SystemExit(f"protoc failed with exit code {exit_code}")
         package_root = Path(scratch) / PROTO_PACKAGE_ROOT
-        return {
+        modules = {
             path.relative_to(package_root).as_posix(): _PROTO_PACKAGE_MODULE_NAMES.sub(
                 r"\1adrec.api.", path.read_text(encoding="utf-8")
             )
             for path in sorted(package_root.rglob("*"))
             if path.name.endswith(GENERATED_SUFFIXES)
         }
+        return modules, protoset.read_bytes()
 
 
 def package_markers(modules: dict[str, str]) -> set[str]:
@@ -124,22 +137,37 @@ def main(argv: list[str] | None = None) -> int:
         help="root of the generated package tree (default: adrec/api)",
     )
     parser.add_argument(
+        "--protoset",
+        type=Path,
+        default=DEFAULT_PROTOSET,
+        help="the FileDescriptorSet to write (default: protos/adrec.protoset.binpb)",
+    )
+    parser.add_argument(
         "--check",
         action="store_true",
         help="change nothing; exit 1 and list the files that differ, are missing or are extra",
     )
     args = parser.parse_args(argv)
 
-    modules = render()
+    modules, protoset = render()
     if args.check:
         found = differences(args.out, modules)
+        if not args.protoset.is_file():
+            found.append(f"missing: {args.protoset.name}")
+        elif args.protoset.read_bytes() != protoset:
+            found.append(f"differs: {args.protoset.name}")
         for line in found:
             print(line, file=sys.stderr)
         if found:
-            print(f"{args.out} is stale: run python protos/generate.py", file=sys.stderr)
+            print(
+                f"{args.out} or {args.protoset} is stale: run python protos/generate.py",
+                file=sys.stderr,
+            )
             return 1
         return 0
     write(args.out, modules)
+    if not args.protoset.is_file() or args.protoset.read_bytes() != protoset:
+        args.protoset.write_bytes(protoset)
     return 0
 
 

@@ -1,7 +1,8 @@
 """One service process: the services of an `adrec serve` target wired together and run.
 
-:func:`serving` starts a target's services (recall, ranking, gateway, or all three in one
-process and one event loop) on one Redis client and one `/metrics` endpoint; :func:`run`
+:func:`serving` starts a target's services (recall, ranking, gateway, the event intake, or
+all four in one process and one event loop) on one Redis client and one `/metrics`
+endpoint; :func:`run`
 serves them until SIGTERM or SIGINT and drains them. `adrec serve` is these two behind
 argument parsing:
 
@@ -18,8 +19,13 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from adrec.api.ranking.v1 import ranking_service_pb2
+from adrec.api.recall.v1 import recall_service_pb2
 from adrec.core import settings as settings_mod
+from adrec.core.events import TimeBounds
 from adrec.core.redis_conn import RedisSettings, redacted
+from services.events.log import EventLog
+from services.events.service import EventService, Limits
 from services.gateway.service import Budgets, GatewayService, downstream_channel
 from services.ranking.service import RankingService
 from services.recall.service import RecallService
@@ -29,10 +35,11 @@ from services.runtime.metrics import Metrics, start_metrics_endpoint
 from services.runtime.server import run_until_signalled
 from services.runtime.settings import SETTINGS
 
-#: `adrec serve` targets: one service each, or all three in one process (local use).
+#: `adrec serve` targets: one service each, or all of them in one process (local use).
 TARGETS = tuple(SETTINGS)
-#: Drain order: the gateway first, so its in-flight calls can still reach the others.
-SERVICE_ORDER = ("gateway", "recall", "ranking")
+#: Drain order: the gateway first, so its in-flight calls can still reach the others; the
+#: event intake calls none of them.
+SERVICE_ORDER = ("gateway", "recall", "ranking", "events")
 
 log = logging.getLogger("adrec.serve")
 
@@ -91,8 +98,16 @@ async def serving(
                     recall_target = service_settings.recall_address
                     ranking_target = service_settings.ranking_address
                 recall_channel, ranking_channel = (
-                    downstream_channel(address, service_settings.max_message_bytes)
-                    for address in (recall_target, ranking_target)
+                    downstream_channel(
+                        address,
+                        api.DESCRIPTOR.services_by_name[name],
+                        service_settings.max_message_bytes,
+                        metrics,
+                    )
+                    for address, api, name in (
+                        (recall_target, recall_service_pb2, "RecallService"),
+                        (ranking_target, ranking_service_pb2, "RankingService"),
+                    )
                 )
                 for channel in (recall_channel, ranking_channel):
                     stack.push_async_callback(channel.close)
@@ -116,6 +131,35 @@ async def serving(
                         host=host,
                         port=service_settings.gateway_port,
                         max_concurrent_rpcs=service_settings.gateway_max_concurrent_rpcs,
+                    )
+                )
+            if target in ("events", "all"):
+                events_reader = reader("events")
+                intake = EventService(
+                    events_reader,
+                    EventLog(
+                        client,
+                        events_reader.metrics,
+                        service_settings.events_log_max_length,
+                        redis_settings.socket_timeout_s,
+                    ),
+                    Limits(
+                        max_batch_size=service_settings.events_max_batch_size,
+                        time_bounds=TimeBounds(
+                            max_age_seconds=service_settings.events_max_age_seconds,
+                            max_ahead_seconds=service_settings.events_max_ahead_seconds,
+                        ),
+                    ),
+                )
+                services["events"] = await stack.enter_async_context(
+                    running_service(
+                        intake,
+                        events_reader,
+                        metrics,
+                        service_settings,
+                        host=host,
+                        port=service_settings.events_port,
+                        max_concurrent_rpcs=service_settings.events_max_concurrent_rpcs,
                     )
                 )
             yield Stack(services, metrics, endpoint.port)

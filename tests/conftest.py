@@ -1,5 +1,6 @@
-"""Shared fixtures: a private redis-server, a local SparkSession, the batch job's published
-data, the rendered deploy overlays; and the markers of the tests that need a JVM.
+"""Shared fixtures: a private redis-server (and, from redis_fixtures, a Redis Cluster and a
+TLS server), a local SparkSession, the batch job's published data, the rendered deploy
+overlays; and the markers of the tests that need a JVM.
 
 Everything here is a real component; nothing is mocked.
 """
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 import redis
 from deploy_helpers import OVERLAYS, kustomize
+from redis_fixtures import any_redis, redis_cluster, redis_target, redis_tls  # noqa: F401
 
 from adrec.core.redis_server import INSTALL_HINT, PrivateRedis, private_redis
 

@@ -54,6 +54,7 @@ TEST_ENV = {
     "ADREC_RECALL_PORT": "0",
     "ADREC_RANKING_PORT": "0",
     "ADREC_GATEWAY_PORT": "0",
+    "ADREC_EVENTS_PORT": "0",
     "ADREC_RELOAD_INTERVAL_SECONDS": str(TEST_RELOAD_SECONDS),
     "ADREC_DRAIN_SECONDS": "2",
     "ADREC_REQUEST_TIMEOUT_MS": "5000",
@@ -91,6 +92,8 @@ class PublishedData:
     users_without_factors: list[int]
     users_without_profile: list[int]
     users_without_recall: list[int]
+    #: The version's leading ads per category (real-time interest), as the job writes them.
+    category_ads: dict[str, np.ndarray]
 
 
 def random_model(rng: np.random.Generator, spec: features.FeatureSpec = features.FULL) -> CtrModel:
@@ -163,9 +166,16 @@ def publish_version(
         PIDS[1]: by_quality[10:210],
     }
 
+    leading = np.lexsort((-ad_table["ctr_ad"], ad_table["cate_id"]))
+    cates_in_order = ad_table["cate_id"][leading]
+    rank = np.arange(len(leading)) - np.searchsorted(cates_in_order, cates_in_order)
+    kept = leading[rank < 50]
+    category_ads = {"cate_id": ad_table["cate_id"][kept], "ad_id": ad_table["adgroup_id"][kept]}
+
     with Publication(client, keep_versions=5) as publication:
         writer = publication.writer
         writer.put_ad_table(ad_table)
+        writer.put_category_ads(category_ads)
         writer.put_cate_factors(cate_ids.astype(np.int32), cate_factors)
         if model_json is None:
             writer.put_model(model)
@@ -201,6 +211,7 @@ def publish_version(
         users_without_factors=without_factors,
         users_without_profile=without_profile,
         users_without_recall=without_recall,
+        category_ads=category_ads,
     )
 
 
@@ -254,11 +265,13 @@ def service_settings(target: str = "all", **env: Any) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def running_stack(redis_url: str, target: str = "all", **env: Any) -> AsyncIterator[Stack]:
-    """The real services of `adrec serve <target>`, in this process and event loop."""
-    async with serving(
-        target, service_settings(target, **env), RedisSettings(url=redis_url)
-    ) as stack:
+async def running_stack(
+    redis: str | RedisSettings, target: str = "all", **env: Any
+) -> AsyncIterator[Stack]:
+    """The real services of `adrec serve <target>`, in this process and event loop, on the
+    Redis at a URL or of whole settings (cluster, TLS, password)."""
+    settings = redis if isinstance(redis, RedisSettings) else RedisSettings(url=redis)
+    async with serving(target, service_settings(target, **env), settings) as stack:
         yield stack
 
 
@@ -347,7 +360,10 @@ async def service_process(
             stdout=asyncio.subprocess.PIPE,
             stderr=stderr,
         )
-    expected = {"metrics", *(("recall", "ranking", "gateway") if target == "all" else (target,))}
+    expected = {
+        "metrics",
+        *(("recall", "ranking", "gateway", "events") if target == "all" else (target,)),
+    }
     ports: dict[str, int] = {}
     try:
         while set(ports) != expected:

@@ -15,12 +15,14 @@ CORE_MODULES = [
     "catalog",
     "codecs",
     "dataset",
+    "events",
     "features",
     "keys",
     "metadata",
     "model",
     "redis_conn",
     "redis_server",
+    "realtime",
     "scoring",
     "settings",
     "store",
@@ -58,18 +60,20 @@ def test_the_cli_knows_every_package_of_the_job_extra():
     assert named == pinned
 
 
-# Everything the services image runs: the three services, their process wiring, and the
-# operator's CLI commands there (serve, recommend, publish).
+# Everything the services image runs: the services, their process wiring, and the
+# operator's CLI commands there (serve, recommend, events, publish).
 SERVING_MODULES = [
     "adrec.cli",
     "adrec.cli.publish",
     "adrec.cli.recommend",
+    "adrec.cli.events",
     "adrec.cli.serve",
     "adrec.core.catalog",
     "services.process",
     "services.recall.service",
     "services.ranking.service",
     "services.gateway.service",
+    "services.events.service",
 ]
 
 
@@ -131,6 +135,11 @@ def test_the_shared_runtime_imports_no_service():
         m
         for m in loaded
         if m.split(".")[:2]
-        in (["services", "recall"], ["services", "ranking"], ["services", "gateway"])
+        in (
+            ["services", "recall"],
+            ["services", "ranking"],
+            ["services", "gateway"],
+            ["services", "events"],
+        )
     }
     assert served == set()

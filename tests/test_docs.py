@@ -13,11 +13,13 @@ ARCHITECTURE_DOC = ROOT / "docs" / "architecture.md"
 def test_schema_doc_lists_every_key_family_and_global_key():
     text = SCHEMA_DOC.read_text()
     for family in keys.VERSIONED_FAMILIES:
-        example = family.key(
-            "v1", None if family.member is None else 7 if family.member == "user_id" else "all"
-        )
-        documented = example.decode().replace("v1", "V", 1).replace(":7", ":<user_id>")
-        documented = documented.replace(":all", ":<scope>")
+        member = None if family.member is None else "all" if family.member == "scope" else 7
+        documented = family.key("v1", member).decode().replace("v1", "V", 1)
+        if member is not None:
+            documented = documented.replace(f":{member}", f":<{family.member}>")
+        assert f"`{documented}`" in text, f"{documented} missing from {SCHEMA_DOC.name}"
+    for state in (keys.REALTIME_USER, keys.REALTIME_AD):
+        documented = state.key(7).decode().replace(":7", f":<{state.member}>")
         assert f"`{documented}`" in text, f"{documented} missing from {SCHEMA_DOC.name}"
     globals_ = [
         keys.ACTIVE_VERSION,
@@ -25,6 +27,7 @@ def test_schema_doc_lists_every_key_family_and_global_key():
         keys.VERSION_SEQUENCE,
         keys.PUBLISH_LOCK,
         keys.PENDING_VERSIONS,
+        keys.EVENT_LOG,
     ]
     for key in globals_:
         assert f"`{key.decode()}`" in text
@@ -36,10 +39,11 @@ def test_configuration_doc_lists_every_setting():
     from adrec.core.redis_conn import RedisSettings
     from adrec.core.settings import env_names
     from jobs.config import JobConfig
+    from jobs.stream.config import StreamConfig
     from services.runtime.settings import SETTINGS
 
     text = (SCHEMA_DOC.parent / "configuration.md").read_text()
-    classes = [RedisSettings, JobConfig, *SETTINGS.values()]
+    classes = [RedisSettings, JobConfig, StreamConfig, *SETTINGS.values()]
     missing = sorted(
         {name for cls in classes for name in env_names(cls) if f"`{name}`" not in text}
     )

@@ -14,10 +14,19 @@ import pytest
 from pyspark.sql.types import ArrayType, FloatType, IntegerType, StructField, StructType
 
 from adrec.core import keys, store
+from adrec.core.realtime import CategoryAds
 from adrec.core.redis_conn import RedisSettings, connect
 from jobs import recall
 from jobs.als import AlsConfig, train_als
-from jobs.popular import ad_impressions, collect_popular, popular_lists, write_popular
+from jobs.popular import (
+    ad_impressions,
+    category_leaders,
+    collect_category_leaders,
+    collect_popular,
+    popular_lists,
+    write_category_leaders,
+    write_popular,
+)
 from jobs.ratings import MAX_RATING, ratings_from_behavior
 from jobs.recall import (
     RecallConfig,
@@ -405,6 +414,29 @@ def test_popular_lists_rank_by_clicks_per_pid_and_overall(spark, redis_url):
     client = connect(settings)
     assert store.read_popular(client, "v2", b).tolist() == [300, 100, 400]
     client.close()
+
+
+def test_category_leaders_rank_by_clicks_keep_unshown_ads_last_and_round_trip(spark, redis_url):
+    ads = spark.createDataFrame(
+        [(1, 10), (2, 10), (3, 10), (4, 20), (5, 30), (6, 10)], "adgroup_id int, cate_id int"
+    )
+    rows = [(1, 1, "p", 1)] + [(1, 2, "p", 1)] * 2 + [(1, 3, "p", 0)] * 3 + [(1, 4, "p", 0)]
+    leaders = collect_category_leaders(
+        category_leaders(ads, ad_impressions(samples_frame(spark, rows)), per_category=3)
+    )
+    assert leaders["cate_id"].tolist() == [10, 10, 10, 20, 30]
+    # Ad 2 has the most clicks; ad 3 was shown unclicked, ad 6 never shown: cut at three.
+    assert leaders["ad_id"].tolist() == [2, 1, 3, 4, 5]
+
+    settings = RedisSettings(url=redis_url)
+    write_category_leaders(leaders, settings, "v2")
+    client = connect(settings)
+    table = store.read(client, keys.CATEGORY_ADS, "v2")
+    client.close()
+    by_category = CategoryAds.from_table(table)
+    assert by_category.for_category(10).tolist() == [2, 1, 3]
+    assert by_category.for_category(30).tolist() == [5]
+    assert by_category.for_category(99).tolist() == []
 
 
 def test_collect_catalog_weights_ads_by_training_impressions(spark):

@@ -122,7 +122,7 @@ def als(tables, config):
 
 @pytest.fixture(scope="module")
 def fallback(tables, config):
-    return popular_stage(tables.split.train, config, None)
+    return popular_stage(tables, config, None)
 
 
 def sink_at(redis_url, client, version):

@@ -27,6 +27,7 @@ def test_global_keys_are_pinned():
         (keys.ADS, None, b"adrec:v17:ads"),
         (keys.CATE_FACTORS, None, b"adrec:v17:cate_factors"),
         (keys.MODEL, None, b"adrec:v17:model"),
+        (keys.SENTINEL, 148, b"adrec:v17:sentinel:148"),
     ],
 )
 def test_versioned_keys_are_pinned(family, member, expected):
@@ -34,7 +35,18 @@ def test_versioned_keys_are_pinned(family, member, expected):
 
 
 def test_every_family_is_pinned_above():
-    pinned = {"meta", "recall", "offline", "user", "popular", "ads", "cate_factors", "model"}
+    pinned = {
+        "meta",
+        "recall",
+        "offline",
+        "user",
+        "popular",
+        "ads",
+        "cate_factors",
+        "model",
+        "category_ads",
+        "sentinel",
+    }
     assert {f.name for f in keys.VERSIONED_FAMILIES} == pinned
 
 
@@ -103,3 +115,23 @@ def test_every_family_pairs_its_key_with_one_codec():
             assert decoded.tolist() == value.tolist()
     assert keys.RECALL.codec is keys.POPULAR.codec  # both are ordered ad id lists
     assert keys.RECALL.codec.describe.startswith("ad ids in order: a width byte (3 or 4)")
+
+
+def test_key_slots_are_redis_clusters():
+    # The CRC16 check value of the Redis Cluster specification.
+    assert keys.key_slot(b"123456789") == 12739
+    assert keys.key_slot(b"adrec:active") == 4261
+    with pytest.raises(ValueError, match="hash tag"):
+        keys.key_slot(b"adrec:{v1}:meta")
+
+
+def test_sentinel_keys_are_pinned_and_one_falls_in_each_range_of_slots():
+    sentinels = keys.sentinel_keys("v17")
+    assert len(sentinels) == keys.SENTINEL_COUNT == 64
+    assert sentinels[:2] == (b"adrec:v17:sentinel:148", b"adrec:v17:sentinel:12")
+    assert sentinels[-1] == b"adrec:v17:sentinel:4"
+    width = keys.CLUSTER_SLOTS // keys.SENTINEL_COUNT
+    assert [keys.key_slot(key) // width for key in sentinels] == list(range(64))
+    assert keys.sentinel_keys("v18") != sentinels  # the version is part of every key
+    assert len(keys.sentinel_keys("v17", 4)) == 4
+    assert keys.SENTINEL.decode(keys.SENTINEL.encode("run-7")) == "run-7"

@@ -23,6 +23,7 @@ META = VersionMeta(
         input_rows={"raw_sample": 100, "user_profile": 7},
         report={"offline": {"pid": "430548_1007", "top_n": 50}},
     ),
+    sentinels=64,
 )
 
 
@@ -33,7 +34,7 @@ def test_metadata_json_is_pinned():
         b'"input_rows":{"raw_sample":100,"user_profile":7},'
         b'"memory_bytes":1234,"model_metrics":{"auc":0.7,"logloss":null},'
         b'"offline_pid":"430548_1007","report":{"offline":{"pid":"430548_1007","top_n":50}},'
-        b'"run_id":"3f2a","stages":["ingest","publish"],"version":"v7"}'
+        b'"run_id":"3f2a","sentinels":64,"stages":["ingest","publish"],"version":"v7"}'
     )
 
 

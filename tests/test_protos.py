@@ -7,16 +7,25 @@ import sys
 from pathlib import Path
 
 import pytest
+from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
 from grpc_helpers import REPO_ROOT, buf_executable
 
 from adrec.api.common.v1 import common_pb2
+from adrec.api.events.v1 import event_service_pb2, event_service_pb2_grpc
 from adrec.api.gateway.v1 import gateway_service_pb2, gateway_service_pb2_grpc
 from adrec.api.ranking.v1 import ranking_service_pb2, ranking_service_pb2_grpc
 from adrec.api.recall.v1 import recall_service_pb2, recall_service_pb2_grpc
 
 GENERATE = REPO_ROOT / "protos" / "generate.py"
-API_MODULES = (common_pb2, recall_service_pb2, ranking_service_pb2, gateway_service_pb2)
+PROTOSET = REPO_ROOT / "protos" / "adrec.protoset.binpb"
+API_MODULES = (
+    common_pb2,
+    recall_service_pb2,
+    ranking_service_pb2,
+    gateway_service_pb2,
+    event_service_pb2,
+)
 
 INT64 = FieldDescriptor.TYPE_INT64
 INT32 = FieldDescriptor.TYPE_INT32
@@ -95,6 +104,53 @@ def test_generation_repairs_the_tree_and_keeps_package_markers(tmp_path: Path):
     assert run_generate("--check", "--out", str(out)).returncode == 0
 
 
+def test_check_reports_a_stale_or_missing_protoset(tmp_path: Path):
+    protoset = tmp_path / "adrec.protoset.binpb"
+    assert run_generate("--check", "--protoset", str(protoset)).stderr.splitlines()[0] == (
+        "missing: adrec.protoset.binpb"
+    )
+    protoset.write_bytes(PROTOSET.read_bytes() + b"\x00")
+    result = run_generate("--check", "--protoset", str(protoset))
+    assert result.returncode == 1
+    assert "differs: adrec.protoset.binpb" in result.stderr.splitlines()
+
+
+def leading_comments(file: descriptor_pb2.FileDescriptorProto) -> dict[str, str]:
+    """Full name of each service, method, message, field, enum and enum value -> its comment."""
+    by_path = {tuple(loc.path): loc.leading_comments for loc in file.source_code_info.location}
+    found = {}
+    package = file.package
+    for i, service in enumerate(file.service):
+        found[f"{package}.{service.name}"] = by_path.get((6, i), "")
+        for j, method in enumerate(service.method):
+            found[f"{package}.{service.name}.{method.name}"] = by_path.get((6, i, 2, j), "")
+    for i, message in enumerate(file.message_type):
+        found[f"{package}.{message.name}"] = by_path.get((4, i), "")
+        for j, field in enumerate(message.field):
+            found[f"{package}.{message.name}.{field.name}"] = by_path.get((4, i, 2, j), "")
+    for i, enum in enumerate(file.enum_type):
+        found[f"{package}.{enum.name}"] = by_path.get((5, i), "")
+        for j, value in enumerate(enum.value):
+            found[f"{package}.{value.name}"] = by_path.get((5, i, 2, j), "")
+    return found
+
+
+def test_the_protoset_holds_every_proto_with_its_comments():
+    """What `grpcurl -protoset ... describe` shows; reflection serves no comments."""
+    files = descriptor_pb2.FileDescriptorSet.FromString(PROTOSET.read_bytes()).file
+    assert sorted(file.name for file in files) == sorted(
+        module.DESCRIPTOR.name for module in API_MODULES
+    )
+    comments: dict[str, str] = {}
+    for file in files:
+        comments.update(leading_comments(file))
+    assert len(comments) > 60
+    assert [name for name, comment in comments.items() if not comment.strip()] == []
+    recommend = comments["adrec.gateway.v1.GatewayService.Recommend"]
+    assert "google.rpc.BadRequest" in recommend
+    assert "0 (unset) means 10" in comments["adrec.gateway.v1.RecommendRequest.count"]
+
+
 def test_generated_modules_import_under_adrec_api_with_proto_file_names():
     for module in API_MODULES:
         assert module.__name__.startswith("adrec.api.")
@@ -158,6 +214,12 @@ def fields(message) -> dict[str, tuple[int, bool]]:
             "adrec.gateway.v1.GatewayService",
             "Recommend",
         ),
+        (
+            event_service_pb2,
+            event_service_pb2_grpc,
+            "adrec.events.v1.EventService",
+            "ReportEvents",
+        ),
     ],
 )
 def test_each_service_has_one_unary_method(module, grpc_module, full_name, method):
@@ -199,6 +261,7 @@ def test_recall_messages():
         "source": (ENUM, False),
         "fallback_reason": (ENUM, False),
         "data_version": (STRING, False),
+        "interest_count": (INT32, False),
     }
     response = recall_service_pb2.GetCandidatesResponse.DESCRIPTOR
     assert response.fields_by_name["source"].enum_type is common_pb2.CandidateSource.DESCRIPTOR
@@ -259,6 +322,42 @@ def test_gateway_messages():
         "DEGRADATION_REASON_NO_OFFLINE_LIST",
         "DEGRADATION_REASON_RECALL_UNAVAILABLE",
     }
+
+
+def test_event_messages():
+    pb = event_service_pb2
+    assert fields(pb.ReportEventsRequest) == {"events": (MESSAGE, True)}
+    assert fields(pb.ReportEventsResponse) == {
+        "accepted": (INT32, False),
+        "log_position": (STRING, False),
+    }
+    assert fields(pb.Event) == {
+        "event_id": (STRING, False),
+        "user_id": (INT64, False),
+        "time": (INT64, False),
+        "impression": (MESSAGE, False),
+        "click": (MESSAGE, False),
+        "behavior": (MESSAGE, False),
+    }
+    # Exactly one payload per event.
+    (payload,) = pb.Event.DESCRIPTOR.oneofs
+    assert [field.name for field in payload.fields] == ["impression", "click", "behavior"]
+    shown = {"ad_id": (INT64, False), "pid": (STRING, False), "request_id": (STRING, False)}
+    assert fields(pb.Impression) == fields(pb.Click) == shown
+    assert fields(pb.Behavior) == {
+        "type": (ENUM, False),
+        "cate_id": (INT64, False),
+        "brand_id": (INT64, False),
+    }
+    behavior_type = pb.Behavior.DESCRIPTOR.fields_by_name["type"]
+    assert behavior_type.enum_type is pb.BehaviorType.DESCRIPTOR
+    assert pb.BehaviorType.keys() == [
+        "BEHAVIOR_TYPE_UNSPECIFIED",
+        "BEHAVIOR_TYPE_PAGE_VIEW",
+        "BEHAVIOR_TYPE_CART",
+        "BEHAVIOR_TYPE_FAVORITE",
+        "BEHAVIOR_TYPE_BUY",
+    ]
 
 
 def upper_snake(name: str) -> str:

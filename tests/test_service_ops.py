@@ -57,6 +57,7 @@ SERVICES = {
     "recall": "adrec.recall.v1.RecallService",
     "ranking": "adrec.ranking.v1.RankingService",
     "gateway": "adrec.gateway.v1.GatewayService",
+    "events": "adrec.events.v1.EventService",
 }
 
 
@@ -94,7 +95,7 @@ def test_health_follows_redis_down_and_back_while_answers_keep_coming():
                     # outage must not take every gateway out at once.
                     assert await health_status(gateway) == SERVING
                     assert await health_status(gateway, SERVICES["gateway"]) == SERVING
-                    assert metric(stack, "adrec_redis_up", service="gateway") == 0
+                    assert metric(stack, "adrec_redis_up", adrec_service="gateway") == 0
                     # Degraded, not failed: the gateway answers from memory.
                     answer = await recommend(gateway, user_id=user, pid=PIDS[0], count=5)
                     assert path(answer) == "POPULAR"
@@ -232,6 +233,9 @@ def test_metrics_endpoint_serves_standard_grpc_and_domain_metrics(redis_client, 
             families, "grpc_server_handled", "_total", grpc_code="InvalidArgument", **gateway
         ) == [1]
         assert samples(families, "grpc_server_handling_seconds", "_count", **gateway) == [5]
+        # Each call received its request; only the answered ones sent a message back.
+        assert samples(families, "grpc_server_msg_received", "_total", **gateway) == [5]
+        assert samples(families, "grpc_server_msg_sent", "_total", **gateway) == [4]
         buckets = samples(families, "grpc_server_handling_seconds", "_bucket", le="0.01", **gateway)
         assert len(buckets) == 1 and 0 < buckets[0] <= 5
         ranking = {
@@ -240,37 +244,49 @@ def test_metrics_endpoint_serves_standard_grpc_and_domain_metrics(redis_client, 
             "grpc_method": "RankCandidates",
         }
         assert samples(families, "grpc_server_handled", "_total", grpc_code="OK", **ranking) == [3]
-        assert samples(families, "adrec_candidates_per_request", "_count", service="ranking") == [3]
-        assert samples(families, "adrec_candidates_per_request", "_sum", service="recall") == [
-            3 * 500 + 200
-        ]
+        # The gateway's side of its calls: recall for the four valid requests, ranking for
+        # the three users with a recall set.
+        recall = {**ranking, "grpc_service": SERVICES["recall"], "grpc_method": "GetCandidates"}
+        assert samples(families, "grpc_client_started", "_total", **recall) == [4]
+        assert samples(families, "grpc_client_handled", "_total", grpc_code="OK", **ranking) == [3]
+        assert samples(families, "grpc_client_handling_seconds", "_count", **ranking) == [3]
         assert samples(
-            families, "adrec_fallbacks", "_total", service="gateway", reason="no_recall_set"
+            families, "adrec_candidates_per_request", "_count", adrec_service="ranking"
+        ) == [3]
+        assert samples(
+            families, "adrec_candidates_per_request", "_sum", adrec_service="recall"
+        ) == [3 * 500 + 200]
+        assert samples(
+            families, "adrec_fallbacks", "_total", adrec_service="gateway", reason="no_recall_set"
         ) == [1]
         created = dt.datetime.fromisoformat(
             store.read_meta(redis_client, data.version).created_at
         ).timestamp()
         for service in SERVICES:
             assert samples(
-                families, "adrec_data_version_info", "", service=service, version=data.version
+                families, "adrec_data_version_info", "", adrec_service=service, version=data.version
             ) == [1]
             assert samples(
-                families, "adrec_data_version_created_timestamp_seconds", "", service=service
+                families, "adrec_data_version_created_timestamp_seconds", "", adrec_service=service
             ) == [created]
-            assert samples(families, "adrec_redis_up", "", service=service) == [1]
+            assert samples(families, "adrec_redis_up", "", adrec_service=service) == [1]
         model_version = f"{data.version}/{data.model.spec.spec_id}"
         assert samples(
-            families, "adrec_model_version_info", "", service="ranking", version=model_version
+            families, "adrec_model_version_info", "", adrec_service="ranking", version=model_version
         ) == [1]
-        assert samples(families, "adrec_unknown_ads", "_total", service="ranking") == [24]
+        assert samples(families, "adrec_unknown_ads", "_total", adrec_service="ranking") == [24]
         assert samples(
-            families, "adrec_redis_latency_seconds", "_count", service="ranking", op="user_features"
+            families,
+            "adrec_redis_latency_seconds",
+            "_count",
+            adrec_service="ranking",
+            op="user_features",
         ) == [3]
         assert samples(
             families,
             "adrec_downstream_latency_seconds",
             "_count",
-            service="gateway",
+            adrec_service="gateway",
             downstream="ranking",
             grpc_code="OK",
         ) == [3]
@@ -347,19 +363,34 @@ def test_a_fresh_stack_exports_every_failure_counter_at_0_so_the_first_failure_c
     assert series(fresh, "grpc_server_handled", "_total") == dict.fromkeys(
         {call | {("grpc_code", code)} for call in calls for code in codes}, 0
     )
+    assert series(fresh, "grpc_server_msg_received", "_total") == dict.fromkeys(calls, 0)
+    assert series(fresh, "grpc_server_msg_sent", "_total") == dict.fromkeys(calls, 0)
+    # The gateway's calls to recall and ranking, counted on its side.
+    downstream_calls = set().union(
+        *(
+            label_sets(grpc_type=["unary"], grpc_service=[service], grpc_method=methods[service])
+            for service in (SERVICES["recall"], SERVICES["ranking"])
+        )
+    )
+    assert series(fresh, "grpc_client_started", "_total") == dict.fromkeys(downstream_calls, 0)
+    assert series(fresh, "grpc_client_handled", "_total") == dict.fromkeys(
+        {call | {("grpc_code", code)} for call in downstream_calls for code in codes}, 0
+    )
     fallbacks = label_sets(
-        service=["gateway"], reason=enum_values(gateway_pb2.DegradationReason)
-    ) | label_sets(service=["recall"], reason=enum_values(recall_service_pb2.FallbackReason))
+        adrec_service=["gateway"], reason=enum_values(gateway_pb2.DegradationReason)
+    ) | label_sets(adrec_service=["recall"], reason=enum_values(recall_service_pb2.FallbackReason))
     assert series(fresh, "adrec_fallbacks", "_total") == dict.fromkeys(fallbacks, 0)
     answers = label_sets(
-        service=["gateway"],
+        adrec_service=["gateway"],
         mode=enum_values(gateway_pb2.RecommendMode),
         path=enum_values(gateway_pb2.ServingPath),
     )
     assert series(fresh, "adrec_recommendations", "_total") == dict.fromkeys(answers, 0)
-    refusals = label_sets(service=["ranking"], reason=["model_spec_mismatch", "bad_version_data"])
+    refusals = label_sets(
+        adrec_service=["ranking"], reason=["model_spec_mismatch", "bad_version_data"]
+    )
     assert series(fresh, "adrec_model_reload_failures", "_total") == dict.fromkeys(refusals, 0)
-    redis_errors = label_sets(service=list(SERVICES), op=[op.value for op in RedisOp])
+    redis_errors = label_sets(adrec_service=list(SERVICES), op=[op.value for op in RedisOp])
     assert series(fresh, "adrec_redis_errors", "_total") == dict.fromkeys(redis_errors, 0)
     # Calls shed over a server's limit (health is never shed), and calls that ended before
     # their handler ran.
@@ -377,10 +408,19 @@ def test_a_fresh_stack_exports_every_failure_counter_at_0_so_the_first_failure_c
     # The first failure: ranking has gone away, and the gateway answers from a fallback.
     reason = reasons(answer)[0]
     assert reason in ("RANKING_UNAVAILABLE", "RANKING_DEADLINE_EXCEEDED")
-    fallback = frozenset({"service": "gateway", "reason": reason.lower()}.items())
+    fallback = frozenset({"adrec_service": "gateway", "reason": reason.lower()}.items())
     assert fresh_and_after(fresh, after, "adrec_fallbacks", fallback) == (0, 1)
+    failed_call = frozenset(
+        {
+            "grpc_type": "unary",
+            "grpc_service": SERVICES["ranking"],
+            "grpc_method": "RankCandidates",
+            "grpc_code": "Unavailable" if reason == "RANKING_UNAVAILABLE" else "DeadlineExceeded",
+        }.items()
+    )
+    assert fresh_and_after(fresh, after, "grpc_client_handled", failed_call) == (0, 1)
     served = frozenset(
-        {"service": "gateway", "mode": "realtime", "path": path(answer).lower()}.items()
+        {"adrec_service": "gateway", "mode": "realtime", "path": path(answer).lower()}.items()
     )
     assert fresh_and_after(fresh, after, "adrec_recommendations", served) == (0, 1)
 
@@ -577,7 +617,7 @@ def test_the_serve_command_only_parses_and_leaves_the_wiring_to_the_runtime():
         "import sys; from adrec.cli import build_parser; build_parser(); "
         "print(sorted(m for m in sys.modules if m.split('.')[:2] in "
         "(['services', 'recall'], ['services', 'ranking'], ['services', 'gateway'], "
-        "['services', 'process'])))"
+        "['services', 'events'], ['services', 'process'])))"
     )
     result = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
@@ -594,19 +634,23 @@ def test_the_serve_command_only_parses_and_leaves_the_wiring_to_the_runtime():
 
 
 def test_each_service_declares_its_env_vars_and_ports():
-    assert set(SETTINGS) == {"recall", "ranking", "gateway", "all"}
+    assert set(SETTINGS) == {"recall", "ranking", "gateway", "events", "all"}
     assert {"ADREC_RECALL_PORT", "ADREC_METRICS_PORT", "REDIS_URL"} <= set(
         service_env_names("recall")
     )
     assert "ADREC_RANKING_ADDRESS" in service_env_names("gateway")
     assert "ADREC_GATEWAY_PORT" not in service_env_names("ranking")
-    defaults = {name: SETTINGS[name]() for name in ("recall", "ranking", "gateway")}
+    assert "ADREC_EVENTS_LOG_MAX_LENGTH" in service_env_names("events")
+    assert "ADREC_EVENTS_PORT" in service_env_names("all")
+    assert "ADREC_EVENTS_PORT" not in service_env_names("gateway")
+    defaults = {name: SETTINGS[name]() for name in ("recall", "ranking", "gateway", "events")}
     ports = {
         defaults["recall"].recall_port,
         defaults["ranking"].ranking_port,
         defaults["gateway"].gateway_port,
+        defaults["events"].events_port,
     }
-    assert len(ports) == 3
+    assert len(ports) == 4
     assert defaults["gateway"].ranking_address.endswith(f":{defaults['ranking'].ranking_port}")
     assert defaults["recall"].reload_interval_seconds > TEST_RELOAD_SECONDS
 
@@ -635,7 +679,7 @@ def test_the_creation_time_of_a_version_comes_from_its_metadata_or_is_not_export
 
     def exported() -> float | None:
         return metrics.registry.get_sample_value(
-            "adrec_data_version_created_timestamp_seconds", {"service": "recall"}
+            "adrec_data_version_created_timestamp_seconds", {"adrec_service": "recall"}
         )
 
     recall.set_data_version("v1", 1764297000.0)

@@ -107,7 +107,7 @@ def test_a_user_without_a_profile_is_scored_with_missing_levels(redis_client, re
             ids, ctrs, _ = expected_ranking(data, user, PIDS[1], candidates)
             assert [ad.ad_id for ad in response.ads] == ids
             assert [ad.ctr for ad in response.ads] == pytest.approx(ctrs, rel=1e-6)
-            assert metric(stack, "adrec_user_profiles_missing_total", service="ranking") == 1
+            assert metric(stack, "adrec_user_profiles_missing_total", adrec_service="ranking") == 1
 
     run(scenario)
 
@@ -138,7 +138,7 @@ def test_unknown_and_repeated_ads_are_skipped_counted_and_scored_once(redis_clie
             response = await rank(channel, user_id=user, pid=PIDS[0], ad_ids=candidates)
             assert sorted(ad.ad_id for ad in response.ads) == sorted(known)
             assert response.unknown_ads_skipped == 3
-            assert metric(stack, "adrec_unknown_ads_total", service="ranking") == 3
+            assert metric(stack, "adrec_unknown_ads_total", adrec_service="ranking") == 3
 
             only_unknown = await rank(channel, user_id=user, pid=PIDS[0], ad_ids=unknown)
             assert list(only_unknown.ads) == []
@@ -325,11 +325,18 @@ def test_hot_reload_switches_within_the_poll_interval_without_failing_calls(
             )
             assert [ad.ad_id for ad in response.ads] == ids[:10]
             assert (
-                metric(stack, "adrec_data_version_info", service="ranking", version=second.version)
+                metric(
+                    stack,
+                    "adrec_data_version_info",
+                    adrec_service="ranking",
+                    version=second.version,
+                )
                 == 1
             )
             assert (
-                metric(stack, "adrec_data_version_info", service="ranking", version=first.version)
+                metric(
+                    stack, "adrec_data_version_info", adrec_service="ranking", version=first.version
+                )
                 == 0
             )
 
@@ -359,7 +366,7 @@ def test_a_model_with_another_feature_spec_is_refused_and_the_old_one_keeps_serv
                     metric(
                         stack,
                         "adrec_model_reload_failures_total",
-                        service="ranking",
+                        adrec_service="ranking",
                         reason="model_spec_mismatch",
                     )
                     == 1
@@ -370,7 +377,7 @@ def test_a_model_with_another_feature_spec_is_refused_and_the_old_one_keeps_serv
                 metric(
                     stack,
                     "adrec_model_reload_failures_total",
-                    service="ranking",
+                    adrec_service="ranking",
                     reason="model_spec_mismatch",
                 )
                 == 1
@@ -393,7 +400,7 @@ def test_a_model_with_another_feature_spec_is_refused_and_the_old_one_keeps_serv
                 metric(
                     stack,
                     "adrec_model_version_info",
-                    service="ranking",
+                    adrec_service="ranking",
                     version=f"{first.version}/{first.model.spec.spec_id}",
                 )
                 == 1

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
+import numpy as np
 import pytest
 from grpc_helpers import loopback_channel
 from service_data import PIDS, metric, publish_version, run, running_stack, wait_until
 
 from adrec.api.common.v1 import common_pb2
 from adrec.api.recall.v1 import recall_service_pb2, recall_service_pb2_grpc
-from adrec.core import keys, store
+from adrec.core import keys, realtime, store
+from adrec.core.realtime import CategoryAds, InterestUpdate, StateSettings, StateUpdate, StateWriter
 
 PERSONAL = common_pb2.CANDIDATE_SOURCE_PERSONAL
 POPULAR = common_pb2.CANDIDATE_SOURCE_POPULAR
@@ -45,7 +48,7 @@ def test_a_users_list_in_order_with_the_limit_honoured(redis_client, redis_url):
             for limit in (1, 7, 500, 900):
                 limited = await candidates(channel, user_id=user, limit=limit, pid=PIDS[1])
                 assert list(limited.ad_ids) == stored[:limit]
-            assert metric(stack, "adrec_candidates_per_request_count", service="recall") == 5
+            assert metric(stack, "adrec_candidates_per_request_count", adrec_service="recall") == 5
 
     run(scenario)
 
@@ -67,7 +70,9 @@ def test_users_without_a_recall_set_get_the_placements_popular_list(redis_client
                 overall = await candidates(channel, user_id=user)
                 assert list(overall.ad_ids) == data.popular[keys.POPULAR_ALL].tolist()
             assert (
-                metric(stack, "adrec_fallbacks_total", service="recall", reason="no_recall_set")
+                metric(
+                    stack, "adrec_fallbacks_total", adrec_service="recall", reason="no_recall_set"
+                )
                 == 6
             )
 
@@ -106,6 +111,51 @@ def test_an_updated_recall_list_is_served_by_the_next_request(redis_client, redi
             now_personal = await candidates(channel, user_id=newcomer)
             assert list(now_personal.ad_ids) == [44, 55]
             assert now_personal.source == PERSONAL
+
+    run(scenario)
+
+
+def _interest(redis_client, user: int, categories: dict[int, float]) -> None:
+    now = int(time.time())
+    writer = StateWriter(redis_client, StateSettings())
+    updates = [InterestUpdate(cate, score, now) for cate, score in categories.items()]
+    writer.apply("test", 0, now, [StateUpdate(keys.REALTIME_USER.key(user), interest=updates)])
+
+
+def test_real_time_interest_leads_the_candidates_without_repeating_them(redis_client, redis_url):
+    data = publish_version(redis_client)
+    user, newcomer, quiet = data.users_with_factors[0], 987_654, data.users_with_factors[1]
+    leaders = CategoryAds.from_table(data.category_ads)
+    strong, weak = (int(c) for c in data.cate_ids[:2])
+    expected_interest = np.concatenate([leaders.for_category(strong), leaders.for_category(weak)])[
+        : realtime.INTEREST_CANDIDATES
+    ].tolist()
+    _interest(redis_client, user, {strong: 2.0, weak: 1.0})
+    _interest(redis_client, newcomer, {strong: 1.0})
+    redis_client.set(keys.REALTIME_USER.key(quiet), b"not a state")
+
+    async def scenario():
+        async with (
+            running_stack(redis_url, "recall") as stack,
+            loopback_channel(recall_port(stack)) as channel,
+        ):
+            answer = await candidates(channel, user_id=user)
+            ids = list(answer.ad_ids)
+            assert answer.interest_count == len(expected_interest) > 0
+            assert ids[: answer.interest_count] == expected_interest
+            stored = data.recall_lists[user].tolist()
+            assert ids[answer.interest_count :] == [a for a in stored if a not in expected_interest]
+            assert answer.source == PERSONAL
+            assert len(set(ids)) == len(ids)
+
+            cold = await candidates(channel, user_id=newcomer, limit=10)
+            assert cold.source == POPULAR and cold.interest_count == 10
+            assert list(cold.ad_ids) == leaders.for_category(strong)[:10].tolist()
+
+            # Unreadable state only loses the interest, never the answer.
+            plain = await candidates(channel, user_id=quiet)
+            assert plain.interest_count == 0
+            assert list(plain.ad_ids) == data.recall_lists[quiet].tolist()
 
     run(scenario)
 

@@ -1,4 +1,5 @@
-"""The services' Redis reads: RedisReader over its direct GET connections."""
+"""The services' Redis reads: RedisReader over its direct GET connections, and the services
+reading a published version through gRPC in each Redis mode."""
 
 from __future__ import annotations
 
@@ -8,11 +9,26 @@ from contextlib import asynccontextmanager
 
 import pytest
 import redis
+from grpc_health.v1 import health_pb2
+from grpc_helpers import health_status, loopback_channel
 from redis.exceptions import RedisError
-from service_data import run
+from redis_fixtures import TLS_PASSWORD
+from service_data import (
+    PIDS,
+    expected_ranking,
+    metric,
+    path,
+    publish_version,
+    recommend,
+    run,
+    running_stack,
+    wait_until,
+)
 
+from adrec.api.gateway.v1 import gateway_service_pb2 as gateway_pb2
 from adrec.core.redis_conn import RedisSettings
 from adrec.core.redis_server import private_redis
+from services.runtime.app import DATA_HEALTH_NAME
 from services.runtime.data import (
     MAX_IDLE_CONNECTIONS,
     MAX_OPEN_CONNECTIONS,
@@ -20,8 +36,9 @@ from services.runtime.data import (
     RedisReader,
     client_without_socket_timeouts,
 )
-from services.runtime.metrics import Metrics
+from services.runtime.metrics import SERVICE_LABEL, Metrics
 
+OFFLINE = gateway_pb2.RECOMMEND_MODE_OFFLINE
 #: Time limit of each read: no test here waits for it to run out, so it is wide enough that
 #: a read on a loaded machine never does.
 READ_TIMEOUT_SECONDS = 5.0
@@ -105,7 +122,7 @@ def test_stale_connection_is_retried_once_on_a_new_socket():
                 client.client_kill_filter(_type="normal", skipme=True)
                 assert await reader.get(b"k", op="recall") == b"v"
                 errors = reader.metrics.metrics.registry.get_sample_value(
-                    "adrec_redis_errors_total", {"service": "recall", "op": "recall"}
+                    "adrec_redis_errors_total", {"adrec_service": "recall", "op": "recall"}
                 )
                 assert not errors
 
@@ -143,3 +160,46 @@ def test_a_burst_of_reads_is_served_over_a_bounded_number_of_connections(redis_c
             assert connected - baseline <= MAX_IDLE_CONNECTIONS
 
     run(scenario)
+
+
+def test_the_services_serve_a_published_version_in_every_redis_mode(
+    redis_target, any_redis, caplog
+):
+    data = publish_version(any_redis)
+    users = (data.users_with_factors[0], data.users_without_factors[0], data.users_with_factors[5])
+
+    async def scenario():
+        async with (
+            running_stack(redis_target.settings) as stack,
+            loopback_channel(stack.services["gateway"].port) as channel,
+        ):
+            assert await health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+            assert (
+                await health_status(channel, DATA_HEALTH_NAME)
+                == health_pb2.HealthCheckResponse.SERVING
+            )
+            for user in users:
+                response = await recommend(channel, user_id=user, pid=PIDS[1], count=10)
+                ids, _, _ = expected_ranking(data, user, PIDS[1], data.recall_lists[user])
+                assert path(response) == "REALTIME_RANKED"
+                assert [ad.ad_id for ad in response.ads] == ids[:10]
+                assert response.data_version == data.version
+            offline = await recommend(channel, user_id=users[0], pid=PIDS[0], count=5, mode=OFFLINE)
+            assert path(offline) == "OFFLINE_RANKED"
+            assert [ad.ad_id for ad in offline.ads] == data.offline_lists[users[0]][0][:5].tolist()
+            for service in ("recall", "ranking", "gateway"):
+                watcher = stack.services[service].watcher
+                expected_nodes = 3 if redis_target.mode == "cluster" else 1
+                assert len(watcher.nodes) == expected_nodes
+                assert all(node.reachable and not node.missing for node in watcher.nodes)
+                # A check slowed past its time limit on a loaded machine counts as a failure
+                # until the next poll, 0.1 s later.
+                await wait_until(
+                    lambda name=service: (
+                        metric(stack, "adrec_redis_up", **{SERVICE_LABEL: name}) == 1
+                    )
+                )
+                assert metric(stack, "adrec_data_loss_detected", **{SERVICE_LABEL: service}) == 0
+
+    run(scenario)
+    assert TLS_PASSWORD not in caplog.text

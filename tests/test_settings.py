@@ -74,3 +74,27 @@ def test_aliases_set_the_same_setting():
     add_flags(RedisSettings, parser)
     chosen = load(RedisSettings, env={}, flags=parser.parse_args(["--redis", "redis://h:1/0"]))
     assert chosen.url == "redis://h:1/0"
+
+
+@dataclasses.dataclass(frozen=True)
+class HelpSettings:
+    share: float = setting("ADREC_HELP_SHARE", 0.4, "Heap share: 40% of memory", parse=float)
+    token: str = setting("ADREC_HELP_TOKEN", "s3cret", "API token", secret=True)
+    name: str = setting("ADREC_HELP_NAME", "", "A name")
+    on: bool = setting("ADREC_HELP_ON", False, "Switch", parse=parse_bool)
+
+
+def test_flag_help_shows_each_default_and_keeps_percent_signs():
+    parser = argparse.ArgumentParser(prog="demo")
+    add_flags(HelpSettings, parser)
+    text = " ".join(parser.format_help().split())
+    assert "Heap share: 40% of memory (default: 0.4)" in text
+    assert "API token (default: ***)" in text
+    assert "s3cret" not in text
+    assert "A name (default: empty)" in text
+    assert "Switch (default: false)" in text
+    # The flags' own defaults stay unset, so an absent flag leaves env and defaults alone.
+    assert (
+        load(HelpSettings, env={"ADREC_HELP_SHARE": "0.5"}, flags=parser.parse_args([])).share
+        == 0.5
+    )

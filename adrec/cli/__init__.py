@@ -1,4 +1,4 @@
-"""The ``adrec`` command line: one entry point for data, job, publish, serve and recommend.
+"""The ``adrec`` command line: one entry point for data, job, publish, serve, recommend, events.
 
 Each command group lives in its own module exposing ``add_parser(subparsers)``; the
 group's heavy imports (pyspark, grpc) happen inside its handlers, so ``adrec --help``
@@ -11,16 +11,32 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any
 
 import redis
 
-COMMAND_GROUPS = ("data", "job", "publish", "serve", "recommend", "demo")
+COMMAND_GROUPS = ("data", "job", "publish", "serve", "recommend", "events", "stream", "demo")
 #: Packages of the `job` extra, which the services image does not carry.
 JOB_PACKAGES = ("pyspark", "pandas", "pyarrow", "sklearn")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Refuses the arguments it does not know itself, with its own usage.
+
+    argparse leaves a subcommand's unknown arguments to the top-level parser, whose usage
+    (`adrec [-h] COMMAND ...`) says nothing about the subcommand's flags. Subparsers are
+    made of their parent's class, so every level of `adrec` refuses its own.
+    """
+
+    def parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
+        parsed, unknown = super().parse_known_args(*args, **kwargs)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed, unknown
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="adrec", description="Real-time ad recommendation: batch job, Redis, gRPC services."
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -47,7 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--workers",
         type=int,
         default=min(2, os.cpu_count() or 1),
-        help="threads drawing rows (does not change the output)",
+        help="threads drawing rows (does not change the output; default: %(default)s)",
     )
     generate.add_argument("--quiet", action="store_true", help="no progress lines")
     generate.set_defaults(handler=_generate)

@@ -31,7 +31,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     package = actions.add_parser(
         "package", help="zip the adrec and jobs packages for spark-submit --py-files"
     )
-    package.add_argument("--out", type=pathlib.Path, default=pathlib.Path("dist/adrec.zip"))
+    package.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=pathlib.Path("dist/adrec.zip"),
+        help="the zip to write (default: %(default)s)",
+    )
     package.set_defaults(handler=_package)
 
 

@@ -56,7 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--mode",
         choices=MODES,
         default="realtime",
-        help="realtime: recall and rank now; offline: the job's ranked list",
+        help="realtime: recall and rank now; offline: the job's ranked list (default: %(default)s)",
     )
     parser.add_argument(
         "--request-id", default="", help="request id to send (default: the gateway generates one)"
@@ -71,18 +71,15 @@ def _recommend(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
 
     from adrec.api.gateway.v1 import gateway_service_pb2, gateway_service_pb2_grpc
-    from services.runtime.requests import (
-        InvalidArgumentError,
-        in_range,
-        known_pid,
-        positive_id,
-    )
+    from services.runtime.requests import FieldChecks, InvalidArgumentError
 
     try:
         client = settings_mod.load(ClientSettings, flags=args)
-        positive_id("USER", args.user_id)
-        known_pid("--pid", args.pid, required=True)
-        in_range("--count", args.count, 1, 500)
+        checks = FieldChecks()
+        checks.positive_id("USER", args.user_id)
+        checks.known_pid("--pid", args.pid, required=True)
+        checks.in_range("--count", args.count, 1, 500)
+        checks.raise_if_any()
     except (settings_mod.SettingsError, InvalidArgumentError) as error:
         raise UsageError(str(error)) from None
 

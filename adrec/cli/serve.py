@@ -1,9 +1,9 @@
-"""`adrec serve recall|ranking|gateway|all`: run the gRPC services.
+"""`adrec serve recall|ranking|gateway|events|all`: run the gRPC services.
 
 Each target reads its settings from env vars and flags (`adrec serve <target> --help`),
-validated before anything starts. `all` runs the three services in one process and one
-event loop for local use; the gateway then talks to the recall and ranking services of
-that process. Bound addresses are printed on stdout, JSON logs go to stderr.
+validated before anything starts. `all` runs every service in one process and one event
+loop for local use; the gateway then talks to the recall and ranking services of that
+process. Bound addresses are printed on stdout, JSON logs go to stderr.
 """
 
 from __future__ import annotations
@@ -26,15 +26,17 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
     parser = subparsers.add_parser(
         "serve",
-        help="run the recall, ranking and gateway gRPC services",
+        help="run the recall, ranking, gateway and event intake gRPC services",
         description=__doc__.split("\n\n", 1)[1],
     )
     targets = parser.add_subparsers(dest="target", required=True, metavar="SERVICE")
     for target, settings_class in SETTINGS.items():
         sub = targets.add_parser(
             target,
-            help="all three services in one process (local use)"
+            help="every service in one process (local use)"
             if target == "all"
+            else "the event intake service"
+            if target == "events"
             else f"the {target} service",
         )
         settings_mod.add_flags(settings_class, sub)

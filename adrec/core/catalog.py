@@ -9,7 +9,8 @@ A run publishes inside a :class:`Publication`::
 
 Guarantees:
 - readers only ever follow ``adrec:active``, which moves with one SET after the new
-  version's metadata is written, so they never see a half-written version;
+  version's sentinels and then its metadata are written, so they never see a half-written
+  version, and can tell when Redis loses part of a complete one;
 - one publisher at a time (a lock with a heartbeat: a killed run's lock expires
   within ``lock_ttl`` seconds);
 - a run that fails or is killed leaves the previous version serving; its partial
@@ -156,13 +157,16 @@ class Publication:
             raise LockLostError(
                 f"version {self.version} is no longer pending: another run removed it"
             )
-        self.writer.put_meta(
+        writer = self.writer
+        sentinels = writer.put_sentinels(self.run_id)
+        writer.put_meta(
             VersionMeta(
                 version=self.version,
                 run_id=self.run_id,
                 created_at=now_utc(),
                 memory_bytes=max(used_memory(self.client) - self._memory_at_start, 0),
                 content=content,
+                sentinels=sentinels,
             )
         )
         self.lock.renew()
@@ -203,9 +207,10 @@ def lock_holder(client: Any) -> str | None:
 
 
 def prune(client: Any, keep_versions: int) -> list[str]:
-    """Delete completed versions beyond the active one and the newest ``keep_versions`` others."""
+    """Delete completed versions beyond the active one and the ``keep_versions`` others most
+    recently active: a version just rolled back to is what the services still follow."""
     active = store.active_version(client)
-    others = [v for v in store.list_versions(client) if v != active]
+    others = [v for v in store.versions_by_activation(client) if v != active]
     doomed = others[: max(len(others) - keep_versions, 0)]
     for version in doomed:
         store.delete_version(client, version)

@@ -15,6 +15,15 @@ Layout (``V`` is a data version such as ``v17``)::
     adrec:V:ads                   -> ad feature table (column table)
     adrec:V:cate_factors          -> ALS category factors (column table)
     adrec:V:model                 -> CTR model artifact (JSON)
+    adrec:V:category_ads          -> each category's leading ads (column table), for interest
+    adrec:V:sentinel:<number>     -> the publishing run's id, one key per slot range (below)
+
+Real-time state lives outside every version, so a publish, a rollback or a prune never
+resets it; each key carries a TTL::
+
+    adrec:events                  -> the event log (a stream of encoded events)
+    adrec:rt:user:<user_id>       -> a user's real-time state (JSON: interest and counts)
+    adrec:rt:ad:<ad_id>           -> an ad's impression and click counts (JSON)
 
 Every key embeds the version, and every read touches one key, so the layout works
 on Redis Cluster unchanged. Curly braces never appear in keys: they would be hash
@@ -23,18 +32,25 @@ tags and pin a whole version to one cluster slot.
 Each :class:`KeyFamily` carries the codec of its values, so a writer and every reader
 (the job's, the CLI's, the services' asyncio reads) pair a key with its encoding in one
 place: ``family.encode(value)`` and ``family.decode(raw)``.
+
+A version's sentinels are :data:`SENTINEL_COUNT` small keys spread over the Redis Cluster
+hash slots, one in each equal range of them, so every node of a cluster holds some of every
+version's. The services read them every poll: a sentinel gone means the node holding it
+lost its data (restarted empty, flushed), which no other read would reveal.
 """
 
 from __future__ import annotations
 
+import binascii
 import dataclasses
+import functools
 import re
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from adrec.core import codecs
+from adrec.core import codecs, realtime
 from adrec.core.codecs import UserFeatures
 from adrec.core.metadata import VersionMeta
 from adrec.core.model import CtrModel
@@ -46,6 +62,7 @@ VERSIONS = f"{PREFIX}:versions".encode()
 VERSION_SEQUENCE = f"{PREFIX}:version_seq".encode()
 PUBLISH_LOCK = f"{PREFIX}:publish_lock".encode()
 PENDING_VERSIONS = f"{PREFIX}:pending".encode()
+EVENT_LOG = f"{PREFIX}:events".encode()
 
 _VERSION_RE = re.compile(r"v[1-9][0-9]{0,17}")
 
@@ -122,6 +139,11 @@ MODEL_ARTIFACT = Codec[CtrModel](
     CtrModel.to_json,
     CtrModel.from_json,
 )
+RUN_ID = Codec[str](
+    "run id of the publishing run, UTF-8",
+    str.encode,
+    bytes.decode,
+)
 
 META = KeyFamily("meta", None, METADATA)
 RECALL = KeyFamily("recall", "user_id", AD_IDS)
@@ -131,6 +153,8 @@ POPULAR = KeyFamily("popular", "scope", AD_IDS)
 ADS = KeyFamily("ads", None, COLUMN_TABLE)
 CATE_FACTORS = KeyFamily("cate_factors", None, COLUMN_TABLE)
 MODEL = KeyFamily("model", None, MODEL_ARTIFACT)
+CATEGORY_ADS = KeyFamily("category_ads", None, COLUMN_TABLE)
+SENTINEL = KeyFamily("sentinel", "number", RUN_ID)
 
 VERSIONED_FAMILIES: tuple[KeyFamily[Any], ...] = (
     META,
@@ -141,10 +165,35 @@ VERSIONED_FAMILIES: tuple[KeyFamily[Any], ...] = (
     ADS,
     CATE_FACTORS,
     MODEL,
+    CATEGORY_ADS,
+    SENTINEL,
 )
 
 #: Popular-list scope covering every placement.
 POPULAR_ALL = "all"
+
+
+@dataclasses.dataclass(frozen=True)
+class StateFamily:
+    """Real-time state of one kind, one value per member, outside every version.
+
+    The stream job writes values only through :class:`realtime.StateWriter`'s script.
+    """
+
+    name: str
+    member: str
+
+    def decode(self, raw: bytes) -> realtime.RealtimeState:
+        return realtime.decode_state(raw)
+
+    def key(self, member: int) -> bytes:
+        if isinstance(member, bool) or not isinstance(member, int) or member <= 0:
+            raise ValueError(f"{self.member} must be a positive integer, got {member!r}")
+        return f"{PREFIX}:rt:{self.name}:{member}".encode()
+
+
+REALTIME_USER = StateFamily("user", "user_id")
+REALTIME_AD = StateFamily("ad", "ad_id")
 
 
 def check_version(version: str) -> str:
@@ -167,3 +216,33 @@ def version_sequence(version: str) -> int:
 def version_pattern(version: str) -> bytes:
     """SCAN pattern matching every key of one version (for deleting old versions)."""
     return f"{PREFIX}:{check_version(version)}:*".encode()
+
+
+#: Hash slots of Redis Cluster.
+CLUSTER_SLOTS = 16384
+#: Sentinels per version: each cluster node of a few holds several, and reading all of them
+#: is one small pipelined round trip per node.
+SENTINEL_COUNT = 64
+
+
+def key_slot(key: bytes) -> int:
+    """The Redis Cluster hash slot of `key` (CRC16-XMODEM of the whole key: adrec keys
+    carry no hash tags)."""
+    if b"{" in key:
+        raise ValueError(f"key {key!r} holds a hash tag; adrec keys never do")
+    return binascii.crc_hqx(key, 0) % CLUSTER_SLOTS
+
+
+@functools.lru_cache(maxsize=64)
+def sentinel_keys(version: str, count: int = SENTINEL_COUNT) -> tuple[bytes, ...]:
+    """The sentinel keys of `version`: for each of `count` equal ranges of the hash slots
+    in order, the key ``adrec:V:sentinel:<n>`` of the smallest n whose slot falls in it."""
+    if not 0 < count <= CLUSTER_SLOTS:
+        raise ValueError(f"sentinel count must be in 1..{CLUSTER_SLOTS}, got {count}")
+    found: dict[int, bytes] = {}
+    number = 0
+    while len(found) < count:
+        number += 1
+        key = SENTINEL.key(version, number)
+        found.setdefault(key_slot(key) * count // CLUSTER_SLOTS, key)
+    return tuple(found[index] for index in range(count))

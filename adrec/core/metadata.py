@@ -59,6 +59,9 @@ class VersionMeta:
     #: Growth of Redis' used_memory while the version was written.
     memory_bytes: int
     content: VersionContent
+    #: Sentinel keys written with the version (``keys.sentinel_keys``); 0 for a version
+    #: published before there were any, whose loss the services then cannot see.
+    sentinels: int = 0
 
     @property
     def created_at_unix(self) -> float | None:
@@ -79,6 +82,7 @@ class VersionMeta:
                 "run_id": self.run_id,
                 "created_at": self.created_at,
                 "memory_bytes": self.memory_bytes,
+                "sentinels": self.sentinels,
                 "config_digest": content.config_digest,
                 "feature_spec_id": content.feature_spec_id,
                 "counts": dataclasses.asdict(content.counts),
@@ -115,6 +119,7 @@ class VersionMeta:
                 input_rows=_counts(_field(document, "input_rows", dict, {}), "input_rows"),
                 report=_field(document, "report", dict, {}),
             ),
+            sentinels=_field(document, "sentinels", int, 0),
         )
 
 

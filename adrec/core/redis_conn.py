@@ -10,6 +10,8 @@ import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
 
 from adrec.core.settings import parse_bool, parse_float, setting
 
@@ -106,10 +108,21 @@ def connect_async(
     settings: RedisSettings, *, socket_timeouts: bool = True
 ) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
     """An asyncio client (the gRPC services); without socket timeouts when the caller
-    bounds every command itself."""
+    bounds every command itself.
+
+    A cluster client tries each command once: a service has a fallback for every read and
+    a deadline to keep, and redis-py's retries (with backoff and a topology refresh between
+    them) made a read of a key on a dead node take most of a second to fail. It also keeps
+    the slots it knows when some are not served, so a node down leaves the others usable.
+    """
     options = _options(settings, socket_timeouts)
     if settings.cluster:
-        return redis.asyncio.cluster.RedisCluster.from_url(settings.url, **options)
+        return redis.asyncio.cluster.RedisCluster.from_url(
+            settings.url,
+            retry=AsyncRetry(NoBackoff(), 0),
+            require_full_coverage=False,
+            **options,
+        )
     return redis.asyncio.Redis.from_url(settings.url, **options)
 
 

@@ -139,16 +139,36 @@ def one_of(*choices: str) -> Callable[[Any], str | None]:
 
 
 def add_flags(cls: type, parser: argparse.ArgumentParser) -> None:
-    """Add one optional flag per setting; absent flags leave env/defaults alone."""
+    """Add one optional flag per setting; absent flags leave env/defaults alone.
+
+    Each flag's help ends with the setting's default. The flag's own default stays None,
+    so that an absent flag can be told from one repeating the default.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     for name, spec in specs(cls).items():
+        # argparse formats help with %: a literal one ("40% of") must be doubled.
+        text = f"{spec.help} (default: {_shown_default(spec, defaults[name])})"
         parser.add_argument(
             spec.flag,
             *spec.aliases,
             dest=f"setting_{name}",
             default=None,
             metavar=spec.env,
-            help=spec.help,
+            help=text.replace("%", "%%"),
         )
+
+
+def _shown_default(spec: SettingSpec, default: Any) -> str:
+    if default in ("", ()):
+        return "empty"
+    if spec.secret:
+        return "***"
+    if isinstance(default, bool):
+        return str(default).lower()
+    if isinstance(default, tuple):
+        return ",".join(map(str, default))
+    text = str(default)
+    return spec.show(text) if spec.show is not None else text
 
 
 def load(

@@ -82,6 +82,9 @@ class VersionWriter:
     def put_ad_table(self, table: Mapping[str, np.ndarray]) -> None:
         self.client.set(keys.ADS.key(self.version), keys.ADS.encode(dict(table)))
 
+    def put_category_ads(self, table: Mapping[str, np.ndarray]) -> None:
+        self.client.set(keys.CATEGORY_ADS.key(self.version), keys.CATEGORY_ADS.encode(dict(table)))
+
     def put_cate_factors(self, cate_ids: np.ndarray, factors: np.ndarray) -> None:
         table = {
             "cate_id": np.asarray(cate_ids, dtype=np.int32),
@@ -91,6 +94,11 @@ class VersionWriter:
 
     def put_model(self, model: CtrModel) -> None:
         self.client.set(keys.MODEL.key(self.version), keys.MODEL.encode(model))
+
+    def put_sentinels(self, run_id: str, count: int = keys.SENTINEL_COUNT) -> int:
+        """Write the version's sentinels (``keys.sentinel_keys``), each holding `run_id`."""
+        value = keys.SENTINEL.encode(run_id)
+        return self._put_many((key, value) for key in keys.sentinel_keys(self.version, count))
 
     def put_meta(self, meta: VersionMeta) -> None:
         self.client.set(keys.META.key(self.version), keys.META.encode(meta))
@@ -116,7 +124,9 @@ def activate(client: Any, version: str) -> str | None:
     """Point readers at ``version`` (which must be complete); returns the previous one."""
     if read_meta(client, version) is None:
         raise VersionNotFoundError(f"version {version} does not exist or was never completed")
-    client.zadd(keys.VERSIONS, {version: time.time()}, nx=True)
+    # Scored by the latest activation, so a version rolled back to counts as recent and the
+    # prune after the next publish keeps it while the services still follow it.
+    client.zadd(keys.VERSIONS, {version: time.time()})
     previous = client.set(keys.ACTIVE_VERSION, version, get=True)
     return previous.decode() if previous is not None else None
 
@@ -125,6 +135,11 @@ def list_versions(client: Any) -> list[str]:
     """Completed versions, oldest first."""
     members = client.zrange(keys.VERSIONS, 0, -1)
     return sorted((m.decode() for m in members), key=keys.version_sequence)
+
+
+def versions_by_activation(client: Any) -> list[str]:
+    """Completed versions, the least recently activated first."""
+    return [member.decode() for member in client.zrange(keys.VERSIONS, 0, -1)]
 
 
 def delete_version(client: Any, version: str, scan_batch: int = 5000) -> int:

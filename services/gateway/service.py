@@ -22,6 +22,7 @@ import uuid
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from redis.exceptions import RedisError
 
 from adrec.api.common.v1 import common_pb2
@@ -34,20 +35,18 @@ from adrec.core.metadata import VersionMeta
 from services.gateway.versions import GatewayVersion
 from services.runtime.data import RedisOp, RedisReader
 from services.runtime.logs import LogThrottle, service_logger
-from services.runtime.metrics import GRPC_CODE_NAMES, enum_labels
+from services.runtime.metrics import GRPC_CODE_NAMES, GrpcClientMetrics, Metrics, enum_labels
 from services.runtime.requests import (
     MAX_REQUEST_ID_LENGTH,
-    InvalidArgumentError,
-    UnavailableError,
-    bounded_text,
+    FieldChecks,
     grpc_errors,
-    in_range,
-    known_pid,
-    positive_id,
+    no_version_loaded,
 )
 from services.runtime.server import ServiceSpec
 
 MAX_COUNT = 500
+#: Ads returned when a request leaves `count` at 0 (unset), as the proto documents.
+DEFAULT_COUNT = 10
 #: Even a call past its deadline gets this long for the offline list before falling back.
 MIN_REDIS_WAIT_SECONDS = 0.001
 
@@ -87,16 +86,29 @@ class Budgets:
     fallback_reserve: float
 
 
-def downstream_channel(target: str, max_message_bytes: int) -> grpc.aio.Channel:
-    """A channel spreading calls over every address `target` resolves to, never retrying.
+def downstream_channel(
+    target: str, service: ServiceDescriptor, max_message_bytes: int, metrics: Metrics
+) -> grpc.aio.Channel:
+    """A channel spreading calls to `service` over every address `target` resolves to that
+    reports it SERVING, never retrying, its calls counted in the grpc_client_* metrics.
 
-    With a headless Kubernetes Service (`dns:///ranking:50052`) that is every pod. A retry
-    would spend the caller's deadline the fallback needs; reconnects are kept short so a
-    restarted pod is used again within a second.
+    With a headless Kubernetes Service (`dns:///ranking:50052`) that is every ready pod, but
+    the channel resolves again only when a connection ends, so a pod that turns NOT_SERVING
+    would keep its share of the calls for minutes: the channel watches each backend's health
+    service instead (client-side health checking) and leaves a backend out while it is not
+    SERVING. With no backend SERVING a call fails at once, and the gateway falls back. A
+    retry would spend the caller's deadline the fallback needs; reconnects are kept short so
+    a restarted pod is used again within a second.
     """
-    service_config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    service_config: dict[str, Any] = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": service.full_name},
+    }
     return grpc.aio.insecure_channel(
         target,
+        interceptors=[
+            GrpcClientMetrics(metrics, service.full_name, [m.name for m in service.methods])
+        ],
         options=[
             ("grpc.service_config", json.dumps(service_config)),
             ("grpc.enable_retries", 0),
@@ -245,16 +257,18 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
         request: gateway_pb2.RecommendRequest,
         context: grpc.aio.ServicerContext[gateway_pb2.RecommendRequest, RecommendResponse],
     ) -> RecommendResponse:
-        user_id = positive_id("user_id", request.user_id)
-        pid = known_pid("pid", request.pid, required=True)
-        count = in_range("count", request.count, 1, MAX_COUNT)
-        request_id = bounded_text("request_id", request.request_id, MAX_REQUEST_ID_LENGTH)
+        checks = FieldChecks()
+        user_id = checks.positive_id("user_id", request.user_id)
+        pid = checks.known_pid("pid", request.pid, required=True)
+        count = checks.in_range("count", request.count or DEFAULT_COUNT, 1, MAX_COUNT)
+        request_id = checks.bounded_text("request_id", request.request_id, MAX_REQUEST_ID_LENGTH)
         mode = request.mode or REALTIME
         if mode not in (REALTIME, OFFLINE):
-            raise InvalidArgumentError("mode", f"unknown mode {mode}")
+            checks.add("mode", f"unknown mode {mode}")
+        checks.raise_if_any()
         current = self.current
         if current is None:
-            raise UnavailableError(self._why_no_version())
+            raise no_version_loaded(self.reader.last_failure, self._why_no_version())
 
         call = _Call(
             user_id=user_id,
@@ -270,14 +284,7 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
         return call.response()
 
     def _why_no_version(self) -> str:
-        """Why no version is loaded, by the version watcher's last poll.
-
-        Names only the error class: a Redis error's text may carry the server's address,
-        which is none of the caller's business.
-        """
-        failure = self.reader.last_failure
-        if failure is not None:
-            return f"no data version loaded: Redis is unreachable ({failure})"
+        """Why no version is loaded while Redis answers the version watcher's polls."""
         if self._load_failure is not None:
             return (
                 "no data version loaded: loading the active version failed "

@@ -25,12 +25,10 @@ from services.ranking.snapshot import RankingSnapshot, SnapshotError
 from services.runtime.data import LOAD_TIMEOUT_SECONDS, RedisOp, RedisReader
 from services.runtime.logs import service_logger
 from services.runtime.requests import (
-    InvalidArgumentError,
-    UnavailableError,
+    FieldChecks,
     grpc_errors,
-    in_range,
-    known_pid,
-    positive_id,
+    no_version_loaded,
+    redis_unavailable,
 )
 from services.runtime.server import ServiceSpec
 
@@ -129,28 +127,32 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
             ranking_service_pb2.RankCandidatesRequest, RankCandidatesResponse
         ],
     ) -> RankCandidatesResponse:
-        user_id = positive_id("user_id", request.user_id)
-        pid = known_pid("pid", request.pid, required=True)
-        top_k = in_range("top_k", request.top_k, 0, MAX_TOP_K)
+        checks = FieldChecks()
+        user_id = checks.positive_id("user_id", request.user_id)
+        pid = checks.known_pid("pid", request.pid, required=True)
+        top_k = checks.in_range("top_k", request.top_k, 0, MAX_TOP_K)
         count = len(request.ad_ids)
-        if count > MAX_CANDIDATES:
-            raise InvalidArgumentError("ad_ids", f"holds {count} ids; at most {MAX_CANDIDATES}")
         candidates = np.array(request.ad_ids, dtype=np.int64)
-        if count and candidates.min() <= 0:
-            bad = int(np.argmax(candidates <= 0))
-            raise InvalidArgumentError(
-                "ad_ids", f"ids must be positive; ad_ids[{bad}] is {candidates[bad]}"
+        if count > MAX_CANDIDATES:
+            checks.add("ad_ids", f"holds {count} ids; at most {MAX_CANDIDATES}")
+        elif count and candidates.min() <= 0:
+            bad = np.flatnonzero(candidates <= 0)
+            checks.add(
+                "ad_ids",
+                f"ids must be positive; ad_ids[{bad[0]}] is {candidates[bad[0]]}"
+                + (f", and {len(bad) - 1} more are not" if len(bad) > 1 else ""),
             )
+        checks.raise_if_any()
         snapshot = self.snapshot
         if snapshot is None:
-            raise UnavailableError("no CTR model loaded yet")
+            raise no_version_loaded(self.reader.last_failure, "no CTR model loaded yet")
 
         try:
             stored = await self.reader.read(
                 keys.USER, snapshot.data_version, user_id, op=RedisOp.USER_FEATURES
             )
         except RedisError as error:
-            raise UnavailableError(f"cannot read the user's features: {error}") from None
+            raise redis_unavailable("the user's features", error) from None
         user = stored if stored is not None else UserFeatures.missing()
 
         scored = snapshot.score(pid, user, candidates, top_k)

@@ -1,17 +1,21 @@
-"""Redis reads of the services: timed single-key GETs and the per-version popular lists."""
+"""Redis reads of the services: timed single-key GETs, the per-version popular lists, and
+the watcher's check of every Redis node."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import enum
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio
+import redis.asyncio.cluster
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from adrec.core import keys
@@ -32,8 +36,9 @@ def model_version(data_version: str, feature_spec_id: str) -> str:
 
 
 class RedisOp(enum.StrEnum):
-    """What a service reads from Redis: the `op` label of adrec_redis_latency_seconds and
-    adrec_redis_errors_total. Every reader exports the error count of each at 0."""
+    """What a service reads from Redis (or writes): the `op` label of
+    adrec_redis_latency_seconds and adrec_redis_errors_total. Every reader exports the error
+    count of each at 0."""
 
     ACTIVE_VERSION = "active_version"
     VERSION_META = "version_meta"
@@ -44,6 +49,13 @@ class RedisOp(enum.StrEnum):
     LOAD_MODEL = "load_model"
     LOAD_ADS = "load_ads"
     LOAD_CATE_FACTORS = "load_cate_factors"
+    #: The watcher's check of each node: a PING and the loaded version's sentinels.
+    NODE_CHECK = "node_check"
+    #: The event intake's one write: a batch appended to the event log in one transaction.
+    APPEND_EVENTS = "append_events"
+    #: A user's real-time state (interest and counts), kept by the stream job.
+    REALTIME_STATE = "realtime_state"
+    LOAD_CATEGORY_ADS = "load_category_ads"
 
 
 #: Bound on reading a whole version's bulk data (the ad table, the largest value of a
@@ -56,7 +68,9 @@ def client_without_socket_timeouts(settings: RedisSettings) -> Any:
 
     redis-py applies its socket timeouts through asyncio.wait_for, which costs a large share
     of a GET's CPU (docs/performance.md) and, on Python 3.11, can swallow a cancellation of
-    the calling task.
+    the calling task. A cluster client goes without them too: a socket timeout is a
+    redis-py error that makes it refresh its slot map, under a lock every command waits
+    for, from a node picked at random, which may be the hung one.
     """
     return connect_async(settings, socket_timeouts=False)
 
@@ -141,13 +155,65 @@ class DirectGets:
         self._open.clear()
 
 
+class ClusterGets:
+    """GETs through a cluster client that fail at once for keys of a node known to be down.
+
+    A node is down from a connection failure of a GET routed to it, or from failing the
+    watcher's last check, until it passes a check again. Without this every read of a key
+    on a dead node would wait for its own failure (a connection attempt, or the whole time
+    limit on a hung node) while the reads of the other nodes' keys go on as usual.
+    """
+
+    def __init__(self, client: redis.asyncio.cluster.RedisCluster):
+        self._client = client
+        self.down: frozenset[str] = frozenset()
+
+    async def get(self, key: bytes) -> bytes | None:
+        node = self._node_of(key) if self.down else None
+        if node is not None and node in self.down:
+            raise RedisConnectionError("the Redis Cluster node serving this key is down")
+        try:
+            # A client without decode_responses answers bytes; redis-py types it loosely.
+            value: bytes | None = await self._client.get(key)  # type: ignore[assignment]
+        except RedisConnectionError:
+            node = self._node_of(key)
+            if node is not None:
+                self.down = self.down | {node}
+            raise
+        return value
+
+    def _node_of(self, key: bytes) -> str | None:
+        """The node serving `key` by the client's slot map; None before it has one."""
+        try:
+            # redis-py types keys as str; it encodes bytes keys the same way.
+            node = self._client.get_node_from_key(key)  # type: ignore[arg-type]
+        except RedisError:
+            return None
+        return str(node.name) if node is not None else None
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeCheck:
+    """One Redis node's answer to the watcher's check."""
+
+    #: host:port (the path of a unix socket).
+    node: str
+    #: Hash slots it serves; a standalone server holds them all.
+    slots: int
+    reachable: bool
+    #: Sentinels of the loaded version it should hold and does not (or holds another run's).
+    missing: int = 0
+    #: Why it is unreachable: the error's class.
+    error: str | None = None
+
+
 class RedisReader:
     """GETs through the service's asyncio Redis client, recording latency and errors by op.
 
     Each GET is bounded by `timeout` seconds (REDIS_TIMEOUT_SECONDS) unless told otherwise;
     running out raises redis' TimeoutError, a RedisError like every other Redis failure.
-    A standalone client's GETs go through :class:`DirectGets`; a cluster client routes its
-    own.
+    A standalone client's GETs go through :class:`DirectGets`; a cluster client's through
+    :class:`ClusterGets`, which routes them by slot.
 
     `last_failure` names the error class the last GET failed with (None once one
     succeeds): a service without data, whose only GETs are then the version watcher's
@@ -160,10 +226,19 @@ class RedisReader:
         metrics.declare_redis_ops(RedisOp)
         self.timeout = timeout
         self.last_failure: str | None = None
-        self._direct = (
-            DirectGets(client.connection_pool) if isinstance(client, redis.asyncio.Redis) else None
-        )
-        self._get = self._direct.get if self._direct is not None else client.get
+        self._direct: DirectGets | None = None
+        self._cluster: ClusterGets | None = None
+        if isinstance(client, redis.asyncio.Redis):
+            self._direct = DirectGets(client.connection_pool)
+            self._get = self._direct.get
+        else:
+            self._cluster = ClusterGets(client)
+            self._get = self._cluster.get
+
+    @property
+    def cluster(self) -> bool:
+        """Whether the client is a Redis Cluster client."""
+        return self._cluster is not None
 
     async def get(self, key: bytes, op: RedisOp, timeout: float | None = None) -> bytes | None:
         latency = self.metrics.redis_latency(op)
@@ -196,6 +271,78 @@ class RedisReader:
         """One key of `family`, decoded by the family's codec; None when it does not exist."""
         raw = await self.get(family.key(version, member), op=op, timeout=timeout)
         return family.decode(raw) if raw is not None else None
+
+    async def check_nodes(self, sentinels: Sequence[bytes], run_id: str) -> list[NodeCheck]:
+        """Ask every node, in one round trip each, whether it answers and holds its share of
+        `sentinels` with `run_id` in them; a cluster's GETs then skip the nodes that did not
+        answer (:class:`ClusterGets`)."""
+        expected = keys.SENTINEL.encode(run_id)
+        if self._cluster is None:
+            kwargs = self.client.connection_pool.connection_kwargs
+            name = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
+            pipe = self.client.pipeline(transaction=False)
+            return [await self._check_node(name, keys.CLUSTER_SLOTS, pipe, sentinels, expected)]
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self.client.initialize()
+        except (RedisError, TimeoutError) as error:
+            # No node answered with the cluster's slots: nothing is known of any node.
+            self.metrics.redis_error(RedisOp.NODE_CHECK)
+            return [NodeCheck("cluster", keys.CLUSTER_SLOTS, False, error=type(error).__name__)]
+        slot_map = self.client.nodes_manager.slots_cache
+        slots = collections.Counter(nodes[0].name for nodes in slot_map.values() if nodes)
+        by_node: dict[str, list[bytes]] = {node.name: [] for node in self.client.get_primaries()}
+        for key in sentinels:
+            node = self._cluster._node_of(key)
+            if node is not None:
+                by_node.setdefault(node, []).append(key)
+        checks = await asyncio.gather(
+            *(
+                self._check_node(
+                    name,
+                    slots[name],
+                    self.client.pipeline(),
+                    node_keys,
+                    expected,
+                    target=self.client.get_node(node_name=name),
+                )
+                for name, node_keys in by_node.items()
+            )
+        )
+        self._cluster.down = frozenset(check.node for check in checks if not check.reachable)
+        return list(checks)
+
+    async def _check_node(
+        self,
+        name: str,
+        slots: int,
+        pipe: Any,
+        sentinels: Sequence[bytes],
+        expected: bytes,
+        target: Any = None,
+    ) -> NodeCheck:
+        if target is not None:
+            pipe.execute_command("PING", target_nodes=target)
+        else:
+            pipe.ping()
+        for key in sentinels:
+            pipe.get(key)
+        latency = self.metrics.redis_latency(RedisOp.NODE_CHECK)
+        start = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.timeout):
+                replies = await pipe.execute(raise_on_error=False)
+        except (RedisError, TimeoutError) as error:
+            self.metrics.redis_error(RedisOp.NODE_CHECK)
+            kind = RedisTimeoutError if isinstance(error, TimeoutError) else type(error)
+            return NodeCheck(name, slots, False, error=kind.__name__)
+        finally:
+            latency.observe(time.perf_counter() - start)
+        # A reply that is an error (a slot moved meanwhile) tells nothing of the key.
+        missing = sum(
+            1 for reply in replies[1:] if not isinstance(reply, Exception) and reply != expected
+        )
+        return NodeCheck(name, slots, True, missing)
 
     async def aclose(self) -> None:
         """Close the connections of this reader's own (the client's pool closes its own)."""

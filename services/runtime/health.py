@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,6 +24,43 @@ from grpc_health.v1.health import aio as health_aio
 
 #: Health service name that reports SERVING for as long as the server runs.
 LIVENESS_SERVICE_NAME = "liveness"
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class HealthServicer(health_aio.HealthServicer):
+    """grpcio-health-checking's asyncio servicer, with the `List` the health service
+    declares: the library leaves it UNIMPLEMENTED, though reflection advertises it.
+
+    It keeps its own copy of the statuses, as the library's is private; both follow the
+    same rules: `set` is ignored once the graceful shutdown has begun, which turns every
+    status NOT_SERVING.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._statuses: dict[str, int] = {OVERALL_HEALTH: _SERVING}
+        self._shutting_down = False
+
+    async def set(self, service: str, status: int) -> None:
+        if not self._shutting_down:
+            self._statuses[service] = status
+        await super().set(service, status)
+
+    async def enter_graceful_shutdown(self) -> None:
+        self._shutting_down = True
+        self._statuses = dict.fromkeys(self._statuses, _NOT_SERVING)
+        await super().enter_graceful_shutdown()
+
+    # types-grpcio-health-checking declares neither List nor its messages.
+    async def List(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return health_pb2.HealthListResponse(  # type: ignore[attr-defined]
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status)
+                for name, status in self._statuses.items()
+            }
+        )
 
 
 async def set_serving_status(

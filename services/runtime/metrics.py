@@ -3,8 +3,10 @@
 Every metric the services export is declared here, so dashboards and alert rules have one
 place to read names and labels from. The gRPC metrics use the names, labels and code
 spellings of go-grpc-prometheus (`grpc_code="OK"`, `"InvalidArgument"`, ...), which the
-usual gRPC dashboards expect; the domain metrics carry a `service` label because
-`adrec serve all` runs the three services in one process behind one `/metrics`.
+usual gRPC dashboards expect, on the server and, for the gateway's calls to recall and
+ranking, on the client side. The domain metrics carry an `adrec_service` label because
+`adrec serve all` runs the three services in one process behind one `/metrics`; it is not
+called `service`, which the Prometheus Operator sets on every target it scrapes.
 
     metrics = Metrics()                          # its own registry
     async with serve(
@@ -22,7 +24,7 @@ import dataclasses
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -62,8 +64,12 @@ LATENCY_BUCKETS = (
     2.5,
     5.0,
 )
+#: The label naming the service (recall, ranking, gateway) on every domain metric.
+SERVICE_LABEL = "adrec_service"
 #: Candidate list sizes: the job's recall lists hold 500, RankCandidates takes up to 1000.
 CANDIDATE_BUCKETS = (0, 1, 10, 25, 50, 100, 200, 300, 400, 500, 750, 1000)
+#: Events per ReportEvents batch, up to and past the default ADREC_EVENTS_MAX_BATCH_SIZE.
+EVENT_BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 
 #: Status code names as go-grpc-prometheus spells them (Go's codes.Code.String()).
 GRPC_CODE_NAMES = {
@@ -126,6 +132,37 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.grpc_msg_received = Counter(
+            "grpc_server_msg_received_total",
+            "Request messages received on the server.",
+            grpc_labels,
+            registry=self.registry,
+        )
+        self.grpc_msg_sent = Counter(
+            "grpc_server_msg_sent_total",
+            "Response messages sent by the server.",
+            grpc_labels,
+            registry=self.registry,
+        )
+        self.grpc_client_started = Counter(
+            "grpc_client_started_total",
+            "RPCs started on the client.",
+            grpc_labels,
+            registry=self.registry,
+        )
+        self.grpc_client_handled = Counter(
+            "grpc_client_handled_total",
+            "RPCs completed on the client, by status code.",
+            (*grpc_labels, "grpc_code"),
+            registry=self.registry,
+        )
+        self.grpc_client_handling_seconds = Histogram(
+            "grpc_client_handling_seconds",
+            "Time from starting an RPC to its completion on the client.",
+            grpc_labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.shed = Counter(
             "adrec_shed_total",
             "RPCs answered RESOURCE_EXHAUSTED before any work: the server was at its limit "
@@ -143,88 +180,134 @@ class Metrics:
         self.candidates = Histogram(
             "adrec_candidates_per_request",
             "Candidate ads handled per request.",
-            ("service",),
+            (SERVICE_LABEL,),
             buckets=CANDIDATE_BUCKETS,
             registry=self.registry,
         )
         self.fallbacks = Counter(
             "adrec_fallbacks_total",
             "Requests answered from a fallback, by the reason the primary source failed.",
-            ("service", "reason"),
+            (SERVICE_LABEL, "reason"),
             registry=self.registry,
         )
         self.recommendations = Counter(
             "adrec_recommendations_total",
             "Recommend answers by requested mode and serving path.",
-            ("service", "mode", "path"),
+            (SERVICE_LABEL, "mode", "path"),
             registry=self.registry,
         )
         self.data_version = Gauge(
             "adrec_data_version_info",
             "Published data version loaded (value 1).",
-            ("service", "version"),
+            (SERVICE_LABEL, "version"),
             registry=self.registry,
         )
         self.model_version = Gauge(
             "adrec_model_version_info",
             "CTR model version loaded (value 1).",
-            ("service", "version"),
+            (SERVICE_LABEL, "version"),
             registry=self.registry,
         )
         self.version_loaded_at = Gauge(
             "adrec_data_version_loaded_timestamp_seconds",
             "When the loaded data version was loaded (Unix time).",
-            ("service",),
+            (SERVICE_LABEL,),
             registry=self.registry,
         )
         self.version_created_at = Gauge(
             "adrec_data_version_created_timestamp_seconds",
             "When the loaded data version was created, from its metadata (Unix time).",
-            ("service",),
+            (SERVICE_LABEL,),
             registry=self.registry,
         )
         self.model_reload_failures = Counter(
             "adrec_model_reload_failures_total",
             "Published versions refused by the ranking service; the previous one kept serving.",
-            ("service", "reason"),
+            (SERVICE_LABEL, "reason"),
             registry=self.registry,
         )
         self.unknown_ads = Counter(
             "adrec_unknown_ads_total",
             "Candidate ads skipped because the loaded version has no features for them.",
-            ("service",),
+            (SERVICE_LABEL,),
             registry=self.registry,
         )
         self.user_profiles_missing = Counter(
             "adrec_user_profiles_missing_total",
             "Ranked requests for users without a profile (scored with missing levels).",
-            ("service",),
+            (SERVICE_LABEL,),
             registry=self.registry,
         )
         self.redis_latency = Histogram(
             "adrec_redis_latency_seconds",
             "Latency of Redis commands, by operation.",
-            ("service", "op"),
+            (SERVICE_LABEL, "op"),
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.redis_errors = Counter(
             "adrec_redis_errors_total",
             "Failed Redis commands, by operation.",
-            ("service", "op"),
+            (SERVICE_LABEL, "op"),
             registry=self.registry,
         )
         self.redis_up = Gauge(
             "adrec_redis_up",
             "1 when the last Redis check succeeded.",
-            ("service",),
+            (SERVICE_LABEL,),
+            registry=self.registry,
+        )
+        self.redis_nodes_unreachable = Gauge(
+            "adrec_redis_nodes_unreachable",
+            "Redis nodes (a standalone server, or Redis Cluster primaries) that failed the last "
+            "check.",
+            (SERVICE_LABEL,),
+            registry=self.registry,
+        )
+        self.data_loss = Gauge(
+            "adrec_data_loss_detected",
+            "1 while the last check found data of the loaded version gone from Redis: its "
+            "sentinels, or the active version pointer.",
+            (SERVICE_LABEL,),
+            registry=self.registry,
+        )
+        self.sentinels_missing = Gauge(
+            "adrec_version_sentinels_missing",
+            "Sentinel keys of the loaded version the last check did not find on nodes that "
+            "answered.",
+            (SERVICE_LABEL,),
             registry=self.registry,
         )
         self.downstream_latency = Histogram(
             "adrec_downstream_latency_seconds",
             "Latency of the gateway's calls to recall and ranking, by outcome.",
-            ("service", "downstream", "grpc_code"),
+            (SERVICE_LABEL, "downstream", "grpc_code"),
             buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.events_accepted = Counter(
+            "adrec_events_accepted_total",
+            "Events appended to the event log, by kind (imp, clk, pv, cart, fav, buy).",
+            (SERVICE_LABEL, "kind"),
+            registry=self.registry,
+        )
+        self.event_batches_rejected = Counter(
+            "adrec_event_batches_rejected_total",
+            "ReportEvents batches of which nothing was logged, by reason.",
+            (SERVICE_LABEL, "reason"),
+            registry=self.registry,
+        )
+        self.event_batch_size = Histogram(
+            "adrec_event_batch_size",
+            "Events per ReportEvents batch received.",
+            (SERVICE_LABEL,),
+            buckets=EVENT_BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.event_log_length = Gauge(
+            "adrec_event_log_length",
+            "Entries in the event log, as of the last batch appended.",
+            (SERVICE_LABEL,),
             registry=self.registry,
         )
 
@@ -284,6 +367,13 @@ class ServiceMetrics:
     def set_redis_up(self, up: bool) -> None:
         self.metrics.redis_up.labels(self.service).set(1 if up else 0)
 
+    def set_redis_nodes_unreachable(self, nodes: int) -> None:
+        self.metrics.redis_nodes_unreachable.labels(self.service).set(nodes)
+
+    def set_data_loss(self, lost: bool, sentinels_missing: int) -> None:
+        self.metrics.data_loss.labels(self.service).set(1 if lost else 0)
+        self.metrics.sentinels_missing.labels(self.service).set(sentinels_missing)
+
     def set_data_version(self, version: str, created_at: float | None = None) -> None:
         """Report `version` as loaded now; `created_at` is its creation time (Unix), None
         when its metadata does not say, which exports no creation time rather than a wrong one.
@@ -321,16 +411,21 @@ def _swap_info(gauge: Gauge, service: str, old: str | None, new: str) -> str:
 
 
 def grpc_server_observer(metrics: Metrics) -> UnaryObserver:
-    """A `serve(observer=...)` recording grpc_server_{started,handled}_total and
-    _handling_seconds for each unary method it wraps.
+    """A `serve(observer=...)` recording grpc_server_{started,handled}_total,
+    grpc_server_msg_{received,sent}_total and _handling_seconds for each unary method it
+    wraps.
 
     `serve` wraps the methods as it registers them, so every method's series, and its
-    handled count for every status code, exist at 0 from the server's start.
+    handled count for every status code, exist at 0 from the server's start. As in
+    go-grpc-prometheus, a unary call has received its one message when it starts, and sends
+    its one message only when it ends OK.
     """
 
     def observe(service: str, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
         labels = ("unary", service, method)
         started = metrics.grpc_started.labels(*labels)
+        received = metrics.grpc_msg_received.labels(*labels)
+        sent = metrics.grpc_msg_sent.labels(*labels)
         seconds = metrics.grpc_handling_seconds.labels(*labels)
         handled_by_code = {
             code: metrics.grpc_handled.labels(*labels, code) for code in GRPC_CODE_NAMES.values()
@@ -338,12 +433,15 @@ def grpc_server_observer(metrics: Metrics) -> UnaryObserver:
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started.inc()
+            received.inc()
             start = time.perf_counter()
             code = "OK"
             try:
                 response = await behavior(request, context)
                 if context.code() is not None:
                     code = GRPC_CODE_NAMES[context.code()]
+                if code == "OK":
+                    sent.inc()
                 return response
             except asyncio.CancelledError:
                 remaining = context.time_remaining()
@@ -363,6 +461,67 @@ def grpc_server_observer(metrics: Metrics) -> UnaryObserver:
         return observed
 
     return observe
+
+
+class _ClientMethod:
+    """The client-side series of one method, exported at 0 from their creation."""
+
+    __slots__ = ("handled", "seconds", "started")
+
+    def __init__(self, metrics: Metrics, full_method: str):
+        service, _, method = full_method.lstrip("/").partition("/")
+        labels = ("unary", service, method)
+        self.started = metrics.grpc_client_started.labels(*labels)
+        self.seconds = metrics.grpc_client_handling_seconds.labels(*labels)
+        self.handled = {
+            code: metrics.grpc_client_handled.labels(*labels, code)
+            for code in GRPC_CODE_NAMES.values()
+        }
+
+
+class GrpcClientMetrics(grpc.aio.UnaryUnaryClientInterceptor):
+    """A channel interceptor recording grpc_client_{started,handled}_total and
+    grpc_client_handling_seconds for each unary call, as go-grpc-prometheus's client
+    interceptor does.
+
+    The methods of `service` (full proto name) are known up front, so their series exist at
+    0 from the channel's creation; a call to any other method is counted from its first call.
+    """
+
+    def __init__(self, metrics: Metrics, service: str, methods: Iterable[str]):
+        self._metrics = metrics
+        self._methods = {
+            full_method: _ClientMethod(metrics, full_method)
+            for full_method in (f"/{service}/{method}" for method in methods)
+        }
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        method = client_call_details.method
+        full_method = method.decode() if isinstance(method, bytes) else method
+        observed = self._methods.get(full_method)
+        if observed is None:
+            observed = self._methods[full_method] = _ClientMethod(self._metrics, full_method)
+        observed.started.inc()
+        start = time.perf_counter()
+        code = "Unknown"
+        try:
+            response = await (await continuation(client_call_details, request))
+            code = "OK"
+            return response
+        except grpc.aio.AioRpcError as error:
+            code = GRPC_CODE_NAMES[error.code()]
+            raise
+        except asyncio.CancelledError:
+            code = "Canceled"
+            raise
+        finally:
+            observed.seconds.observe(time.perf_counter() - start)
+            observed.handled[code].inc()
 
 
 def call_counters(metrics: Metrics) -> CallCounters:

@@ -37,7 +37,7 @@ from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from services.runtime.health import LIVENESS_SERVICE_NAME, set_serving_status
+from services.runtime.health import LIVENESS_SERVICE_NAME, HealthServicer, set_serving_status
 from services.runtime.logs import LogThrottle
 from services.runtime.settings import DEFAULT_MAX_MESSAGE_BYTES
 
@@ -433,7 +433,7 @@ async def serve(
             *options,
         ],
     )
-    health = health_aio.HealthServicer()
+    health = HealthServicer()
     health_spec = ServiceSpec.of(
         health_pb2.DESCRIPTOR.services_by_name["Health"],
         health,

@@ -1,4 +1,4 @@
-"""Settings of the three services, from env vars and flags (see adrec.core.settings).
+"""Settings of the services, from env vars and flags (see adrec.core.settings).
 
 :data:`SETTINGS` maps each `adrec serve` target to its settings class; every service also
 reads :class:`adrec.core.redis_conn.RedisSettings`. Deploy manifests and docs take env var
@@ -31,6 +31,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 DEFAULT_RECALL_PORT = 50051
 DEFAULT_RANKING_PORT = 50052
 DEFAULT_GATEWAY_PORT = 50053
+DEFAULT_EVENTS_PORT = 50054
 DEFAULT_METRICS_PORT = 9464
 
 _PORT_HELP = "gRPC port of the {} service; 0 picks a free one"
@@ -46,6 +47,9 @@ _LIMIT_RANGE = in_range(1, 100_000)
 # `serve all` the gateway's own calls downstream then always fit.
 DEFAULT_GATEWAY_MAX_CONCURRENT_RPCS = 256
 DEFAULT_BACKEND_MAX_CONCURRENT_RPCS = 512
+# A ReportEvents call carries a whole batch, many Recommend calls' worth of work, and every
+# accepted one is a Redis transaction that runs alone on the server: fewer are admitted.
+DEFAULT_EVENTS_MAX_CONCURRENT_RPCS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +192,7 @@ class _GatewayOptions:
     )
     fallback_reserve_ms: int = setting(
         "ADREC_FALLBACK_RESERVE_MS",
-        5,
+        50,
         "Part of the caller's deadline kept back from downstream calls to serve a fallback",
         parse=parse_int,
         check=in_range(0, 60_000),
@@ -198,6 +202,53 @@ class _GatewayOptions:
         if self.fallback_reserve_ms >= self.request_timeout_ms:
             return ["ADREC_FALLBACK_RESERVE_MS must be smaller than ADREC_REQUEST_TIMEOUT_MS"]
         return []
+
+
+@dataclasses.dataclass(frozen=True)
+class _EventsOptions:
+    events_port: int = setting(
+        "ADREC_EVENTS_PORT",
+        DEFAULT_EVENTS_PORT,
+        _PORT_HELP.format("event intake"),
+        parse=parse_int,
+        check=port_number(allow_zero=True),
+    )
+    events_max_concurrent_rpcs: int = setting(
+        "ADREC_EVENTS_MAX_CONCURRENT_RPCS",
+        DEFAULT_EVENTS_MAX_CONCURRENT_RPCS,
+        _LIMIT_HELP.format("event intake"),
+        parse=parse_int,
+        check=_LIMIT_RANGE,
+    )
+    events_max_batch_size: int = setting(
+        "ADREC_EVENTS_MAX_BATCH_SIZE",
+        1000,
+        "Most events one ReportEvents call may carry; a larger batch is INVALID_ARGUMENT",
+        parse=parse_int,
+        check=in_range(1, 100_000),
+    )
+    events_log_max_length: int = setting(
+        "ADREC_EVENTS_LOG_MAX_LENGTH",
+        5_000_000,
+        "Entries the event log keeps: each append trims it to about this many (XADD MAXLEN ~)",
+        parse=parse_int,
+        check=in_range(1_000, 1_000_000_000),
+    )
+    events_max_age_seconds: int = setting(
+        "ADREC_EVENTS_MAX_AGE_SECONDS",
+        86_400,
+        "Oldest event time accepted, in seconds before the server's clock; raise it to "
+        "backfill older events",
+        parse=parse_int,
+        check=in_range(0, 10 * 365 * 86_400),
+    )
+    events_max_ahead_seconds: int = setting(
+        "ADREC_EVENTS_MAX_AHEAD_SECONDS",
+        300,
+        "Newest event time accepted, in seconds after the server's clock (clock skew)",
+        parse=parse_int,
+        check=in_range(0, 86_400),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,8 +267,15 @@ class GatewaySettings(ServerSettings, _GatewayOptions):
 
 
 @dataclasses.dataclass(frozen=True)
-class AllInOneSettings(ServerSettings, _RecallOptions, _RankingOptions, _GatewayOptions):
-    """`adrec serve all`: the three services in one process, one /metrics for all."""
+class EventsSettings(ServerSettings, _EventsOptions):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class AllInOneSettings(
+    ServerSettings, _RecallOptions, _RankingOptions, _GatewayOptions, _EventsOptions
+):
+    """`adrec serve all`: every service in one process, one /metrics for all."""
 
 
 #: `adrec serve` target -> its settings class (each service also reads RedisSettings).
@@ -225,6 +283,7 @@ SETTINGS: dict[str, type[ServerSettings]] = {
     "recall": RecallSettings,
     "ranking": RankingSettings,
     "gateway": GatewaySettings,
+    "events": EventsSettings,
     "all": AllInOneSettings,
 }
 

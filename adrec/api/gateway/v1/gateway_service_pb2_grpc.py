@@ -65,9 +65,12 @@ class GatewayServiceServicer:
         past its deadline, the offline list; without one, the candidates in
         recall order. A user without a personal recall set gets popular ads.
 
-        Errors: INVALID_ARGUMENT for a field out of range or an unknown pid (the
-        message names the field); DEADLINE_EXCEEDED when the caller's deadline
-        passes; UNAVAILABLE only when no path can answer, e.g. no published data.
+        Errors: INVALID_ARGUMENT for fields out of range or an unknown pid (the
+        message names every bad field, and the status details hold a
+        google.rpc.BadRequest with one field violation each); DEADLINE_EXCEEDED
+        when the caller's deadline passes; UNAVAILABLE only when no path can
+        answer, e.g. no published data or Redis unreachable before any was read
+        (the message says which).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

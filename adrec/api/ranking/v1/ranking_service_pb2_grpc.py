@@ -68,9 +68,11 @@ class RankingServiceServicer:
         counted, not an error. A user without a profile is scored with the
         model's missing-value levels.
 
-        Errors: INVALID_ARGUMENT for a field out of range or an unknown pid (the
-        message names the field); UNAVAILABLE when no model is loaded or the
-        user's features cannot be read.
+        Errors: INVALID_ARGUMENT for fields out of range or an unknown pid (the
+        message names every bad field, and the status details hold a
+        google.rpc.BadRequest with one field violation each); UNAVAILABLE when no
+        model is loaded or the user's features cannot be read (the message says
+        whether Redis is unreachable).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

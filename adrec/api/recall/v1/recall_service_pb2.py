@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from adrec.api.common.v1 import common_pb2 as adrec_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$adrec/recall/v1/recall_service.proto\x12\x0f\x61\x64rec.recall.v1\x1a\x1c\x61\x64rec/common/v1/common.proto\"W\n\x14GetCandidatesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x0b\n\x03pid\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\x05\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xa9\x01\n\x15GetCandidatesResponse\x12\x0e\n\x06\x61\x64_ids\x18\x01 \x03(\x03\x12\x30\n\x06source\x18\x02 \x01(\x0e\x32 .adrec.common.v1.CandidateSource\x12\x38\n\x0f\x66\x61llback_reason\x18\x03 \x01(\x0e\x32\x1f.adrec.recall.v1.FallbackReason\x12\x14\n\x0c\x64\x61ta_version\x18\x04 \x01(\t*T\n\x0e\x46\x61llbackReason\x12\x1f\n\x1b\x46\x41LLBACK_REASON_UNSPECIFIED\x10\x00\x12!\n\x1d\x46\x41LLBACK_REASON_NO_RECALL_SET\x10\x01\x32o\n\rRecallService\x12^\n\rGetCandidates\x12%.adrec.recall.v1.GetCandidatesRequest\x1a&.adrec.recall.v1.GetCandidatesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$adrec/recall/v1/recall_service.proto\x12\x0f\x61\x64rec.recall.v1\x1a\x1c\x61\x64rec/common/v1/common.proto\"W\n\x14GetCandidatesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x0b\n\x03pid\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\x05\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xc1\x01\n\x15GetCandidatesResponse\x12\x0e\n\x06\x61\x64_ids\x18\x01 \x03(\x03\x12\x30\n\x06source\x18\x02 \x01(\x0e\x32 .adrec.common.v1.CandidateSource\x12\x38\n\x0f\x66\x61llback_reason\x18\x03 \x01(\x0e\x32\x1f.adrec.recall.v1.FallbackReason\x12\x14\n\x0c\x64\x61ta_version\x18\x04 \x01(\t\x12\x16\n\x0einterest_count\x18\x05 \x01(\x05*T\n\x0e\x46\x61llbackReason\x12\x1f\n\x1b\x46\x41LLBACK_REASON_UNSPECIFIED\x10\x00\x12!\n\x1d\x46\x41LLBACK_REASON_NO_RECALL_SET\x10\x01\x32o\n\rRecallService\x12^\n\rGetCandidates\x12%.adrec.recall.v1.GetCandidatesRequest\x1a&.adrec.recall.v1.GetCandidatesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'adrec.api.recall.v1.recall_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FALLBACKREASON']._serialized_start=348
-  _globals['_FALLBACKREASON']._serialized_end=432
+  _globals['_FALLBACKREASON']._serialized_start=372
+  _globals['_FALLBACKREASON']._serialized_end=456
   _globals['_GETCANDIDATESREQUEST']._serialized_start=87
   _globals['_GETCANDIDATESREQUEST']._serialized_end=174
   _globals['_GETCANDIDATESRESPONSE']._serialized_start=177
-  _globals['_GETCANDIDATESRESPONSE']._serialized_end=346
-  _globals['_RECALLSERVICE']._serialized_start=434
-  _globals['_RECALLSERVICE']._serialized_end=545
+  _globals['_GETCANDIDATESRESPONSE']._serialized_end=370
+  _globals['_RECALLSERVICE']._serialized_start=458
+  _globals['_RECALLSERVICE']._serialized_end=569
 # @@protoc_insertion_point(module_scope)

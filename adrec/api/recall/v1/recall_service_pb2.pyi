@@ -28,13 +28,15 @@ class GetCandidatesRequest(_message.Message):
     def __init__(self, user_id: _Optional[int] = ..., pid: _Optional[str] = ..., limit: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GetCandidatesResponse(_message.Message):
-    __slots__ = ("ad_ids", "source", "fallback_reason", "data_version")
+    __slots__ = ("ad_ids", "source", "fallback_reason", "data_version", "interest_count")
     AD_IDS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_REASON_FIELD_NUMBER: _ClassVar[int]
     DATA_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INTEREST_COUNT_FIELD_NUMBER: _ClassVar[int]
     ad_ids: _containers.RepeatedScalarFieldContainer[int]
     source: _common_pb2.CandidateSource
     fallback_reason: FallbackReason
     data_version: str
-    def __init__(self, ad_ids: _Optional[_Iterable[int]] = ..., source: _Optional[_Union[_common_pb2.CandidateSource, str]] = ..., fallback_reason: _Optional[_Union[FallbackReason, str]] = ..., data_version: _Optional[str] = ...) -> None: ...
+    interest_count: int
+    def __init__(self, ad_ids: _Optional[_Iterable[int]] = ..., source: _Optional[_Union[_common_pb2.CandidateSource, str]] = ..., fallback_reason: _Optional[_Union[FallbackReason, str]] = ..., data_version: _Optional[str] = ..., interest_count: _Optional[int] = ...) -> None: ...

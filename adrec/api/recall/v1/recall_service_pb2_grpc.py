@@ -64,8 +64,11 @@ class RecallServiceServicer:
         A user without a personal recall set gets a popular-ads list instead;
         that is a normal answer, reported in `source` and `fallback_reason`.
 
-        Errors: INVALID_ARGUMENT for a field out of range (the message names the
-        field); UNAVAILABLE when no published data version can be read.
+        Errors: INVALID_ARGUMENT for fields out of range or an unknown pid (the
+        message names every bad field, and the status details hold a
+        google.rpc.BadRequest with one field violation each); UNAVAILABLE when no
+        published data version can be read (the message says whether Redis is
+        unreachable).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

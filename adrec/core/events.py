@@ -1,0 +1,320 @@
+"""Real-time events: what an ad server reports, how it is checked, logged and counted.
+
+Three kinds of event arrive through ``ReportEvents``: an impression (an ad was shown), a click,
+and behaviour (a page view, cart, favourite or purchase of an item of some category and
+brand): the fields of the data set's ``raw_sample`` and ``behavior_log``. Each event is
+checked here (:func:`check_event`), appended to the event log as one text line
+(:func:`encode_event`, :func:`decode_event`), and folded into per-user and per-ad state by the
+stream job. The window and bucket definitions that state uses live here too, so the stream
+job that maintains the counts, the batch job that recomputes them for training and the
+ranking service that reads them agree on what "the last day" means.
+
+Windows are counted in whole clock hours (UTC buckets of :data:`BUCKET_SECONDS`): the count
+of a window of ``h`` hours at time ``t`` is the number of events strictly before ``t``
+whose bucket is one of the ``h`` buckets ending with ``t``'s own. The one-hour window is
+therefore "since the start of this hour", the one-day window the current hour and the 23
+before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from collections.abc import Iterable
+
+from adrec.core.codecs import CodecError
+from adrec.core.dataset import PIDS
+
+#: The largest id the data set's int32 columns and Redis keys hold.
+MAX_ID = 2**31 - 1
+#: Longest event id: enough for a UUID, a ULID or ``<host>-<sequence>``.
+MAX_EVENT_ID_LENGTH = 64
+#: Longest request id, as for ``Recommend``.
+MAX_REQUEST_ID_LENGTH = 128
+#: Event and request ids are printable ASCII without spaces, so a log line splits cleanly.
+_TOKEN_RE = re.compile(r"[!-~]+")
+
+BUCKET_SECONDS = 3600
+
+
+class Kind(enum.StrEnum):
+    """An event's kind; the four behaviour kinds are the data set's ``btag`` values."""
+
+    IMPRESSION = "imp"
+    CLICK = "clk"
+    PAGE_VIEW = "pv"
+    CART = "cart"
+    FAVOURITE = "fav"
+    BUY = "buy"
+
+    @property
+    def is_behaviour(self) -> bool:
+        return self in BEHAVIOUR_KINDS
+
+    @property
+    def names_an_ad(self) -> bool:
+        return self in (Kind.IMPRESSION, Kind.CLICK)
+
+
+BEHAVIOUR_KINDS = frozenset({Kind.PAGE_VIEW, Kind.CART, Kind.FAVOURITE, Kind.BUY})
+
+#: How strongly each kind signals interest in the category it names; a page view is a
+#: glance, the others are deliberate (the course reacted to clicks only).
+INTEREST_WEIGHTS: dict[Kind, float] = {
+    Kind.CLICK: 1.0,
+    Kind.CART: 2.0,
+    Kind.FAVOURITE: 1.5,
+    Kind.BUY: 2.0,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """A counting window of ``hours`` whole clock hours, named as in feature and field names."""
+
+    name: str
+    hours: int
+
+    def buckets(self, now: int) -> range:
+        last = bucket_of(now)
+        return range(last - self.hours + 1, last + 1)
+
+
+WINDOWS: tuple[Window, ...] = (Window("1h", 1), Window("1d", 24), Window("3d", 72))
+#: Buckets older than the longest window are never read again.
+KEPT_BUCKETS = max(window.hours for window in WINDOWS)
+
+
+def bucket_of(unix_seconds: int) -> int:
+    return unix_seconds // BUCKET_SECONDS
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Event:
+    """One reported event. Ids that do not apply to the kind are 0, strings empty.
+
+    ``time`` is the moment it happened, in unix seconds. ``ad_id`` and ``pid`` belong to
+    impressions and clicks (``request_id`` links an impression to the ``Recommend`` answer
+    that chose it); ``cate_id`` and ``brand_id`` to behaviour (brand 0: the item has none).
+    """
+
+    kind: Kind
+    event_id: str
+    user_id: int
+    time: int
+    ad_id: int = 0
+    pid: str = ""
+    request_id: str = ""
+    cate_id: int = 0
+    brand_id: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeBounds:
+    """How far from the receiver's clock an event's time may be."""
+
+    max_age_seconds: int
+    max_ahead_seconds: int
+
+
+def check_event(event: Event, now: int, bounds: TimeBounds) -> list[tuple[str, str]]:
+    """Every problem of one event as (field, problem); empty when it can be logged."""
+    problems: list[tuple[str, str]] = []
+
+    def need(ok: bool, field: str, problem: str) -> None:
+        if not ok:
+            problems.append((field, problem))
+
+    if not event.event_id:
+        problems.append(("event_id", "is required (it makes a resent event count once)"))
+    else:
+        need(
+            len(event.event_id) <= MAX_EVENT_ID_LENGTH,
+            "event_id",
+            f"holds {len(event.event_id)} characters; at most {MAX_EVENT_ID_LENGTH}",
+        )
+        need(
+            bool(_TOKEN_RE.fullmatch(event.event_id)),
+            "event_id",
+            "must be printable ASCII without spaces",
+        )
+    need(0 < event.user_id <= MAX_ID, "user_id", f"must be a positive id, got {event.user_id}")
+    oldest, newest = now - bounds.max_age_seconds, now + bounds.max_ahead_seconds
+    need(
+        oldest <= event.time <= newest,
+        "time",
+        f"{event.time} is outside the accepted range {oldest}..{newest} "
+        f"(at most {bounds.max_age_seconds} s old, {bounds.max_ahead_seconds} s ahead)",
+    )
+    if event.kind.names_an_ad:
+        need(0 < event.ad_id <= MAX_ID, "ad_id", f"must be a positive id, got {event.ad_id}")
+        need(
+            event.pid in PIDS,
+            "pid",
+            f"{_excerpt(event.pid) if event.pid else 'empty'} is not a known placement; "
+            f"known: {', '.join(PIDS)}",
+        )
+        if event.request_id:
+            need(
+                len(event.request_id) <= MAX_REQUEST_ID_LENGTH,
+                "request_id",
+                f"holds {len(event.request_id)} characters; at most {MAX_REQUEST_ID_LENGTH}",
+            )
+            need(
+                bool(_TOKEN_RE.fullmatch(event.request_id)),
+                "request_id",
+                "must be printable ASCII without spaces",
+            )
+    else:
+        need(0 < event.cate_id <= MAX_ID, "cate_id", f"must be a positive id, got {event.cate_id}")
+        need(
+            0 <= event.brand_id <= MAX_ID,
+            "brand_id",
+            f"must be a positive id or 0 (no brand), got {event.brand_id}",
+        )
+    return problems
+
+
+def _excerpt(text: str, limit: int = 40) -> str:
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}..."
+
+
+# ---------------------------------------------------------------- the event log's lines
+
+#: Format tag of a log line; a reader refuses lines of a format it does not know.
+LINE_FORMAT = b"1"
+#: The one field of each entry of the event log (``keys.EVENT_LOG``, a Redis stream):
+#: its value is the event's line. A byte string in keys.py would count as a key there.
+LOG_FIELD = b"e"
+_FIELD_COUNT = 10
+
+
+def encode_event(event: Event) -> bytes:
+    """One log line, tab-separated: format, kind, event id, user, time, ad, pid, request id,
+    cate, brand.
+
+    Ids that do not apply are written empty, so a line holds only what was reported.
+    Only events that passed :func:`check_event` are encoded: their strings hold no tabs.
+    """
+
+    def number(value: int) -> str:
+        return str(value) if value else ""
+
+    return b"\t".join(
+        (
+            LINE_FORMAT,
+            event.kind.value.encode(),
+            event.event_id.encode(),
+            str(event.user_id).encode(),
+            str(event.time).encode(),
+            number(event.ad_id).encode(),
+            event.pid.encode(),
+            event.request_id.encode(),
+            number(event.cate_id).encode(),
+            number(event.brand_id).encode(),
+        )
+    )
+
+
+def decode_event(line: bytes) -> Event:
+    """The event of one log line; raises :class:`CodecError` on anything else."""
+    parts = line.split(b"\t")
+    if len(parts) != _FIELD_COUNT or parts[0] != LINE_FORMAT:
+        raise CodecError(
+            f"event line: expected format {LINE_FORMAT.decode()} with {_FIELD_COUNT} fields, "
+            f"got {len(parts)} fields starting {parts[0][:8]!r}"
+        )
+    try:
+        kind = Kind(parts[1].decode())
+        return Event(
+            kind=kind,
+            event_id=parts[2].decode("ascii"),
+            user_id=int(parts[3]),
+            time=int(parts[4]),
+            ad_id=int(parts[5] or 0),
+            pid=parts[6].decode("ascii"),
+            request_id=parts[7].decode("ascii"),
+            cate_id=int(parts[8] or 0),
+            brand_id=int(parts[9] or 0),
+        )
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CodecError(f"event line: {error}") from None
+
+
+# ---------------------------------------------------------------- state field names
+#
+# A user's real-time state is one Redis hash (keys.REALTIME_USER); its fields are named here.
+# Counts: "<kind>:<scope><id>:<bucket>", scope letters as in :class:`Scope`, e.g.
+# "cart:c6513:492811" is the user's carts of category 6513 in hour bucket 492811.
+# Interest: "i:<cate>" holds "<score>:<unix seconds>", the category's interest score as of
+# that moment; it halves every half-life.
+
+INTEREST_PREFIX = "i:"
+#: The field that records the last stream batch applied to a key (idempotent replays).
+APPLIED_BATCH_FIELD = "applied"
+
+
+class Scope(enum.StrEnum):
+    """What a count is of: the event's category, brand, ad, campaign or customer."""
+
+    CATEGORY = "c"
+    BRAND = "b"
+    AD = "a"
+    CAMPAIGN = "g"
+    CUSTOMER = "u"
+
+
+def count_field(kind: Kind, scope: Scope, member: int, bucket: int) -> str:
+    return f"{kind.value}:{scope.value}{member}:{bucket}"
+
+
+def interest_field(cate_id: int) -> str:
+    return f"{INTEREST_PREFIX}{cate_id}"
+
+
+@dataclasses.dataclass(frozen=True)
+class CountField:
+    kind: Kind
+    scope: Scope
+    member: int
+    bucket: int
+
+
+def parse_count_field(name: str) -> CountField | None:
+    """The parts of a count field's name; None for any other field."""
+    parts = name.split(":")
+    if len(parts) != 3 or len(parts[1]) < 2:
+        return None
+    try:
+        return CountField(Kind(parts[0]), Scope(parts[1][0]), int(parts[1][1:]), int(parts[2]))
+    except ValueError:
+        return None
+
+
+def window_counts(
+    fields: Iterable[tuple[str, int]], now: int
+) -> dict[tuple[Kind, Scope, int], tuple[int, ...]]:
+    """Per (kind, scope, member), its count in each of :data:`WINDOWS` at ``now``."""
+    current = bucket_of(now)
+    counts: dict[tuple[Kind, Scope, int], list[int]] = {}
+    for name, value in fields:
+        parsed = parse_count_field(name)
+        if parsed is None:
+            continue
+        age = current - parsed.bucket
+        if age < 0:
+            continue
+        per_window = counts.setdefault(
+            (parsed.kind, parsed.scope, parsed.member), [0] * len(WINDOWS)
+        )
+        for index, window in enumerate(WINDOWS):
+            if age < window.hours:
+                per_window[index] += value
+    return {key: tuple(values) for key, values in counts.items()}
+
+
+def decayed_interest(score: float, since: int, now: int, half_life_seconds: float) -> float:
+    """An interest score recorded at ``since``, as of ``now``."""
+    age = max(0, now - since)
+    return float(score * 0.5 ** (age / half_life_seconds))

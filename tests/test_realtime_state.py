@@ -1,0 +1,135 @@
+"""Real-time state values: the update script on a real redis-server, idempotence, decay, pruning."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adrec.core import events, keys, realtime
+from adrec.core.codecs import CodecError
+from adrec.core.events import Kind, Scope
+from adrec.core.realtime import (
+    InterestUpdate,
+    StateSettings,
+    StateUpdate,
+    StateWriter,
+    decode_state,
+)
+
+NOW = 1_494_000_000
+HOUR = events.bucket_of(NOW)
+HALF_LIFE = realtime.INTEREST_HALF_LIFE_SECONDS
+
+
+@pytest.fixture
+def writer(redis_client) -> StateWriter:
+    return StateWriter(redis_client, StateSettings(half_life_seconds=HALF_LIFE))
+
+
+def _state(redis_client, user: int):
+    raw = redis_client.get(keys.REALTIME_USER.key(user))
+    return decode_state(raw) if raw is not None else None
+
+
+def _cart(cate: int, bucket: int = HOUR) -> str:
+    return events.count_field(Kind.CART, Scope.CATEGORY, cate, bucket)
+
+
+def test_counts_add_up_across_batches_and_a_replayed_batch_counts_once(writer, redis_client):
+    key = keys.REALTIME_USER.key(7)
+    first = StateUpdate(key, counts=[(_cart(11), 2)])
+    assert writer.apply("run-a", 0, NOW, [first]) == 1
+    assert writer.apply("run-a", 1, NOW, [StateUpdate(key, counts=[(_cart(11), 3)])]) == 1
+    # A crash after batch 1 reached this key: the replay must not add it again.
+    assert writer.apply("run-a", 1, NOW, [StateUpdate(key, counts=[(_cart(11), 3)])]) == 0
+    assert writer.apply("run-a", 0, NOW, [first]) == 0
+    state = _state(redis_client, 7)
+    assert state.counts == {_cart(11): 5}
+    assert (state.run, state.batch) == ("run-a", 1)
+
+
+def test_a_new_run_applies_from_batch_zero_again(writer, redis_client):
+    key = keys.REALTIME_USER.key(7)
+    writer.apply("run-a", 9, NOW, [StateUpdate(key, counts=[(_cart(11), 1)])])
+    assert writer.apply("run-b", 0, NOW, [StateUpdate(key, counts=[(_cart(11), 1)])]) == 1
+    assert _state(redis_client, 7).counts == {_cart(11): 2}
+
+
+def test_buckets_older_than_the_longest_window_are_pruned(writer, redis_client):
+    key = keys.REALTIME_USER.key(3)
+    stale = _cart(11, HOUR - events.KEPT_BUCKETS)
+    oldest_kept = _cart(11, HOUR - events.KEPT_BUCKETS + 1)
+    writer.apply("r", 0, NOW, [StateUpdate(key, counts=[(stale, 4), (oldest_kept, 1)])])
+    assert _state(redis_client, 3).counts == {oldest_kept: 1}
+
+
+def test_window_counts_follow_the_clock_hour_definition(writer, redis_client):
+    key = keys.REALTIME_USER.key(3)
+    counts = [(_cart(11, HOUR), 1), (_cart(11, HOUR - 1), 2), (_cart(11, HOUR - 30), 4)]
+    writer.apply("r", 0, NOW, [StateUpdate(key, counts=counts)])
+    windows = _state(redis_client, 3).window_counts(NOW)
+    assert [window.name for window in events.WINDOWS] == ["1h", "1d", "3d"]
+    assert windows[(Kind.CART, Scope.CATEGORY, 11)] == (1, 3, 7)
+    # An hour later the current bucket has moved on.
+    assert _state(redis_client, 3).window_counts(NOW + 3600)[(Kind.CART, Scope.CATEGORY, 11)] == (
+        0,
+        3,
+        7,
+    )
+
+
+def test_interest_combines_decayed_scores_and_fades_out(writer, redis_client):
+    key = keys.REALTIME_USER.key(5)
+    writer.apply("r", 0, NOW, [StateUpdate(key, interest=[InterestUpdate(21, 1.0, NOW)])])
+    later = NOW + int(HALF_LIFE)
+    writer.apply("r", 1, later, [StateUpdate(key, interest=[InterestUpdate(21, 1.0, later)])])
+    state = _state(redis_client, 5)
+    score, since = state.interest[21]
+    assert since == later
+    assert score == pytest.approx(1.5)
+    assert state.interest_ranking(later + int(HALF_LIFE), HALF_LIFE) == [(21, pytest.approx(0.75))]
+    # Faded below the floor: no longer ranked, and dropped by the next update.
+    far = later + int(10 * HALF_LIFE)
+    assert state.interest_ranking(far, HALF_LIFE) == []
+    writer.apply("r", 2, far, [StateUpdate(key, counts=[(_cart(1, events.bucket_of(far)), 1)])])
+    assert _state(redis_client, 5).interest == {}
+
+
+def test_interest_keeps_the_strongest_categories_only(redis_client):
+    writer = StateWriter(
+        redis_client, StateSettings(half_life_seconds=HALF_LIFE, max_interest_categories=2)
+    )
+    key = keys.REALTIME_USER.key(5)
+    updates = [InterestUpdate(cate, float(cate), NOW) for cate in (1, 2, 3)]
+    writer.apply("r", 0, NOW, [StateUpdate(key, interest=updates)])
+    assert set(_state(redis_client, 5).interest) == {2, 3}
+
+
+def test_state_expires_after_the_longest_window(writer, redis_client):
+    key = keys.REALTIME_USER.key(8)
+    writer.apply("r", 0, NOW, [StateUpdate(key, counts=[(_cart(1), 1)])])
+    ttl = redis_client.ttl(key)
+    assert (events.KEPT_BUCKETS) * 3600 < ttl <= (events.KEPT_BUCKETS + 1) * 3600
+
+
+def test_many_updates_go_through_several_pipelines(redis_client):
+    writer = StateWriter(redis_client, StateSettings(half_life_seconds=HALF_LIFE), pipeline_size=7)
+    updates = [StateUpdate(keys.REALTIME_USER.key(u), counts=[(_cart(1), u)]) for u in range(1, 51)]
+    assert writer.apply("r", 0, NOW, updates) == 50
+    assert _state(redis_client, 50).counts == {_cart(1): 50}
+
+
+def test_a_value_that_is_not_state_is_refused():
+    with pytest.raises(CodecError, match="real-time state"):
+        decode_state(b"not json")
+    with pytest.raises(CodecError, match="real-time state"):
+        decode_state(json.dumps({"counts": {}}).encode())
+
+
+def test_value_bytes_are_pinned():
+    raw = b'{"run":"r","batch":3,"counts":{"cart:c11:415000":2},"interest":{"21":[1.5,1494000000]}}'
+    state = decode_state(raw)
+    assert state.counts == {"cart:c11:415000": 2}
+    assert state.interest == {21: (1.5, 1494000000)}
+    assert (state.run, state.batch) == ("r", 3)

@@ -1,0 +1,266 @@
+"""The stream job: its transforms on small DataFrames, then the real query on a real Redis."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import redis
+
+from adrec.core import events, keys, realtime, store
+from adrec.core.events import Event, Kind, Scope
+from adrec.core.store import VersionWriter
+from jobs.stream.transform import (
+    USER,
+    deduplicated,
+    fold_contributions,
+    parse_lines,
+    state_contributions,
+)
+
+NOW = int(time.time())
+HOUR = events.bucket_of(NOW)
+RECEIVED = datetime.datetime.fromtimestamp(NOW, tz=datetime.UTC)
+PID = "430548_1007"
+# adgroup_id, cate_id, campaign_id, customer_id
+ADS = [(101, 7, 31, 41), (102, 7, 32, 41), (103, 8, 33, 42)]
+
+
+def _line(event: Event) -> str:
+    return events.encode_event(event).decode()
+
+
+def _raw(spark, lines):
+    rows = [(f"{i}-0", RECEIVED, line) for i, line in enumerate(lines, start=1)]
+    return spark.createDataFrame(rows, "position string, received timestamp, line string")
+
+
+def _ads(spark):
+    return spark.createDataFrame(
+        ADS, "adgroup_id long, cate_id long, campaign_id long, customer_id long"
+    )
+
+
+def test_parse_lines_marks_lines_that_are_not_events(spark):
+    good = _line(Event(Kind.CART, "e1", 5, NOW, cate_id=7, brand_id=9))
+    parsed = parse_lines(
+        _raw(spark, [good, "garbage", good.replace("1\t", "2\t", 1), "1\tzap" + good[5:]])
+    ).collect()
+    assert [row.valid for row in parsed] == [True, False, False, False]
+    first = parsed[0]
+    assert (first.kind, first.event_id, first.user_id, first.time) == ("cart", "e1", 5, NOW)
+    assert (first.cate_id, first.brand_id, first.ad_id, first.pid) == (7, 9, 0, "")
+
+
+def test_contributions_fold_into_counts_and_interest(spark):
+    batch = [
+        Event(Kind.IMPRESSION, "i1", 5, NOW, ad_id=101, pid=PID),
+        Event(Kind.IMPRESSION, "i2", 5, NOW, ad_id=102, pid=PID),
+        Event(Kind.CLICK, "c1", 5, NOW, ad_id=101, pid=PID),
+        Event(Kind.CART, "b1", 5, NOW - 1800, cate_id=8, brand_id=9),
+        Event(Kind.PAGE_VIEW, "b2", 6, NOW, cate_id=8, brand_id=0),
+        Event(Kind.CLICK, "c2", 6, NOW, ad_id=999, pid=PID),  # not in the ad table
+    ]
+    frame = parse_lines(_raw(spark, [_line(event) for event in batch])).where("valid")
+    rows = [tuple(row) for row in state_contributions(frame, _ads(spark)).collect()]
+    updates = {u.key: u for u in fold_contributions(rows, realtime.INTEREST_HALF_LIFE_SECONDS)}
+
+    def field(kind: Kind, scope: Scope, member: int, bucket: int = HOUR) -> str:
+        return events.count_field(kind, scope, member, bucket)
+
+    user5 = updates[keys.REALTIME_USER.key(5)]
+    cart_hour = events.bucket_of(NOW - 1800)
+    assert dict(user5.counts) == {
+        field(Kind.IMPRESSION, Scope.AD, 101): 1,
+        field(Kind.IMPRESSION, Scope.AD, 102): 1,
+        field(Kind.IMPRESSION, Scope.CATEGORY, 7): 2,
+        field(Kind.IMPRESSION, Scope.CAMPAIGN, 31): 1,
+        field(Kind.IMPRESSION, Scope.CAMPAIGN, 32): 1,
+        field(Kind.IMPRESSION, Scope.CUSTOMER, 41): 2,
+        field(Kind.CLICK, Scope.AD, 101): 1,
+        field(Kind.CLICK, Scope.CATEGORY, 7): 1,
+        field(Kind.CLICK, Scope.CAMPAIGN, 31): 1,
+        field(Kind.CLICK, Scope.CUSTOMER, 41): 1,
+        field(Kind.CART, Scope.CATEGORY, 8, cart_hour): 1,
+        field(Kind.CART, Scope.BRAND, 9, cart_hour): 1,
+    }
+    # The click names category 7 through its ad; the cart half an hour ago has halved.
+    interest = {i.cate_id: (i.score, i.time) for i in user5.interest}
+    assert interest[7] == (pytest.approx(events.INTEREST_WEIGHTS[Kind.CLICK]), NOW)
+    assert interest[8] == (pytest.approx(events.INTEREST_WEIGHTS[Kind.CART]), NOW - 1800)
+
+    user6 = updates[keys.REALTIME_USER.key(6)]
+    # A page view shows no deliberate interest; brand 0 is no brand; the unknown ad still
+    # counts for the ad itself.
+    assert user6.interest == []
+    assert dict(user6.counts) == {
+        field(Kind.PAGE_VIEW, Scope.CATEGORY, 8): 1,
+        field(Kind.CLICK, Scope.AD, 999): 1,
+    }
+    assert dict(updates[keys.REALTIME_AD.key(101)].counts) == {
+        field(Kind.IMPRESSION, Scope.AD, 101): 1,
+        field(Kind.CLICK, Scope.AD, 101): 1,
+    }
+
+
+def test_interest_of_one_batch_combines_like_the_state_script():
+    rows = [
+        (USER, 5, None, None, 7, 1.0, NOW - 1800),
+        (USER, 5, None, None, 7, 1.0, NOW),
+    ]
+    (update,) = fold_contributions(rows, 1800.0)
+    assert [(i.cate_id, i.time) for i in update.interest] == [(7, NOW)]
+    assert update.interest[0].score == pytest.approx(1.5)
+
+
+def test_resent_events_count_once(spark, tmp_path):
+    event = _line(Event(Kind.CART, "same", 5, NOW, cate_id=7))
+    other = _line(Event(Kind.CART, "other", 5, NOW, cate_id=7))
+    source = tmp_path / "in"
+    source.mkdir()
+    (source / "a.txt").write_text(f"{event}\n{event}\n{other}\n")
+    stream = (
+        spark.readStream.format("text")
+        .load(str(source))
+        .selectExpr("'f' as position", "current_timestamp() as received", "value as line")
+    )
+    query = (
+        deduplicated(parse_lines(stream), 600)
+        .writeStream.format("memory")
+        .queryName("dedup_test")
+        .option("checkpointLocation", str(tmp_path / "checkpoint"))
+        .trigger(availableNow=True)
+        .start()
+    )
+    query.awaitTermination(120)
+    ids = Counter(row.event_id for row in spark.sql("select event_id from dedup_test").collect())
+    assert ids == {"same": 1, "other": 1}
+
+
+# ---------------------------------------------------------------- the real query
+
+
+def _publish_ads(client: redis.Redis) -> str:
+    version = store.allocate_version(client)
+    columns = np.array(ADS, dtype=np.int32).T
+    VersionWriter(client, version).put_ad_table(
+        {
+            "adgroup_id": columns[0],
+            "cate_id": columns[1],
+            "campaign_id": columns[2],
+            "customer_id": columns[3],
+        }
+    )
+    # The stream job reads only the pointer and the ad table of a version.
+    client.set(keys.ACTIVE_VERSION, version)
+    return version
+
+
+def _log(client: redis.Redis, batch: list[Event], first_ms: int, step_ms: int) -> None:
+    pipe = client.pipeline(transaction=False)
+    for index, event in enumerate(batch):
+        pipe.xadd(
+            keys.EVENT_LOG,
+            {events.LOG_FIELD: events.encode_event(event)},
+            id=f"{first_ms + index * step_ms}-0",
+        )
+    pipe.execute()
+
+
+def _stream_job(redis_url: str, checkpoint, batches: int) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "ADREC_STREAM_CHECKPOINT": str(checkpoint),
+        "ADREC_STREAM_MAX_BATCH_SECONDS": "1",
+        "ADREC_STREAM_TRIGGER_MS": "0",
+        "ADREC_STREAM_METRICS_PORT": "0",
+        "ADREC_STREAM_BATCHES": str(batches),
+        "ADREC_STREAM_LOCAL_MEMORY": "1g",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "adrec", "stream", "run"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _user_counts(client: redis.Redis, users: range) -> dict[int, dict[str, int]]:
+    out = {}
+    for user in users:
+        raw = client.get(keys.REALTIME_USER.key(user))
+        out[user] = dict(realtime.decode_state(raw).counts) if raw else {}
+    return out
+
+
+@pytest.mark.spark
+def test_killed_and_restarted_mid_run_loses_nothing_and_applies_nothing_twice(
+    redis_client, redis_url, tmp_path
+):
+    _publish_ads(redis_client)
+    users = range(1, 41)
+    # 12 s of log at one event every 25 ms: twelve one-second batches.
+    batch = [
+        Event(Kind.CLICK, f"e{i}", users[i % 40], NOW, ad_id=101, pid=PID)
+        if i % 3 == 0
+        else Event(Kind.CART, f"e{i}", users[i % 40], NOW, cate_id=8, brand_id=9)
+        for i in range(480)
+    ]
+    base_ms = (NOW - 60) * 1000
+    _log(redis_client, batch, base_ms, 25)
+    # A resend of the first 30 events, as a client retrying after a timeout would.
+    _log(redis_client, batch[:30], base_ms + 12_000, 1)
+
+    checkpoint = tmp_path / "checkpoint"
+    first = _stream_job(redis_url, checkpoint, batches=0)
+    deadline = time.monotonic() + 240
+    seen = 0
+    assert first.stdout is not None
+    while time.monotonic() < deadline:
+        line = first.stdout.readline()
+        if not line:
+            break
+        if "batch " in line and "values changed" in line:
+            seen += 1
+            if seen == 3:
+                first.send_signal(signal.SIGKILL)
+                break
+    first.wait(30)
+    assert seen == 3, "the first run never applied three batches"
+    partial = _user_counts(redis_client, users)
+
+    second = _stream_job(redis_url, checkpoint, batches=0)
+    expected: dict[int, Counter[str]] = {user: Counter() for user in users}
+    for event in batch:
+        if event.kind is Kind.CART:
+            expected[event.user_id][events.count_field(Kind.CART, Scope.CATEGORY, 8, HOUR)] += 1
+            expected[event.user_id][events.count_field(Kind.CART, Scope.BRAND, 9, HOUR)] += 1
+        else:
+            for scope, member in ((Scope.AD, 101), (Scope.CATEGORY, 7), (Scope.CAMPAIGN, 31)):
+                expected[event.user_id][events.count_field(Kind.CLICK, scope, member, HOUR)] += 1
+            expected[event.user_id][events.count_field(Kind.CLICK, Scope.CUSTOMER, 41, HOUR)] += 1
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if _user_counts(redis_client, users) == {u: dict(c) for u, c in expected.items()}:
+                break
+            time.sleep(1)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        try:
+            second.wait(60)
+        except subprocess.TimeoutExpired:
+            second.kill()
+    assert partial != {u: dict(c) for u, c in expected.items()}, "killed after everything"
+    assert _user_counts(redis_client, users) == {u: dict(c) for u, c in expected.items()}
+    clicked = realtime.decode_state(redis_client.get(keys.REALTIME_USER.key(users[0])))
+    assert 7 in clicked.interest
