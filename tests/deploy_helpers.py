@@ -7,6 +7,7 @@ overlay once per session.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -16,7 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
+from jobs.stream.config import StreamConfig
 from services.runtime.settings import (
+    DEFAULT_EVENTS_PORT,
     DEFAULT_GATEWAY_PORT,
     DEFAULT_RANKING_PORT,
     DEFAULT_RECALL_PORT,
@@ -31,6 +34,7 @@ SERVICE_PORTS = {
     "recall": DEFAULT_RECALL_PORT,
     "ranking": DEFAULT_RANKING_PORT,
     "gateway": DEFAULT_GATEWAY_PORT,
+    "events": DEFAULT_EVENTS_PORT,
 }
 CUSTOM_KINDS = {
     "ServiceMonitor": "monitoring.coreos.com/v1",
@@ -41,8 +45,18 @@ CUSTOM_KINDS = {
 JOB_MAIN = "local:///opt/adrec/jobs/main.py"
 IMAGE_UID = 10001
 
+#: The stream job's /metrics port: the default of ADREC_STREAM_METRICS_PORT.
+STREAM_METRICS_PORT: int = next(
+    field.default for field in dataclasses.fields(StreamConfig) if field.name == "metrics_port"
+)
+
 
 def kustomize(overlay: str) -> list[dict[str, Any]]:
+    return kustomize_dir(DEPLOY / "overlays" / overlay)
+
+
+def kustomize_dir(directory: Path) -> list[dict[str, Any]]:
+    """The objects `kubectl kustomize` renders from the kustomization in `directory`."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.fail(
@@ -51,13 +65,13 @@ def kustomize(overlay: str) -> list[dict[str, Any]]:
             pytrace=False,
         )
     result = subprocess.run(
-        [kubectl, "kustomize", str(DEPLOY / "overlays" / overlay)],
+        [kubectl, "kustomize", str(directory)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
-    assert result.returncode == 0, f"kubectl kustomize {overlay} failed:\n{result.stderr}"
+    assert result.returncode == 0, f"kubectl kustomize {directory} failed:\n{result.stderr}"
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 

@@ -151,7 +151,12 @@ def test_a_pods_first_refused_version_fires_the_reload_alert(redis_client, redis
             )
             await wait_until(
                 lambda: (
-                    metric(stack, RELOAD_FAILURES, service="ranking", reason="model_spec_mismatch")
+                    metric(
+                        stack,
+                        RELOAD_FAILURES,
+                        adrec_service="ranking",
+                        reason="model_spec_mismatch",
+                    )
                     == 1
                 )
             )

@@ -215,3 +215,33 @@ def test_the_job_entrypoint_starts_executors_drivers_and_commands(tmp_path):
     assert driver[-1] == JOB_MAIN
 
     assert run_entrypoint("spark-submit", "--version") == ["spark-submit", "--version"]
+
+
+SCRIPTS = REPO / "scripts"
+
+
+def test_the_build_script_stands_in_for_exactly_the_pinned_bases():
+    """scripts/build-images makes local stand-ins by name for the bases it cannot pull: a
+    base pinned in a Dockerfile but unknown to it would fail the build without a registry."""
+    script = (SCRIPTS / "build-images").read_text()
+    stand_ins = set(re.findall(r"^(?:PYTHON|JRE)_BASE=(\S+)$", script, re.MULTILINE))
+    pinned = {
+        stage["image"]
+        for name in ("services.Dockerfile", "job.Dockerfile")
+        for stage in dockerfile_stages(name)
+    }
+    assert stand_ins == pinned
+
+
+@pytest.mark.parametrize("name", ["build-images", "smoke-images"])
+def test_the_image_scripts_parse_and_explain_themselves(name):
+    script = SCRIPTS / name
+    assert os.access(script, os.X_OK)
+    assert "set -euo pipefail" in script.read_text()
+    subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
+    # --help is answered before any tool is looked for or anything is built.
+    result = subprocess.run(
+        [str(script), "--help"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"scripts/{name}" in result.stdout

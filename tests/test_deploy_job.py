@@ -50,8 +50,6 @@ def test_the_cronjob_runs_spark_submit_in_kubernetes_mode(rendered, overlay):
     assert template_path.name in template_cm["data"]
     app_args = args[main + 1 :]
     assert app_args == ["--data", "$(ADREC_JOB_DATA)", "--redis", "$(REDIS_URL)"]
-    if overlay == "prod":
-        assert confs["spark.kubernetes.executor.secrets.adrec-redis"] == "/etc/adrec/redis-tls"
 
     # RBAC: the driver's ServiceAccount may manage its executors (and nothing more:
     # test_deploy_network.py).

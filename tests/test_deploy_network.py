@@ -204,7 +204,7 @@ def check_default_deny(objects: Objects) -> None:
 def check_every_workload_has_its_own_policies(objects: Objects) -> None:
     pods = workload_pods(objects)
     components = {labels.get("app.kubernetes.io/component") for labels in pods.values()}
-    assert {"recall", "ranking", "gateway", *JOB_COMPONENTS} <= components
+    assert {"recall", "ranking", "gateway", "events", "stream", *JOB_COMPONENTS} <= components
     for where, labels in pods.items():
         for direction in ("Ingress", "Egress"):
             assert governing(objects, labels, direction), (
@@ -212,13 +212,15 @@ def check_every_workload_has_its_own_policies(objects: Objects) -> None:
             )
 
 
-def check_gateway_ingress(objects: Objects) -> None:
-    labels, pod_spec = service_pods(objects, "gateway")
+def check_gateway_ingress(objects: Objects, service: str = "gateway") -> None:
+    """The gateway, and the event intake, admit the labelled ad-server namespaces and the
+    scraper, each on its own port only."""
+    labels, pod_spec = service_pods(objects, service)
     by_port: dict[int, list[dict[str, Any]]] = {}
     for rule in rules(objects, labels, "Ingress"):
         sources = peers(rule, "Ingress")
-        assert sources, f"a gateway rule without `from` admits every source: {rule}"
-        assert rule.get("ports"), f"a gateway rule without ports opens every port: {rule}"
+        assert sources, f"a {service} rule without `from` admits every source: {rule}"
+        assert rule.get("ports"), f"a {service} rule without ports opens every port: {rule}"
         for peer in sources:
             assert "ipBlock" not in peer, f"addresses instead of labelled callers: {peer}"
             for selector in ("namespaceSelector", "podSelector"):
@@ -227,9 +229,13 @@ def check_gateway_ingress(objects: Objects) -> None:
         for port in rule["ports"]:
             by_port.setdefault(container_port(pod_spec, port["port"]), []).extend(sources)
     assert by_port == {
-        SERVICE_PORTS["gateway"]: [GATEWAY_CLIENTS],
+        SERVICE_PORTS[service]: [GATEWAY_CLIENTS],
         DEFAULT_METRICS_PORT: [SCRAPER],
-    }
+    }, f"adrec-{service}"
+
+
+def check_events_ingress(objects: Objects) -> None:
+    check_gateway_ingress(objects, "events")
 
 
 def check_backends_admit_only_the_gateway_and_the_scraper(objects: Objects) -> None:
@@ -295,6 +301,32 @@ def check_services_dial_only_redis_dns_and_downstreams(objects: Objects) -> None
         assert sorted(kinds) == sorted(expected), f"adrec-{service}: {kinds}"
 
 
+def check_stream_admits_only_the_scraper(objects: Objects) -> None:
+    """The stream job is scraped and called by no one: one rule, the scraper on the
+    metrics port."""
+    labels, pod_spec = service_pods(objects, "stream")
+    admitted = []
+    for rule in rules(objects, labels, "Ingress"):
+        assert peers(rule, "Ingress") == [SCRAPER], f"adrec-stream admits more: {rule}"
+        assert rule.get("ports"), f"adrec-stream: a rule without ports opens every port: {rule}"
+        admitted.extend(container_port(pod_spec, port["port"]) for port in rule["ports"])
+    (metrics,) = [p for c in pod_spec["containers"] for p in c["ports"] if p["name"] == "metrics"]
+    assert admitted == [metrics["containerPort"]], f"adrec-stream: {admitted}"
+
+
+def check_stream_dials_only_redis_and_dns(objects: Objects) -> None:
+    labels, _ = service_pods(objects, "stream")
+    kinds = []
+    for rule in rules(objects, labels, "Egress"):
+        if _redis_rule(objects, rule):
+            kinds.append("redis")
+        elif _dns_rule(rule):
+            kinds.append("dns")
+        else:
+            raise AssertionError(f"adrec-stream may dial out beyond Redis and DNS: {rule}")
+    assert sorted(kinds) == ["dns", "redis"], f"adrec-stream: {kinds}"
+
+
 def check_job_pods_are_fenced(objects: Objects) -> None:
     pods = job_pods(objects)
     for where, labels in pods.items():
@@ -351,8 +383,11 @@ CHECKS: dict[str, Callable[[Objects], None]] = {
     "default_deny": check_default_deny,
     "own_policies": check_every_workload_has_its_own_policies,
     "gateway_ingress": check_gateway_ingress,
+    "events_ingress": check_events_ingress,
     "backend_ingress": check_backends_admit_only_the_gateway_and_the_scraper,
     "service_egress": check_services_dial_only_redis_dns_and_downstreams,
+    "stream_ingress": check_stream_admits_only_the_scraper,
+    "stream_egress": check_stream_dials_only_redis_and_dns,
     "job_fence": check_job_pods_are_fenced,
     "job_role": check_job_role,
 }
@@ -398,8 +433,14 @@ def test_the_gateway_admits_only_labelled_namespaces_and_the_scraper(rendered, o
     check_gateway_ingress(rendered[overlay])
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_event_intake_admits_only_labelled_namespaces_and_the_scraper(rendered, overlay):
+    check_events_ingress(rendered[overlay])
+
+
 def test_the_dev_namespace_is_a_gateway_client_with_its_own_client_pods(rendered):
-    """In dev, client pods of the namespace (labelled) may call the gateway, and only it."""
+    """In dev, client pods of the namespace (labelled) may call the gateway and the event
+    intake, and nothing else."""
     objects = rendered["dev"]
     namespace = named(objects, "Namespace", "adrec-dev")
     assert namespace["metadata"]["labels"][GATEWAY_CLIENT_LABEL] == "true"
@@ -410,10 +451,14 @@ def test_the_dev_namespace_is_a_gateway_client_with_its_own_client_pods(rendered
             kinds.append("dns")
         else:
             (target,) = peers(rule, "Egress")
-            assert local_pods(objects, target) == {"Deployment/adrec-gateway"}, rule
-            assert rule["ports"] == [{"port": SERVICE_PORTS["gateway"], "protocol": "TCP"}]
-            kinds.append("gateway")
-    assert sorted(kinds) == ["dns", "gateway"]
+            (service,) = [
+                name
+                for name in ("gateway", "events")
+                if local_pods(objects, target) == {f"Deployment/adrec-{name}"}
+            ]
+            assert rule["ports"] == [{"port": SERVICE_PORTS[service], "protocol": "TCP"}]
+            kinds.append(service)
+    assert sorted(kinds) == ["dns", "events", "gateway"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -424,6 +469,12 @@ def test_recall_and_ranking_admit_only_the_gateway_and_the_scraper(rendered, ove
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_services_dial_out_only_to_redis_dns_and_their_downstreams(rendered, overlay):
     check_services_dial_only_redis_dns_and_downstreams(rendered[overlay])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_stream_job_admits_only_the_scraper_and_dials_only_redis_and_dns(rendered, overlay):
+    check_stream_admits_only_the_scraper(rendered[overlay])
+    check_stream_dials_only_redis_and_dns(rendered[overlay])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -477,12 +528,32 @@ def _open_gateway_to_all_namespaces(objects: Objects) -> None:
     _policy(objects, "adrec-gateway")["ingress"][0]["from"] = [{"namespaceSelector": {}}]
 
 
+def _open_events_to_every_port(objects: Objects) -> None:
+    del _policy(objects, "adrec-events")["ingress"][0]["ports"]
+
+
 def _admit_anyone_to_recall_metrics(objects: Objects) -> None:
     del _policy(objects, "adrec-recall")["ingress"][1]["from"]
 
 
 def _let_ranking_dial_anywhere(objects: Objects) -> None:
     spec = _policy(objects, "adrec-ranking")
+    spec["policyTypes"].append("Egress")
+    spec["egress"] = [{}]
+
+
+def _open_stream_metrics_to_all(objects: Objects) -> None:
+    del _policy(objects, "adrec-stream")["ingress"][0]["from"]
+
+
+def _open_the_stream_spark_ui(objects: Objects) -> None:
+    _policy(objects, "adrec-stream")["ingress"].append(
+        {"from": [SCRAPER], "ports": [{"port": 4040}]}
+    )
+
+
+def _let_the_stream_dial_anywhere(objects: Objects) -> None:
+    spec = _policy(objects, "adrec-stream")
     spec["policyTypes"].append("Egress")
     spec["egress"] = [{}]
 
@@ -511,9 +582,16 @@ BREAKAGES: dict[str, tuple[str, Callable[[Objects], None]]] = {
     "no job policy": ("own_policies", _drop_policy("adrec-job")),
     "no gateway policy": ("own_policies", _drop_policy("adrec-gateway")),
     "gateway open to all namespaces": ("gateway_ingress", _open_gateway_to_all_namespaces),
+    "no events policy": ("own_policies", _drop_policy("adrec-events")),
+    "events open on every port": ("events_ingress", _open_events_to_every_port),
     "recall metrics open": ("backend_ingress", _admit_anyone_to_recall_metrics),
     "ranking dials anywhere": ("service_egress", _let_ranking_dial_anywhere),
     "no DNS": ("service_egress", _drop_policy("adrec-dns")),
+    "no stream policy": ("own_policies", _drop_policy("adrec-stream")),
+    "stream metrics open to all": ("stream_ingress", _open_stream_metrics_to_all),
+    "stream Spark UI open": ("stream_ingress", _open_the_stream_spark_ui),
+    "stream dials anywhere": ("stream_egress", _let_the_stream_dial_anywhere),
+    "stream without Redis": ("stream_egress", _drop_policy("adrec-redis-egress")),
     "Spark UI open": ("job_fence", _open_the_spark_ui),
     "executors reach the API": ("job_fence", _let_executors_reach_the_api),
     "wildcard verbs": ("job_role", _grant_any_verb),

@@ -37,8 +37,10 @@ OVERLAY_KINDS = {
     "prod": EXPECTED_KINDS | {"CronJob"},
     "prod-spark-operator": EXPECTED_KINDS | {"ScheduledSparkApplication"},
 }
-#: Secrets created out of band (never in the repository): the prod Redis password and CA.
-EXTERNAL_SECRETS = {"dev": set(), "prod": {"adrec-redis"}, "prod-spark-operator": {"adrec-redis"}}
+#: Secrets created out of band (never in the repository): the prod Redis password and CA,
+#: and the batch job's Spark secret.
+PROD_SECRETS = {"adrec-redis", "adrec-spark-auth"}
+EXTERNAL_SECRETS = {"dev": set(), "prod": PROD_SECRETS, "prod-spark-operator": PROD_SECRETS}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

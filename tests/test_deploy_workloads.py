@@ -223,7 +223,7 @@ def test_autoscalers_and_disruption_budgets_target_the_deployments(rendered, ove
             "the autoscaler owns the replica count"
         )
     pdbs = of_kind(objects, "PodDisruptionBudget")
-    assert len(pdbs) == 3
+    assert len(pdbs) == len(SERVICE_PORTS)
     for pdb in pdbs:
         selector = pdb["spec"]["selector"]["matchLabels"]
         matching = [

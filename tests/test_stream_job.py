@@ -17,6 +17,7 @@ import redis
 from adrec.core import events, keys, realtime, store
 from adrec.core.events import Event, Kind, Scope
 from adrec.core.store import VersionWriter
+from jobs.stream.main import shuffle_partitions
 from jobs.stream.transform import (
     USER,
     deduplicated,
@@ -46,6 +47,12 @@ def _ads(spark):
     return spark.createDataFrame(
         ADS, "adgroup_id long, cate_id long, campaign_id long, customer_id long"
     )
+
+
+def test_shuffle_partitions_follow_the_local_master_not_the_machine():
+    assert shuffle_partitions("local[2]") == 4
+    assert shuffle_partitions("local[3,2]") == 6
+    assert shuffle_partitions("local[*]") == 2 * (os.cpu_count() or 2)
 
 
 def test_parse_lines_marks_lines_that_are_not_events(spark):

@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1.7
 #
 # adrec job image: the batch job (spark-submit ... local:///opt/adrec/jobs/main.py) and the
-# Spark driver and executor pods it starts on Kubernetes.
+# Spark driver and executor pods it starts on Kubernetes; also the stream job
+# (`adrec stream run`, Spark in local mode in one pod).
 #
 # Python 3.11 + Java 17 (Temurin JRE) + Spark from the pinned `pyspark` wheel, which ships
 # the Spark jars including the Kubernetes resource manager; SPARK_HOME points into it so
@@ -12,7 +13,8 @@
 #
 # The entrypoint (deploy/images/spark-entrypoint.sh) speaks Spark's container contract:
 # `driver ...` (cluster mode, e.g. the Spark Operator), `executor` (pods a driver starts),
-# anything else runs as given under tini (the CronJob's spark-submit in client mode).
+# anything else runs as given under tini (the CronJob's spark-submit in client mode, the
+# stream job's `adrec stream run`).
 # Runs as uid/gid 10001; writes only to /tmp and /opt/adrec/work (emptyDirs in Kubernetes),
 # so it works with readOnlyRootFilesystem.
 #
@@ -73,8 +75,10 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     && mkdir -p /opt/adrec/work \
     && chown 10001:10001 /opt/adrec/work
 
-# The spark-submit entry point, as `local:///opt/adrec/jobs/main.py`.
+# The spark-submit entry point, as `local:///opt/adrec/jobs/main.py`, and the driver's log
+# configuration the entrypoint points spark-submit at.
 COPY jobs/main.py /opt/adrec/jobs/main.py
+COPY jobs/log4j2.properties /opt/adrec/jobs/log4j2.properties
 COPY --chmod=0755 deploy/images/spark-entrypoint.sh /opt/adrec/entrypoint.sh
 
 USER 10001:10001

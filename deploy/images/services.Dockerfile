@@ -59,8 +59,8 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
 USER 10001:10001
 WORKDIR /tmp
 
-# gRPC: recall 50051, ranking 50052, gateway 50053; Prometheus /metrics: 9464.
-EXPOSE 50051 50052 50053 9464
+# gRPC: recall 50051, ranking 50052, gateway 50053, events 50054; Prometheus /metrics: 9464.
+EXPOSE 50051 50052 50053 50054 9464
 
 ENTRYPOINT ["adrec"]
 CMD ["serve", "--help"]

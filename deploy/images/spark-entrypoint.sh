@@ -5,7 +5,8 @@
 #                   ScheduledSparkApplication): run spark-submit in client mode inside it
 #   executor        an executor pod created by a driver: start the executor backend from the
 #                   SPARK_* variables the driver sets on the pod
-#   anything else   run as given (the CronJob's spark-submit, `adrec ...`, a shell)
+#   anything else   run as given (the CronJob's spark-submit, the stream job's
+#                   `adrec stream run` in local mode, `adrec ...`, a shell)
 #
 # Everything runs under tini, so signals reach the JVM and forked Python workers are reaped.
 set -euo pipefail
@@ -27,6 +28,12 @@ classpath() {
   # Files the driver ships to executors land in the working directory.
   printf '%s:%s' "${cp}" "${PWD}"
 }
+
+# The job's log configuration, copied next to its main.py: spark-submit starts the driver's
+# JVM before the job runs, and without it Spark's default profile prints a screen of INFO
+# lines ahead of the job's own output. SPARK_SUBMIT_OPTS reaches the JVM of every
+# spark-submit, and a --driver-java-options of the caller's still comes after it and wins.
+export SPARK_SUBMIT_OPTS="-Dlog4j2.configurationFile=file:/opt/adrec/jobs/log4j2.properties${SPARK_SUBMIT_OPTS:+ ${SPARK_SUBMIT_OPTS}}"
 
 mode="${1:-}"
 case "${mode}" in

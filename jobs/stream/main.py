@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -149,6 +150,14 @@ def raw_events(session: Any, config: StreamConfig) -> Any:
     )
 
 
+def shuffle_partitions(master: str) -> int:
+    """Two per core the query has: the number is fixed into the checkpoint on its first run,
+    and a pod's node may have many more cores than its CPU limit lets it use."""
+    match = re.fullmatch(r"local\[(\d+)(?:,\d+)?\]", master)
+    cores = int(match[1]) if match else os.cpu_count() or 2
+    return 2 * max(cores, 1)
+
+
 def _as_env(instance: Any) -> dict[str, str]:
     """Settings as the environment variables that load them again."""
     env = {}
@@ -179,7 +188,7 @@ def run_stream(config: StreamConfig, redis_settings: RedisSettings) -> int:
         config.master,
         "adrec-stream",
         {
-            "spark.sql.shuffle.partitions": str(2 * (os.cpu_count() or 2)),
+            "spark.sql.shuffle.partitions": str(shuffle_partitions(config.master)),
             "spark.sql.streaming.stateStore.providerClass": (
                 "org.apache.spark.sql.execution.streaming.state.RocksDBStateStoreProvider"
             ),
