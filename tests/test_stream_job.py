@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import selectors
 import signal
 import subprocess
 import sys
@@ -201,6 +202,23 @@ def _stream_job(redis_url: str, checkpoint, batches: int) -> subprocess.Popen[st
     )
 
 
+def _batches_until(process: subprocess.Popen[str], wanted: int, timeout: float) -> int:
+    """Batch lines the stream job printed, reading until ``wanted`` or ``timeout``."""
+    assert process.stdout is not None
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    deadline, seen = time.monotonic() + timeout, 0
+    while seen < wanted and time.monotonic() < deadline:
+        if not selector.select(timeout=1):
+            continue
+        line = process.stdout.readline()
+        if not line:
+            break
+        seen += "values changed" in line
+    selector.close()
+    return seen
+
+
 def _user_counts(client: redis.Redis, users: range) -> dict[int, dict[str, int]]:
     out = {}
     for user in users:
@@ -229,18 +247,8 @@ def test_killed_and_restarted_mid_run_loses_nothing_and_applies_nothing_twice(
 
     checkpoint = tmp_path / "checkpoint"
     first = _stream_job(redis_url, checkpoint, batches=0)
-    deadline = time.monotonic() + 240
-    seen = 0
-    assert first.stdout is not None
-    while time.monotonic() < deadline:
-        line = first.stdout.readline()
-        if not line:
-            break
-        if "batch " in line and "values changed" in line:
-            seen += 1
-            if seen == 3:
-                first.send_signal(signal.SIGKILL)
-                break
+    seen = _batches_until(first, 3, timeout=240)
+    first.send_signal(signal.SIGKILL)
     first.wait(30)
     assert seen == 3, "the first run never applied three batches"
     partial = _user_counts(redis_client, users)

@@ -202,12 +202,11 @@ def run_stream(config: StreamConfig, redis_settings: RedisSettings) -> int:
     def on_batch(outcome: Any) -> None:
         metrics.record(outcome)
         applied[0] += 1
-        log.info(
-            "batch %d: %s events, %d values changed, %.2f s",
-            outcome.batch_id,
-            sum(outcome.events_by_kind.values()),
-            outcome.values_changed,
-            outcome.seconds,
+        print(
+            f"adrec stream: batch {outcome.batch_id}: "
+            f"{sum(outcome.events_by_kind.values()):,} events, "
+            f"{outcome.values_changed:,} values changed, {outcome.seconds:.2f} s",
+            flush=True,
         )
         if config.batches and applied[0] >= config.batches:
             done.set()
