@@ -1,5 +1,7 @@
 """Redis connections from URLs against real private redis-servers."""
 
+import re
+
 import pytest
 import redis
 
@@ -56,12 +58,39 @@ def test_async_client(redis_server):
         ("redis://", "no host"),
         ("redis://h:port/0", "invalid port"),
         ("redis://h:6379/zero", "not a number"),
+        ("unix://", "no socket path"),
+        ("unix:///run/redis.sock?db=zero", "not a number"),
     ],
 )
 def test_bad_urls_are_explained(url, why):
     assert why in validate_url(url)
-    with pytest.raises(SettingsError, match=f"REDIS_URL='{url}'"):
+    with pytest.raises(SettingsError, match=re.escape(f"REDIS_URL='{url}'")):
         load(RedisSettings, env={"REDIS_URL": url})
+
+
+def test_a_unix_socket_url_connects(tmp_path):
+    import subprocess
+    import time
+
+    socket_path = tmp_path / "redis.sock"
+    server = subprocess.Popen(
+        ["redis-server", "--port", "0", "--unixsocket", str(socket_path), "--save", ""],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not socket_path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        url = f"unix://{socket_path}?db=2"
+        assert validate_url(url) is None
+        client = connect(load(RedisSettings, env={"REDIS_URL": url}))
+        client.set(b"k", b"v")
+        assert client.get(b"k") == b"v"
+        assert client.connection_pool.connection_kwargs["db"] == 2
+        client.close()
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 def test_rediss_and_cluster_validation():

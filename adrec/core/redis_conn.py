@@ -32,7 +32,13 @@ def validate_url(url: str) -> str | None:
         parts.port  # noqa: B018 - urlsplit validates the port lazily
     except ValueError:
         return "has an invalid port"
-    db = parts.path.strip("/")
+    if parts.scheme == "unix":
+        # unix:///run/redis.sock?db=1: the path is the socket, the database a query field.
+        if not parts.path:
+            return "has no socket path"
+        db = dict(part.partition("=")[::2] for part in parts.query.split("&") if part).get("db", "")
+    else:
+        db = parts.path.strip("/")
     if db and not db.isdigit():
         return f"database {db!r} is not a number"
     return None
