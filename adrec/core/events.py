@@ -242,17 +242,11 @@ def decode_event(line: bytes) -> Event:
         raise CodecError(f"event line: {error}") from None
 
 
-# ---------------------------------------------------------------- state field names
+# ---------------------------------------------------------------- count field names
 #
-# A user's real-time state is one Redis hash (keys.REALTIME_USER); its fields are named here.
-# Counts: "<kind>:<scope><id>:<bucket>", scope letters as in :class:`Scope`, e.g.
+# The counts of a real-time state value (adrec/core/realtime.py) are named
+# "<kind>:<scope><id>:<bucket>", scope letters as in :class:`Scope`, e.g.
 # "cart:c6513:492811" is the user's carts of category 6513 in hour bucket 492811.
-# Interest: "i:<cate>" holds "<score>:<unix seconds>", the category's interest score as of
-# that moment; it halves every half-life.
-
-INTEREST_PREFIX = "i:"
-#: The field that records the last stream batch applied to a key (idempotent replays).
-APPLIED_BATCH_FIELD = "applied"
 
 
 class Scope(enum.StrEnum):
@@ -267,10 +261,6 @@ class Scope(enum.StrEnum):
 
 def count_field(kind: Kind, scope: Scope, member: int, bucket: int) -> str:
     return f"{kind.value}:{scope.value}{member}:{bucket}"
-
-
-def interest_field(cate_id: int) -> str:
-    return f"{INTEREST_PREFIX}{cate_id}"
 
 
 @dataclasses.dataclass(frozen=True)

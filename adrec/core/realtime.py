@@ -144,9 +144,6 @@ class RealtimeState:
         return events.window_counts(self.counts.items(), now)
 
 
-EMPTY_STATE = RealtimeState(counts={}, interest={})
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class CategoryAds:
     """A version's leading ads per category (``keys.CATEGORY_ADS``), held in memory."""

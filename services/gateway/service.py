@@ -31,17 +31,13 @@ from adrec.api.gateway.v1 import gateway_service_pb2_grpc
 from adrec.api.ranking.v1 import ranking_service_pb2, ranking_service_pb2_grpc
 from adrec.api.recall.v1 import recall_service_pb2, recall_service_pb2_grpc
 from adrec.core import keys
+from adrec.core.events import MAX_REQUEST_ID_LENGTH
 from adrec.core.metadata import VersionMeta
 from services.gateway.versions import GatewayVersion
 from services.runtime.data import RedisOp, RedisReader
 from services.runtime.logs import LogThrottle, service_logger
 from services.runtime.metrics import GRPC_CODE_NAMES, GrpcClientMetrics, Metrics, enum_labels
-from services.runtime.requests import (
-    MAX_REQUEST_ID_LENGTH,
-    FieldChecks,
-    grpc_errors,
-    no_version_loaded,
-)
+from services.runtime.requests import FieldChecks, grpc_errors, no_version_loaded
 from services.runtime.server import ServiceSpec
 
 MAX_COUNT = 500

@@ -24,14 +24,10 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from adrec.core.dataset import PIDS
+from adrec.core.events import MAX_ID
 
 #: Characters of a bad value an error message repeats.
 ECHO_LIMIT = 40
-#: Longest request id a caller may send: enough for any UUID or trace id.
-MAX_REQUEST_ID_LENGTH = 128
-
-#: The largest id the data set's int32 columns and Redis keys hold.
-MAX_ID = 2**31 - 1
 
 _Servicer = TypeVar("_Servicer")
 _Request = TypeVar("_Request")
