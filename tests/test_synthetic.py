@@ -16,6 +16,7 @@ from adrec.cli import main
 from adrec.core.dataset import BTAGS, MANIFEST_FILE, PIDS, TABLES, TRUTH_FILE
 from adrec.synthetic import blocks, generate
 from adrec.synthetic.manifest import GENERATOR_VERSION
+from adrec.synthetic.model import recent_behavior_counts
 from adrec.synthetic.presets import PRESETS
 from adrec.synthetic.truth import BEHAVIOR_START, SAMPLE_END, SAMPLE_START
 from jobs.ingest import load_dataset
@@ -292,3 +293,48 @@ def test_the_real_preset_is_full_with_the_real_behaviour_log():
     assert differing == {"name", "behavior_rows"}
     PRESETS["real"].validate()
     assert set(PRESET_NAMES) == set(PRESETS)
+
+
+def test_recent_behavior_counts_take_the_window_before_each_time():
+    """Rows at or after the impression's time and before its window are not counted."""
+    start = BEHAVIOR_START + 10 * 86_400
+    counts = recent_behavior_counts(
+        users=np.array([0, 0, 1]),
+        categories=np.array([3, 4, 3]),
+        times=np.array([start, start, start]),
+        behavior_users=np.array([0, 0, 0, 0, 0, 1]),
+        behavior_categories=np.array([3, 3, 3, 3, 4, 3]),
+        behavior_times=np.array(
+            [start - 1, start - 100, start - 100, start, start - 86_401, start - 86_400]
+        ),
+        window_seconds=86_400,
+    )
+    assert counts.tolist() == [3, 0, 1]
+
+
+def test_a_recent_burst_of_browsing_lifts_the_planted_click_probability(tiny):
+    """Of a user's impressions in one category, those after a day of browsing it click more."""
+    behavior = read(tiny, "behavior_log.csv")
+    truth = read(tiny, "raw_sample_truth.csv").merge(
+        read(tiny, "ad_feature.csv")[["adgroup_id", "cate_id"]], on="adgroup_id"
+    )
+    user_index = {user: i for i, user in enumerate(sorted(set(truth.user) | set(behavior.user)))}
+    cate_index = {cate: i for i, cate in enumerate(sorted(set(truth.cate_id) | set(behavior.cate)))}
+    recent = recent_behavior_counts(
+        truth.user.map(user_index).to_numpy(),
+        truth.cate_id.map(cate_index).to_numpy(),
+        truth.time_stamp.astype(np.int64).to_numpy(),
+        behavior.user.map(user_index).to_numpy(),
+        behavior.cate.map(cate_index).to_numpy(),
+        behavior.time_stamp.astype(np.int64).to_numpy(),
+        86_400,
+    )
+    truth["recent"] = recent
+    truth["probability"] = truth.click_probability.astype(float)
+    pairs = truth.groupby(["user", "cate_id"])
+    mixed = pairs.recent.transform(lambda r: r.min() == 0 and r.max() > 0).astype(bool)
+    within = truth[mixed]
+    assert len(within) > 50
+    browsed = within[within.recent > 0].probability.mean()
+    quiet = within[within.recent == 0].probability.mean()
+    assert browsed > quiet * 1.2

@@ -26,6 +26,8 @@ from adrec.synthetic.model import (
     impression_categories,
     non_pv_probability,
     preferred_categories,
+    recent_behavior_counts,
+    recent_interest_logits,
 )
 from adrec.synthetic.progress import Progress
 from adrec.synthetic.sampling import Stream, random_stream, sigmoid, zipf_ranks
@@ -129,9 +131,24 @@ def draw_block(world: World, index: int) -> _Block:
     shuffle = rng.permutation(len(shown_to))
     shown_to, shown_ads = shown_to[shuffle], shown_ads[shuffle]
     pid = draw_pid(rng, len(shown_to), truth)
-    probability = sigmoid(world.click_intercept + click_logits(world, shown_to, shown_ads, pid))
-    clicked = (rng.random(len(probability)) < probability).astype(np.int8)
     shown_at = rng.integers(SAMPLE_START, SAMPLE_END, len(shown_to))
+    behavior, brand_slots = _behavior_table(world, behaving, behavior_categories, rng)
+    shown_categories = world.ad_category[shown_ads]
+    recent = recent_behavior_counts(
+        shown_to - first,
+        shown_categories,
+        shown_at,
+        behaving - first,
+        behavior_categories,
+        behavior["time_stamp"].to_numpy(),
+        truth.recent_interest_seconds,
+    )
+    probability = sigmoid(
+        world.click_intercept
+        + click_logits(world, shown_to, shown_ads, pid)
+        + recent_interest_logits(world, shown_to, shown_categories, recent)
+    )
+    clicked = (rng.random(len(probability)) < probability).astype(np.int8)
 
     raw_sample = pa.table(
         {
@@ -153,7 +170,6 @@ def draw_block(world: World, index: int) -> _Block:
             "click_probability": fixed_decimals(probability, 6),
         }
     )
-    behavior, brand_slots = _behavior_table(world, behaving, behavior_categories, rng)
     return _Block(
         raw_sample_csv=csv_lines(raw_sample),
         truth_csv=csv_lines(truth_table),

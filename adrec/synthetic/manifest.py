@@ -23,7 +23,7 @@ from adrec.synthetic.presets import REAL_BEHAVIOR_ROWS
 from adrec.synthetic.truth import BEHAVIOR_START, LATENT_RANK, SAMPLE_END, SAMPLE_START
 from adrec.synthetic.world import World
 
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"
 
 
 def build_manifest(world: World, totals: Totals) -> dict[str, Any]:

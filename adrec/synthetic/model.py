@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from adrec.synthetic.sampling import Stream, random_stream, sigmoid, solve_intercept, zipf_ranks
-from adrec.synthetic.truth import LATENT_RANK, PlantedTruth
+from adrec.synthetic.truth import BEHAVIOR_START, LATENT_RANK, SAMPLE_END, PlantedTruth
 from adrec.synthetic.world import World
 
 # Users drawn once, from their own stream, to calibrate the intercepts before generation.
@@ -42,8 +42,16 @@ def calibrate(world: World) -> None:
     shown_to = np.concatenate([users, rng.integers(0, preset.users, explorations)])
     shown_ads = np.concatenate([shown_ads, rng.integers(0, preset.ads, explorations)])
     pid = draw_pid(rng, len(shown_to), truth)
+    categories = world.ad_category[shown_ads]
+    # A category's behavior rows are the user's rows that drew it, spread uniformly over
+    # the behavior log's span: their count in one recent window is binomial.
+    recent = rng.binomial(
+        world.behaviors[shown_to], recent_share(world) * _preference(world, shown_to, categories)
+    )
     world.click_intercept = solve_intercept(
-        click_logits(world, shown_to, shown_ads, pid), truth.target_ctr
+        click_logits(world, shown_to, shown_ads, pid)
+        + recent_interest_logits(world, shown_to, categories, recent),
+        truth.target_ctr,
     )
 
 
@@ -121,6 +129,52 @@ def click_logits(world: World, users: np.ndarray, ads: np.ndarray, pid: np.ndarr
         - world.user_price_sensitivity[users] * world.ad_centered_log_price[ads]
     )
     return logits
+
+
+def recent_share(world: World) -> float:
+    """The share of the behavior log's span one recent-interest window covers."""
+    return world.truth.recent_interest_seconds / (SAMPLE_END - BEHAVIOR_START)
+
+
+def recent_interest_logits(
+    world: World, users: np.ndarray, categories: np.ndarray, recent: np.ndarray
+) -> np.ndarray:
+    """The planted recency term, for ``recent`` behavior rows in each entry's category."""
+    expected = _interest(world, users, categories) * recent_share(world)
+    term: np.ndarray = world.truth.recent_interest_weight * (
+        np.log1p(recent) - np.log1p(expected)
+    )
+    return term
+
+
+def recent_behavior_counts(
+    users: np.ndarray,
+    categories: np.ndarray,
+    times: np.ndarray,
+    behavior_users: np.ndarray,
+    behavior_categories: np.ndarray,
+    behavior_times: np.ndarray,
+    window_seconds: int,
+) -> np.ndarray:
+    """Per entry, the behavior rows of its user in its category in ``[time - window, time)``.
+
+    Users and categories are non-negative indices; a (user, category, time) triple is packed
+    into one int64 (times relative to the behavior log's start, below 2^32), so one sorted
+    array answers every entry with two binary searches.
+    """
+    stride = int(max(categories.max(initial=0), behavior_categories.max(initial=0))) + 1
+
+    def packed(user: np.ndarray, category: np.ndarray, time: np.ndarray) -> np.ndarray:
+        offset = np.clip(time.astype(np.int64) - BEHAVIOR_START, 0, (1 << 32) - 1)
+        key = user.astype(np.int64) * stride + category.astype(np.int64)
+        combined: np.ndarray = (key << 32) | offset
+        return combined
+
+    rows = np.sort(packed(behavior_users, behavior_categories, behavior_times))
+    until = np.searchsorted(rows, packed(users, categories, times), side="left")
+    since = np.searchsorted(rows, packed(users, categories, times - window_seconds), side="left")
+    counts: np.ndarray = until - since
+    return counts
 
 
 def draw_pid(rng: np.random.Generator, n: int, truth: PlantedTruth) -> np.ndarray:
