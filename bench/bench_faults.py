@@ -104,6 +104,10 @@ USERS_SAMPLED = 2000
 AOF_DIR = "aof"
 AOF_ARGS = ("--appendonly", "yes", "--appenddirname", AOF_DIR)
 KEEP_VERSIONS = 2
+#: The bench's publishes keep a replaced version this long (the job keeps it
+#: DEFAULT_PRUNE_GRACE_SECONDS): above the services' 2 s poll, yet short enough for the
+#: rollback case to wait it out and race a prune that does delete the version it asks for.
+PRUNE_GRACE_S = 5.0
 #: A run paused past this lease loses the publish lock (the bench's paused run only).
 LOCK_TTL_S = 1.0
 ROLLBACK_ROUNDS = 3
@@ -894,7 +898,7 @@ def copy_version(client: Any, publication: Publication, source: str) -> int:
 def publish_copy(client: Any, source: str) -> str:
     """A new version holding `source`'s data, published as a job publishes (and prunes)."""
     meta = store.read_meta(client, source)
-    with Publication(client, keep_versions=KEEP_VERSIONS) as publication:
+    with Publication(client, keep_versions=KEEP_VERSIONS, prune_grace=PRUNE_GRACE_S) as publication:
         copy_version(client, publication, source)
         publication.commit(meta.content if meta is not None else VersionContent())
     return publication.version
@@ -905,7 +909,9 @@ def publisher(redis_url: str, source: str, lock_ttl: float) -> int:
     so the bench can kill or pause it mid-publish."""
     client = redis.Redis.from_url(redis_url)
     meta = store.read_meta(client, source)
-    with Publication(client, keep_versions=KEEP_VERSIONS, lock_ttl=lock_ttl) as publication:
+    with Publication(
+        client, keep_versions=KEEP_VERSIONS, lock_ttl=lock_ttl, prune_grace=PRUNE_GRACE_S
+    ) as publication:
         copied = copy_version(client, publication, source)
         print(json.dumps({"written": publication.version, "keys": copied}), flush=True)
         sys.stdin.readline()
@@ -1519,19 +1525,32 @@ def race_rollback_with_prune(
     return outcomes, store.active_version(stack.client)
 
 
+def wait_out_the_grace(client: Any, version: str) -> None:
+    """Until `version` stopped being active more than PRUNE_GRACE_S ago, so the next
+    publish's prune may delete it."""
+    history = store.activations(client)
+    names = [name for name, _ in history]
+    index = names.index(version)
+    replaced_at = history[index + 1][1] if index + 1 < len(history) else time.time()
+    time.sleep(max(replaced_at + PRUNE_GRACE_S + 0.1 - time.time(), 0.0))
+
+
 def case_rollback_prune(ctx: Context) -> Result:
     stack = ctx.stack
     checks = []
     tried: Counter[str] = Counter()
     source = stack.version
-    with ctx.load() as load:
+    # Each round waits out the prune grace before its race, under load throughout.
+    with ctx.load(seconds=ctx.seconds + ROLLBACK_ROUNDS * (PRUNE_GRACE_S + 1)) as load:
         load.at(ctx.fault_at / 2)
         for round_number in range(1, ROLLBACK_ROUNDS + 1):
-            # KEEP_VERSIONS copies on top: the oldest kept version is the one the next
+            # KEEP_VERSIONS copies on top, in quick succession (the prune grace keeps what
+            # the services still serve): the oldest kept version is the one the next
             # publish prunes, and the one the rollback asks for.
             for _ in range(KEEP_VERSIONS):
                 source = publish_copy(stack.client, source)
             target = store.list_versions(stack.client)[0]
+            wait_out_the_grace(stack.client, target)
             outcomes, active = race_rollback_with_prune(stack, source, target)
             source = active or source
             tried.update(outcomes)
@@ -1549,7 +1568,8 @@ def case_rollback_prune(ctx: Context) -> Result:
         checks=checks,
         notes=[
             f"rollbacks racing the prunes of {ROLLBACK_ROUNDS} publishes (keep_versions "
-            f"{KEEP_VERSIONS}, the job's default): {by_name(tried)}"
+            f"{KEEP_VERSIONS}, the job's default; prune grace {PRUNE_GRACE_S:g} s): "
+            f"{by_name(tried)}"
         ],
     )
 

@@ -703,7 +703,7 @@ def hot_reload(
         windows=windows,
         whole=records.window(),
         max_send_lag_ms=records.max_send_lag_ms,
-        removed=prune(client, args.keep_versions),
+        removed=prune(client, args.keep_versions, grace=0),
     )
 
 

@@ -20,14 +20,16 @@ from adrec.core.catalog import (
     LockLostError,
     Publication,
     PublishLockedError,
+    prune,
     rollback,
     version_summaries,
 )
 from adrec.core.metadata import VersionContent, VersionCounts
 
 
-def publish(client, users=3, offset=0, keep=2):
-    with Publication(client, keep_versions=keep) as pub:
+def publish(client, users=3, offset=0, keep=2, grace=0.0):
+    # Immediate prune unless a test asks for a grace: the tests publish within milliseconds.
+    with Publication(client, keep_versions=keep, prune_grace=grace) as pub:
         pub.writer.put_recall_lists(
             range(1, users + 1), [np.arange(1, 6) + offset + u for u in range(users)]
         )
@@ -144,6 +146,61 @@ def test_the_prune_after_a_rollback_keeps_the_version_the_services_follow(any_re
     publish(any_redis, offset=9, keep=1)
     assert store.list_versions(any_redis) == ["v1", "v3"]
     assert store.read_recall_list(any_redis, "v1", 1).tolist() == [1, 2, 3, 4, 5]
+
+
+def test_two_publishes_within_the_grace_keep_the_version_the_services_still_follow(any_redis):
+    publish(any_redis)
+    publish(any_redis, offset=5, keep=1, grace=60)
+    # v1 was active a moment ago: a service polling every few seconds may still serve it.
+    third, _ = publish(any_redis, offset=9, keep=1, grace=60)
+    assert third.removed_versions == []
+    assert store.list_versions(any_redis) == ["v1", "v2", "v3"]
+    assert store.read_recall_list(any_redis, "v1", 1).tolist() == [1, 2, 3, 4, 5]
+
+
+def test_a_version_replaced_longer_ago_than_the_grace_is_pruned(any_redis):
+    publish(any_redis)
+    publish(any_redis, offset=5)
+    # v2 replaced v1 two minutes ago (its activation time is when v1 stopped serving).
+    any_redis.zadd(keys.VERSIONS, {"v1": time.time() - 180, "v2": time.time() - 120})
+    third, _ = publish(any_redis, offset=9, keep=1, grace=60)
+    assert third.removed_versions == ["v1"]
+    assert store.list_versions(any_redis) == ["v2", "v3"]
+    assert stored_keys(any_redis, b"adrec:v1:*") == []
+
+
+def test_the_grace_protects_the_version_a_rollback_replaced(any_redis):
+    publish(any_redis)
+    publish(any_redis, offset=5)
+    any_redis.zadd(keys.VERSIONS, {"v1": time.time() - 180, "v2": time.time() - 120})
+    # Rolled back to v1 just now: v2 served until this moment, v1 serves now.
+    rollback(any_redis, "v1")
+    publish(any_redis, offset=9, keep=0, grace=60)
+    assert store.list_versions(any_redis) == ["v1", "v2", "v3"]
+    assert store.read_recall_list(any_redis, "v2", 1).tolist() == [6, 7, 8, 9, 10]
+
+
+def test_a_negative_grace_is_refused(any_redis):
+    with pytest.raises(ValueError, match="prune_grace"):
+        Publication(any_redis, prune_grace=-1)
+
+
+def test_a_run_that_lost_its_lock_before_the_prune_deletes_nothing(any_redis):
+    publish(any_redis)
+    publish(any_redis, offset=5)
+    running = Publication(any_redis, keep_versions=0, prune_grace=0).__enter__()
+    try:
+        # The lease lapses and another holder (a rollback) takes the lock, between the
+        # switch and the prune: the prune must not delete what that holder may activate.
+        prune_lock = running.lock
+        any_redis.delete(keys.PUBLISH_LOCK)
+        any_redis.set(keys.PUBLISH_LOCK, "a-rollback", px=60_000)
+        with pytest.raises(LockLostError):
+            prune(any_redis, 0, grace=0, lock=prune_lock)
+        assert store.list_versions(any_redis) == ["v1", "v2"]
+    finally:
+        running.__exit__(None, None, None)
+        any_redis.delete(keys.PUBLISH_LOCK)
 
 
 def test_reruns_are_idempotent(any_redis):

@@ -703,3 +703,66 @@ def test_bytes_that_are_no_request_get_invalid_argument_counted_and_logged_throt
     # One line a second at most, each saying how many were held back before it.
     assert 1 <= len(lines) <= 1 + math.ceil(elapsed)
     assert len(lines) + sum(record.held_back for record in lines[1:]) <= calls
+
+
+def test_a_call_whose_deadline_passed_before_its_handler_is_dropped_unserved_and_counted():
+    async def scenario():
+        async with (
+            limited_recall_server() as (running, _, metrics),
+            loopback_channel(running.port) as channel,
+        ):
+            assert list((await get_candidates(channel, user_id=7)).ad_ids) == [101, 102, 103]
+            stub = recall_service_pb2_grpc.RecallServiceStub(channel)
+            late = asyncio.ensure_future(
+                stub.GetCandidates(recall_service_pb2.GetCandidatesRequest(user_id=7), timeout=0.2)
+            )
+            # Started, so its bytes leave with gRPC's own threads, but not yet taken up.
+            await asyncio.sleep(0)
+            # A saturated event loop: the call's deadline passes before the server takes it up.
+            time.sleep(0.4)
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await late
+            assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await wait_until(
+                lambda: (
+                    (counted(metrics, "adrec_expired_total") or 0)
+                    + (counted(metrics, "adrec_abandoned_total") or 0)
+                    == 1
+                )
+            )
+            await wait_until(lambda: running.calls_running == 0)
+            return metrics
+
+    metrics = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+    # However far it got, the servicer never worked on it.
+    assert handled(metrics, "OK") == 1
+    assert counted(metrics, "adrec_undelivered_total") is not None
+
+
+def test_grpc_core_tracebacks_for_undeliverable_answers_become_counted_throttled_lines(caplog):
+    from services.runtime import server as runtime_server
+
+    caplog.set_level(logging.DEBUG)
+
+    class ExecuteBatchError(Exception):
+        """Named as grpc's own: the filter knows it by its name."""
+
+    core = logging.getLogger("grpc._cython.cygrpc")
+
+    async def scenario():
+        async with limited_recall_server() as (_, _, metrics):
+            for _ in range(20):
+                try:
+                    raise ExecuteBatchError("Failed execute_batch")
+                except ExecuteBatchError:
+                    core.exception(
+                        "ExecuteBatchError raised in core by servicer method [%s]",
+                        f"/{RECALL}/GetCandidates",
+                    )
+            return metrics
+
+    metrics = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+    assert counted(metrics, "adrec_undelivered_total") == 20
+    assert [record for record in caplog.records if record.exc_info] == []
+    lines = [r for r in caplog.records if r.name == runtime_server.__name__ and "answer" in r.msg]
+    assert 1 <= len(lines) <= 2

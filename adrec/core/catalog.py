@@ -15,7 +15,10 @@ Guarantees:
   within ``lock_ttl`` seconds);
 - a run that fails or is killed leaves the previous version serving; its partial
   keys are removed on exit, or by the next run if the process died;
-- after a commit only the newest ``keep_versions`` previous versions are kept.
+- after a commit only the newest ``keep_versions`` previous versions are kept, and any
+  version that was active less than ``prune_grace`` seconds ago: services switch on their
+  next poll, so two publishes (or a rollback and a publish) in quick succession must not
+  delete the version they still serve.
 
 Nothing here imports Spark, so operators can list and roll back from the
 services image.
@@ -24,6 +27,7 @@ services image.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from types import TracebackType
 from typing import Any
@@ -42,6 +46,13 @@ _REFRESH_IF_OWNER = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
 return 0
 """
+
+
+#: How long a version stays after it stopped being active, whatever ``keep_versions`` says:
+#: a service finds the new version on its next poll (``ADREC_RELOAD_INTERVAL_SECONDS``) and
+#: serves the old one until the new one has loaded, which for a full-size ad table takes
+#: seconds.
+DEFAULT_PRUNE_GRACE_SECONDS = 60.0
 
 
 class PublishLockedError(RuntimeError):
@@ -116,11 +127,20 @@ class PublishLock:
 
 
 class Publication:
-    def __init__(self, client: Any, keep_versions: int = 2, lock_ttl: float = 60.0):
+    def __init__(
+        self,
+        client: Any,
+        keep_versions: int = 2,
+        lock_ttl: float = 60.0,
+        prune_grace: float = DEFAULT_PRUNE_GRACE_SECONDS,
+    ):
         if keep_versions < 0:
             raise ValueError("keep_versions must be 0 or more")
+        if prune_grace < 0:
+            raise ValueError("prune_grace must be 0 or more")
         self.client = client
         self.keep_versions = keep_versions
+        self.prune_grace = prune_grace
         self.lock = PublishLock(client, lock_ttl)
         self.run_id = self.lock.owner
         self.version = ""
@@ -173,7 +193,9 @@ class Publication:
         previous = store.activate(self.client, self.version)
         self.committed = True
         self.client.srem(keys.PENDING_VERSIONS, self.version)
-        self.removed_versions = prune(self.client, self.keep_versions)
+        self.removed_versions = prune(
+            self.client, self.keep_versions, grace=self.prune_grace, lock=self.lock
+        )
         return previous
 
     def __exit__(
@@ -206,13 +228,40 @@ def lock_holder(client: Any) -> str | None:
     return holder.decode() if holder is not None else None
 
 
-def prune(client: Any, keep_versions: int) -> list[str]:
-    """Delete completed versions beyond the active one and the ``keep_versions`` others most
-    recently active: a version just rolled back to is what the services still follow."""
+def prune(
+    client: Any,
+    keep_versions: int,
+    *,
+    grace: float = DEFAULT_PRUNE_GRACE_SECONDS,
+    lock: PublishLock | None = None,
+) -> list[str]:
+    """Delete completed versions beyond the active one, the ``keep_versions`` others most
+    recently active, and every one that was active less than ``grace`` seconds ago.
+
+    A version stopped being active when the next one in activation order was activated (a
+    rollback re-activates an old version, which moves it last), and services still follow
+    it until their next poll has loaded its successor. With ``lock``, the lease is renewed
+    before each deletion, so a run paused past it stops before deleting a version a
+    rollback, which takes the same lock, may have activated meanwhile.
+    """
+    if grace < 0:
+        raise ValueError("grace must be 0 or more")
     active = store.active_version(client)
-    others = [v for v in store.versions_by_activation(client) if v != active]
-    doomed = others[: max(len(others) - keep_versions, 0)]
+    history = store.activations(client)
+    now = time.time()
+    # Activation times come from the activating clients' clocks: a version with nothing
+    # activated after it, yet not active, counts as just replaced.
+    replaced_at = [later for (_, later) in history[1:]] + [now]
+    others = [
+        (version, replaced)
+        for (version, _), replaced in zip(history, replaced_at, strict=True)
+        if version != active
+    ]
+    oldest_kept = max(len(others) - keep_versions, 0)
+    doomed = [version for version, replaced in others[:oldest_kept] if replaced <= now - grace]
     for version in doomed:
+        if lock is not None:
+            lock.renew()
         store.delete_version(client, version)
     return doomed
 

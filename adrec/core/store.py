@@ -139,7 +139,15 @@ def list_versions(client: Any) -> list[str]:
 
 def versions_by_activation(client: Any) -> list[str]:
     """Completed versions, the least recently activated first."""
-    return [member.decode() for member in client.zrange(keys.VERSIONS, 0, -1)]
+    return [version for version, _ in activations(client)]
+
+
+def activations(client: Any) -> list[tuple[str, float]]:
+    """Completed versions with the time (Unix) each was last activated, the least recent first."""
+    return [
+        (member.decode(), float(score))
+        for member, score in client.zrange(keys.VERSIONS, 0, -1, withscores=True)
+    ]
 
 
 def delete_version(client: Any, version: str, scan_batch: int = 5000) -> int:

@@ -155,31 +155,60 @@ class DirectGets:
         self._open.clear()
 
 
+#: What redis-py's cluster client has raised from its own state, instead of a Redis error,
+#: while a node restarted: the same failure to the caller, who has a fallback for it.
+_CLUSTER_CLIENT_FAILURES = (AttributeError, KeyError, IndexError, TypeError)
+
+
 class ClusterGets:
-    """GETs through a cluster client that fail at once for keys of a node known to be down.
+    """GETs sent straight to the node serving each key by the cluster client's slot map,
+    failing at once for keys of a node known to be down.
 
     A node is down from a connection failure of a GET routed to it, or from failing the
     watcher's last check, until it passes a check again. Without this every read of a key
     on a dead node would wait for its own failure (a connection attempt, or the whole time
     limit on a hung node) while the reads of the other nodes' keys go on as usual.
+
+    The GETs bypass the client's command path, whose error handling is for the whole
+    client: a connection error makes the next command of any key rebuild the slot map
+    first, and a node answering CLUSTERDOWN (as one that has just restarted does until it
+    has rejoined) closes every connection of the client, so the reads of every other node
+    failed with it. Here a failed GET fails alone and flags the slot map for a refresh,
+    which the watcher's next node check does (:meth:`RedisReader.check_nodes`).
     """
 
     def __init__(self, client: redis.asyncio.cluster.RedisCluster):
         self._client = client
         self.down: frozenset[str] = frozenset()
+        #: Set by a GET that found the slot map out of date or a node gone.
+        self.refresh = False
 
     async def get(self, key: bytes) -> bytes | None:
-        node = self._node_of(key) if self.down else None
-        if node is not None and node in self.down:
-            raise RedisConnectionError("the Redis Cluster node serving this key is down")
         try:
-            # A client without decode_responses answers bytes; redis-py types it loosely.
-            value: bytes | None = await self._client.get(key)  # type: ignore[assignment]
-        except RedisConnectionError:
-            node = self._node_of(key)
-            if node is not None:
-                self.down = self.down | {node}
-            raise
+            if not self._client.nodes_manager.slots_cache:
+                await self._client.initialize()
+            # redis-py types keys as str; it encodes bytes keys the same way.
+            node = self._client.get_node_from_key(key)  # type: ignore[arg-type]
+            if node is None:
+                raise RedisError("no Redis Cluster node serves this key")
+            if node.name in self.down:
+                raise RedisConnectionError("the Redis Cluster node serving this key is down")
+            try:
+                # A client without decode_responses answers bytes; redis-py types it loosely.
+                value: bytes | None = await node.execute_command("GET", key)
+            except RedisConnectionError:
+                self.down = self.down | {node.name}
+                self.refresh = True
+                raise
+            except RedisError:
+                # MOVED, ASK, CLUSTERDOWN, a slot not served: the slot map is out of date.
+                self.refresh = True
+                raise
+        except _CLUSTER_CLIENT_FAILURES as error:
+            self.refresh = True
+            raise RedisError(
+                f"the Redis Cluster client failed: {type(error).__name__}: {error}"
+            ) from error
         return value
 
     def _node_of(self, key: bytes) -> str | None:
@@ -285,8 +314,13 @@ class RedisReader:
         try:
             async with asyncio.timeout(self.timeout):
                 await self.client.initialize()
-        except (RedisError, TimeoutError) as error:
+                if self._cluster.refresh:
+                    # Cleared first: a GET failing during the refresh flags the next one.
+                    self._cluster.refresh = False
+                    await self.client.nodes_manager.initialize()
+        except (RedisError, TimeoutError, *_CLUSTER_CLIENT_FAILURES) as error:
             # No node answered with the cluster's slots: nothing is known of any node.
+            self._cluster.refresh = True
             self.metrics.redis_error(RedisOp.NODE_CHECK)
             return [NodeCheck("cluster", keys.CLUSTER_SLOTS, False, error=type(error).__name__)]
         slot_map = self.client.nodes_manager.slots_cache
@@ -332,7 +366,7 @@ class RedisReader:
         try:
             async with asyncio.timeout(self.timeout):
                 replies = await pipe.execute(raise_on_error=False)
-        except (RedisError, TimeoutError) as error:
+        except (RedisError, TimeoutError, *_CLUSTER_CLIENT_FAILURES) as error:
             self.metrics.redis_error(RedisOp.NODE_CHECK)
             kind = RedisTimeoutError if isinstance(error, TimeoutError) else type(error)
             return NodeCheck(name, slots, False, error=kind.__name__)

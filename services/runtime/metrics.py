@@ -177,6 +177,20 @@ class Metrics:
             ("grpc_service", "grpc_method"),
             registry=self.registry,
         )
+        self.expired = Counter(
+            "adrec_expired_total",
+            "RPCs whose deadline had passed when their handler was to start: answered "
+            "DEADLINE_EXCEEDED without any work.",
+            ("grpc_service", "grpc_method"),
+            registry=self.registry,
+        )
+        self.undelivered = Counter(
+            "adrec_undelivered_total",
+            "RPCs whose answer could not be sent: the caller cancelled, or its deadline "
+            "passed, while the server worked on it.",
+            ("grpc_service", "grpc_method"),
+            registry=self.registry,
+        )
         self.candidates = Histogram(
             "adrec_candidates_per_request",
             "Candidate ads handled per request.",
@@ -525,11 +539,14 @@ class GrpcClientMetrics(grpc.aio.UnaryUnaryClientInterceptor):
 
 
 def call_counters(metrics: Metrics) -> CallCounters:
-    """A `serve(counters=...)` counting adrec_shed_total and adrec_abandoned_total, each
-    method's series at 0 from the server's start."""
+    """A `serve(counters=...)` counting adrec_shed_total, adrec_abandoned_total,
+    adrec_expired_total and adrec_undelivered_total, each method's series at 0 from the
+    server's start."""
     return CallCounters(
         shed=lambda service, method: metrics.shed.labels(service, method).inc,
         abandoned=lambda service, method: metrics.abandoned.labels(service, method).inc,
+        expired=lambda service, method: metrics.expired.labels(service, method).inc,
+        undelivered=lambda service, method: metrics.undelivered.labels(service, method).inc,
     )
 
 

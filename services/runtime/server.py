@@ -3,8 +3,9 @@
 Every service runs in the same frame: the standard health service, which reports NOT_SERVING
 until the service declares itself ready (and SERVING for the liveness name all along),
 server reflection for grpcurl and `buf curl`, bounded message sizes, a bound on the calls
-run at once (the excess is answered RESOURCE_EXHAUSTED at once), requests that do not
-decode answered INVALID_ARGUMENT, and a graceful stop.
+run at once (the excess is answered RESOURCE_EXHAUSTED at once) and on the calls waiting
+for the event loop to take them up, calls whose deadline has passed dropped before any
+work, requests that do not decode answered INVALID_ARGUMENT, and a graceful stop.
 
     spec = ServiceSpec.of(
         recall_service_pb2.DESCRIPTOR.services_by_name["RecallService"],
@@ -49,6 +50,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: Floor of the calls a limited server lets wait in gRPC's core for the event loop: a
+#: small concurrency limit must still see a burst, to answer its excess RESOURCE_EXHAUSTED.
+MIN_PENDING_RPCS = 64
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
@@ -71,6 +75,11 @@ class CallCounters:
     #: Calls that ended before their handler ran: the caller cancelled, or its deadline
     #: passed, while the call waited for its request or its turn on the event loop.
     abandoned: MethodCounter
+    #: Calls whose deadline had passed when their handler was to start: dropped unserved.
+    expired: MethodCounter
+    #: Calls whose answer gRPC could not send: the caller had cancelled, or its deadline
+    #: passed, while the servicer worked on it.
+    undelivered: MethodCounter
 
 
 @dataclass(frozen=True)
@@ -204,6 +213,46 @@ class _Gate(grpc.aio.ServerInterceptor):
             route.count_abandoned()
 
 
+#: grpc.aio's own logger, where its server logs what goes wrong in a call.
+_CORE_LOGGER = "grpc._cython.cygrpc"
+
+
+class _UndeliveredAnswers(logging.Filter):
+    """Turns grpc.aio's traceback for an answer it could not send into a count and at most
+    one line a second per method.
+
+    grpc.aio logs ExecuteBatchError with a traceback when a call's caller went away (it
+    cancelled, or its deadline passed) between the servicer's answer and its sending,
+    unless it had noticed the caller leave first: under overload, a traceback per call.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counters: dict[str, Callable[[], None]] = {}
+        self.throttle = LogThrottle()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        # A private class of grpc's extension module: known by its name alone.
+        if error is None or type(error).__name__ != "ExecuteBatchError":
+            return True
+        message = record.getMessage()
+        method = message[message.rfind("[") + 1 : message.rfind("]")]
+        count = self.counters.get(method)
+        if count is not None:
+            count()
+        held = self.throttle.allow(method)
+        if held is not None:
+            logger.warning(
+                "could not send an answer: its caller had cancelled or run out of time",
+                extra={"method": method, "held_back": held},
+            )
+        return False
+
+
+_UNDELIVERED = _UndeliveredAnswers()
+
+
 @dataclass
 class _Frame:
     """What one server wraps its methods in, shared by its services."""
@@ -213,6 +262,8 @@ class _Frame:
     counters: CallCounters | None
     undecodable: LogThrottle = field(default_factory=LogThrottle)
     shed_log: LogThrottle = field(default_factory=LogThrottle)
+    #: Method -> its undelivered counter, for the core log filter while the server runs.
+    undelivered: dict[str, Callable[[], None]] = field(default_factory=dict)
 
 
 class _Registrar:
@@ -252,6 +303,8 @@ class _Registrar:
             return cast("_Handler", handler)
         frame, service = self._frame, self._spec.full_name
         full_method = f"/{service}/{method}"
+        if frame.counters is not None:
+            frame.undelivered[full_method] = frame.counters.undelivered(service, method)
         refuse = _refusal(
             full_method, self._spec.request_types.get(method, "request message"), frame.undecodable
         )
@@ -282,7 +335,8 @@ class _Registrar:
             shed,
             frame.counters.abandoned(service, method) if frame.counters else None,
         )
-        behavior = observe(service, method, _decoded(handler.unary_unary, refuse))
+        count_expired = frame.counters.expired(service, method) if frame.counters else None
+        behavior = observe(service, method, _decoded(handler.unary_unary, refuse, count_expired))
         return cast(
             "_Handler",
             handler._replace(request_deserializer=deserializer, unary_unary=behavior),
@@ -333,11 +387,22 @@ def _refusal(full_method: str, message: str, throttle: LogThrottle) -> _Refusal:
     return refuse
 
 
-def _decoded(behavior: UnaryBehavior, refuse: _Refusal) -> UnaryBehavior:
+_EXPIRED_DETAILS = "the call's deadline passed before the server could start on it"
+
+
+def _decoded(
+    behavior: UnaryBehavior, refuse: _Refusal, count_expired: Callable[[], None] | None
+) -> UnaryBehavior:
     async def decoded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         call = _CURRENT_CALL.get()
         if call is not None:
             call.reached_handler = True
+        # grpc.aio reports a passed deadline as 0 left. Under a backlog a call can wait past
+        # it for the event loop: its caller has given up, so any work would be wasted.
+        if context.time_remaining() == 0:
+            if count_expired is not None:
+                count_expired()
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, _EXPIRED_DETAILS)
         if type(request) is _Undecodable:
             await refuse(request, context)
         return await behavior(request, context)
@@ -422,6 +487,18 @@ async def serve(
         raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
 
     frame = _Frame(_Gate(max_concurrent_rpcs), observer, counters)
+    backlog: list[tuple[str, Any]] = []
+    if max_concurrent_rpcs is not None:
+        # The gate sees a call only once the event loop takes it up, which a saturated loop
+        # does more slowly than a burst arrives: the calls waiting for it are bounded in
+        # gRPC's core, which refuses the excess at once (its callers see CANCELLED) instead
+        # of holding it until every caller's deadline has passed. Each method has its own
+        # queue, so a burst of calls never crowds out health checks.
+        pending = max(2 * max_concurrent_rpcs, MIN_PENDING_RPCS)
+        backlog = [
+            ("grpc.server.max_pending_requests", pending),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * pending),
+        ]
     server = grpc.aio.server(
         interceptors=[frame.gate],
         options=[
@@ -430,6 +507,7 @@ async def serve(
             # A second process on the same port must fail to bind rather than silently
             # share the traffic.
             ("grpc.so_reuseport", 0),
+            *backlog,
             *options,
         ],
     )
@@ -451,13 +529,22 @@ async def serve(
         bound_port = server.add_insecure_port(_host_port(host, port))
     except RuntimeError as error:
         raise OSError(f"cannot listen on {_host_port(host, port)}: {error}") from error
-    await server.start()
-    running = RunningServer(server, host, bound_port, health, service_names, frame.gate)
-    logger.info("gRPC server listening on %s serving %s", running.address, ", ".join(service_names))
+    _UNDELIVERED.counters.update(frame.undelivered)
+    logging.getLogger(_CORE_LOGGER).addFilter(_UNDELIVERED)
     try:
-        yield running
+        await server.start()
+        running = RunningServer(server, host, bound_port, health, service_names, frame.gate)
+        logger.info(
+            "gRPC server listening on %s serving %s", running.address, ", ".join(service_names)
+        )
+        try:
+            yield running
+        finally:
+            await running.stop(grace=None)
     finally:
-        await running.stop(grace=None)
+        for method, count in frame.undelivered.items():
+            if _UNDELIVERED.counters.get(method) is count:
+                del _UNDELIVERED.counters[method]
 
 
 async def run_until_signalled(
