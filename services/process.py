@@ -1,7 +1,7 @@
 """One service process: the services of an `adrec serve` target wired together and run.
 
-:func:`serving` starts a target's services (recall, ranking, gateway, the event intake, or
-all four in one process and one event loop) on one Redis client and one `/metrics`
+:func:`serving` starts a target's services (recall, ranking, gateway, the event intake, the
+admin API, or all five in one process and one event loop) on one Redis client and one `/metrics`
 endpoint; :func:`run`
 serves them until SIGTERM or SIGINT and drains them. `adrec serve` is these two behind
 argument parsing:
@@ -24,8 +24,10 @@ from adrec.api.recall.v1 import recall_service_pb2
 from adrec.core import settings as settings_mod
 from adrec.core.events import TimeBounds
 from adrec.core.redis_conn import RedisSettings, redacted
+from services.admin.service import AdminService
 from services.events.log import EventLog
 from services.events.service import EventService, Limits
+from services.gateway.controls import ControlSettings
 from services.gateway.service import Budgets, GatewayService, downstream_channel
 from services.ranking.service import RankingService
 from services.recall.service import RecallService
@@ -38,8 +40,8 @@ from services.runtime.settings import SETTINGS
 #: `adrec serve` targets: one service each, or all of them in one process (local use).
 TARGETS = tuple(SETTINGS)
 #: Drain order: the gateway first, so its in-flight calls can still reach the others; the
-#: event intake calls none of them.
-SERVICE_ORDER = ("gateway", "recall", "ranking", "events")
+#: event intake and the admin API call none of them.
+SERVICE_ORDER = ("gateway", "recall", "ranking", "events", "admin")
 
 log = logging.getLogger("adrec.serve")
 
@@ -57,7 +59,7 @@ class Stack:
 async def serving(
     target: str, service_settings: Any, redis_settings: RedisSettings
 ) -> AsyncIterator[Stack]:
-    """Start `target`'s services (all three for "all") with their metrics endpoint."""
+    """Start `target`'s services (all of them for "all") with their metrics endpoint."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     metrics = Metrics()
@@ -121,6 +123,13 @@ async def serving(
                         ranking=service_settings.ranking_timeout_ms / 1000,
                         fallback_reserve=service_settings.fallback_reserve_ms / 1000,
                     ),
+                    ControlSettings(
+                        caps=service_settings.gateway_frequency_caps,
+                        served_seconds=service_settings.gateway_served_seconds,
+                        max_per_category=service_settings.gateway_max_per_category,
+                        max_per_brand=service_settings.gateway_max_per_brand,
+                        max_per_customer=service_settings.gateway_max_per_customer,
+                    ),
                 )
                 services["gateway"] = await stack.enter_async_context(
                     running_service(
@@ -160,6 +169,19 @@ async def serving(
                         host=host,
                         port=service_settings.events_port,
                         max_concurrent_rpcs=service_settings.events_max_concurrent_rpcs,
+                    )
+                )
+            if target in ("admin", "all"):
+                admin = AdminService(reader("admin"))
+                services["admin"] = await stack.enter_async_context(
+                    running_service(
+                        admin,
+                        admin.reader,
+                        metrics,
+                        service_settings,
+                        host=host,
+                        port=service_settings.admin_port,
+                        max_concurrent_rpcs=service_settings.admin_max_concurrent_rpcs,
                     )
                 )
             yield Stack(services, metrics, endpoint.port)

@@ -55,6 +55,7 @@ TEST_ENV = {
     "ADREC_RANKING_PORT": "0",
     "ADREC_GATEWAY_PORT": "0",
     "ADREC_EVENTS_PORT": "0",
+    "ADREC_ADMIN_PORT": "0",
     "ADREC_RELOAD_INTERVAL_SECONDS": str(TEST_RELOAD_SECONDS),
     "ADREC_DRAIN_SECONDS": "2",
     "ADREC_REQUEST_TIMEOUT_MS": "5000",
@@ -362,7 +363,7 @@ async def service_process(
         )
     expected = {
         "metrics",
-        *(("recall", "ranking", "gateway", "events") if target == "all" else (target,)),
+        *(("recall", "ranking", "gateway", "events", "admin") if target == "all" else (target,)),
     }
     ports: dict[str, int] = {}
     try:

@@ -28,6 +28,9 @@ def test_schema_doc_lists_every_key_family_and_global_key():
         keys.PUBLISH_LOCK,
         keys.PENDING_VERSIONS,
         keys.EVENT_LOG,
+        keys.AD_STATE,
+        keys.AD_STATE_SEQ,
+        keys.AD_STATE_HISTORY,
     ]
     for key in globals_:
         assert f"`{key.decode()}`" in text

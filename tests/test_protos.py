@@ -11,6 +11,7 @@ from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
 from grpc_helpers import REPO_ROOT, buf_executable
 
+from adrec.api.admin.v1 import admin_service_pb2, admin_service_pb2_grpc
 from adrec.api.common.v1 import common_pb2
 from adrec.api.events.v1 import event_service_pb2, event_service_pb2_grpc
 from adrec.api.gateway.v1 import gateway_service_pb2, gateway_service_pb2_grpc
@@ -25,6 +26,7 @@ API_MODULES = (
     ranking_service_pb2,
     gateway_service_pb2,
     event_service_pb2,
+    admin_service_pb2,
 )
 
 INT64 = FieldDescriptor.TYPE_INT64
@@ -293,6 +295,19 @@ def test_gateway_messages():
         "count": (INT32, False),
         "mode": (ENUM, False),
         "request_id": (STRING, False),
+        "exclude_ad_ids": (INT64, True),
+        "frequency_caps": (MESSAGE, True),
+        "diversity": (MESSAGE, False),
+    }
+    assert fields(gateway_service_pb2.FrequencyCap) == {
+        "scope": (ENUM, False),
+        "max_impressions": (INT32, False),
+        "window_hours": (INT32, False),
+    }
+    assert fields(gateway_service_pb2.DiversityLimits) == {
+        "max_per_category": (INT32, False),
+        "max_per_brand": (INT32, False),
+        "max_per_customer": (INT32, False),
     }
     assert fields(gateway_service_pb2.RecommendResponse) == {
         "ads": (MESSAGE, True),
@@ -303,7 +318,25 @@ def test_gateway_messages():
         "data_version": (STRING, False),
         "model_version": (STRING, False),
         "request_id": (STRING, False),
+        "filled_from": (MESSAGE, True),
+        "filtered": (MESSAGE, True),
     }
+    assert fields(gateway_service_pb2.FillIn) == {
+        "serving_path": (ENUM, False),
+        "ads": (INT32, False),
+    }
+    assert fields(gateway_service_pb2.FilteredCount) == {
+        "reason": (ENUM, False),
+        "candidates": (INT32, False),
+    }
+    assert gateway_service_pb2.FilterReason.keys() == [
+        "FILTER_REASON_UNSPECIFIED",
+        "FILTER_REASON_PAUSED",
+        "FILTER_REASON_CAPPED",
+        "FILTER_REASON_EXCLUDED",
+        "FILTER_REASON_DIVERSITY",
+        "FILTER_REASON_UNKNOWN_AD",
+    ]
     assert gateway_service_pb2.RecommendMode.keys() == [
         "RECOMMEND_MODE_UNSPECIFIED",
         "RECOMMEND_MODE_REALTIME",
@@ -321,7 +354,43 @@ def test_gateway_messages():
         "DEGRADATION_REASON_NO_RECALL_SET",
         "DEGRADATION_REASON_NO_OFFLINE_LIST",
         "DEGRADATION_REASON_RECALL_UNAVAILABLE",
+        "DEGRADATION_REASON_FILTERED_SHORT",
     }
+
+
+def test_admin_service_and_messages():
+    (descriptor,) = admin_service_pb2.DESCRIPTOR.services_by_name.values()
+    assert admin_service_pb2.DESCRIPTOR.package == "adrec.admin.v1"
+    assert descriptor.full_name == "adrec.admin.v1.AdminService"
+    methods = ["SetAdState", "GetAdState", "ListAdStates", "ListAdStateChanges"]
+    assert list(descriptor.methods_by_name) == methods
+    for method in methods:
+        rpc = descriptor.methods_by_name[method]
+        assert rpc.input_type is getattr(admin_service_pb2, f"{method}Request").DESCRIPTOR
+        assert rpc.output_type is getattr(admin_service_pb2, f"{method}Response").DESCRIPTOR
+        assert not rpc.client_streaming and not rpc.server_streaming
+        assert callable(getattr(admin_service_pb2_grpc.AdminServiceServicer, method))
+    pb = admin_service_pb2
+    assert fields(pb.AdRef) == {"level": (ENUM, False), "id": (INT64, False)}
+    assert fields(pb.SetAdStateRequest) == {
+        "target": (MESSAGE, False),
+        "status": (ENUM, False),
+        "reason": (STRING, False),
+        "start_time": (INT64, False),
+        "end_time": (INT64, False),
+    }
+    assert fields(pb.AdStateChange) == {
+        "change_id": (INT64, False),
+        "state": (MESSAGE, False),
+        "previous_status": (ENUM, False),
+    }
+    assert pb.AdLevel.keys() == [
+        "AD_LEVEL_UNSPECIFIED",
+        "AD_LEVEL_ADGROUP",
+        "AD_LEVEL_CAMPAIGN",
+        "AD_LEVEL_CUSTOMER",
+    ]
+    assert pb.AdStatus.keys() == ["AD_STATUS_UNSPECIFIED", "AD_STATUS_ACTIVE", "AD_STATUS_PAUSED"]
 
 
 def test_event_messages():

@@ -46,6 +46,8 @@ from adrec.core.metadata import VersionContent, VersionMeta
 from adrec.core.redis_conn import RedisSettings
 from adrec.core.redis_server import free_port, private_redis
 from services import process
+from services.admin.service import HISTORY_OP, READ_OP, WRITE_OP
+from services.gateway.controls import ControlOp
 from services.runtime.data import RedisOp
 from services.runtime.health import LIVENESS_SERVICE_NAME
 from services.runtime.metrics import GRPC_CODE_NAMES, Metrics
@@ -58,6 +60,7 @@ SERVICES = {
     "ranking": "adrec.ranking.v1.RankingService",
     "gateway": "adrec.gateway.v1.GatewayService",
     "events": "adrec.events.v1.EventService",
+    "admin": "adrec.admin.v1.AdminService",
 }
 
 
@@ -390,7 +393,11 @@ def test_a_fresh_stack_exports_every_failure_counter_at_0_so_the_first_failure_c
         adrec_service=["ranking"], reason=["model_spec_mismatch", "bad_version_data"]
     )
     assert series(fresh, "adrec_model_reload_failures", "_total") == dict.fromkeys(refusals, 0)
-    redis_errors = label_sets(adrec_service=list(SERVICES), op=[op.value for op in RedisOp])
+    redis_errors = (
+        label_sets(adrec_service=list(SERVICES), op=[op.value for op in RedisOp])
+        | label_sets(adrec_service=["gateway"], op=[op.value for op in ControlOp])
+        | label_sets(adrec_service=["admin"], op=[READ_OP, WRITE_OP, HISTORY_OP])
+    )
     assert series(fresh, "adrec_redis_errors", "_total") == dict.fromkeys(redis_errors, 0)
     # Calls shed over a server's limit (health is never shed), and calls that ended before
     # their handler ran.
@@ -634,7 +641,7 @@ def test_the_serve_command_only_parses_and_leaves_the_wiring_to_the_runtime():
 
 
 def test_each_service_declares_its_env_vars_and_ports():
-    assert set(SETTINGS) == {"recall", "ranking", "gateway", "events", "all"}
+    assert set(SETTINGS) == {"recall", "ranking", "gateway", "events", "admin", "all"}
     assert {"ADREC_RECALL_PORT", "ADREC_METRICS_PORT", "REDIS_URL"} <= set(
         service_env_names("recall")
     )

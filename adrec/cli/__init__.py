@@ -1,4 +1,5 @@
-"""The ``adrec`` command line: one entry point for data, job, publish, serve, recommend, events.
+"""The ``adrec`` command line: one entry point for data, job, publish, serve, recommend, events,
+ads.
 
 Each command group lives in its own module exposing ``add_parser(subparsers)``; the
 group's heavy imports (pyspark, grpc) happen inside its handlers, so ``adrec --help``
@@ -15,7 +16,17 @@ from typing import Any
 
 import redis
 
-COMMAND_GROUPS = ("data", "job", "publish", "serve", "recommend", "events", "stream", "demo")
+COMMAND_GROUPS = (
+    "data",
+    "job",
+    "publish",
+    "serve",
+    "recommend",
+    "events",
+    "ads",
+    "stream",
+    "demo",
+)
 #: Packages of the `job` extra, which the services image does not carry.
 JOB_PACKAGES = ("pyspark", "pandas", "pyarrow", "sklearn")
 

@@ -25,6 +25,14 @@ resets it; each key carries a TTL::
     adrec:rt:user:<user_id>       -> a user's real-time state (JSON: interest and counts)
     adrec:rt:ad:<ad_id>           -> an ad's impression and click counts (JSON)
 
+The ad-serving controls live outside every version too, so a publish never undoes a pause
+(values in :mod:`adrec.core.adstate`)::
+
+    adrec:ad_state                -> paused and scheduled adgroups, campaigns, customers (JSON)
+    adrec:ad_state_seq            -> id of the last change applied, checked per request
+    adrec:ad_state_history        -> every change (a stream), newest last
+    adrec:served:<user_id>        -> ads the gateway returned to the user lately (JSON), TTL
+
 Every key embeds the version, and every read touches one key, so the layout works
 on Redis Cluster unchanged. Curly braces never appear in keys: they would be hash
 tags and pin a whole version to one cluster slot.
@@ -63,6 +71,9 @@ VERSION_SEQUENCE = f"{PREFIX}:version_seq".encode()
 PUBLISH_LOCK = f"{PREFIX}:publish_lock".encode()
 PENDING_VERSIONS = f"{PREFIX}:pending".encode()
 EVENT_LOG = f"{PREFIX}:events".encode()
+AD_STATE = f"{PREFIX}:ad_state".encode()
+AD_STATE_SEQ = f"{PREFIX}:ad_state_seq".encode()
+AD_STATE_HISTORY = f"{PREFIX}:ad_state_history".encode()
 
 _VERSION_RE = re.compile(r"v[1-9][0-9]{0,17}")
 
@@ -194,6 +205,13 @@ class StateFamily:
 
 REALTIME_USER = StateFamily("user", "user_id")
 REALTIME_AD = StateFamily("ad", "ad_id")
+
+
+def served_key(user_id: int) -> bytes:
+    """The ads the gateway returned to a user lately (``adstate.ServedCounts``)."""
+    if isinstance(user_id, bool) or not isinstance(user_id, int) or user_id <= 0:
+        raise ValueError(f"user_id must be a positive integer, got {user_id!r}")
+    return f"{PREFIX}:served:{user_id}".encode()
 
 
 def check_version(version: str) -> str:

@@ -11,14 +11,22 @@ spend half of that reserve, so the answer from memory after it still comes in ti
 caller without a deadline gets the configured request budget. Popular lists are held in
 memory per version, so an answer exists even while Redis and both downstream services are
 unreachable.
+
+On every path the ad-serving controls (services/gateway/controls.py) filter the
+candidates: paused, capped, excluded and unknown ads never reach the answer, and the
+diversity limits bound it per category, brand and customer. When they leave the path
+short, the next paths fill in: after a ranked answer the offline list, then popular ads;
+after the offline list the recall order (REALTIME: when recall answered), then popular.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -33,6 +41,15 @@ from adrec.api.recall.v1 import recall_service_pb2, recall_service_pb2_grpc
 from adrec.core import keys
 from adrec.core.events import MAX_REQUEST_ID_LENGTH
 from adrec.core.metadata import VersionMeta
+from services.gateway.controls import (
+    DIVERSITY_HEADROOM,
+    AdControls,
+    ControlSettings,
+    RequestControls,
+    Selection,
+    UserCounts,
+    request_controls,
+)
 from services.gateway.versions import GatewayVersion
 from services.runtime.data import RedisOp, RedisReader
 from services.runtime.logs import LogThrottle, service_logger
@@ -137,6 +154,11 @@ class _Deadline:
         return min(self.remaining() - self.budgets.fallback_reserve / 2, cap)
 
 
+#: A path's candidates for filling in a short answer: (path, ad ids, CTRs or None), or None
+#: when the path has none.
+_Candidates = tuple[gateway_pb2.ServingPath, Any, Any] | None
+
+
 @dataclasses.dataclass
 class _Call:
     """One Recommend call: what was asked, and the answer being put together."""
@@ -148,12 +170,22 @@ class _Call:
     request_id: str
     version: GatewayVersion
     deadline: _Deadline
+    controls: RequestControls
+    #: The controls' reads for this call, running beside its first downstream call.
+    prepared: asyncio.Future[UserCounts]
+    selection: Selection | None = None
+    recalled: recall_service_pb2.GetCandidatesResponse | None = None
     reasons: list[gateway_pb2.DegradationReason] = dataclasses.field(default_factory=list)
-    ads: Any = ()
+    fills: list[gateway_pb2.FillIn] = dataclasses.field(default_factory=list)
     path: gateway_pb2.ServingPath = gateway_pb2.SERVING_PATH_UNSPECIFIED
     source: common_pb2.CandidateSource = common_pb2.CANDIDATE_SOURCE_UNSPECIFIED
     data_version: str = ""
     model_version: str = ""
+
+    @property
+    def chosen(self) -> Selection:
+        assert self.selection is not None, "the controls are prepared first"
+        return self.selection
 
     def unscored(
         self,
@@ -163,11 +195,11 @@ class _Call:
         data_version: str,
     ) -> None:
         self.path, self.source, self.data_version = path, source, data_version
-        self.ads = [ScoredAd(ad_id=ad_id) for ad_id in ad_ids[: self.count]]
+        self.chosen.offer(ad_ids)
 
     def response(self) -> RecommendResponse:
         return RecommendResponse(
-            ads=self.ads,
+            ads=self.chosen.ads,
             serving_path=self.path,
             degradation_reasons=self.reasons,
             candidate_source=self.source,
@@ -175,6 +207,8 @@ class _Call:
             data_version=self.data_version,
             model_version=self.model_version,
             request_id=self.request_id,
+            filled_from=self.fills,
+            filtered=self.chosen.filtered_counts(),
         )
 
 
@@ -195,6 +229,7 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
         recall_channel: grpc.aio.Channel,
         ranking_channel: grpc.aio.Channel,
         budgets: Budgets,
+        controls: ControlSettings | None = None,
     ):
         self.reader = reader
         self.metrics = reader.metrics
@@ -203,6 +238,10 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
         self.recall = recall_service_pb2_grpc.RecallServiceStub(recall_channel)  # type: ignore[no-untyped-call]
         self.ranking = ranking_service_pb2_grpc.RankingServiceStub(ranking_channel)  # type: ignore[no-untyped-call]
         self.budgets = budgets
+        self.control_settings = controls or ControlSettings()
+        self.controls = AdControls(
+            reader, self.control_settings, self.log, self.metrics.metrics.registry
+        )
         self.current: GatewayVersion | None = None
         #: Error class of the last failed load of an active version, for the answer while
         #: none is loaded.
@@ -238,6 +277,8 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
 
     async def load_version(self, version: str, meta: VersionMeta | None) -> None:
         try:
+            # The controls' ad table first: a version is served only with it.
+            await self.controls.load_version(version)
             self.current = await GatewayVersion.read(self.reader, version, meta, self.log)
         except Exception as error:
             self._load_failure = type(error).__name__
@@ -261,11 +302,20 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
         mode = request.mode or REALTIME
         if mode not in (REALTIME, OFFLINE):
             checks.add("mode", f"unknown mode {mode}")
+        controls = request_controls(checks, request, self.control_settings)
         checks.raise_if_any()
         current = self.current
         if current is None:
             raise no_version_loaded(self.reader.last_failure, self._why_no_version())
 
+        deadline = _Deadline(context.time_remaining(), self.budgets)
+        prepared = asyncio.ensure_future(
+            self.controls.prepare(
+                user_id,
+                controls,
+                max(deadline.for_fallback_read(self.reader.timeout), MIN_REDIS_WAIT_SECONDS),
+            )
+        )
         call = _Call(
             user_id=user_id,
             pid=pid,
@@ -273,11 +323,44 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
             mode=mode,
             request_id=request_id or uuid.uuid4().hex,
             version=current,
-            deadline=_Deadline(context.time_remaining(), self.budgets),
+            deadline=deadline,
+            controls=controls,
+            prepared=prepared,
         )
-        await (self._realtime(call) if mode == REALTIME else self._offline(call))
+        try:
+            await (self._realtime(call) if mode == REALTIME else self._offline(call))
+        finally:
+            # A call cancelled before the controls were awaited leaves nothing running.
+            prepared.cancel()
         self._record(call)
+        if controls.caps:
+            await self.controls.record_served(
+                user_id, [ad.ad_id for ad in call.chosen.ads], time.time()
+            )
         return call.response()
+
+    async def _prepare(self, call: _Call) -> Selection:
+        if call.selection is None:
+            counts = await call.prepared
+            call.selection = self.controls.selection(call.count, call.controls, counts)
+        return call.selection
+
+    async def _fill(self, call: _Call, paths: list[Callable[[], Awaitable[_Candidates]]]) -> None:
+        """When the controls left the answer short, let `paths` fill it in, in turn."""
+        chosen = call.chosen
+        if chosen.full or not chosen.filtered:
+            return
+        call.reasons.append(gateway_pb2.DEGRADATION_REASON_FILTERED_SHORT)
+        for candidates_of in paths:
+            candidates = await candidates_of()
+            if candidates is None:
+                continue
+            path, ad_ids, ctrs = candidates
+            appended = chosen.offer(ad_ids, ctrs)
+            if appended:
+                call.fills.append(gateway_pb2.FillIn(serving_path=path, ads=appended))
+            if chosen.full:
+                return
 
     def _why_no_version(self) -> str:
         """Why no version is loaded while Redis answers the version watcher's polls."""
@@ -293,8 +376,12 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
 
     async def _realtime(self, call: _Call) -> None:
         recalled = await self._recall(call)
+        chosen = await self._prepare(call)
+        popular = self._popular_candidates(call)
         if recalled is None:
-            if not await self._offline_list(call):
+            if await self._offline_list(call):
+                await self._fill(call, [popular])
+            else:
                 self._popular(call)
             return
         if recalled.source != PERSONAL:
@@ -303,14 +390,22 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
                 gateway_pb2.SERVING_PATH_POPULAR, POPULAR, recalled.ad_ids, recalled.data_version
             )
             return
+        offline = self._offline_candidates(call)
+        candidates = chosen.for_ranking(recalled.ad_ids)
+        if not len(candidates):
+            # The controls left nothing to rank: the answer is the fill-ins'.
+            call.path, call.source = gateway_pb2.SERVING_PATH_REALTIME_RANKED, PERSONAL
+            call.data_version = recalled.data_version
+            await self._fill(call, [offline, popular])
+            return
         ranked: ranking_service_pb2.RankCandidatesResponse | None = await self._call(
             "ranking",
             self.ranking.RankCandidates,
             ranking_service_pb2.RankCandidatesRequest(
                 user_id=call.user_id,
                 pid=call.pid,
-                ad_ids=recalled.ad_ids,
-                top_k=call.count,
+                ad_ids=candidates,
+                top_k=call.count * DIVERSITY_HEADROOM if call.controls.limits.any else call.count,
                 request_id=call.request_id,
             ),
             call.deadline.for_downstream(self.budgets.ranking),
@@ -320,24 +415,32 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
             # Every candidate is unknown to the ad table: an empty "ranked" answer would
             # look healthy while serving nothing.
             call.reasons.append(gateway_pb2.DEGRADATION_REASON_NO_KNOWN_CANDIDATES)
-            if not await self._offline_list(call):
+            if await self._offline_list(call):
+                await self._fill(call, [popular])
+            else:
                 self._popular(call)
             return
         if ranked is not None:
-            call.ads = ranked.ads
+            if not chosen.take_ranked(ranked.ads, ranked.data_version):
+                ad_ids, ctrs = [ad.ad_id for ad in ranked.ads], [ad.ctr for ad in ranked.ads]
+                chosen.offer(ad_ids, ctrs, checked=True)
             call.path, call.source = gateway_pb2.SERVING_PATH_REALTIME_RANKED, PERSONAL
             call.data_version, call.model_version = ranked.data_version, ranked.model_version
+            await self._fill(call, [offline, popular])
             return
-        if not await self._offline_list(call):
-            call.unscored(
-                gateway_pb2.SERVING_PATH_RECALL_ORDER,
-                PERSONAL,
-                recalled.ad_ids,
-                recalled.data_version,
-            )
+        if await self._offline_list(call):
+            await self._fill(call, [self._recall_order_candidates(recalled), popular])
+            return
+        call.unscored(
+            gateway_pb2.SERVING_PATH_RECALL_ORDER, PERSONAL, recalled.ad_ids, recalled.data_version
+        )
+        await self._fill(call, [popular])
 
     async def _offline(self, call: _Call) -> None:
+        await self._prepare(call)
+        popular = self._popular_candidates(call)
         if await self._offline_list(call):
+            await self._fill(call, [self._recall_order_candidates(None, call), popular])
             return
         recalled = await self._recall(call)
         if recalled is None:
@@ -354,6 +457,37 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
                 recalled.ad_ids,
                 recalled.data_version,
             )
+            await self._fill(call, [popular])
+
+    def _offline_candidates(self, call: _Call) -> Callable[[], Awaitable[_Candidates]]:
+        async def candidates() -> _Candidates:
+            scored = await self._read_offline(call)
+            if scored is None:
+                return None
+            return (gateway_pb2.SERVING_PATH_OFFLINE_RANKED, *scored)
+
+        return candidates
+
+    def _recall_order_candidates(
+        self,
+        recalled: recall_service_pb2.GetCandidatesResponse | None,
+        call: _Call | None = None,
+    ) -> Callable[[], Awaitable[_Candidates]]:
+        """The personal recall set in recall order; recalled now when `call` is given."""
+
+        async def candidates() -> _Candidates:
+            answer = recalled if call is None else await self._recall(call)
+            if answer is None or answer.source != PERSONAL:
+                return None
+            return (gateway_pb2.SERVING_PATH_RECALL_ORDER, answer.ad_ids, None)
+
+        return candidates
+
+    def _popular_candidates(self, call: _Call) -> Callable[[], Awaitable[_Candidates]]:
+        async def candidates() -> _Candidates:
+            return (gateway_pb2.SERVING_PATH_POPULAR, call.version.popular.for_pid(call.pid), None)
+
+        return candidates
 
     async def _recall(self, call: _Call) -> recall_service_pb2.GetCandidatesResponse | None:
         recalled: recall_service_pb2.GetCandidatesResponse | None = await self._call(
@@ -402,6 +536,18 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
 
     async def _offline_list(self, call: _Call) -> bool:
         """Answer from the user's offline list; False (reason recorded) when there is none."""
+        scored = await self._read_offline(call)
+        if scored is None:
+            call.reasons.append(gateway_pb2.DEGRADATION_REASON_NO_OFFLINE_LIST)
+            return False
+        call.chosen.offer(*scored)
+        current = call.version
+        call.path, call.source = gateway_pb2.SERVING_PATH_OFFLINE_RANKED, PERSONAL
+        call.data_version, call.model_version = current.version, current.model_version
+        return True
+
+    async def _read_offline(self, call: _Call) -> tuple[Any, Any] | None:
+        """The user's offline list and its CTRs at the call's placement; None without one."""
         current = call.version
         try:
             scored = await self.reader.read(
@@ -424,17 +570,9 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
                 )
             scored = None
         if scored is None or not len(scored[0]):
-            call.reasons.append(gateway_pb2.DEGRADATION_REASON_NO_OFFLINE_LIST)
-            return False
+            return None
         ad_ids, ctrs = scored
-        ad_ids, ctrs = ad_ids[: call.count], current.offline_ctrs(call.pid, ctrs[: call.count])
-        call.ads = [
-            ScoredAd(ad_id=ad_id, ctr=ctr)
-            for ad_id, ctr in zip(ad_ids.tolist(), ctrs.tolist(), strict=True)
-        ]
-        call.path, call.source = gateway_pb2.SERVING_PATH_OFFLINE_RANKED, PERSONAL
-        call.data_version, call.model_version = current.version, current.model_version
-        return True
+        return ad_ids, current.offline_ctrs(call.pid, ctrs)
 
     def _popular(self, call: _Call) -> None:
         call.unscored(
@@ -446,6 +584,8 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
 
     def _record(self, call: _Call) -> None:
         self._answers[(call.mode, call.path)].inc()
+        for filtered, candidates in call.chosen.filtered.items():
+            self.controls.filtered_counters[filtered].inc(candidates)
         if not call.reasons:
             return
         reasons = [_REASON_NAMES[reason] for reason in call.reasons]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from adrec.core.adstate import Cap, parse_caps
 from adrec.core.redis_conn import RedisSettings
 from adrec.core.settings import (
     env_names,
@@ -32,6 +33,7 @@ DEFAULT_RECALL_PORT = 50051
 DEFAULT_RANKING_PORT = 50052
 DEFAULT_GATEWAY_PORT = 50053
 DEFAULT_EVENTS_PORT = 50054
+DEFAULT_ADMIN_PORT = 50055
 DEFAULT_METRICS_PORT = 9464
 
 _PORT_HELP = "gRPC port of the {} service; 0 picks a free one"
@@ -50,6 +52,8 @@ DEFAULT_BACKEND_MAX_CONCURRENT_RPCS = 512
 # A ReportEvents call carries a whole batch, many Recommend calls' worth of work, and every
 # accepted one is a Redis transaction that runs alone on the server: fewer are admitted.
 DEFAULT_EVENTS_MAX_CONCURRENT_RPCS = 64
+# Admin calls come from operators and their tools, a few at a time.
+DEFAULT_ADMIN_MAX_CONCURRENT_RPCS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +202,45 @@ class _GatewayOptions:
         check=in_range(0, 60_000),
     )
 
+    gateway_frequency_caps: tuple[Cap, ...] = setting(
+        "ADREC_GATEWAY_FREQUENCY_CAPS",
+        (),
+        "Frequency caps of every Recommend answer, e.g. 'ad:3/24h,campaign:10/24h,customer:20/72h' "
+        "(impressions per user within whole clock hours, scopes ad, campaign, customer); a "
+        "request may tighten them, never loosen them; empty for none",
+        parse=parse_caps,
+    )
+    gateway_served_seconds: int = setting(
+        "ADREC_GATEWAY_SERVED_SECONDS",
+        300,
+        "How long the ads a gateway returned count towards a user's frequency caps, on top of "
+        "the reported impressions (keep it above the stream job's lag); 0 counts impressions "
+        "alone",
+        parse=parse_int,
+        check=in_range(0, 3600),
+    )
+    gateway_max_per_category: int = setting(
+        "ADREC_GATEWAY_MAX_PER_CATEGORY",
+        0,
+        "Most ads of one category in an answer, unless the request says; 0 for no limit",
+        parse=parse_int,
+        check=in_range(0, 500),
+    )
+    gateway_max_per_brand: int = setting(
+        "ADREC_GATEWAY_MAX_PER_BRAND",
+        0,
+        "Most ads of one brand in an answer, unless the request says; 0 for no limit",
+        parse=parse_int,
+        check=in_range(0, 500),
+    )
+    gateway_max_per_customer: int = setting(
+        "ADREC_GATEWAY_MAX_PER_CUSTOMER",
+        0,
+        "Most ads of one customer in an answer, unless the request says; 0 for no limit",
+        parse=parse_int,
+        check=in_range(0, 500),
+    )
+
     def validate(self) -> list[str]:
         if self.fallback_reserve_ms >= self.request_timeout_ms:
             return ["ADREC_FALLBACK_RESERVE_MS must be smaller than ADREC_REQUEST_TIMEOUT_MS"]
@@ -252,6 +295,24 @@ class _EventsOptions:
 
 
 @dataclasses.dataclass(frozen=True)
+class _AdminOptions:
+    admin_port: int = setting(
+        "ADREC_ADMIN_PORT",
+        DEFAULT_ADMIN_PORT,
+        _PORT_HELP.format("admin"),
+        parse=parse_int,
+        check=port_number(allow_zero=True),
+    )
+    admin_max_concurrent_rpcs: int = setting(
+        "ADREC_ADMIN_MAX_CONCURRENT_RPCS",
+        DEFAULT_ADMIN_MAX_CONCURRENT_RPCS,
+        _LIMIT_HELP.format("admin"),
+        parse=parse_int,
+        check=_LIMIT_RANGE,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class RecallSettings(ServerSettings, _RecallOptions):
     pass
 
@@ -272,8 +333,18 @@ class EventsSettings(ServerSettings, _EventsOptions):
 
 
 @dataclasses.dataclass(frozen=True)
+class AdminSettings(ServerSettings, _AdminOptions):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
 class AllInOneSettings(
-    ServerSettings, _RecallOptions, _RankingOptions, _GatewayOptions, _EventsOptions
+    ServerSettings,
+    _RecallOptions,
+    _RankingOptions,
+    _GatewayOptions,
+    _EventsOptions,
+    _AdminOptions,
 ):
     """`adrec serve all`: every service in one process, one /metrics for all."""
 
@@ -284,6 +355,7 @@ SETTINGS: dict[str, type[ServerSettings]] = {
     "ranking": RankingSettings,
     "gateway": GatewaySettings,
     "events": EventsSettings,
+    "admin": AdminSettings,
     "all": AllInOneSettings,
 }
 

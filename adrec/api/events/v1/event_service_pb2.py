@@ -22,29 +22,30 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from adrec.api.gateway.v1 import gateway_service_pb2 as adrec_dot_gateway_dot_v1_dot_gateway__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#adrec/events/v1/event_service.proto\x12\x0f\x61\x64rec.events.v1\"=\n\x13ReportEventsRequest\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.adrec.events.v1.Event\">\n\x14ReportEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x14\n\x0clog_position\x18\x02 \x01(\t\"\xce\x01\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\x03\x12\x0c\n\x04time\x18\x03 \x01(\x03\x12\x31\n\nimpression\x18\x04 \x01(\x0b\x32\x1b.adrec.events.v1.ImpressionH\x00\x12\'\n\x05\x63lick\x18\x05 \x01(\x0b\x32\x16.adrec.events.v1.ClickH\x00\x12-\n\x08\x62\x65havior\x18\x06 \x01(\x0b\x32\x19.adrec.events.v1.BehaviorH\x00\x42\t\n\x07payload\"<\n\nImpression\x12\r\n\x05\x61\x64_id\x18\x01 \x01(\x03\x12\x0b\n\x03pid\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"7\n\x05\x43lick\x12\r\n\x05\x61\x64_id\x18\x01 \x01(\x03\x12\x0b\n\x03pid\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"Z\n\x08\x42\x65havior\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.adrec.events.v1.BehaviorType\x12\x0f\n\x07\x63\x61te_id\x18\x02 \x01(\x03\x12\x10\n\x08\x62rand_id\x18\x03 \x01(\x03*\x95\x01\n\x0c\x42\x65haviorType\x12\x1d\n\x19\x42\x45HAVIOR_TYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x42\x45HAVIOR_TYPE_PAGE_VIEW\x10\x01\x12\x16\n\x12\x42\x45HAVIOR_TYPE_CART\x10\x02\x12\x1a\n\x16\x42\x45HAVIOR_TYPE_FAVORITE\x10\x03\x12\x15\n\x11\x42\x45HAVIOR_TYPE_BUY\x10\x04\x32k\n\x0c\x45ventService\x12[\n\x0cReportEvents\x12$.adrec.events.v1.ReportEventsRequest\x1a%.adrec.events.v1.ReportEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#adrec/events/v1/event_service.proto\x12\x0f\x61\x64rec.events.v1\x1a&adrec/gateway/v1/gateway_service.proto\"=\n\x13ReportEventsRequest\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.adrec.events.v1.Event\">\n\x14ReportEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x14\n\x0clog_position\x18\x02 \x01(\t\"\xce\x01\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\x03\x12\x0c\n\x04time\x18\x03 \x01(\x03\x12\x31\n\nimpression\x18\x04 \x01(\x0b\x32\x1b.adrec.events.v1.ImpressionH\x00\x12\'\n\x05\x63lick\x18\x05 \x01(\x0b\x32\x16.adrec.events.v1.ClickH\x00\x12-\n\x08\x62\x65havior\x18\x06 \x01(\x0b\x32\x19.adrec.events.v1.BehaviorH\x00\x42\t\n\x07payload\"\x88\x01\n\nImpression\x12\r\n\x05\x61\x64_id\x18\x01 \x01(\x03\x12\x0b\n\x03pid\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x33\n\x0cserving_path\x18\x04 \x01(\x0e\x32\x1d.adrec.gateway.v1.ServingPath\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"\x83\x01\n\x05\x43lick\x12\r\n\x05\x61\x64_id\x18\x01 \x01(\x03\x12\x0b\n\x03pid\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x33\n\x0cserving_path\x18\x04 \x01(\x0e\x32\x1d.adrec.gateway.v1.ServingPath\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"Z\n\x08\x42\x65havior\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.adrec.events.v1.BehaviorType\x12\x0f\n\x07\x63\x61te_id\x18\x02 \x01(\x03\x12\x10\n\x08\x62rand_id\x18\x03 \x01(\x03*\x95\x01\n\x0c\x42\x65haviorType\x12\x1d\n\x19\x42\x45HAVIOR_TYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x42\x45HAVIOR_TYPE_PAGE_VIEW\x10\x01\x12\x16\n\x12\x42\x45HAVIOR_TYPE_CART\x10\x02\x12\x1a\n\x16\x42\x45HAVIOR_TYPE_FAVORITE\x10\x03\x12\x15\n\x11\x42\x45HAVIOR_TYPE_BUY\x10\x04\x32k\n\x0c\x45ventService\x12[\n\x0cReportEvents\x12$.adrec.events.v1.ReportEventsRequest\x1a%.adrec.events.v1.ReportEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'adrec.api.events.v1.event_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BEHAVIORTYPE']._serialized_start=604
-  _globals['_BEHAVIORTYPE']._serialized_end=753
-  _globals['_REPORTEVENTSREQUEST']._serialized_start=56
-  _globals['_REPORTEVENTSREQUEST']._serialized_end=117
-  _globals['_REPORTEVENTSRESPONSE']._serialized_start=119
-  _globals['_REPORTEVENTSRESPONSE']._serialized_end=181
-  _globals['_EVENT']._serialized_start=184
-  _globals['_EVENT']._serialized_end=390
-  _globals['_IMPRESSION']._serialized_start=392
-  _globals['_IMPRESSION']._serialized_end=452
-  _globals['_CLICK']._serialized_start=454
-  _globals['_CLICK']._serialized_end=509
-  _globals['_BEHAVIOR']._serialized_start=511
-  _globals['_BEHAVIOR']._serialized_end=601
-  _globals['_EVENTSERVICE']._serialized_start=755
-  _globals['_EVENTSERVICE']._serialized_end=862
+  _globals['_BEHAVIORTYPE']._serialized_start=798
+  _globals['_BEHAVIORTYPE']._serialized_end=947
+  _globals['_REPORTEVENTSREQUEST']._serialized_start=96
+  _globals['_REPORTEVENTSREQUEST']._serialized_end=157
+  _globals['_REPORTEVENTSRESPONSE']._serialized_start=159
+  _globals['_REPORTEVENTSRESPONSE']._serialized_end=221
+  _globals['_EVENT']._serialized_start=224
+  _globals['_EVENT']._serialized_end=430
+  _globals['_IMPRESSION']._serialized_start=433
+  _globals['_IMPRESSION']._serialized_end=569
+  _globals['_CLICK']._serialized_start=572
+  _globals['_CLICK']._serialized_end=703
+  _globals['_BEHAVIOR']._serialized_start=705
+  _globals['_BEHAVIOR']._serialized_end=795
+  _globals['_EVENTSERVICE']._serialized_start=949
+  _globals['_EVENTSERVICE']._serialized_end=1056
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from adrec.api.gateway.v1 import gateway_service_pb2 as _gateway_service_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -51,24 +52,32 @@ class Event(_message.Message):
     def __init__(self, event_id: _Optional[str] = ..., user_id: _Optional[int] = ..., time: _Optional[int] = ..., impression: _Optional[_Union[Impression, _Mapping]] = ..., click: _Optional[_Union[Click, _Mapping]] = ..., behavior: _Optional[_Union[Behavior, _Mapping]] = ...) -> None: ...
 
 class Impression(_message.Message):
-    __slots__ = ("ad_id", "pid", "request_id")
+    __slots__ = ("ad_id", "pid", "request_id", "serving_path", "model_version")
     AD_ID_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVING_PATH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ad_id: int
     pid: str
     request_id: str
-    def __init__(self, ad_id: _Optional[int] = ..., pid: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    serving_path: _gateway_service_pb2.ServingPath
+    model_version: str
+    def __init__(self, ad_id: _Optional[int] = ..., pid: _Optional[str] = ..., request_id: _Optional[str] = ..., serving_path: _Optional[_Union[_gateway_service_pb2.ServingPath, str]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class Click(_message.Message):
-    __slots__ = ("ad_id", "pid", "request_id")
+    __slots__ = ("ad_id", "pid", "request_id", "serving_path", "model_version")
     AD_ID_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVING_PATH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ad_id: int
     pid: str
     request_id: str
-    def __init__(self, ad_id: _Optional[int] = ..., pid: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    serving_path: _gateway_service_pb2.ServingPath
+    model_version: str
+    def __init__(self, ad_id: _Optional[int] = ..., pid: _Optional[str] = ..., request_id: _Optional[str] = ..., serving_path: _Optional[_Union[_gateway_service_pb2.ServingPath, str]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class Behavior(_message.Message):
     __slots__ = ("type", "cate_id", "brand_id")

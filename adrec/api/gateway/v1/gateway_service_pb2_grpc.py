@@ -65,6 +65,12 @@ class GatewayServiceServicer:
         past its deadline, the offline list; without one, the candidates in
         recall order. A user without a personal recall set gets popular ads.
 
+        On every path the ad-serving controls apply: paused ads are never
+        returned, nor ads past a frequency cap or named in `exclude_ad_ids`,
+        and the diversity limits bound ads per category, brand and customer.
+        When they leave the path short, the next path fills in (the response's
+        `filled_from` says which).
+
         Errors: INVALID_ARGUMENT for fields out of range or an unknown pid (the
         message names every bad field, and the status details hold a
         google.rpc.BadRequest with one field violation each); DEADLINE_EXCEEDED

@@ -22,15 +22,17 @@ class RankCandidatesRequest(_message.Message):
     def __init__(self, user_id: _Optional[int] = ..., pid: _Optional[str] = ..., ad_ids: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class RankCandidatesResponse(_message.Message):
-    __slots__ = ("ads", "model_version", "data_version", "unknown_ads_skipped", "user_profile_found")
+    __slots__ = ("ads", "model_version", "data_version", "unknown_ads_skipped", "user_profile_found", "behaviour_counts_found")
     ADS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     DATA_VERSION_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_ADS_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     USER_PROFILE_FOUND_FIELD_NUMBER: _ClassVar[int]
+    BEHAVIOUR_COUNTS_FOUND_FIELD_NUMBER: _ClassVar[int]
     ads: _containers.RepeatedCompositeFieldContainer[_common_pb2.ScoredAd]
     model_version: str
     data_version: str
     unknown_ads_skipped: int
     user_profile_found: bool
-    def __init__(self, ads: _Optional[_Iterable[_Union[_common_pb2.ScoredAd, _Mapping]]] = ..., model_version: _Optional[str] = ..., data_version: _Optional[str] = ..., unknown_ads_skipped: _Optional[int] = ..., user_profile_found: _Optional[bool] = ...) -> None: ...
+    behaviour_counts_found: bool
+    def __init__(self, ads: _Optional[_Iterable[_Union[_common_pb2.ScoredAd, _Mapping]]] = ..., model_version: _Optional[str] = ..., data_version: _Optional[str] = ..., unknown_ads_skipped: _Optional[int] = ..., user_profile_found: _Optional[bool] = ..., behaviour_counts_found: _Optional[bool] = ...) -> None: ...

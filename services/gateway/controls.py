@@ -1,0 +1,558 @@
+"""The gateway's ad-serving controls: pauses, frequency caps, exclusions and diversity limits.
+
+:class:`AdControls` holds, per process, the loaded version's ad table (ids and their
+campaign, customer, category and brand) and a copy of the ad states
+(:mod:`adrec.core.adstate`) turned into one "paused" flag per ad of the table. Each request
+reads the change counter (``keys.AD_STATE_SEQ``), with the user's real-time state and
+served counts when a frequency cap is in force, concurrently with its first downstream
+call; a counter ahead of the copy reloads the states before anything is filtered, so a
+change is in force for every request that starts after the admin call returned. While
+Redis does not answer, requests go on with the last copy and without counts.
+
+A :class:`Selection` builds one answer from the paths in turn, every candidate checked:
+excluded by the request, unknown to the ad table (its hierarchy, so its state, cannot be
+told), paused, or capped; then the diversity limits per category, brand and customer.
+Candidates for ranking are checked before ranking (but for unknown ads, which ranking
+itself skips and counts), so only servable ads are scored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from prometheus_client import Counter
+from redis.exceptions import RedisError
+
+from adrec.api.common.v1 import common_pb2
+from adrec.api.gateway.v1 import gateway_service_pb2 as gateway_pb2
+from adrec.core import adstate, keys
+from adrec.core.adstate import AdStates, Cap, Level
+from adrec.core.codecs import CodecError
+from adrec.core.events import Scope
+from services.runtime.data import LOAD_TIMEOUT_SECONDS, RedisOp, RedisReader
+from services.runtime.logs import LogThrottle, ServiceLogger
+from services.runtime.metrics import SERVICE_LABEL, enum_labels
+from services.runtime.requests import FieldChecks
+
+#: Most ids one request may exclude.
+MAX_EXCLUDED_ADS = 500
+#: Most frequency caps one request may carry (3 scopes x a few windows).
+MAX_REQUEST_CAPS = 12
+#: Largest ad id the catalog indexes densely (64 MB of rows at most).
+DENSE_INDEX_MAX_ID = 2**24
+#: Under diversity limits ranking returns this many times `count` ads, for the limits to
+#: pass over; an answer they still leave short is filled in by the next path.
+DIVERSITY_HEADROOM = 4
+#: Filter reason -> its label in adrec_filtered_candidates_total ("paused", ...).
+FILTER_REASON_NAMES = enum_labels(gateway_pb2.FilterReason)
+EXCLUDED = gateway_pb2.FILTER_REASON_EXCLUDED
+UNKNOWN_AD = gateway_pb2.FILTER_REASON_UNKNOWN_AD
+PAUSED = gateway_pb2.FILTER_REASON_PAUSED
+CAPPED = gateway_pb2.FILTER_REASON_CAPPED
+DIVERSITY = gateway_pb2.FILTER_REASON_DIVERSITY
+_CAP_SCOPES = {
+    gateway_pb2.CAP_SCOPE_AD: Scope.AD,
+    gateway_pb2.CAP_SCOPE_CAMPAIGN: Scope.CAMPAIGN,
+    gateway_pb2.CAP_SCOPE_CUSTOMER: Scope.CUSTOMER,
+}
+ScoredAd = common_pb2.ScoredAd
+
+
+class ControlOp(enum.StrEnum):
+    """The controls' Redis operations: `op` labels of adrec_redis_latency_seconds and
+    adrec_redis_errors_total beside the runtime's own (:class:`RedisOp`)."""
+
+    AD_STATE_SEQ = "ad_state_seq"
+    AD_STATE = "ad_state"
+    SERVED_COUNTS = "served_counts"
+    RECORD_SERVED = "record_served"
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlSettings:
+    """The server's side of the controls (ADREC_GATEWAY_* settings)."""
+
+    caps: tuple[Cap, ...] = ()
+    #: How long what the gateway returned counts towards the caps; 0: not recorded.
+    served_seconds: int = 0
+    max_per_category: int = 0
+    max_per_brand: int = 0
+    max_per_customer: int = 0
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AdCatalog:
+    """One version's ad table as the controls need it, sorted by ad id."""
+
+    version: str
+    ids: np.ndarray
+    campaign: np.ndarray
+    customer: np.ndarray
+    cate: np.ndarray
+    brand: np.ndarray
+    #: Row of each ad id, -1 for none, when the ids are small enough for a dense index
+    #: (the data set's run to 846,811: 3.4 MB); a binary search of the ids otherwise.
+    row_of: np.ndarray | None = None
+
+    @classmethod
+    def decode(cls, version: str, raw: bytes) -> AdCatalog:
+        table = keys.ADS.decode(raw)
+        columns = ("adgroup_id", "campaign_id", "customer_id", "cate_id", "brand_id")
+        missing = [name for name in columns if name not in table]
+        if missing:
+            raise CodecError(f"the ad table lacks {', '.join(missing)}")
+        order = np.argsort(table["adgroup_id"], kind="stable")
+        ids, campaign, customer, cate, brand = (
+            np.ascontiguousarray(table[name][order], dtype=np.int64) for name in columns
+        )
+        row_of = None
+        if len(ids) and ids[0] > 0 and ids[-1] <= DENSE_INDEX_MAX_ID:
+            row_of = np.full(int(ids[-1]) + 1, -1, np.int32)
+            row_of[ids] = np.arange(len(ids), dtype=np.int32)
+        return cls(version, ids, campaign, customer, cate, brand, row_of)
+
+    @classmethod
+    def empty(cls) -> AdCatalog:
+        none = np.zeros(0, np.int64)
+        return cls("", none, none, none, none, none)
+
+    def lookup(self, ad_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each id's row and whether the table has it."""
+        if not len(self.ids):
+            return np.zeros(len(ad_ids), np.int64), np.zeros(len(ad_ids), bool)
+        if self.row_of is not None:
+            inside = (ad_ids > 0) & (ad_ids < len(self.row_of))
+            rows = self.row_of[np.where(inside, ad_ids, 0)]
+            known = rows >= 0
+            return np.where(known, rows, 0), known
+        rows = np.searchsorted(self.ids, ad_ids).clip(0, len(self.ids) - 1)
+        return rows, self.ids[rows] == ad_ids
+
+    def members(self, level: Level) -> np.ndarray:
+        if level is Level.ADGROUP:
+            return self.ids
+        column: np.ndarray = self.campaign if level is Level.CAMPAIGN else self.customer
+        return column
+
+    def column(self, scope: Scope) -> np.ndarray:
+        """The campaign or customer of each row."""
+        return self.campaign if scope is Scope.CAMPAIGN else self.customer
+
+
+def _member_of(values: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """Whether each of `values` is one of the sorted `members` (np.isin, without its
+    per-call overhead on the few members a request has)."""
+    if not len(members):
+        return np.zeros(len(values), bool)
+    found = members[np.searchsorted(members, values).clip(0, len(members) - 1)]
+    hit: np.ndarray = found == values
+    return hit
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PausedAds:
+    """Which ads of a catalog a set of ad states pauses, until ``valid_until``."""
+
+    catalog: AdCatalog
+    seq: int
+    #: One flag per row of the catalog.
+    paused: np.ndarray
+    #: When a start or end time of a state passes (Unix seconds); None: never.
+    valid_until: float | None
+    #: Whether any ad is paused.
+    any: bool = False
+
+    @classmethod
+    def of(cls, catalog: AdCatalog, states: AdStates, now: float) -> PausedAds:
+        paused = np.zeros(len(catalog.ids), bool)
+        for level, ids in states.paused_ids(now).items():
+            if len(ids):
+                column = catalog.members(level)
+                rows = np.searchsorted(ids, column).clip(0, len(ids) - 1)
+                paused |= ids[rows] == column
+        return cls(catalog, states.seq, paused, states.next_boundary(now), bool(paused.any()))
+
+    def current(self, now: float) -> bool:
+        return self.valid_until is None or now < self.valid_until
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """A request's diversity limits, each 0 for none."""
+
+    category: int = 0
+    brand: int = 0
+    customer: int = 0
+
+    @property
+    def any(self) -> bool:
+        return bool(self.category or self.brand or self.customer)
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestControls:
+    """What one request asked of the controls, checked."""
+
+    excluded: np.ndarray
+    caps: tuple[Cap, ...]
+    limits: Limits
+
+
+def request_controls(
+    checks: FieldChecks, request: gateway_pb2.RecommendRequest, settings: ControlSettings
+) -> RequestControls:
+    """The request's exclusions, caps (tightened by the server's) and limits; every bad
+    field noted in `checks`."""
+    excluded = request.exclude_ad_ids
+    if len(excluded) > MAX_EXCLUDED_ADS:
+        checks.add(
+            "exclude_ad_ids", f"holds {len(excluded)} ids; at most {MAX_EXCLUDED_ADS} per request"
+        )
+    else:
+        for index, ad_id in enumerate(excluded):
+            checks.positive_id(f"exclude_ad_ids[{index}]", ad_id)
+    caps: list[Cap] = []
+    if len(request.frequency_caps) > MAX_REQUEST_CAPS:
+        checks.add(
+            "frequency_caps",
+            f"holds {len(request.frequency_caps)} caps; at most {MAX_REQUEST_CAPS}",
+        )
+    seen: dict[tuple[Scope, int], int] = {}
+    for index, cap in enumerate(request.frequency_caps[:MAX_REQUEST_CAPS]):
+        field = f"frequency_caps[{index}]"
+        scope = _CAP_SCOPES.get(cap.scope)
+        if scope is None:
+            checks.add(f"{field}.scope", "must be CAP_SCOPE_AD, _CAMPAIGN or _CUSTOMER")
+        if cap.max_impressions < 1:
+            checks.add(
+                f"{field}.max_impressions",
+                f"must be at least 1, got {cap.max_impressions} "
+                "(exclude_ad_ids leaves an ad out altogether)",
+            )
+        checks.in_range(f"{field}.window_hours", cap.window_hours, 1, adstate.MAX_CAP_WINDOW_HOURS)
+        if scope is None:
+            continue
+        earlier = seen.setdefault((scope, cap.window_hours), index)
+        if earlier != index:
+            checks.add(
+                field,
+                f"contradicts frequency_caps[{earlier}]: a second limit for the same scope "
+                f"and window ({cap.window_hours} h)",
+            )
+        caps.append(Cap(scope, cap.window_hours, cap.max_impressions))
+    limits = []
+    for name, default in (
+        ("max_per_category", settings.max_per_category),
+        ("max_per_brand", settings.max_per_brand),
+        ("max_per_customer", settings.max_per_customer),
+    ):
+        value = getattr(request.diversity, name)
+        if value < 0:
+            checks.add(
+                f"diversity.{name}", f"must be 0 (the server's default) or more, got {value}"
+            )
+        limits.append(value or default)
+    return RequestControls(
+        excluded=np.unique(np.asarray(excluded, dtype=np.int64)),
+        caps=adstate.tightest((*settings.caps, *caps)),
+        limits=Limits(*limits),
+    )
+
+
+@dataclasses.dataclass
+class UserCounts:
+    """Per cap scope, the members whose caps the user has reached."""
+
+    capped: dict[Scope, np.ndarray]
+
+
+class AdControls:
+    """The controls of one gateway process."""
+
+    def __init__(
+        self,
+        reader: RedisReader,
+        settings: ControlSettings,
+        log: ServiceLogger,
+        metrics_registry: Any,
+    ):
+        self.reader = reader
+        self.settings = settings
+        self.log = log
+        reader.metrics.declare_redis_ops(ControlOp)
+        self.catalog = AdCatalog.empty()
+        self.states = AdStates.empty()
+        self.paused = PausedAds.of(self.catalog, self.states, time.time())
+        self._reload_lock = asyncio.Lock()
+        self._served = (
+            adstate.ServedCounts(reader.client, settings.served_seconds)
+            if settings.served_seconds
+            else None
+        )
+        self._failures = LogThrottle()
+        filtered = Counter(
+            "adrec_filtered_candidates_total",
+            "Candidate ads the gateway's ad-serving controls removed from answers, by reason.",
+            (SERVICE_LABEL, "reason"),
+            registry=metrics_registry,
+        )
+        service = reader.metrics.service
+        # At 0 from the start, as every reason is a closed set.
+        self.filtered_counters = {
+            reason: filtered.labels(service, name) for reason, name in FILTER_REASON_NAMES.items()
+        }
+
+    async def load_version(self, version: str) -> None:
+        """Take the version's ad table; raises to be asked again (Redis failed)."""
+        raw = await self.reader.get(
+            keys.ADS.key(version), op=RedisOp.LOAD_ADS, timeout=LOAD_TIMEOUT_SECONDS
+        )
+        if raw is None:
+            raise CodecError(f"data version {version} has no ad table")
+        # Decoding a large table takes a while: keep answering meanwhile.
+        catalog = await asyncio.to_thread(AdCatalog.decode, version, raw)
+        async with self._reload_lock:
+            self.catalog = catalog
+            self.paused = PausedAds.of(catalog, self.states, time.time())
+
+    async def prepare(self, user_id: int, controls: RequestControls, timeout: float) -> UserCounts:
+        """Bring the ad states up to date and read what the caps count for `user_id`."""
+        now = time.time()
+        reads = [self._get(keys.AD_STATE_SEQ, ControlOp.AD_STATE_SEQ, timeout)]
+        if controls.caps:
+            reads.append(
+                self._get(keys.REALTIME_USER.key(user_id), RedisOp.REALTIME_STATE, timeout)
+            )
+            if self._served is not None:
+                reads.append(self._get(keys.served_key(user_id), ControlOp.SERVED_COUNTS, timeout))
+        replies = await asyncio.gather(*reads)
+        counter = replies[0]
+        if counter is not None and int(counter) > self.paused.seq:
+            await self._reload(int(counter), timeout)
+        elif not self.paused.current(now):
+            async with self._reload_lock:
+                if not self.paused.current(now):
+                    self.paused = PausedAds.of(self.catalog, self.states, now)
+        if not controls.caps:
+            return UserCounts({})
+        longest = max(cap.window_hours for cap in controls.caps)
+        seen = adstate.impressions(replies[1], int(now), longest) if replies[1] else {}
+        served: dict[bytes, int] = {}
+        if len(replies) > 2 and replies[2] is not None and self._served is not None:
+            served = self._served.decode(replies[2], now)
+        if not seen and not served:
+            return UserCounts({})
+        return UserCounts(adstate.capped_members(controls.caps, seen, served))
+
+    async def _get(self, key: bytes, op: str, timeout: float) -> bytes | None:
+        """One GET; None when Redis fails it, which is logged: the controls then go on with
+        what they hold."""
+        try:
+            # RedisReader records whatever op it is given; its annotation names its own.
+            return await self.reader.get(key, op=op, timeout=timeout)  # type: ignore[arg-type]
+        except RedisError as error:
+            self._warn(f"cannot read {op}; serving with the ad states held", error)
+            return None
+
+    async def _reload(self, counter: int, timeout: float) -> None:
+        async with self._reload_lock:
+            if self.paused.seq >= counter:
+                return
+            raw = await self._get(keys.AD_STATE, ControlOp.AD_STATE, timeout)
+            if raw is None:
+                return
+            try:
+                states = AdStates.decode(raw)
+            except CodecError as error:
+                self._warn("cannot decode the ad states; serving with the ones held", error)
+                return
+            self.states = states
+            self.paused = PausedAds.of(self.catalog, states, time.time())
+            self.log.info("ad states changed", extra={"change_id": states.seq})
+
+    async def record_served(self, user_id: int, ad_ids: Sequence[int], now: float) -> None:
+        """Count the ads of an answer towards the user's caps."""
+        if self._served is None or not ad_ids:
+            return
+        catalog = self.catalog
+        rows, known = catalog.lookup(np.asarray(ad_ids, dtype=np.int64))
+        members = [
+            member
+            for row in rows[known].tolist()
+            for member in adstate.served_members(
+                int(catalog.ids[row]), int(catalog.campaign[row]), int(catalog.customer[row])
+            )
+        ]
+        latency = self.reader.metrics.redis_latency(ControlOp.RECORD_SERVED)
+        start = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.reader.timeout):
+                await self._served.record(user_id, members, now)
+        except (RedisError, TimeoutError) as error:
+            self.reader.metrics.redis_error(ControlOp.RECORD_SERVED)
+            self._warn("cannot record the ads served", error)
+        finally:
+            latency.observe(time.perf_counter() - start)
+
+    def _warn(self, message: str, error: Exception) -> None:
+        held_back = self._failures.allow((message, type(error)))
+        if held_back is not None:
+            self.log.warning(
+                message,
+                extra={"error": type(error).__name__, "similar_failures_not_logged": held_back},
+            )
+
+    def selection(self, count: int, controls: RequestControls, counts: UserCounts) -> Selection:
+        return Selection(self.paused, count, controls, counts)
+
+
+class Selection:
+    """One answer being built: the ads chosen so far and what was filtered, by reason."""
+
+    def __init__(
+        self, paused: PausedAds, count: int, controls: RequestControls, counts: UserCounts
+    ):
+        self.paused = paused
+        self.catalog = paused.catalog
+        self.count = count
+        self.controls = controls
+        self.capped = counts.capped
+        self.ads: list[ScoredAd] = []
+        self.chosen: set[int] = set()
+        self.filtered: dict[int, int] = {}
+        self._filtered_ids: set[int] = set()
+        self._per_value: list[dict[int, int]] = [{}, {}, {}]
+
+    @property
+    def full(self) -> bool:
+        return len(self.ads) >= self.count
+
+    @property
+    def inert(self) -> bool:
+        """Whether nothing but an ad unknown to the table could be filtered."""
+        return (
+            not self.paused.any
+            and not len(self.controls.excluded)
+            and not self.capped
+            and not self.controls.limits.any
+        )
+
+    def _reasons(self, ad_ids: np.ndarray, checked: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Each candidate's filter reason (0: none) and row in the catalog; unknown ads
+        alone when the candidates were `checked` already (by :meth:`for_ranking`)."""
+        rows, known = self.catalog.lookup(ad_ids)
+        reasons = np.zeros(len(ad_ids), np.int64)
+        if checked:
+            reasons[~known] = UNKNOWN_AD
+            return reasons, rows
+        if self.capped:
+            hit = np.zeros(len(ad_ids), bool)
+            for scope, members in self.capped.items():
+                column = self.catalog.ids if scope is Scope.AD else self.catalog.column(scope)
+                hit |= _member_of(column[rows], members)
+            reasons[hit] = CAPPED
+        if self.paused.any:
+            reasons[self.paused.paused[rows]] = PAUSED
+        reasons[~known] = UNKNOWN_AD
+        if len(self.controls.excluded):
+            reasons[_member_of(ad_ids, self.controls.excluded)] = EXCLUDED
+        return reasons, rows
+
+    def _note(self, ad_ids: list[int], reasons: list[int]) -> None:
+        for ad_id, reason in zip(ad_ids, reasons, strict=True):
+            if ad_id not in self._filtered_ids:
+                self._filtered_ids.add(ad_id)
+                self.filtered[reason] = self.filtered.get(reason, 0) + 1
+
+    def for_ranking(self, ad_ids: Sequence[int]) -> Any:
+        """The candidates worth ranking: all but the excluded, paused and capped ones.
+
+        Ads the gateway's table lacks are kept: ranking skips and counts them itself, and
+        :meth:`offer` removes any it ranks (its version can be ahead of the gateway's).
+        """
+        if self.inert:
+            return ad_ids
+        ids = np.asarray(ad_ids, dtype=np.int64)
+        reasons, _ = self._reasons(ids, checked=False)
+        removed = (reasons != 0) & (reasons != UNKNOWN_AD)
+        if not removed.any():
+            return ad_ids
+        self._note(ids[removed].tolist(), reasons[removed].tolist())
+        return ids[~removed].tolist()
+
+    def take_ranked(self, ads: Sequence[ScoredAd], version: str) -> bool:
+        """Take ranking's answer as it is, when nothing could filter it: ranking of the
+        catalog's own version returns only ads of its table. False when it must be offered."""
+        if self.chosen or version != self.catalog.version or not self.inert:
+            return False
+        self.ads = list(ads[: self.count])
+        self.chosen.update(ad.ad_id for ad in self.ads)
+        return True
+
+    def offer(self, ad_ids: Any, ctrs: Any = None, checked: bool = False) -> int:
+        """Append the servable ads of `ad_ids`, in order, until the answer is full; each
+        with its CTR from `ctrs` when given. Returns how many were appended.
+
+        `checked`: the ads are ranking's answer to :meth:`for_ranking`'s candidates, so
+        only their table and the diversity limits remain to check.
+        """
+        if self.full or not len(ad_ids):
+            return 0
+        ids = np.asarray(ad_ids, dtype=np.int64)
+        reasons, rows = self._reasons(ids, checked)
+        limits = self.controls.limits
+        chosen_before = len(self.ads)
+        id_list = ids.tolist()
+        reason_list = reasons.tolist()
+        ctr_list = None if ctrs is None else np.asarray(ctrs).tolist()
+        if limits.any:
+            values = [
+                column[rows].tolist()
+                for column in (self.catalog.cate, self.catalog.brand, self.catalog.customer)
+            ]
+            bounds = (limits.category, limits.brand, limits.customer)
+        filtered_ids: list[int] = []
+        filtered_reasons: list[int] = []
+        for index, ad_id in enumerate(id_list):
+            if ad_id in self.chosen:
+                continue
+            reason = reason_list[index]
+            if not reason and limits.any:
+                for dimension, bound in enumerate(bounds):
+                    value = values[dimension][index]
+                    if bound and value > 0 and self._per_value[dimension].get(value, 0) >= bound:
+                        reason = DIVERSITY
+                        break
+            if reason:
+                filtered_ids.append(ad_id)
+                filtered_reasons.append(reason)
+                continue
+            if limits.any:
+                for dimension in range(3):
+                    value = values[dimension][index]
+                    per_value = self._per_value[dimension]
+                    per_value[value] = per_value.get(value, 0) + 1
+            self.chosen.add(ad_id)
+            self.ads.append(
+                ScoredAd(ad_id=ad_id)
+                if ctr_list is None
+                else ScoredAd(ad_id=ad_id, ctr=ctr_list[index])
+            )
+            if len(self.ads) >= self.count:
+                break
+        if filtered_ids:
+            self._note(filtered_ids, filtered_reasons)
+        return len(self.ads) - chosen_before
+
+    def filtered_counts(self) -> list[gateway_pb2.FilteredCount]:
+        return [
+            # The reasons are the enum's own values.
+            gateway_pb2.FilteredCount(reason=reason, candidates=count)  # type: ignore[arg-type]
+            for reason, count in sorted(self.filtered.items())
+        ]
