@@ -93,8 +93,12 @@ Step = dict[str, Any]
 # ---------------------------------------------------------------- data
 
 
-def publish(redis_url: str, seed: int = 1) -> list[int]:
-    """Publish the benchmark version; returns the user ids that have recall lists."""
+def publish(redis_url: str, seed: int = 1, feature_set: str = "full") -> list[int]:
+    """Publish the benchmark version; returns the user ids that have recall lists.
+
+    ``feature_set`` names the CTR model's feature set; the category leaders real-time
+    interest reads are the first ads of each category.
+    """
     import redis
 
     from adrec.core import features, keys
@@ -120,7 +124,7 @@ def publish(redis_url: str, seed: int = 1) -> list[int]:
         "ctr_cate": rng.beta(5, 95, ADS).astype(np.float32),
         "ctr_brand": rng.beta(5, 95, ADS).astype(np.float32),
     }
-    spec = features.FULL
+    spec = features.feature_spec(feature_set)
     model = CtrModel(spec, rng.normal(0, 0.5, spec.dim), -3.0, trained_at="bench")
     user_ids = np.arange(1, USERS + 1)
     levels = {
@@ -144,6 +148,10 @@ def publish(redis_url: str, seed: int = 1) -> list[int]:
     with Publication(client, keep_versions=1) as publication:
         writer = publication.writer
         writer.put_ad_table(ad_table)
+        leaders = np.argsort(ad_table["cate_id"], kind="stable")
+        writer.put_category_ads(
+            {"cate_id": ad_table["cate_id"][leaders], "ad_id": ad_table["adgroup_id"][leaders]}
+        )
         writer.put_cate_factors(cate_ids, rng.normal(0, 0.3, (CATEGORIES, ALS_RANK)))
         writer.put_model(model)
         writer.put_user_features(user_ids, profiles)

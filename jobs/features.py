@@ -44,6 +44,7 @@ from adrec.core.codecs import UserFeatures
 from adrec.core.features import USER_PROFILE_FIELDS
 from adrec.core.redis_conn import RedisSettings, connect
 from adrec.core.store import VersionWriter
+from jobs import history
 from jobs.ingest import in_training_days, on_test_day
 from jobs.load import write_from_executors
 
@@ -309,13 +310,15 @@ def training_examples(
     cate_factors: tuple[np.ndarray, np.ndarray] | None,
     smoothing: Smoothing,
     train_sample: Column | None = None,
+    behavior_log: DataFrame | None = None,
 ) -> DataFrame:
     """Impressions of known ads with user and ad features, split train (days 1-7) / test (8).
 
     ``ads`` is the output of :func:`ad_features`: test rows see exactly the CTRs that are
     served; training rows see out-of-fold CTRs when ``smoothing.folds > 1``.
     ``train_sample`` keeps only the training rows it is true for (the CTRs still count
-    every impression).
+    every impression). With ``behavior_log``, every row gets its history counts as of its
+    own time (:mod:`jobs.history`); without, they are 0.
     """
     split = F.when(_is_train(), "train").when(_is_test(), "test")
     kept = F.col("split").isNotNull()
@@ -329,6 +332,13 @@ def training_examples(
         .join(users, "user_id", "left")
     )
     rows = _pick_training_ctrs(rows, smoothing)
+    if behavior_log is None:
+        rows = rows.select(
+            "*", *(F.lit(0).cast("int").alias(c) for c in spec_features.HISTORY_COLUMNS)
+        )
+    else:
+        counts = history.history_features(rows, behavior_log, samples, ads)
+        rows = rows.join(counts, list(history.KEY_COLUMNS), "left")
     without_affinity = [c for c in EXAMPLE_COLUMNS if c != "als_affinity"]
     return _with_als_affinity(rows.select(*without_affinity, "als_factors"), cate_factors)
 

@@ -392,7 +392,11 @@ def test_no_series_carries_a_label_prometheus_sets_on_the_target(all_exported):
         for name, labels in metrics.items():
             assert not (labels or set()) & TARGET_LABELS, (service, name, labels)
     assert all_exported["gateway"]["adrec_fallbacks_total"] == {"adrec_service", "reason"}
-    assert all_exported["stream"]["adrec_stream_clicks_total"] == {"pid"}
+    assert all_exported["stream"]["adrec_stream_clicks_total"] == {
+        "pid",
+        "serving_path",
+        "model_version",
+    }
 
 
 @pytest.mark.parametrize("source", ["alerts", "dashboard"])

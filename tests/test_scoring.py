@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adrec.core import features
+from adrec.core import events, features
 from adrec.core.codecs import UserFeatures
 from adrec.core.dataset import PIDS
 from adrec.core.model import CtrModel
@@ -274,3 +274,75 @@ def test_a_version_without_category_factors_scores_every_affinity_as_missing():
         bare.ctrs(PID, USERS[0], rows), bare.ctrs(PID, without_factors, rows)
     )
     assert not np.allclose(scored.ctrs(PID, USERS[0], rows), bare.ctrs(PID, USERS[0], rows))
+
+
+# ------------------------------------------------------------------ behaviour counts
+
+
+def history_of(seed: int) -> dict:
+    """Window counts of a user with events on a few categories and brands."""
+    rng = np.random.default_rng(seed)
+    counts = {}
+    for kind, scope in features.HISTORY_COUNTS:
+        for member in rng.choice(np.arange(1, 30), 4, replace=False):
+            one_hour = int(rng.integers(0, 3))
+            counts[(kind, scope, int(member))] = (one_hour, one_hour + 2, one_hour + 5)
+    return counts
+
+
+def behaviour_version():
+    scorer, table, factors = version(features.BEHAVIOUR)
+    table["brand_id"] = np.random.default_rng(9).integers(-1, 30, len(table["adgroup_id"]))
+    return CtrScorer.build(scorer.model, table, CATE_IDS, factors), table
+
+
+def test_the_behaviour_set_splits_by_column_and_scores_counts_as_the_encoder_does():
+    scorer, _ = behaviour_version()
+    assert scorer.compiled is not None and scorer.uses_history
+    rows = np.arange(0, 300, 7)
+    for seed, person in enumerate(USERS):
+        history = history_of(seed)
+        counts = scorer.history_columns(history, rows)
+        expected = scorer.encode_and_predict(
+            PID, person, rows, scorer.affinity(person, rows), counts
+        )
+        np.testing.assert_allclose(scorer.ctrs(PID, person, rows, history), expected, rtol=1e-12)
+        without = scorer.encode_and_predict(PID, person, rows, scorer.affinity(person, rows))
+        np.testing.assert_allclose(scorer.ctrs(PID, person, rows), without, rtol=1e-12)
+        assert not np.allclose(expected, without)
+
+
+def test_history_columns_look_counts_up_by_the_candidates_category_and_brand():
+    history = {
+        (events.Kind.CART, events.Scope.CATEGORY, 5): (1, 2, 3),
+        (events.Kind.PAGE_VIEW, events.Scope.BRAND, 7): (0, 4, 9),
+    }
+    columns = features.history_inputs(history, np.array([5, 6, 5]), np.array([7, 7, -1]))
+    assert columns["cart_cate_1h"].tolist() == [1, 0, 1]
+    assert columns["cart_cate_3d"].tolist() == [3, 0, 3]
+    assert columns["pv_brand_1d"].tolist() == [4, 4, 0]
+    assert columns["pv_cate_1d"].tolist() == [0, 0, 0]
+    assert set(columns) == set(features.HISTORY_COLUMNS)
+
+
+def test_counts_on_a_candidates_category_raise_its_rank_when_the_model_likes_them():
+    scorer, table = behaviour_version()
+    spec = features.BEHAVIOUR
+    weights = np.zeros(spec.dim)
+    weights[spec.feature_names.index("clk_cate_1h:log_count")] = 3.0
+    model = CtrModel(spec, weights, -3.0)
+    scorer = CtrScorer.build(model, table, CATE_IDS, np.zeros((len(CATE_IDS), RANK), np.float32))
+    candidates = np.arange(1, 301)
+    before = scorer.rank(PID, USERS[0], candidates, 10)
+    clicked = int(table["cate_id"][250])
+    after = scorer.rank(
+        PID,
+        USERS[0],
+        candidates,
+        10,
+        {(events.Kind.CLICK, events.Scope.CATEGORY, clicked): (1, 1, 1)},
+    )
+    assert not set(before.ad_ids.tolist()) & set(np.flatnonzero(table["cate_id"] == clicked) + 1)
+    assert set(after.ad_ids.tolist()) <= set(
+        (np.flatnonzero(table["cate_id"] == clicked) + 1).tolist()
+    )

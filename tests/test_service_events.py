@@ -19,6 +19,7 @@ from service_data import PIDS, metric, publish_version, run, running_stack, wait
 
 from adrec.api.events.v1 import event_service_pb2 as pb
 from adrec.api.events.v1 import event_service_pb2_grpc
+from adrec.api.gateway.v1 import gateway_service_pb2 as gateway_pb2
 from adrec.core import keys
 from adrec.core.events import LOG_FIELD, Event, Kind, decode_event, encode_event
 from adrec.core.redis_conn import RedisSettings
@@ -84,9 +85,10 @@ def behaviour(event_id: str, user: int, at: int, **fields: Any) -> tuple[pb.Even
 def shown(
     kind: str, event_id: str, user: int, at: int, ad_id: int, **fields: Any
 ) -> tuple[pb.Event, Event]:
-    values = {"ad_id": ad_id, "pid": PIDS[0], "request_id": "", **fields}
+    values = {"ad_id": ad_id, "pid": PIDS[0], "request_id": "", "model_version": "", **fields}
     payload = pb.Impression(**values) if kind == "impression" else pb.Click(**values)
     message = pb.Event(event_id=event_id, user_id=user, time=at, **{kind: payload})
+    path = values.get("serving_path", 0)
     core = Event(
         Kind.IMPRESSION if kind == "impression" else Kind.CLICK,
         event_id,
@@ -95,6 +97,10 @@ def shown(
         ad_id=values["ad_id"],
         pid=values["pid"],
         request_id=values["request_id"],
+        serving_path=gateway_pb2.ServingPath.Name(path).removeprefix("SERVING_PATH_").lower()
+        if path in gateway_pb2.ServingPath.values()[1:]
+        else str(path or ""),
+        model_version=values["model_version"],
     )
     return message, core
 
@@ -102,8 +108,26 @@ def shown(
 def mixed_batch(ad_ids: list[int], now: int) -> list[tuple[pb.Event, Event]]:
     """Every kind of event once, a new user among them, request ids on some."""
     return [
-        shown("impression", "imp-1", 1001, now - 30, ad_ids[0], request_id="req-7"),
-        shown("click", "clk-1", 1001, now - 20, ad_ids[0], pid=PIDS[1], request_id="req-7"),
+        shown(
+            "impression",
+            "imp-1",
+            1001,
+            now - 30,
+            ad_ids[0],
+            request_id="req-7",
+            serving_path=gateway_pb2.SERVING_PATH_REALTIME_RANKED,
+            model_version="v3/behaviour-v1-0123456789ab",
+        ),
+        shown(
+            "click",
+            "clk-1",
+            1001,
+            now - 20,
+            ad_ids[0],
+            pid=PIDS[1],
+            request_id="req-7",
+            serving_path=gateway_pb2.SERVING_PATH_POPULAR,
+        ),
         behaviour("pv-1", 1002, now - 3600, type=pb.BEHAVIOR_TYPE_PAGE_VIEW, brand_id=77),
         behaviour("cart-1", 1002, now - 10, type=pb.BEHAVIOR_TYPE_CART),
         behaviour("fav-1", 987_654_321, now, type=pb.BEHAVIOR_TYPE_FAVORITE, cate_id=1),
@@ -186,6 +210,18 @@ BAD_EVENTS = {
     "request id too long": (
         lambda ad: shown("impression", "e", 1001, _now(), ad, request_id="r" * 129),
         "events[2].impression.request_id",
+    ),
+    "unknown serving path": (
+        lambda ad: shown("click", "e", 1001, _now(), ad, serving_path=42),
+        "events[2].click.serving_path",
+    ),
+    "model version with a space": (
+        lambda ad: shown("impression", "e", 1001, _now(), ad, model_version="v1 x"),
+        "events[2].impression.model_version",
+    ),
+    "model version too long": (
+        lambda ad: shown("impression", "e", 1001, _now(), ad, model_version="v" * 129),
+        "events[2].impression.model_version",
     ),
     "zero category": (
         lambda ad: behaviour("e", 1001, _now(), cate_id=0),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 import numpy as np
@@ -24,8 +25,9 @@ from service_data import (
     wait_until,
 )
 
-from adrec.core import codecs, features, store
+from adrec.core import codecs, events, features, keys, store
 from adrec.core.codecs import UserFeatures
+from adrec.core.realtime import StateSettings, StateUpdate, StateWriter
 from adrec.core.scoring import DENSE_ID_LIMIT
 from jobs.offline import OFFLINE_PID, RankingData, rank_users
 from services.ranking.snapshot import RankingSnapshot
@@ -591,3 +593,63 @@ def test_affinity_is_the_shared_encoders_and_missing_for_categories_without_fact
     no_factors = {"cate_id": np.zeros(0, np.int32), "factors": np.zeros((0, 4), np.float32)}
     no_affinity = _snapshot(table, no_factors).scorer.affinity(user, np.arange(len(ad_ids)))
     assert np.isnan(no_affinity).all()
+
+
+def test_the_behaviour_model_reads_the_users_counts_in_the_same_request(redis_client, redis_url):
+    """Counts written by the stream's state script change the next ranking; a user without
+    them is scored with 0s and flagged, and an unreadable state is scored as none."""
+    model = random_model(np.random.default_rng(5), features.BEHAVIOUR)
+    data = publish_version(redis_client, model=model)
+    active, quiet, broken = data.users_with_factors[:3]
+    candidates = [
+        ad for ad in data.recall_lists[active].tolist() if ad in set(data.ads["adgroup_id"])
+    ]
+    position = np.searchsorted(data.ads["adgroup_id"], candidates)
+    cate, brand = int(data.ads["cate_id"][position[5]]), int(data.ads["brand_id"][position[5]])
+    now = int(time.time())
+    bucket = events.bucket_of(now)
+    fields = [
+        (events.count_field(events.Kind.CLICK, events.Scope.CATEGORY, cate, bucket), 2),
+        (events.count_field(events.Kind.CART, events.Scope.CATEGORY, cate, bucket - 5), 1),
+        (events.count_field(events.Kind.PAGE_VIEW, events.Scope.BRAND, brand, bucket - 30), 4),
+    ]
+    writer = StateWriter(redis_client, StateSettings())
+    writer.apply("test", 0, now, [StateUpdate(keys.REALTIME_USER.key(active), counts=fields)])
+    redis_client.set(keys.REALTIME_USER.key(broken), b"not a state")
+
+    def expected(user: int, history: dict | None) -> list[int]:
+        found = (
+            UserFeatures.missing() if user not in data.user_features else data.user_features[user]
+        )
+        columns = {"pid": PIDS[0], **found.columns()}
+        for name in features.AD_NUMERIC_FIELDS:
+            columns[name] = data.ads[name][position]
+        columns["als_affinity"] = features.als_affinity(
+            found.als_factors, data.ads["cate_id"][position], data.cate_ids, data.cate_factors
+        )
+        counts = features.history_inputs(
+            history or {}, data.ads["cate_id"][position], data.ads["brand_id"][position]
+        )
+        ctrs = model.predict(model.spec.encode({**columns, **counts}))
+        return np.array(candidates)[np.argsort(-ctrs, kind="stable")].tolist()
+
+    async def scenario():
+        async with (
+            running_stack(redis_url, "ranking") as stack,
+            loopback_channel(ranking_port(stack)) as channel,
+        ):
+            assert stack.services["ranking"].service.snapshot.scorer.compiled is not None
+            answers = {}
+            for user in (active, quiet, broken):
+                answers[user] = await rank(
+                    channel, user_id=user, pid=PIDS[0], ad_ids=candidates, top_k=0
+                )
+            counts = events.window_counts(fields, now)
+            assert [ad.ad_id for ad in answers[active].ads] == expected(active, counts)
+            assert answers[active].behaviour_counts_found
+            for user in (quiet, broken):
+                assert [ad.ad_id for ad in answers[user].ads] == expected(user, None)
+                assert not answers[user].behaviour_counts_found
+            assert expected(active, counts) != expected(active, None)
+
+    run(scenario)

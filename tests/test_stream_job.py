@@ -18,7 +18,8 @@ import redis
 from adrec.core import events, keys, realtime, store
 from adrec.core.events import Event, Kind, Scope
 from adrec.core.store import VersionWriter
-from jobs.stream.main import shuffle_partitions
+from jobs.stream.main import MAX_MODEL_VERSIONS, StreamMetrics, shuffle_partitions
+from jobs.stream.sink import Attribution, BatchOutcome
 from jobs.stream.transform import (
     USER,
     deduplicated,
@@ -56,15 +57,82 @@ def test_shuffle_partitions_follow_the_local_master_not_the_machine():
     assert shuffle_partitions("local[*]") == 2 * (os.cpu_count() or 2)
 
 
+def test_online_ctr_series_are_labelled_by_path_and_model_and_stay_bounded():
+    metrics = StreamMetrics(port=0)
+
+    def value(name: str, **labels: str) -> float:
+        return metrics.registry.get_sample_value(name, labels) or 0.0
+
+    assert (
+        value("adrec_stream_clicks_total", pid=PID, serving_path="popular", model_version="unknown")
+        == 0
+        and metrics.registry.get_sample_value(
+            "adrec_stream_clicks_total",
+            {"pid": PID, "serving_path": "popular", "model_version": "unknown"},
+        )
+        is not None
+    )
+    served = Attribution(PID, "realtime_ranked", "v3/behaviour-v1-0123456789ab")
+    unattributed = Attribution(PID, "", "")
+    many = {Attribution(PID, "realtime_ranked", f"v{i}/x"): 1 for i in range(40)}
+    metrics.record(
+        BatchOutcome(
+            0, {"imp": 5, "clk": 2}, {served: 2}, {served: 4, unattributed: 1}, 3, 0.1, None
+        )
+    )
+    metrics.record(BatchOutcome(1, {"imp": 40}, {}, many, 40, 0.1, None))
+    ranked = {"pid": PID, "serving_path": "realtime_ranked"}
+    assert value("adrec_stream_clicks_total", **ranked, model_version=served.model_version) == 2
+    assert (
+        value("adrec_stream_impressions_total", **ranked, model_version=served.model_version) == 4
+    )
+    assert (
+        value(
+            "adrec_stream_impressions_total",
+            pid=PID,
+            serving_path="unknown",
+            model_version="unknown",
+        )
+        == 1
+    )
+    labelled = {
+        sample.labels["model_version"]
+        for family in metrics.registry.collect()
+        if family.name == "adrec_stream_impressions"
+        for sample in family.samples
+    }
+    assert len(labelled - {"other"}) == MAX_MODEL_VERSIONS
+    assert value("adrec_stream_impressions_total", **ranked, model_version="other") == 40 - (
+        MAX_MODEL_VERSIONS - 2
+    )
+
+
 def test_parse_lines_marks_lines_that_are_not_events(spark):
     good = _line(Event(Kind.CART, "e1", 5, NOW, cate_id=7, brand_id=9))
+    shown = _line(
+        Event(Kind.CLICK, "e2", 5, NOW, ad_id=3, pid=PID, serving_path="popular", model_version="m")
+    )
+    older = "1\t" + "\t".join(good.split("\t")[1:10])  # the first format: no attribution
     parsed = parse_lines(
-        _raw(spark, [good, "garbage", good.replace("1\t", "2\t", 1), "1\tzap" + good[5:]])
+        _raw(
+            spark,
+            [
+                good,
+                "garbage",
+                good.replace("2\t", "9\t", 1),
+                "2\tzap" + good[6:],
+                shown,
+                older,
+                "1" + good[1:],  # format 1 with format 2's fields
+            ],
+        )
     ).collect()
-    assert [row.valid for row in parsed] == [True, False, False, False]
+    assert [row.valid for row in parsed] == [True, False, False, False, True, True, False]
     first = parsed[0]
     assert (first.kind, first.event_id, first.user_id, first.time) == ("cart", "e1", 5, NOW)
     assert (first.cate_id, first.brand_id, first.ad_id, first.pid) == (7, 9, 0, "")
+    assert (parsed[4].serving_path, parsed[4].model_version) == ("popular", "m")
+    assert (parsed[5].kind, parsed[5].cate_id, parsed[5].serving_path) == ("cart", 7, "")
 
 
 def test_contributions_fold_into_counts_and_interest(spark):

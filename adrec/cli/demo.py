@@ -110,8 +110,12 @@ def _run_job(data_dir: pathlib.Path, redis_url: str) -> str:
     from jobs.config import JobConfig
     from jobs.pipeline import run_job
 
-    _say("running the batch job on local Spark")
-    config = load(JobConfig, env={"ADREC_JOB_DATA": str(data_dir)})
+    # The behaviour feature set reads each user's real-time counts, so the real-time step
+    # shows a click reaching the ranking as well as the candidates.
+    _say("running the batch job on local Spark (serving the `behaviour` feature set)")
+    config = load(
+        JobConfig, env={"ADREC_JOB_DATA": str(data_dir), "ADREC_JOB_FEATURE_SET": "behaviour"}
+    )
     result = run_job(config, load(RedisSettings, env={"REDIS_URL": redis_url}))
     print(result.report_text(), flush=True)
     # The default stages end with publish, which always yields a version.

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from adrec.core.features import USER_PROFILE_FIELDS
+from adrec.core.dataset import USER_PROFILE_FIELDS
 
 AD_ID_DTYPE = np.dtype("<i4")
 CTR_DTYPE = np.dtype("<f2")

@@ -126,6 +126,18 @@ BEHAVIOR_LOG = TableFormat(
         ColumnSpec("brand", "brand_id", "brand"),
     ),
 )
+#: Profile fields stored per user, in storage order (see codecs.UserFeatures); the profile's
+#: columns but ``user_id``.
+USER_PROFILE_FIELDS = (
+    "cms_segid",
+    "cms_group_id",
+    "gender",
+    "age_level",
+    "pvalue_level",
+    "shopping_level",
+    "occupation",
+    "new_user_class_level",
+)
 TABLES: dict[str, TableFormat] = {
     table.name: table for table in (RAW_SAMPLE, AD_FEATURE, USER_PROFILE, BEHAVIOR_LOG)
 }

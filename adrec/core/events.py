@@ -32,6 +32,11 @@ MAX_ID = 2**31 - 1
 MAX_EVENT_ID_LENGTH = 64
 #: Longest request id, as for ``Recommend``.
 MAX_REQUEST_ID_LENGTH = 128
+#: Longest model version an impression or click may carry (``<data version>/<spec id>``).
+MAX_MODEL_VERSION_LENGTH = 128
+#: The serving paths a Recommend answer names (its ``serving_path``, lower case), which an
+#: impression or click echoes back so the online CTR can be told apart by path.
+SERVING_PATHS = ("realtime_ranked", "offline_ranked", "recall_order", "popular")
 #: Event and request ids are printable ASCII without spaces, so a log line splits cleanly.
 _TOKEN_RE = re.compile(r"[!-~]+")
 
@@ -96,7 +101,8 @@ class Event:
 
     ``time`` is the moment it happened, in unix seconds. ``ad_id`` and ``pid`` belong to
     impressions and clicks (``request_id`` links an impression to the ``Recommend`` answer
-    that chose it); ``cate_id`` and ``brand_id`` to behaviour (brand 0: the item has none).
+    that chose it, ``serving_path`` and ``model_version`` are what that answer said, empty
+    when not known); ``cate_id`` and ``brand_id`` to behaviour (brand 0: the item has none).
     """
 
     kind: Kind
@@ -108,6 +114,8 @@ class Event:
     request_id: str = ""
     cate_id: int = 0
     brand_id: int = 0
+    serving_path: str = ""
+    model_version: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +174,23 @@ def check_event(event: Event, now: int, bounds: TimeBounds) -> list[tuple[str, s
                 "request_id",
                 "must be printable ASCII without spaces",
             )
+        need(
+            not event.serving_path or event.serving_path in SERVING_PATHS,
+            "serving_path",
+            f"{_excerpt(event.serving_path)} is not a serving path; "
+            f"known: {', '.join(SERVING_PATHS)}",
+        )
+        if event.model_version:
+            need(
+                len(event.model_version) <= MAX_MODEL_VERSION_LENGTH,
+                "model_version",
+                f"holds {len(event.model_version)} characters; at most {MAX_MODEL_VERSION_LENGTH}",
+            )
+            need(
+                bool(_TOKEN_RE.fullmatch(event.model_version)),
+                "model_version",
+                "must be printable ASCII without spaces",
+            )
     else:
         need(0 < event.cate_id <= MAX_ID, "cate_id", f"must be a positive id, got {event.cate_id}")
         need(
@@ -182,17 +207,19 @@ def _excerpt(text: str, limit: int = 40) -> str:
 
 # ---------------------------------------------------------------- the event log's lines
 
-#: Format tag of a log line; a reader refuses lines of a format it does not know.
-LINE_FORMAT = b"1"
+#: Format tag of the lines written; a reader refuses lines of a format it does not know.
+#: Format 1 (the first ten fields) is still read: a log keeps lines older releases wrote.
+LINE_FORMAT = b"2"
 #: The one field of each entry of the event log (``keys.EVENT_LOG``, a Redis stream):
 #: its value is the event's line. A byte string in keys.py would count as a key there.
 LOG_FIELD = b"e"
-_FIELD_COUNT = 10
+#: Fields of a line, by format.
+LINE_FIELDS = {b"1": 10, b"2": 12}
 
 
 def encode_event(event: Event) -> bytes:
     """One log line, tab-separated: format, kind, event id, user, time, ad, pid, request id,
-    cate, brand.
+    cate, brand, serving path, model version.
 
     Ids that do not apply are written empty, so a line holds only what was reported.
     Only events that passed :func:`check_event` are encoded: their strings hold no tabs.
@@ -213,6 +240,8 @@ def encode_event(event: Event) -> bytes:
             event.request_id.encode(),
             number(event.cate_id).encode(),
             number(event.brand_id).encode(),
+            event.serving_path.encode(),
+            event.model_version.encode(),
         )
     )
 
@@ -220,11 +249,13 @@ def encode_event(event: Event) -> bytes:
 def decode_event(line: bytes) -> Event:
     """The event of one log line; raises :class:`CodecError` on anything else."""
     parts = line.split(b"\t")
-    if len(parts) != _FIELD_COUNT or parts[0] != LINE_FORMAT:
+    if LINE_FIELDS.get(parts[0]) != len(parts):
+        expected = " or ".join(f"{f.decode()} with {n} fields" for f, n in LINE_FIELDS.items())
         raise CodecError(
-            f"event line: expected format {LINE_FORMAT.decode()} with {_FIELD_COUNT} fields, "
+            f"event line: expected format {expected}, "
             f"got {len(parts)} fields starting {parts[0][:8]!r}"
         )
+    extra = parts[10:] or [b"", b""]
     try:
         kind = Kind(parts[1].decode())
         return Event(
@@ -237,6 +268,8 @@ def decode_event(line: bytes) -> Event:
             request_id=parts[7].decode("ascii"),
             cate_id=int(parts[8] or 0),
             brand_id=int(parts[9] or 0),
+            serving_path=extra[0].decode("ascii"),
+            model_version=extra[1].decode("ascii"),
         )
     except (ValueError, UnicodeDecodeError) as error:
         raise CodecError(f"event line: {error}") from None

@@ -22,28 +22,58 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from adrec.core import dataset
 from adrec.core.dataset import PIDS, USER_PROFILE
+from adrec.core.events import WINDOWS, Kind, Scope
 
 #: Feature spec format version; bump when encoding semantics change.
 SCHEMA_VERSION = 1
 
 
+
 #: Profile fields stored per user, in storage order (see codecs.UserFeatures).
-USER_PROFILE_FIELDS = (
-    "cms_segid",
-    "cms_group_id",
-    "gender",
-    "age_level",
-    "pvalue_level",
-    "shopping_level",
-    "occupation",
-    "new_user_class_level",
-)
+USER_PROFILE_FIELDS = dataset.USER_PROFILE_FIELDS
 
 #: Ad-side numeric columns kept per ad in the ad feature table.
 AD_NUMERIC_FIELDS = ("price", "ctr_ad", "ctr_cate", "ctr_brand")
 
-INPUT_COLUMNS = ("pid", *USER_PROFILE_FIELDS, *AD_NUMERIC_FIELDS, "als_affinity")
+#: What the ``behaviour`` set counts of a user's events on the candidate ad: each (kind,
+#: scope) pair in every window of :data:`adrec.core.events.WINDOWS`. The batch job counts
+#: them from the logs as of each training impression (``jobs.history``), the stream job
+#: keeps them for serving (``adrec.core.realtime``); both by the windows' one definition.
+HISTORY_COUNTS: tuple[tuple[Kind, Scope], ...] = (
+    *(
+        (kind, scope)
+        for scope in (Scope.CATEGORY, Scope.BRAND)
+        for kind in (
+            Kind.PAGE_VIEW,
+            Kind.CART,
+            Kind.FAVOURITE,
+            Kind.BUY,
+        )
+    ),
+    (Kind.IMPRESSION, Scope.CATEGORY),
+    (Kind.CLICK, Scope.CATEGORY),
+)
+_SCOPE_NAMES = {Scope.CATEGORY: "cate", Scope.BRAND: "brand"}
+
+
+def history_column(kind: Kind, scope: Scope, window: str) -> str:
+    """E.g. ``cart_cate_1d``: the user's carts in the candidate's category over a day."""
+    return f"{kind.value}_{_SCOPE_NAMES[scope]}_{window}"
+
+
+HISTORY_COLUMNS = tuple(
+    history_column(kind, scope, window.name) for kind, scope in HISTORY_COUNTS for window in WINDOWS
+)
+
+INPUT_COLUMNS = (
+    "pid",
+    *USER_PROFILE_FIELDS,
+    *AD_NUMERIC_FIELDS,
+    "als_affinity",
+    *HISTORY_COLUMNS,
+)
 
 #: Every constant a transform uses. Part of :attr:`FeatureSpec.spec_id`, so a model trained
 #: under other constants is refused rather than scored with shifted inputs.
@@ -149,6 +179,12 @@ def _logit(probability: np.ndarray) -> np.ndarray:
     return log_odds
 
 
+def _log_count(counts: np.ndarray) -> np.ndarray:
+    # Counts are heavy-tailed: the first few events say the most.
+    scaled: np.ndarray = np.log1p(np.clip(np.nan_to_num(counts, nan=0.0), 0.0, None))
+    return scaled
+
+
 def _zero_if_missing(values: np.ndarray) -> np.ndarray:
     filled: np.ndarray = np.nan_to_num(values, nan=0.0)
     return filled
@@ -159,6 +195,7 @@ _TRANSFORMS = {
     "log_scaled": _log_price,
     "logit": _logit,
     "zero_if_missing": _zero_if_missing,
+    "log_count": _log_count,
 }
 
 Block = OneHot | PidOneHot | Numeric | MissingIndicator
@@ -274,7 +311,12 @@ FULL = FeatureSpec(
     ),
 )
 
-FEATURE_SETS: dict[str, FeatureSpec] = {spec.name: spec for spec in (COURSE, FULL)}
+BEHAVIOUR = FeatureSpec(
+    name="behaviour",
+    blocks=(*FULL.blocks, *(Numeric(column, "log_count") for column in HISTORY_COLUMNS)),
+)
+
+FEATURE_SETS: dict[str, FeatureSpec] = {spec.name: spec for spec in (COURSE, FULL, BEHAVIOUR)}
 
 
 def feature_spec(name: str) -> FeatureSpec:
@@ -309,3 +351,36 @@ def als_affinity(
     scores = rows @ users if users.ndim == 1 else np.einsum("ij,ij->i", rows, users)
     result[known] = scores[known]
     return result
+
+
+def history_inputs(
+    counts: Mapping[tuple[Kind, Scope, int], tuple[int, ...]],
+    cate_ids: np.ndarray,
+    brand_ids: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """The :data:`HISTORY_COLUMNS` of one user's candidates from their window counts.
+
+    ``counts`` maps (kind, scope, member) to the count in each of ``WINDOWS``, as
+    :func:`adrec.core.events.window_counts` gives them; ``cate_ids`` and ``brand_ids`` are
+    the candidates' (brand 0 or less: none, so nothing is counted for it).
+    """
+    n = len(cate_ids)
+    members = {Scope.CATEGORY: np.asarray(cate_ids), Scope.BRAND: np.asarray(brand_ids)}
+    columns: dict[str, np.ndarray] = {}
+    for kind, scope in HISTORY_COUNTS:
+        found = sorted(
+            (member, values)
+            for (k, s, member), values in counts.items()
+            if k == kind and s == scope
+        )
+        per_window = np.zeros((n, len(WINDOWS)))
+        if found:
+            ids = np.array([member for member, _ in found], dtype=np.int64)
+            table = np.array([values for _, values in found], dtype=np.float64)
+            wanted = members[scope].astype(np.int64)
+            position = np.minimum(np.searchsorted(ids, wanted), len(ids) - 1)
+            hit = (ids[position] == wanted) & (wanted > 0)
+            per_window[hit] = table[position[hit]]
+        for index, window in enumerate(WINDOWS):
+            columns[history_column(kind, scope, window.name)] = per_window[:, index]
+    return columns

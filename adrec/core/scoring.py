@@ -24,7 +24,9 @@ contribution per column. The contributions are computed with the shared encoder 
 - per request (pid, profile fields): stored int8 codes have 129 possible values (missing,
   0..127), all encoded once per version into lookup tables;
 - per (user, ad) pair (ALS affinity): its encoding must be affine in the value, with a
-  constant for missing; that is probed through the encoder and checked, then applied.
+  constant for missing; that is probed through the encoder and checked, then applied;
+- per (user, ad) pair (the ``behaviour`` set's history counts): encoded per request by the
+  spec's own blocks of those columns, or one constant for a user without counts.
 
 Summing per column changes only the order of the float64 additions, so margins agree with
 ``model.predict(spec.encode(...))`` to ~1e-15. :meth:`CompiledModel.compile` checks this on
@@ -39,7 +41,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from adrec.core import features
+from adrec.core import events, features
 from adrec.core.codecs import UserFeatures
 from adrec.core.dataset import PIDS
 from adrec.core.model import CtrModel
@@ -52,6 +54,7 @@ DENSE_ID_LIMIT = 1 << 24
 
 REQUEST_COLUMNS = ("pid", *features.USER_PROFILE_FIELDS)
 PAIR_COLUMN = "als_affinity"
+HISTORY_COLUMNS = features.HISTORY_COLUMNS
 #: Every value a stored profile field can take: missing, then the int8 codes 0..127.
 PROFILE_VALUES = np.array([np.nan, *range(128)])
 #: Row of PROFILE_VALUES holding each code; any other value (NaN, an unknown level) is not a
@@ -63,6 +66,10 @@ AD_CHUNK = 65_536
 TOLERANCE = 1e-9
 # Exactly representable in float32, so the encoder's float32 output rounds none of them.
 _AFFINE_PROBES = np.array([-8.0, -1.5, -0.25, 0.0, 0.5, 1.0, 2.75, 16.0])
+
+
+#: A user's window counts by (kind, scope, member), as adrec.core.events.window_counts gives.
+HistoryCounts = Mapping[tuple[events.Kind, events.Scope, int], tuple[int, ...]]
 
 
 class ScoringDataError(ValueError):
@@ -207,9 +214,13 @@ class CtrScorer:
     cate_factors: np.ndarray
     #: Row of each ad's category in cate_factors (the NaN row when it has no factors).
     ad_cate_rows: np.ndarray
+    #: Brand of each ad (0 or less: none), row-aligned with the ad table.
+    ad_brands: np.ndarray
+    ad_cates: np.ndarray
     #: None when the model's spec cannot be split: CTRs are then encoded.
     compiled: CompiledModel | None
     uses_affinity: bool
+    uses_history: bool
 
     @classmethod
     def build(
@@ -242,20 +253,35 @@ class CtrScorer:
             cate_ids=cate_ids,
             cate_factors=np.vstack([factors, np.full((1, factors.shape[1]), np.nan)]),
             ad_cate_rows=np.where(ad_cate_rows < 0, len(cate_ids), ad_cate_rows),
+            ad_brands=np.asarray(ads.get("brand_id", np.zeros(len(index.ad_ids)))).astype(np.int64),
+            ad_cates=np.asarray(ads["cate_id"]).astype(np.int64),
             compiled=CompiledModel.compile(model, ad_numeric) if len(index.ad_ids) else None,
             uses_affinity=PAIR_COLUMN in model.spec.input_columns,
+            uses_history=bool(set(HISTORY_COLUMNS) & set(model.spec.input_columns)),
         )
 
     @property
     def als_rank(self) -> int:
         return int(self.cate_factors.shape[1])
 
-    def rank(self, pid: str, user: UserFeatures, candidates: np.ndarray, top_k: int) -> Ranked:
-        """The best ``top_k`` known candidates of one user (all when 0), best first."""
+    def rank(
+        self,
+        pid: str,
+        user: UserFeatures,
+        candidates: np.ndarray,
+        top_k: int,
+        history: HistoryCounts | None = None,
+    ) -> Ranked:
+        """The best ``top_k`` known candidates of one user (all when 0), best first.
+
+        ``history``: the user's window counts (:func:`adrec.core.events.window_counts`);
+        None (no real-time state) counts 0 everywhere, as the job encodes a user without
+        events.
+        """
         found = known_candidates(self.index, candidates)
         if not len(found.rows):
             return Ranked(found.ids, np.zeros(0), found.unknown)
-        ctrs = self.ctrs(pid, user, found.rows)
+        ctrs = self.ctrs(pid, user, found.rows, history)
         order = best_first(ctrs, top_k)
         return Ranked(found.ids[order], ctrs[order], found.unknown)
 
@@ -285,25 +311,43 @@ class CtrScorer:
         kept = np.bincount(owners[order], minlength=len(users))
         return found.ids[order], ctrs[order], np.concatenate([[0], np.cumsum(kept)])
 
-    def ctrs(self, pid: str, user: UserFeatures, rows: np.ndarray) -> np.ndarray:
+    def ctrs(
+        self,
+        pid: str,
+        user: UserFeatures,
+        rows: np.ndarray,
+        history: HistoryCounts | None = None,
+    ) -> np.ndarray:
         """The user's CTR for each ad at ``rows`` of the ad table."""
         affinity = self.affinity(user, rows) if self.uses_affinity else None
+        counts = self.history_columns(history, rows) if history and self.uses_history else None
         if self.compiled is None:
-            return self.encode_and_predict(pid, user, rows, affinity)
-        margins = self.compiled.margins(pid, user, rows, affinity)
+            return self.encode_and_predict(pid, user, rows, affinity, counts)
+        margins = self.compiled.margins(pid, user, rows, affinity, counts)
         probabilities: np.ndarray = 1.0 / (1.0 + np.exp(-margins))
         return probabilities
 
     def encode_and_predict(
-        self, pid: str, user: UserFeatures, rows: np.ndarray, affinity: np.ndarray | None
+        self,
+        pid: str,
+        user: UserFeatures,
+        rows: np.ndarray,
+        affinity: np.ndarray | None,
+        history: Mapping[str, np.ndarray] | None = None,
     ) -> np.ndarray:
         """CTRs the plain way: the shared encoder over every candidate row, then the model."""
-        columns: dict[str, np.ndarray | str] = {"pid": pid, **user.columns()}
+        columns: dict[str, np.ndarray | str | float] = {"pid": pid, **user.columns()}
         for name, values in self.ad_numeric.items():
             columns[name] = values[rows]
         if affinity is not None:
             columns[PAIR_COLUMN] = affinity
+        for name in HISTORY_COLUMNS:
+            columns[name] = history[name] if history else 0.0
         return self.model.predict(self.model.spec.encode(columns))
+
+    def history_columns(self, history: HistoryCounts, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The history count columns of the ads at ``rows`` for one user's window counts."""
+        return features.history_inputs(history, self.ad_cates.take(rows), self.ad_brands.take(rows))
 
     def affinity(self, user: UserFeatures, rows: np.ndarray) -> np.ndarray:
         """features.als_affinity of the ads at `rows`, with their categories looked up once
@@ -337,12 +381,16 @@ class CompiledModel:
     profile_margins: Mapping[str, list[float]]
     #: ALS affinity contribution: offset + slope * value, or `missing` for NaN; None if unused.
     pair: tuple[float, float, float] | None
+    #: The spec's blocks of history columns, their weights, and their contribution when
+    #: every count is 0; None if the spec has none.
+    history: tuple[features.FeatureSpec, np.ndarray, float] | None
 
     @classmethod
     def compile(cls, model: CtrModel, ads: Mapping[str, np.ndarray]) -> CompiledModel | None:
         """Split `model` over the ad table `ads`; None when the spec does not split cleanly."""
         columns = set(model.spec.input_columns)
-        if not columns <= {*REQUEST_COLUMNS, *features.AD_NUMERIC_FIELDS, PAIR_COLUMN}:
+        allowed = {*REQUEST_COLUMNS, *features.AD_NUMERIC_FIELDS, PAIR_COLUMN, *HISTORY_COLUMNS}
+        if not columns <= allowed:
             return None
         slots = _slots_by_column(model.spec)
         rows = len(next(iter(ads.values())))
@@ -373,11 +421,18 @@ class CompiledModel:
             pair = _affine_pair(model, slots)
             if pair is None:
                 return None
-        compiled = cls(model, ad_margins, pid_margins, profile_margins, pair)
+        compiled = cls(
+            model, ad_margins, pid_margins, profile_margins, pair, _history_part(model, slots)
+        )
         return compiled if compiled._agrees_with_encoder(ads) else None
 
     def margins(
-        self, pid: str, user: UserFeatures, rows: np.ndarray, affinity: np.ndarray | None
+        self,
+        pid: str,
+        user: UserFeatures,
+        rows: np.ndarray,
+        affinity: np.ndarray | None,
+        history: Mapping[str, np.ndarray] | None = None,
     ) -> np.ndarray:
         """Margins of the ads at `rows` of the ad table for one user."""
         request = self.model.intercept + self.pid_margins.get(pid, 0.0)
@@ -389,6 +444,14 @@ class CompiledModel:
             # As the encoder hands it to the model: float32.
             values = affinity.astype(np.float32).astype(np.float64)
             margins += np.where(np.isnan(values), missing, offset + slope * values)
+        if self.history is not None:
+            blocks, weights, without_counts = self.history
+            if history is None:
+                margins += without_counts
+            else:
+                encoded = blocks.encode(history)
+                for slot, weight in enumerate(weights):
+                    margins += encoded[:, slot].astype(np.float64) * weight
         return margins
 
     def _agrees_with_encoder(self, ads: Mapping[str, np.ndarray], samples: int = 256) -> bool:
@@ -399,6 +462,11 @@ class CompiledModel:
         codes = rng.integers(-1, 128, (samples, len(features.USER_PROFILE_FIELDS)))
         affinity = np.where(rng.random(samples) < 0.2, np.nan, rng.normal(0, 2, samples))
         columns: dict[str, np.ndarray] = {"pid": pids, PAIR_COLUMN: affinity}
+        counts = (
+            rng.poisson(1.0, (samples, len(HISTORY_COLUMNS))) * (rng.random(samples) < 0.5)[:, None]
+        )
+        for i, name in enumerate(HISTORY_COLUMNS):
+            columns[name] = counts[:, i].astype(np.float64)
         for i, field in enumerate(features.USER_PROFILE_FIELDS):
             columns[field] = np.where(codes[:, i] < 0, np.nan, codes[:, i])
         for column in features.AD_NUMERIC_FIELDS:
@@ -410,8 +478,17 @@ class CompiledModel:
         actual = np.empty(samples)
         for i in range(samples):
             profile = {f: float(columns[f][i]) for f in features.USER_PROFILE_FIELDS}
+            history = (
+                {name: columns[name][i : i + 1] for name in HISTORY_COLUMNS}
+                if counts[i].any()
+                else None
+            )
             actual[i] = self.margins(
-                str(pids[i]), UserFeatures(profile), position[i : i + 1], affinity[i : i + 1]
+                str(pids[i]),
+                UserFeatures(profile),
+                position[i : i + 1],
+                affinity[i : i + 1],
+                history,
             )[0]
         return bool(np.max(np.abs(actual - expected)) <= TOLERANCE)
 
@@ -443,6 +520,19 @@ def _contributions(
     for slot in (slot for column in values for slot in slots[column]):
         total += encoded[:, slot].astype(np.float64) * model.weights[slot]
     return total
+
+
+def _history_part(
+    model: CtrModel, slots: dict[str, list[int]]
+) -> tuple[features.FeatureSpec, np.ndarray, float] | None:
+    blocks = tuple(block for block in model.spec.blocks if block.column in HISTORY_COLUMNS)
+    if not blocks:
+        return None
+    part = features.FeatureSpec(f"{model.spec.name}-history", blocks)
+    weights = model.weights[[slot for block in blocks for slot in slots[block.column]]]
+    zeros = {column: np.zeros(1) for column in part.input_columns}
+    without_counts = float(part.encode(zeros).astype(np.float64)[0] @ weights)
+    return part, weights, without_counts
 
 
 def _affine_pair(model: CtrModel, slots: dict[str, list[int]]) -> tuple[float, float, float] | None:

@@ -20,7 +20,7 @@ from typing import Any
 import redis
 
 from adrec.core import settings
-from adrec.core.events import Kind
+from adrec.core.events import SERVING_PATHS, Kind
 from adrec.core.redis_conn import RedisSettings, redacted
 from jobs.stream.config import StreamConfig
 
@@ -34,6 +34,13 @@ class StreamUsageError(Exception):
 class StreamFailedError(Exception):
     """The query stopped on an error: one line naming it, exit code 1; a restart resumes
     from the checkpoint."""
+
+
+#: Label value of an impression or click that did not say which path or model served it.
+UNKNOWN = "unknown"
+OTHER = "other"
+#: Distinct model versions labelled before the rest share OTHER: a few publishes' worth.
+MAX_MODEL_VERSIONS = 16
 
 
 class StreamMetrics:
@@ -54,15 +61,21 @@ class StreamMetrics:
         self.events = Counter(
             "adrec_stream_events", "Events applied, by kind", ["kind"], registry=self.registry
         )
+        attribution = ["pid", "serving_path", "model_version"]
         self.impressions = Counter(
             "adrec_stream_impressions",
-            "Impressions applied, by placement (the online CTR's denominator)",
-            ["pid"],
+            "Impressions applied, by placement and by the serving path and model version "
+            "of the answer that showed the ad (the online CTR's denominator)",
+            attribution,
             registry=self.registry,
         )
         self.clicks = Counter(
-            "adrec_stream_clicks", "Clicks applied, by placement", ["pid"], registry=self.registry
+            "adrec_stream_clicks",
+            "Clicks applied, by placement, serving path and model version",
+            attribution,
+            registry=self.registry,
         )
+        self.model_versions: set[str] = set()
         self.batch_seconds = Histogram(
             "adrec_stream_batch_seconds",
             "Time to apply one micro-batch",
@@ -82,8 +95,9 @@ class StreamMetrics:
         for kind in Kind:
             self.events.labels(kind.value)
         for pid in PIDS:
-            self.impressions.labels(pid)
-            self.clicks.labels(pid)
+            for path in (*SERVING_PATHS, UNKNOWN):
+                self.impressions.labels(pid, path, UNKNOWN)
+                self.clicks.labels(pid, path, UNKNOWN)
         self.server: Any = None
         if port:
             self.server, _ = start_http_server(port, registry=self.registry)
@@ -91,15 +105,27 @@ class StreamMetrics:
     def record(self, outcome: Any) -> None:
         for kind, count in outcome.events_by_kind.items():
             self.events.labels(kind).inc(count)
-        for pid, count in outcome.impressions_by_pid.items():
-            self.impressions.labels(pid).inc(count)
-        for pid, count in outcome.clicks_by_pid.items():
-            self.clicks.labels(pid).inc(count)
+        for served, count in outcome.impressions.items():
+            self.impressions.labels(*self._labels(served)).inc(count)
+        for served, count in outcome.clicks.items():
+            self.clicks.labels(*self._labels(served)).inc(count)
         self.batch_seconds.observe(outcome.seconds)
         now = time.time()
         self.last_batch.set(now)
         if outcome.newest_received is not None:
             self.lag.set(max(0.0, now - outcome.newest_received))
+
+    def _labels(self, served: Any) -> tuple[str, str, str]:
+        """Label values of an attribution; model versions beyond the first
+        MAX_MODEL_VERSIONS seen share one value, so reported strings cannot grow the
+        series without bound."""
+        model = served.model_version or UNKNOWN
+        if model not in self.model_versions:
+            if len(self.model_versions) >= MAX_MODEL_VERSIONS:
+                model = OTHER
+            else:
+                self.model_versions.add(model)
+        return served.pid, served.serving_path or UNKNOWN, model
 
     def stop(self) -> None:
         if self.server is not None:

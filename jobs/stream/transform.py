@@ -38,6 +38,8 @@ EVENT_COLUMNS = (
     "request_id",
     "cate_id",
     "brand_id",
+    "serving_path",
+    "model_version",
 )
 #: Which state value a contribution goes to.
 USER, AD = "user", "ad"
@@ -67,7 +69,14 @@ def parse_lines(raw: DataFrame) -> DataFrame:
         sf.get(parts, 7).alias("request_id"),
         _number(sf.get(parts, 8)).alias("cate_id"),
         _number(sf.get(parts, 9)).alias("brand_id"),
-        (sf.size(parts) == 10) & (sf.get(parts, 0) == events.LINE_FORMAT.decode()),
+        sf.coalesce(sf.get(parts, 10), sf.lit("")).alias("serving_path"),
+        sf.coalesce(sf.get(parts, 11), sf.lit("")).alias("model_version"),
+        sf.array_contains(
+            sf.array(
+                *(sf.lit(f"{tag.decode()}:{count}") for tag, count in events.LINE_FIELDS.items())
+            ),
+            sf.concat(sf.get(parts, 0), sf.lit(":"), sf.size(parts).cast("string")),
+        ),
     )
     valid = (
         sf.col("shape")

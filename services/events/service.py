@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from adrec.api.events.v1 import event_service_pb2, event_service_pb2_grpc
+from adrec.api.gateway.v1 import gateway_service_pb2 as gateway_pb2
 from adrec.core import keys
 from adrec.core.codecs import CodecError
 from adrec.core.events import MAX_ID, Event, Kind, TimeBounds, check_event, encode_event
@@ -261,6 +262,8 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
                     ad_id=shown.ad_id,
                     pid=shown.pid,
                     request_id=shown.request_id,
+                    serving_path=_serving_path(shown.serving_path),
+                    model_version=shown.model_version,
                 )
                 ad_events.append(index)
             else:
@@ -313,3 +316,14 @@ def _log_unavailable(error: RedisError) -> UnavailableError:
         f"cannot log events: {problem} ({type(error).__name__}); the batch is not "
         "acknowledged, retry it (a resent event is counted once)"
     )
+
+
+def _serving_path(value: int) -> str:
+    """The event's serving path by name (events.SERVING_PATHS); "" when unspecified, and
+    the number itself for a value this release does not know, which the checks refuse."""
+    if value == gateway_pb2.SERVING_PATH_UNSPECIFIED:
+        return ""
+    try:
+        return gateway_pb2.ServingPath.Name(value).removeprefix("SERVING_PATH_").lower()
+    except ValueError:
+        return str(value)

@@ -10,6 +10,7 @@ the previous snapshot keeps serving, and the refusal is logged and counted.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import numpy as np
@@ -18,9 +19,10 @@ from redis.exceptions import RedisError
 from adrec.api.common.v1 import common_pb2
 from adrec.api.ranking.v1 import ranking_service_pb2, ranking_service_pb2_grpc
 from adrec.core import keys
-from adrec.core.codecs import UserFeatures
+from adrec.core.codecs import CodecError, UserFeatures
 from adrec.core.metadata import VersionMeta
 from adrec.core.model import ModelArtifactError
+from adrec.core.scoring import HistoryCounts
 from services.ranking.snapshot import RankingSnapshot, SnapshotError
 from services.runtime.data import LOAD_TIMEOUT_SECONDS, RedisOp, RedisReader
 from services.runtime.logs import service_logger
@@ -147,15 +149,23 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
         if snapshot is None:
             raise no_version_loaded(self.reader.last_failure, "no CTR model loaded yet")
 
-        try:
-            stored = await self.reader.read(
-                keys.USER, snapshot.data_version, user_id, op=RedisOp.USER_FEATURES
-            )
-        except RedisError as error:
-            raise redis_unavailable("the user's features", error) from None
+        user_read = self.reader.read(
+            keys.USER, snapshot.data_version, user_id, op=RedisOp.USER_FEATURES
+        )
+        if snapshot.reads_history:
+            # Both reads in flight at once: one round trip, on any node of a cluster.
+            state_read = self.reader.get(keys.REALTIME_USER.key(user_id), op=RedisOp.REALTIME_STATE)
+            stored, state_raw = await asyncio.gather(user_read, state_read, return_exceptions=True)
+        else:
+            (stored,), state_raw = await asyncio.gather(user_read, return_exceptions=True), None
+        if isinstance(stored, RedisError):
+            raise redis_unavailable("the user's features", stored) from None
+        if isinstance(stored, BaseException):
+            raise stored
         user = stored if stored is not None else UserFeatures.missing()
+        history = self._history(user_id, state_raw)
 
-        scored = snapshot.score(pid, user, candidates, top_k)
+        scored = snapshot.score(pid, user, candidates, top_k, history)
         self.metrics.candidates.observe(count)
         if scored.unknown_ads:
             self.metrics.unknown_ads.inc(scored.unknown_ads)
@@ -170,4 +180,29 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
             data_version=snapshot.data_version,
             unknown_ads_skipped=scored.unknown_ads,
             user_profile_found=stored is not None,
+            behaviour_counts_found=history is not None,
         )
+
+    def _history(self, user_id: int, state_raw: object) -> HistoryCounts | None:
+        """The user's window counts now; None without any (the model then counts 0s).
+
+        Counts only sharpen a score, so a state that cannot be read or decoded is scored
+        as none rather than failing the request; it is logged.
+        """
+        if state_raw is None:
+            return None
+        if isinstance(state_raw, BaseException):
+            if not isinstance(state_raw, RedisError):
+                raise state_raw
+            return None
+        try:
+            state = keys.REALTIME_USER.decode(state_raw)  # type: ignore[arg-type]
+        except CodecError as error:
+            self.log.warning(
+                "unreadable real-time state of user %d; scored without counts",
+                user_id,
+                extra={"user_id": user_id, "error": str(error)},
+            )
+            return None
+        counts = state.window_counts(int(time.time()))
+        return counts or None

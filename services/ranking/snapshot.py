@@ -16,7 +16,7 @@ import numpy as np
 
 from adrec.core import codecs, keys
 from adrec.core.codecs import UserFeatures
-from adrec.core.scoring import CtrScorer, ScoringDataError
+from adrec.core.scoring import CtrScorer, HistoryCounts, ScoringDataError
 from services.runtime.data import model_version
 
 
@@ -73,7 +73,19 @@ class RankingSnapshot:
     def cate_ids(self) -> np.ndarray:
         return self.scorer.cate_ids
 
-    def score(self, pid: str, user: UserFeatures, candidates: np.ndarray, top_k: int) -> Scored:
+    @property
+    def reads_history(self) -> bool:
+        """Whether the model reads the user's real-time behaviour counts."""
+        return self.scorer.uses_history
+
+    def score(
+        self,
+        pid: str,
+        user: UserFeatures,
+        candidates: np.ndarray,
+        top_k: int,
+        history: HistoryCounts | None = None,
+    ) -> Scored:
         """The best `top_k` distinct candidates (all when 0), CTR descending, ties in order."""
-        ranked = self.scorer.rank(pid, user, candidates, top_k)
+        ranked = self.scorer.rank(pid, user, candidates, top_k, history)
         return Scored(ranked.ad_ids.tolist(), ranked.ctrs.tolist(), ranked.unknown_ads)
