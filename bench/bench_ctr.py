@@ -90,7 +90,7 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     from adrec.core.dataset import MANIFEST_FILE
     from adrec.core.features import COURSE, FULL
     from adrec.synthetic import generate
-    from jobs import ctr, ingest, ratings
+    from jobs import ctr, evaluation, ingest, ratings
     from jobs import features as job_features
     from jobs.als import AlsConfig, train_als
     from jobs.spark import build_session
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
         with clock(f"{spec.name} train and evaluate"):
             models[spec.name], metrics[spec.name] = ctr.train_ctr_model(examples, spec, config)
     with clock("oracle"):
-        metrics["oracle"] = ctr.oracle_metrics(spark, str(data_dir))
+        metrics["oracle"] = evaluation.oracle_metrics(spark, str(data_dir))
 
     loads = None
     if args.load:

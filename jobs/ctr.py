@@ -1,4 +1,4 @@
-"""CTR model training and evaluation: Spark ML logistic regression over the shared encoder.
+"""CTR model training: Spark ML logistic regression over the shared encoder.
 
 Contract:
 
@@ -8,13 +8,10 @@ Contract:
 - :func:`train_ctr_model` ``(examples, spec, config)`` -> ``(CtrModel, metrics)``: fits
   on the ``train`` split (days 1-7) and evaluates the resulting :class:`CtrModel` on the
   ``test`` split (day 8); ``metrics`` is JSON-serialisable and also stored in the model.
-- :func:`predict` ``(examples, model)`` -> ``label``, ``probability``: scores with the
-  artifact itself, the numbers the service would produce.
-- :func:`evaluate` ``(scored)`` -> AUC, logloss, calibration and a 10-bin reliability
-  table of a ``label``, ``probability`` frame, computed on the executors (the test day
-  has millions of rows at full size; only a few aggregates reach the driver);
-  :func:`oracle_metrics` ``(spark, data_dir)`` gives the same for the synthetic data's
-  true click probabilities on the test day.
+- :func:`predict` ``(examples, model)`` -> ``label``, ``probability`` (and ``user_id``
+  when the examples have it): scores with the artifact itself, the numbers the service
+  would produce; any artifact with a ``spec`` and a ``predict`` of encoded rows will do.
+- The metrics are :func:`jobs.evaluation.evaluate`'s, on the executors.
 
 Training is unweighted by default: the predicted CTRs are used as probabilities (ranking
 scores, offline lists, the quality report), and reweighting the rare clicks would inflate
@@ -32,26 +29,23 @@ import dataclasses
 import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyspark import StorageLevel
 from pyspark.ml.classification import LogisticRegression, LogisticRegressionModel
-from pyspark.ml.evaluation import BinaryClassificationEvaluator
 from pyspark.ml.functions import array_to_vector
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F  # noqa: N812 - the conventional alias
 from pyspark.sql import types as T  # noqa: N812
 
-from adrec.core.dataset import TRUTH_FILE
 from adrec.core.features import FeatureSpec
 from adrec.core.model import CtrModel
-from jobs.ingest import event_day_column, on_test_day
-from jobs.spark import aggregate_row
+from jobs.evaluation import evaluate
 
-RELIABILITY_BINS = 10
+#: The column :func:`predict` carries through for the group AUC.
+USER_COLUMN = "user_id"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,19 +105,42 @@ def encode_features(examples: DataFrame, spec: FeatureSpec) -> DataFrame:
     return examples.mapInArrow(encode, schema)
 
 
-def predict(examples: DataFrame, model: CtrModel) -> DataFrame:
-    """``label`` and the artifact's ``probability`` for every example, scored on executors."""
+class Scorer(Protocol):
+    """What :func:`predict` needs of a model artifact: its spec and encoded-row scoring."""
+
+    @property
+    def spec(self) -> FeatureSpec: ...
+
+    def predict(self, features: np.ndarray) -> np.ndarray: ...
+
+
+def predict(examples: DataFrame, model: Scorer) -> DataFrame:
+    """``label`` and the artifact's ``probability`` for every example, scored on executors;
+    ``user_id`` too when ``examples`` has it."""
     spec = model.spec
+    kept = [examples.schema[USER_COLUMN]] if USER_COLUMN in examples.columns else []
+    schema = T.StructType(
+        [
+            T.StructField("label", T.DoubleType()),
+            T.StructField("probability", T.DoubleType()),
+            *kept,
+        ]
+    )
 
     def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             probability = model.predict(spec.encode(encoder_inputs(batch, spec.input_columns)))
             yield pa.RecordBatch.from_arrays(
-                [batch.column("label"), pa.array(probability)], names=["label", "probability"]
+                [
+                    pc.cast(batch.column("label"), pa.float64()),
+                    pa.array(probability, pa.float64()),
+                    *(batch.column(field.name) for field in kept),
+                ],
+                names=schema.names,
             )
 
-    needed = ["label", *spec.input_columns]
-    return examples.select(*needed).mapInArrow(score, "label double, probability double")
+    needed = dict.fromkeys(["label", *spec.input_columns, *(field.name for field in kept)])
+    return examples.select(*needed).mapInArrow(score, schema)
 
 
 # ------------------------------------------------------------------ training
@@ -205,7 +222,9 @@ def train_ctr_model(
 
     started = time.perf_counter()
     unevaluated = to_ctr_model(fitted, spec)
-    test = evaluate(predict(examples.where(F.col("split") == "test"), unevaluated))
+    test = evaluate(
+        predict(examples.where(F.col("split") == "test"), unevaluated), user=USER_COLUMN
+    )
     metrics = {
         "feature_set": spec.name,
         "feature_spec_id": spec.spec_id,
@@ -219,125 +238,3 @@ def train_ctr_model(
         "evaluate_seconds": round(time.perf_counter() - started, 3),
     }
     return dataclasses.replace(unevaluated, metrics=metrics), metrics
-
-
-# ------------------------------------------------------------------ evaluation
-
-
-_EPSILON = 1e-15
-# Rank error of the reliability bins' edges: a 10,000th of the rows.
-_QUANTILE_ERROR = 1e-4
-
-
-def evaluate(
-    scored: DataFrame,
-    bins: int = RELIABILITY_BINS,
-    label: str = "label",
-    probability: str = "probability",
-) -> dict[str, Any]:
-    """AUC, logloss and calibration of predicted click probabilities against 0/1 labels.
-
-    The reliability table splits the rows, sorted by prediction, into ``bins`` groups of
-    (nearly) equal size: CTRs crowd into a narrow range, where equal-width bins would
-    leave most bins empty. ``calibration_error`` is the row-weighted mean absolute gap
-    between predicted and observed CTR over those bins. The AUC is exact (ties count
-    half, as in the trapezoidal ROC); bin edges are quantiles within a 10,000th of the
-    rows. Everything is aggregated on the executors.
-    """
-    frame = scored.select(
-        F.col(label).cast("double").alias("label"),
-        F.col(probability).cast("double").alias("probability"),
-    ).persist(StorageLevel.MEMORY_AND_DISK)
-    try:
-        return _evaluate(frame, bins)
-    finally:
-        frame.unpersist()
-
-
-def _evaluate(frame: DataFrame, bins: int) -> dict[str, Any]:
-    clipped = F.least(F.greatest(F.col("probability"), F.lit(_EPSILON)), F.lit(1 - _EPSILON))
-    row_loss = -(
-        F.col("label") * F.log(clipped) + (F.lit(1.0) - F.col("label")) * F.log(1 - clipped)
-    )
-    totals = aggregate_row(
-        frame.agg(
-            F.count(F.lit(1)).alias("rows"),
-            F.sum("label").alias("clicks"),
-            F.avg("probability").alias("mean_predicted"),
-            F.avg(row_loss).alias("logloss"),
-        )
-    )
-    rows = int(totals["rows"])
-    if rows == 0:
-        return {
-            "test_rows": 0,
-            "auc": None,
-            "logloss": None,
-            "observed_ctr": None,
-            "mean_predicted": None,
-            "calibration_error": None,
-            "reliability": [],
-        }
-    clicks = float(totals["clicks"])
-    auc = None
-    if 0 < clicks < rows:
-        evaluator = BinaryClassificationEvaluator(
-            rawPredictionCol="probability", labelCol="label", metricName="areaUnderROC", numBins=0
-        )
-        auc = float(evaluator.evaluate(frame))
-    reliability = _reliability(frame, min(bins, rows))
-    gap = sum(b["rows"] * abs(b["mean_predicted"] - b["observed_ctr"]) for b in reliability)
-    return {
-        "test_rows": rows,
-        "auc": auc,
-        "logloss": float(totals["logloss"]),
-        "observed_ctr": clicks / rows,
-        "mean_predicted": float(totals["mean_predicted"]),
-        "calibration_error": float(gap / rows),
-        "reliability": reliability,
-    }
-
-
-def _reliability(frame: DataFrame, bins: int) -> list[dict[str, Any]]:
-    edges = frame.approxQuantile("probability", [i / bins for i in range(1, bins)], _QUANTILE_ERROR)
-    # A row's bin is the number of edges below its prediction: rows tied on an edge
-    # share the lower bin.
-    position = sum(((F.col("probability") > F.lit(edge)).cast("int") for edge in edges), F.lit(0))
-    grouped = (
-        frame.groupBy(position.alias("bin"))
-        .agg(
-            F.count(F.lit(1)).alias("rows"),
-            F.min("probability").alias("min_predicted"),
-            F.max("probability").alias("max_predicted"),
-            F.avg("probability").alias("mean_predicted"),
-            F.avg("label").alias("observed_ctr"),
-        )
-        .orderBy("bin")
-        .collect()
-    )
-    return [
-        {
-            "rows": int(row["rows"]),
-            "min_predicted": float(row["min_predicted"]),
-            "max_predicted": float(row["max_predicted"]),
-            "mean_predicted": float(row["mean_predicted"]),
-            "observed_ctr": float(row["observed_ctr"]),
-        }
-        for row in grouped
-    ]
-
-
-def oracle_metrics(spark: SparkSession, data_dir: str) -> dict[str, Any]:
-    """:func:`evaluate` of the synthetic data's true click probabilities on the test day.
-
-    The generator writes one truth row per raw_sample row with its click and the exact
-    probability it was drawn with, so this is the best any model can do on day 8.
-    """
-    schema = (
-        "user int, time_stamp bigint, adgroup_id int, pid string, clk int, click_probability double"
-    )
-    truth = spark.read.csv(
-        f"{data_dir.rstrip('/')}/{TRUTH_FILE}", schema=schema, header=True, mode="FAILFAST"
-    )
-    test = truth.where(on_test_day(event_day_column(F.col("time_stamp"))))
-    return evaluate(test, label="clk", probability="click_probability")

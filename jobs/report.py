@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -30,6 +31,29 @@ def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
         if n == 0:
             lines.append("  " + "  ".join("-" * w for w in widths))
     return lines
+
+
+#: The CTR section's entry of the synthetic data's true probabilities, shown last.
+ORACLE = "oracle"
+
+
+def ctr_models(ctr: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """The CTR section's model metrics in report order: every model as the section lists
+    them (the feature sets' regressions, the factorization machine), then the oracle."""
+    models = [
+        (name, metrics)
+        for name, metrics in ctr.items()
+        if name != ORACLE and isinstance(metrics, dict) and "auc" in metrics
+    ]
+    oracle = ctr.get(ORACLE)
+    return [*models, *([(ORACLE, oracle)] if oracle else [])]
+
+
+def model_label(name: str, metrics: Mapping[str, Any]) -> str:
+    """A model's row label: its name, and its feature set when that is another name (an
+    FM entry ``fm`` on ``behaviour`` reads ``fm (behaviour)``)."""
+    feature_set = metrics.get("feature_set")
+    return name if feature_set in (None, name) else f"{name} ({feature_set})"
 
 
 def render_report(report: dict[str, Any]) -> str:
@@ -91,23 +115,30 @@ def render_report(report: dict[str, Any]) -> str:
         )
     if ctr := report.get("ctr"):
         lines += ["", f"CTR model (served: {ctr['served_feature_set']}), day 8"]
-        rows = []
-        for name in ("course", "full", "oracle"):
-            metrics = ctr.get(name)
-            if metrics:
-                rows.append(
-                    [
-                        name,
-                        metrics.get("auc"),
-                        metrics.get("logloss"),
-                        metrics.get("mean_predicted"),
-                        metrics.get("observed_ctr"),
-                        metrics.get("calibration_error"),
-                    ]
-                )
         lines += _table(
-            ["features", "AUC", "logloss", "mean predicted", "observed CTR", "calibration error"],
-            rows,
+            [
+                "model",
+                "AUC",
+                "gAUC",
+                "logloss",
+                "NE",
+                "mean predicted",
+                "observed CTR",
+                "calibration error",
+            ],
+            [
+                [
+                    model_label(name, metrics),
+                    metrics.get("auc"),
+                    metrics.get("gauc"),
+                    metrics.get("logloss"),
+                    metrics.get("normalized_entropy"),
+                    metrics.get("mean_predicted"),
+                    metrics.get("observed_ctr"),
+                    metrics.get("calibration_error"),
+                ]
+                for name, metrics in ctr_models(ctr)
+            ],
         )
     if offline := report.get("offline"):
         lines += [

@@ -12,11 +12,13 @@ from adrec.cli import JOB_PACKAGES
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 CORE_MODULES = [
+    "adstate",
     "catalog",
     "codecs",
     "dataset",
     "events",
     "features",
+    "fm",
     "keys",
     "metadata",
     "model",
@@ -67,6 +69,7 @@ SERVING_MODULES = [
     "adrec.cli.publish",
     "adrec.cli.recommend",
     "adrec.cli.events",
+    "adrec.cli.ads",
     "adrec.cli.serve",
     "adrec.core.catalog",
     "services.process",
@@ -74,6 +77,7 @@ SERVING_MODULES = [
     "services.ranking.service",
     "services.gateway.service",
     "services.events.service",
+    "services.admin.service",
 ]
 
 

@@ -20,7 +20,7 @@ from adrec.core.dataset import PIDS
 from adrec.core.features import COURSE, FULL, USER_PROFILE_FIELDS, als_affinity
 from adrec.core.model import CtrModel
 from adrec.core.redis_conn import RedisSettings
-from jobs import ctr, ingest, offline, ratings
+from jobs import ctr, evaluation, ingest, offline, ratings
 from jobs import features as job_features
 from jobs.als import AlsConfig, train_als
 from services.ranking.snapshot import RankingSnapshot
@@ -438,6 +438,9 @@ def test_trained_model_round_trips_through_redis(spark, redis_client):
     model, metrics = ctr.train_ctr_model(random_examples(spark), COURSE, ctr.CtrConfig())
     assert metrics["feature_set"] == "course" and metrics["train_rows"] == 300
     assert metrics["test_rows"] == 100 and len(metrics["reliability"]) == 10
+    # The test day's user ids reach the evaluation: random_examples gives each row its own.
+    assert metrics["test_users"] == 100 and metrics["gauc"] is None
+    assert metrics["normalized_entropy"] > 0 and len(metrics["roc"]["fpr"]) > 2
     assert model.metrics == metrics
 
     store.VersionWriter(redis_client, VERSION).put_model(model)
@@ -445,52 +448,6 @@ def test_trained_model_round_trips_through_redis(spark, redis_client):
     np.testing.assert_array_equal(loaded.weights, model.weights)
     assert loaded.intercept == model.intercept
     assert loaded.spec == COURSE and loaded.metrics == metrics
-
-
-def scored_frame(spark, labels, predicted):
-    rows = [(float(y), float(p)) for y, p in zip(labels, predicted, strict=True)]
-    return spark.createDataFrame(rows, "label double, probability double")
-
-
-def test_evaluate_on_a_hand_computable_example(spark):
-    labels = np.array([0, 0, 1, 1, 0, 1])
-    predicted = np.array([0.1, 0.4, 0.35, 0.8, 0.2, 0.9])
-    metrics = ctr.evaluate(scored_frame(spark, labels, predicted), bins=3)
-    # Positive-negative pairs ranked right: 0.35 beats 0.1 and 0.2, 0.8 and 0.9 beat all.
-    assert metrics["auc"] == pytest.approx(8 / 9)
-    expected_logloss = -np.mean(np.log([0.9, 0.6, 0.35, 0.8, 0.8, 0.9]))
-    assert metrics["logloss"] == pytest.approx(expected_logloss)
-    assert metrics["observed_ctr"] == 0.5
-    assert metrics["mean_predicted"] == pytest.approx(2.75 / 6)
-    assert [(b["rows"], b["observed_ctr"]) for b in metrics["reliability"]] == [
-        (2, 0.0),
-        (2, 0.5),
-        (2, 1.0),
-    ]
-    assert metrics["reliability"][1]["mean_predicted"] == pytest.approx(0.375)
-    gaps = [abs(0.15 - 0.0), abs(0.375 - 0.5), abs(0.85 - 1.0)]
-    assert metrics["calibration_error"] == pytest.approx(sum(gaps) / 3)
-
-
-def test_evaluate_without_both_classes_has_no_auc(spark):
-    assert ctr.evaluate(scored_frame(spark, np.zeros(4), np.full(4, 0.1)))["auc"] is None
-
-
-def test_evaluate_matches_sklearn_with_ties_on_many_rows(spark):
-    from sklearn.metrics import log_loss, roc_auc_score
-
-    rng = np.random.default_rng(11)
-    # Rounded predictions: many ties, which an exact AUC counts as half.
-    predicted = np.round(rng.uniform(0.01, 0.2, 5_000), 3)
-    labels = (rng.random(5_000) < predicted).astype(float)
-    metrics = ctr.evaluate(scored_frame(spark, labels, predicted))
-
-    assert metrics["auc"] == pytest.approx(roc_auc_score(labels, predicted), abs=1e-12)
-    assert metrics["logloss"] == pytest.approx(log_loss(labels, predicted), rel=1e-12)
-    sizes = [b["rows"] for b in metrics["reliability"]]
-    assert sum(sizes) == 5_000 and len(sizes) == 10
-    # Ties on an edge move whole groups of equal predictions; bins stay close to a tenth.
-    assert max(sizes) - min(sizes) < 600
 
 
 def test_training_rows_are_sampled_the_same_whatever_the_partitioning(spark):
@@ -697,7 +654,7 @@ def test_both_feature_sets_beat_chance_on_the_tiny_preset(spark, tiny_data):
     ).cache()
 
     metrics = {spec.name: ctr.train_ctr_model(examples, spec)[1] for spec in (COURSE, FULL)}
-    oracle = ctr.oracle_metrics(spark, str(tiny_data))
+    oracle = evaluation.oracle_metrics(spark, str(tiny_data))
     assert metrics["course"]["test_rows"] == oracle["test_rows"] > 0
     assert metrics["course"]["auc"] > 0.5
     assert 0.5 < metrics["full"]["auc"] < oracle["auc"]

@@ -28,7 +28,7 @@ COMMAND_GROUPS = (
     "demo",
 )
 #: Packages of the `job` extra, which the services image does not carry.
-JOB_PACKAGES = ("pyspark", "pandas", "pyarrow", "sklearn")
+JOB_PACKAGES = ("pyspark", "pandas", "pyarrow", "sklearn", "matplotlib")
 
 
 class _Parser(argparse.ArgumentParser):
