@@ -12,6 +12,7 @@ import json
 import re
 from typing import Literal
 
+from adrec.core.catalog import DEFAULT_PRUNE_GRACE_SECONDS
 from adrec.core.features import FEATURE_SETS
 from adrec.core.settings import in_range, one_of, parse_float, parse_int, setting
 
@@ -192,6 +193,14 @@ class JobConfig:
         parse=parse_int,
         check=in_range(0, 100),
     )
+    prune_grace_seconds: float = setting(
+        "ADREC_JOB_PRUNE_GRACE_SECONDS",
+        DEFAULT_PRUNE_GRACE_SECONDS,
+        "Seconds a replaced version is kept whatever ADREC_JOB_KEEP_VERSIONS says, so "
+        "services still following it switch first",
+        parse=parse_float,
+        check=in_range(0, 86_400),
+    )
 
     def validate(self) -> list[str]:
         problems = []
@@ -210,6 +219,7 @@ class JobConfig:
             "stages",
             "work_dir",
             "keep_versions",
+            "prune_grace_seconds",
             "local_memory",
             "max_rejected_share",
             "max_row_drop",

@@ -340,7 +340,8 @@ def training_examples(
         counts = history.history_features(rows, behavior_log, samples, ads)
         rows = rows.join(counts, list(history.KEY_COLUMNS), "left")
     without_affinity = [c for c in EXAMPLE_COLUMNS if c != "als_affinity"]
-    return _with_als_affinity(rows.select(*without_affinity, "als_factors"), cate_factors)
+    examples = _with_als_affinity(rows.select(*without_affinity, "als_factors"), cate_factors)
+    return examples.select(*EXAMPLE_COLUMNS)
 
 
 def _with_out_of_fold_ctrs(ads: DataFrame, samples: DataFrame, smoothing: Smoothing) -> DataFrame:

@@ -8,7 +8,7 @@ Each stage is a function of the outputs of the stages before it:
     popular   fallback lists of the training days, overall and per pid
     recall    500 distinct ads per user, vectorized; written from the executors
     features  user features, ad features with smoothed CTRs, category factors
-    ctr       LR for the `course` and `full` feature sets, day-8 evaluation
+    ctr       LR for every feature set (`course`, `full`, `behaviour`), day-8 evaluation
     offline   every recall list scored by the served model, top N kept
     publish   metadata, then the atomic switch of the active version
 
@@ -40,12 +40,12 @@ from pyspark.sql import functions as F  # noqa: N812 - the conventional alias
 from adrec.core import keys, store
 from adrec.core.catalog import Publication, PublishLockedError, family_memory, lock_holder
 from adrec.core.dataset import TRUTH_FILE
-from adrec.core.features import COURSE, FULL, feature_spec
+from adrec.core.features import FEATURE_SETS, feature_spec
 from adrec.core.metadata import VersionContent, VersionCounts
 from adrec.core.model import CtrModel
 from adrec.core.redis_conn import RedisSettings, connect, redacted
 from adrec.core.store import VersionWriter
-from jobs import ctr, features, ingest, input_checks, offline, popular, ratings, recall
+from jobs import ctr, evaluation, features, ingest, input_checks, offline, popular, ratings, recall
 from jobs.als import AlsConfig, AlsResult, train_als
 from jobs.config import JobConfig
 from jobs.progress import Progress, spark_work
@@ -259,7 +259,11 @@ def run_job(
         report["ingest"] = tables.report
         # Bad input fails above, before the publish lock is taken.
         with (
-            Publication(client, keep_versions=config.keep_versions)
+            Publication(
+                client,
+                keep_versions=config.keep_versions,
+                prune_grace=config.prune_grace_seconds,
+            )
             if publishing
             else contextlib.nullcontext() as publication
         ):
@@ -318,7 +322,16 @@ def _transform_and_load(
     if "ctr" not in config.stages:
         return sections
     trained = _timed(
-        progress, "ctr", ctr_stage, tables, featured, als, config, sink, note=progress.note
+        progress,
+        "ctr",
+        ctr_stage,
+        tables,
+        featured,
+        als,
+        config,
+        sink,
+        f"{scratch}/examples",
+        note=progress.note,
     )
     sections["ctr"] = trained.report
     if "offline" not in config.stages:
@@ -582,11 +595,15 @@ def ctr_stage(
     als: AlsOutput,
     config: JobConfig,
     sink: Sink | None,
+    examples_dir: str,
     note: Callable[[str], None] = lambda _: None,
 ) -> CtrOutput:
-    """Both feature sets trained and evaluated for the report; the configured one is served.
+    """Every feature set trained and evaluated for the report; the configured one is served.
 
-    The models are fitted on at most ``config.ctr_train_rows`` training impressions.
+    The models are fitted on at most ``config.ctr_train_rows`` training impressions. The
+    examples are written once to ``examples_dir`` (Parquet) and read back: every training
+    iteration then starts from files, not from the plan of joins and windows that built
+    them, which each task would otherwise carry.
     """
     available = tables.split.train.count()
     sample = ctr.training_sample(available, config.ctr_train_rows or None, config.seed)
@@ -597,10 +614,15 @@ def ctr_stage(
         als.result.cate_factors,
         featured.smoothing,
         train_sample=sample,
-    ).persist(StorageLevel.MEMORY_AND_DISK)
+        behavior_log=tables.behavior_log,
+    )
+    examples.write.mode("overwrite").parquet(examples_dir)
+    examples = examples.sparkSession.read.parquet(examples_dir).persist(
+        StorageLevel.MEMORY_AND_DISK
+    )
     served = feature_spec(config.feature_set)
     models, metrics = {}, {}
-    for spec in (COURSE, FULL):
+    for spec in FEATURE_SETS.values():
         models[spec.name], metrics[spec.name] = ctr.train_ctr_model(
             examples,
             spec,
@@ -628,7 +650,7 @@ def _oracle(spark: SparkSession, data: str) -> dict[str, Any] | None:
     jvm_path = jvm.org.apache.hadoop.fs.Path(path)
     if not jvm_path.getFileSystem(context._jsc.hadoopConfiguration()).exists(jvm_path):
         return None
-    return ctr.oracle_metrics(spark, data)
+    return evaluation.oracle_metrics(spark, data)
 
 
 def offline_stage(

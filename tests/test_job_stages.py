@@ -244,13 +244,15 @@ def test_ranking_stages_serve_the_configured_feature_set(
     )
 
     notes = []
-    trained = ctr_stage(tables, featured, als, course, sink, note=notes.append)
+    trained = ctr_stage(
+        tables, featured, als, course, sink, str(tmp_path / "examples"), note=notes.append
+    )
     assert trained.model.spec is COURSE
     assert trained.report["served_feature_set"] == "course"
-    assert set(trained.report) == {"served_feature_set", "course", "full", "oracle"}
+    assert set(trained.report) == {"served_feature_set", "course", "full", "behaviour", "oracle"}
     assert trained.report["oracle"] is None  # no truth file: not synthetic data
     assert trained.rows == tables.split.train.count()
-    assert [note.split(":")[0] for note in notes] == ["course", "full"]
+    assert [note.split(":")[0] for note in notes] == ["course", "full", "behaviour"]
     assert store.read_model(redis_client, version).spec is COURSE
 
     ranked = offline_stage(recalled, featured, als, trained, course, sink)
@@ -285,7 +287,7 @@ def test_publish_stage_commits_the_report_summary(redis_client):
     stages = [{"name": name, "seconds": 1.0, "rows": None, "notes": {}} for name in STAGES[:-1]]
     with Publication(redis_client) as first:
         first.commit(VersionContent())
-    with Publication(redis_client, keep_versions=0) as second:
+    with Publication(redis_client, keep_versions=0, prune_grace=0) as second:
         second.writer.put_popular(keys.POPULAR_ALL, np.array([3, 1], dtype=np.int32))
         published = publish_stage(second, report, stages)
 

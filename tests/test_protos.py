@@ -283,6 +283,7 @@ def test_ranking_messages():
         "data_version": (STRING, False),
         "unknown_ads_skipped": (INT32, False),
         "user_profile_found": (BOOL, False),
+        "behaviour_counts_found": (BOOL, False),
     }
     ads = ranking_service_pb2.RankCandidatesResponse.DESCRIPTOR.fields_by_name["ads"]
     assert ads.message_type is common_pb2.ScoredAd.DESCRIPTOR
@@ -411,8 +412,16 @@ def test_event_messages():
     # Exactly one payload per event.
     (payload,) = pb.Event.DESCRIPTOR.oneofs
     assert [field.name for field in payload.fields] == ["impression", "click", "behavior"]
-    shown = {"ad_id": (INT64, False), "pid": (STRING, False), "request_id": (STRING, False)}
+    shown = {
+        "ad_id": (INT64, False),
+        "pid": (STRING, False),
+        "request_id": (STRING, False),
+        "serving_path": (ENUM, False),
+        "model_version": (STRING, False),
+    }
     assert fields(pb.Impression) == fields(pb.Click) == shown
+    path = pb.Impression.DESCRIPTOR.fields_by_name["serving_path"]
+    assert path.enum_type is gateway_service_pb2.ServingPath.DESCRIPTOR
     assert fields(pb.Behavior) == {
         "type": (ENUM, False),
         "cate_id": (INT64, False),

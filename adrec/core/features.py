@@ -30,7 +30,6 @@ from adrec.core.events import WINDOWS, Kind, Scope
 SCHEMA_VERSION = 1
 
 
-
 #: Profile fields stored per user, in storage order (see codecs.UserFeatures).
 USER_PROFILE_FIELDS = dataset.USER_PROFILE_FIELDS
 

@@ -141,9 +141,7 @@ def recent_interest_logits(
 ) -> np.ndarray:
     """The planted recency term, for ``recent`` behavior rows in each entry's category."""
     expected = _interest(world, users, categories) * recent_share(world)
-    term: np.ndarray = world.truth.recent_interest_weight * (
-        np.log1p(recent) - np.log1p(expected)
-    )
+    term: np.ndarray = world.truth.recent_interest_weight * (np.log1p(recent) - np.log1p(expected))
     return term
 
 

@@ -50,9 +50,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-#: Floor of the calls a limited server lets wait in gRPC's core for the event loop: a
-#: small concurrency limit must still see a burst, to answer its excess RESOURCE_EXHAUSTED.
-MIN_PENDING_RPCS = 64
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
@@ -487,18 +484,6 @@ async def serve(
         raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
 
     frame = _Frame(_Gate(max_concurrent_rpcs), observer, counters)
-    backlog: list[tuple[str, Any]] = []
-    if max_concurrent_rpcs is not None:
-        # The gate sees a call only once the event loop takes it up, which a saturated loop
-        # does more slowly than a burst arrives: the calls waiting for it are bounded in
-        # gRPC's core, which refuses the excess at once (its callers see CANCELLED) instead
-        # of holding it until every caller's deadline has passed. Each method has its own
-        # queue, so a burst of calls never crowds out health checks.
-        pending = max(2 * max_concurrent_rpcs, MIN_PENDING_RPCS)
-        backlog = [
-            ("grpc.server.max_pending_requests", pending),
-            ("grpc.server.max_pending_requests_hard_limit", 2 * pending),
-        ]
     server = grpc.aio.server(
         interceptors=[frame.gate],
         options=[
@@ -507,7 +492,6 @@ async def serve(
             # A second process on the same port must fail to bind rather than silently
             # share the traffic.
             ("grpc.so_reuseport", 0),
-            *backlog,
             *options,
         ],
     )
