@@ -365,13 +365,12 @@ def history_inputs(
     """
     n = len(cate_ids)
     members = {Scope.CATEGORY: np.asarray(cate_ids), Scope.BRAND: np.asarray(brand_ids)}
+    by_pair: dict[tuple[Kind, Scope], list[tuple[int, tuple[int, ...]]]] = {}
+    for (kind, scope, member), values in counts.items():
+        by_pair.setdefault((kind, scope), []).append((member, values))
     columns: dict[str, np.ndarray] = {}
     for kind, scope in HISTORY_COUNTS:
-        found = sorted(
-            (member, values)
-            for (k, s, member), values in counts.items()
-            if k == kind and s == scope
-        )
+        found = sorted(by_pair.get((kind, scope), ()))
         per_window = np.zeros((n, len(WINDOWS)))
         if found:
             ids = np.array([member for member, _ in found], dtype=np.int64)

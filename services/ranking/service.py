@@ -157,7 +157,11 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
             state_read = self.reader.get(keys.REALTIME_USER.key(user_id), op=RedisOp.REALTIME_STATE)
             stored, state_raw = await asyncio.gather(user_read, state_read, return_exceptions=True)
         else:
-            (stored,), state_raw = await asyncio.gather(user_read, return_exceptions=True), None
+            state_raw = None
+            try:
+                stored = await user_read
+            except RedisError as error:
+                stored = error
         if isinstance(stored, RedisError):
             raise redis_unavailable("the user's features", stored) from None
         if isinstance(stored, BaseException):
