@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import numpy as np
 import pyarrow as pa
@@ -213,15 +213,42 @@ def train_ctr_model(
     ``sampled_from``: the training impressions ``examples`` were sampled from, if it was.
     """
     config = config or CtrConfig()
+
+    def fitted_model(rows: DataFrame, spec: FeatureSpec) -> tuple[CtrModel, dict[str, Any]]:
+        fitted = fit(rows, spec, config)
+        return to_ctr_model(fitted, spec), {"iterations": int(fitted.summary.totalIterations)}
+
+    return fit_and_evaluate(
+        examples,
+        spec,
+        fitted_model,
+        "the CTR model",
+        {"config": dataclasses.asdict(config)},
+        sampled_from,
+    )
+
+
+_Artifact = TypeVar("_Artifact", bound="Scorer")
+
+
+def fit_and_evaluate(
+    examples: DataFrame,
+    spec: FeatureSpec,
+    fitted_model: Callable[[DataFrame, FeatureSpec], tuple[_Artifact, dict[str, Any]]],
+    what: str,
+    described: dict[str, Any],
+    sampled_from: int | None,
+) -> tuple[_Artifact, dict[str, Any]]:
+    """``fitted_model`` on the train split, its artifact evaluated on the test split; the
+    metrics (``described`` and what the fit reports among them) go into the artifact too."""
     train_rows = examples.where(F.col("split") == "train").count()
     if train_rows == 0:
-        raise ValueError("no training examples (days 1-7) to fit the CTR model on")
+        raise ValueError(f"no training examples (days 1-7) to fit {what} on")
     started = time.perf_counter()
-    fitted = fit(examples, spec, config)
+    unevaluated, fit_report = fitted_model(examples, spec)
     train_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    unevaluated = to_ctr_model(fitted, spec)
     test = evaluate(
         predict(examples.where(F.col("split") == "test"), unevaluated), user=USER_COLUMN
     )
@@ -231,10 +258,12 @@ def train_ctr_model(
         "features": spec.dim,
         "train_rows": train_rows,
         "train_rows_available": sampled_from or train_rows,
-        "iterations": int(fitted.summary.totalIterations),
-        "config": dataclasses.asdict(config),
+        **fit_report,
+        **described,
         **test,
         "train_seconds": round(train_seconds, 3),
         "evaluate_seconds": round(time.perf_counter() - started, 3),
     }
-    return dataclasses.replace(unevaluated, metrics=metrics), metrics
+    # Both artifacts (CtrModel, FmModel) are frozen dataclasses with a metrics field.
+    evaluated: _Artifact = dataclasses.replace(cast(Any, unevaluated), metrics=metrics)
+    return evaluated, metrics

@@ -17,7 +17,6 @@ Contract:
 from __future__ import annotations
 
 import dataclasses
-import time
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -28,8 +27,7 @@ from pyspark.sql import functions as F  # noqa: N812 - the conventional alias
 
 from adrec.core.features import FeatureSpec
 from adrec.core.fm import FmModel
-from jobs.ctr import USER_COLUMN, encode_features, predict
-from jobs.evaluation import evaluate
+from jobs.ctr import encode_features, fit_and_evaluate
 
 #: The day-8 AUC an FM must gain over the logistic regression on the same features to be
 #: worth serving: its pairwise factors cost the ranking service far more than a dot product.
@@ -117,31 +115,18 @@ def train_fm_model(
     ``sampled_from``: the training impressions ``examples`` were sampled from, if it was.
     """
     config = config or FmConfig()
-    train_rows = examples.where(F.col("split") == "train").count()
-    if train_rows == 0:
-        raise ValueError("no training examples (days 1-7) to fit the FM on")
-    started = time.perf_counter()
-    fitted = fit(examples, spec, config)
-    train_seconds = time.perf_counter() - started
 
-    started = time.perf_counter()
-    unevaluated = to_fm_model(fitted, spec)
-    test = evaluate(
-        predict(examples.where(F.col("split") == "test"), unevaluated), user=USER_COLUMN
+    def fitted_model(rows: DataFrame, spec: FeatureSpec) -> tuple[FmModel, dict[str, Any]]:
+        return to_fm_model(fit(rows, spec, config), spec), {}
+
+    return fit_and_evaluate(
+        examples,
+        spec,
+        fitted_model,
+        "the FM",
+        {"model": "fm", "config": dataclasses.asdict(config)},
+        sampled_from,
     )
-    metrics = {
-        "model": "fm",
-        "feature_set": spec.name,
-        "feature_spec_id": spec.spec_id,
-        "features": spec.dim,
-        "train_rows": train_rows,
-        "train_rows_available": sampled_from or train_rows,
-        "config": dataclasses.asdict(config),
-        **test,
-        "train_seconds": round(train_seconds, 3),
-        "evaluate_seconds": round(time.perf_counter() - started, 3),
-    }
-    return dataclasses.replace(unevaluated, metrics=metrics), metrics
 
 
 def fm_wins(fm_metrics: dict[str, Any], lr_metrics: dict[str, Any]) -> bool:
