@@ -122,6 +122,7 @@ async def serving(
                         recall=service_settings.recall_timeout_ms / 1000,
                         ranking=service_settings.ranking_timeout_ms / 1000,
                         fallback_reserve=service_settings.fallback_reserve_ms / 1000,
+                        redis_read=service_settings.redis_read_timeout_ms / 1000,
                     ),
                     ControlSettings(
                         caps=service_settings.gateway_frequency_caps,
@@ -140,6 +141,9 @@ async def serving(
                         host=host,
                         port=service_settings.gateway_port,
                         max_concurrent_rpcs=service_settings.gateway_max_concurrent_rpcs,
+                        max_streams_per_connection=(
+                            service_settings.gateway_max_streams_per_connection
+                        ),
                     )
                 )
             if target in ("events", "all"):

@@ -551,6 +551,51 @@ def test_a_burst_over_the_limit_gets_resource_exhausted_at_once_and_each_is_coun
     run(scenario)
 
 
+def test_one_connections_calls_past_its_stream_bound_never_run_ahead_of_another_connections():
+    streams = 4
+    # Channels with the same arguments would share one connection.
+    own_connection = {"grpc.use_local_subchannel_pool": 1}
+
+    async def scenario():
+        async with (
+            recall_server(max_streams_per_connection=streams) as (running, servicer),
+            loopback_channel(running.port, **own_connection) as busy,
+            loopback_channel(running.port, **own_connection) as other,
+        ):
+            # A client learns the bound with the connection's settings.
+            await get_candidates(busy, user_id=1)
+            calls = [held_call(busy) for _ in range(3 * streams)]
+            await wait_until(lambda: servicer.held_calls == streams)
+            await asyncio.sleep(0.3)
+            assert servicer.held_calls == streams
+            assert not any(call.done() for call in calls)
+            # The server runs the other connection's call while the first one's wait.
+            answer = await get_candidates(other, user_id=1)
+            assert list(answer.ad_ids) == [101, 102, 103]
+            servicer.release_held_calls.set()
+            ended = await asyncio.gather(*calls, return_exceptions=True)
+        answered = [e for e in ended if isinstance(e, recall_service_pb2.GetCandidatesResponse)]
+        refused = [e for e in ended if isinstance(e, grpc.aio.AioRpcError)]
+        assert len(answered) + len(refused) == len(calls)
+        assert len(answered) >= streams
+        # A server counts a stream until it has released it, its client only until the end
+        # arrived: a waiting call sent into that gap is refused unprocessed (REFUSED_STREAM),
+        # which a caller may retry.
+        assert {error.code() for error in refused} <= {grpc.StatusCode.UNAVAILABLE}
+        assert servicer.held_calls == len(answered)
+
+    run(scenario)
+
+
+def test_a_stream_bound_must_be_positive():
+    async def scenario():
+        with pytest.raises(ValueError, match="max_streams_per_connection must be positive"):
+            async with recall_server(max_streams_per_connection=0):
+                pass
+
+    run(scenario)
+
+
 def test_calls_within_the_limit_are_never_shed_and_free_their_place_however_they_end():
     async def scenario():
         async with (

@@ -376,8 +376,11 @@ class AdControls:
             self.paused = PausedAds.of(self.catalog, states, time.time())
             self.log.info("ad states changed", extra={"change_id": states.seq})
 
-    async def record_served(self, user_id: int, ad_ids: Sequence[int], now: float) -> None:
-        """Count the ads of an answer towards the user's caps."""
+    async def record_served(
+        self, user_id: int, ad_ids: Sequence[int], now: float, timeout: float
+    ) -> None:
+        """Count the ads of an answer towards the user's caps, waiting at most `timeout`
+        seconds: the answer waits for it."""
         if self._served is None or not ad_ids:
             return
         catalog = self.catalog
@@ -392,7 +395,7 @@ class AdControls:
         latency = self.reader.metrics.redis_latency(ControlOp.RECORD_SERVED)
         start = time.perf_counter()
         try:
-            async with asyncio.timeout(self.reader.timeout):
+            async with asyncio.timeout(timeout):
                 await self._served.record(user_id, members, now)
         except (RedisError, TimeoutError) as error:
             self.reader.metrics.redis_error(ControlOp.RECORD_SERVED)

@@ -97,6 +97,9 @@ class Budgets:
     recall: float
     ranking: float
     fallback_reserve: float
+    #: One Redis read on the call's path (the offline list, the controls' state): a hung
+    #: Redis must cost the answer from memory no more than this.
+    redis_read: float
 
 
 def downstream_channel(
@@ -313,7 +316,7 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
             self.controls.prepare(
                 user_id,
                 controls,
-                max(deadline.for_fallback_read(self.reader.timeout), MIN_REDIS_WAIT_SECONDS),
+                max(deadline.for_fallback_read(self.budgets.redis_read), MIN_REDIS_WAIT_SECONDS),
             )
         )
         call = _Call(
@@ -335,7 +338,10 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
         self._record(call)
         if controls.caps:
             await self.controls.record_served(
-                user_id, [ad.ad_id for ad in call.chosen.ads], time.time()
+                user_id,
+                [ad.ad_id for ad in call.chosen.ads],
+                time.time(),
+                max(deadline.for_fallback_read(self.budgets.redis_read), MIN_REDIS_WAIT_SECONDS),
             )
         return call.response()
 
@@ -557,7 +563,7 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
                 op=RedisOp.OFFLINE,
                 # A hung Redis must leave the answer from memory its time too.
                 timeout=max(
-                    call.deadline.for_fallback_read(self.reader.timeout), MIN_REDIS_WAIT_SECONDS
+                    call.deadline.for_fallback_read(self.budgets.redis_read), MIN_REDIS_WAIT_SECONDS
                 ),
             )
         except RedisError as error:

@@ -265,9 +265,12 @@ async def running_service(
     host: str,
     port: int,
     max_concurrent_rpcs: int,
+    max_streams_per_connection: int | None = None,
 ) -> AsyncIterator[RunningService]:
     """Serve `service` with health, reflection and metrics, watching the data version;
-    calls past `max_concurrent_rpcs` at once are shed (adrec_shed_total)."""
+    calls past `max_concurrent_rpcs` at once are shed (adrec_shed_total), and a client
+    connection may hold `max_streams_per_connection` calls open at once (unbounded when
+    None)."""
     options = []
     if settings.max_connection_age_seconds > 0:
         age_ms = int(settings.max_connection_age_seconds * 1000)
@@ -282,6 +285,7 @@ async def running_service(
         max_message_bytes=settings.max_message_bytes,
         observer=grpc_server_observer(metrics),
         max_concurrent_rpcs=max_concurrent_rpcs,
+        max_streams_per_connection=max_streams_per_connection,
         counters=call_counters(metrics),
         options=options,
     ) as running:

@@ -463,6 +463,7 @@ async def serve(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     observer: UnaryObserver | None = None,
     max_concurrent_rpcs: int | None = None,
+    max_streams_per_connection: int | None = None,
     counters: CallCounters | None = None,
     options: Iterable[tuple[str, Any]] = (),
 ) -> AsyncIterator[RunningServer]:
@@ -471,7 +472,10 @@ async def serve(
     `observer`, when given, wraps every unary method of the services and of health (the
     gRPC server metrics). `max_concurrent_rpcs`, when given, bounds the unary calls of the
     services (health aside) running at once: each call over it is answered
-    RESOURCE_EXHAUSTED before its request is read. `counters`, when given, counts those
+    RESOURCE_EXHAUSTED before its request is read. `max_streams_per_connection`, when
+    given, is the HTTP/2 MAX_CONCURRENT_STREAMS the server announces: one connection's
+    calls past it wait in the client's channel, so one client's burst queues there rather
+    than ahead of every other client's calls. `counters`, when given, counts those
     calls and the ones that end before their handler runs. A request whose bytes do not
     decode is answered INVALID_ARGUMENT. `port=0` binds a free port, reported as
     `RunningServer.port`.
@@ -482,6 +486,15 @@ async def serve(
     service_names = _validated_service_names(services)
     if max_message_bytes <= 0:
         raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
+    if max_streams_per_connection is not None and max_streams_per_connection <= 0:
+        raise ValueError(
+            f"max_streams_per_connection must be positive, got {max_streams_per_connection}"
+        )
+    streams = (
+        []
+        if max_streams_per_connection is None
+        else [("grpc.max_concurrent_streams", max_streams_per_connection)]
+    )
 
     frame = _Frame(_Gate(max_concurrent_rpcs), observer, counters)
     server = grpc.aio.server(
@@ -492,6 +505,7 @@ async def serve(
             # A second process on the same port must fail to bind rather than silently
             # share the traffic.
             ("grpc.so_reuseport", 0),
+            *streams,
             *options,
         ],
     )

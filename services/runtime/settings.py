@@ -48,6 +48,14 @@ _LIMIT_RANGE = in_range(1, 100_000)
 # admitted gateway call makes one call to each and several gateways share them; in
 # `serve all` the gateway's own calls downstream then always fit.
 DEFAULT_GATEWAY_MAX_CONCURRENT_RPCS = 256
+# HTTP/2's MAX_CONCURRENT_STREAMS on the gateway's port: a client's calls past it wait in
+# its own channel instead of in the gateway's queue, where a burst from one client would
+# hold every other client's calls behind it. Recall and ranking keep gRPC's unbounded
+# default: each gateway multiplexes all its calls to them over one connection. 100 is the
+# smallest value HTTP/2 recommends; far fewer get a steady caller's calls refused while the
+# gateway stalls (a server counts a stream until it has released it, a client until the
+# stream's end arrived).
+DEFAULT_GATEWAY_MAX_STREAMS_PER_CONNECTION = 100
 DEFAULT_BACKEND_MAX_CONCURRENT_RPCS = 512
 # A ReportEvents call carries a whole batch, many Recommend calls' worth of work, and every
 # accepted one is a Redis transaction that runs alone on the server: fewer are admitted.
@@ -162,6 +170,14 @@ class _GatewayOptions:
         parse=parse_int,
         check=_LIMIT_RANGE,
     )
+    gateway_max_streams_per_connection: int = setting(
+        "ADREC_GATEWAY_MAX_STREAMS_PER_CONNECTION",
+        DEFAULT_GATEWAY_MAX_STREAMS_PER_CONNECTION,
+        "Calls one client connection may have open on the gateway at once (HTTP/2 "
+        "MAX_CONCURRENT_STREAMS); the client's further calls wait in its own channel",
+        parse=parse_int,
+        check=_LIMIT_RANGE,
+    )
     recall_address: str = setting(
         "ADREC_RECALL_ADDRESS",
         f"127.0.0.1:{DEFAULT_RECALL_PORT}",
@@ -191,6 +207,14 @@ class _GatewayOptions:
         "ADREC_RANKING_TIMEOUT_MS",
         80,
         "Longest wait for the ranking service within a call",
+        parse=parse_int,
+        check=_positive_ms,
+    )
+    redis_read_timeout_ms: int = setting(
+        "ADREC_GATEWAY_REDIS_READ_TIMEOUT_MS",
+        30,
+        "Longest wait for one Redis read within a Recommend call (the offline list, the "
+        "ad-serving controls' state), so a hung Redis leaves the answer from memory its time",
         parse=parse_int,
         check=_positive_ms,
     )
