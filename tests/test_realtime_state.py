@@ -49,6 +49,37 @@ def test_counts_add_up_across_batches_and_a_replayed_batch_counts_once(writer, r
     assert (state.run, state.batch) == ("run-a", 1)
 
 
+def test_the_parts_of_one_batch_each_apply_once_in_any_order(writer, redis_client):
+    key = keys.REALTIME_USER.key(7)
+
+    def part(index: int, amount: int) -> int:
+        update = StateUpdate(key, counts=[(_cart(11), amount)])
+        return writer.apply("run-a", 4, NOW, [update], part=index)
+
+    assert part(2, 1) == 1
+    assert part(0, 10) == 1
+    # A replay of either part changes nothing; a part not yet applied still does.
+    assert part(2, 1) == 0
+    assert part(0, 10) == 0
+    assert part(1, 100) == 1
+    assert writer.apply("run-a", 3, NOW, [StateUpdate(key, counts=[(_cart(11), 1000)])]) == 0
+    assert _state(redis_client, 7).counts == {_cart(11): 111}
+    # The next batch starts its own parts.
+    assert writer.apply("run-a", 5, NOW, [StateUpdate(key, counts=[(_cart(11), 1)])], part=2) == 1
+    assert _state(redis_client, 7).counts == {_cart(11): 112}
+
+
+def test_a_value_of_a_whole_batch_written_before_parts_is_not_applied_again(
+    writer, redis_client
+):
+    key = keys.REALTIME_USER.key(7)
+    redis_client.set(key, b'{"run":"run-a","batch":4,"counts":{"%s":5}}' % _cart(11).encode())
+    update = StateUpdate(key, counts=[(_cart(11), 1)])
+    assert writer.apply("run-a", 4, NOW, [update], part=3) == 0
+    assert writer.apply("run-a", 5, NOW, [update], part=3) == 1
+    assert _state(redis_client, 7).counts == {_cart(11): 6}
+
+
 def test_a_new_run_applies_from_batch_zero_again(writer, redis_client):
     key = keys.REALTIME_USER.key(7)
     writer.apply("run-a", 9, NOW, [StateUpdate(key, counts=[(_cart(11), 1)])])

@@ -22,6 +22,8 @@ from jobs.stream.main import MAX_MODEL_VERSIONS, StreamMetrics, shuffle_partitio
 from jobs.stream.sink import Attribution, BatchOutcome
 from jobs.stream.transform import (
     USER,
+    AdLookup,
+    batch_summary,
     deduplicated,
     fold_contributions,
     parse_lines,
@@ -45,10 +47,21 @@ def _raw(spark, lines):
     return spark.createDataFrame(rows, "position string, received timestamp, line string")
 
 
-def _ads(spark):
-    return spark.createDataFrame(
-        ADS, "adgroup_id long, cate_id long, campaign_id long, customer_id long"
-    )
+def _ad_table() -> dict[str, np.ndarray]:
+    # Not in id order: the lookup sorts.
+    columns = np.array(ADS[::-1], dtype=np.int64).T
+    return dict(zip(("adgroup_id", "cate_id", "campaign_id", "customer_id"), columns, strict=True))
+
+
+def test_the_ad_lookup_gives_0_for_ads_the_table_lacks():
+    found = AdLookup(_ad_table()).of([103, 999, 101, 0])
+    assert found == {
+        "cate_id": [8, 0, 7, 0],
+        "campaign_id": [33, 0, 31, 0],
+        "customer_id": [42, 0, 41, 0],
+    }
+    empty = {name: np.zeros(0, np.int64) for name in _ad_table()}
+    assert AdLookup(empty).of([5]) == {"cate_id": [0], "campaign_id": [0], "customer_id": [0]}
 
 
 def test_shuffle_partitions_follow_the_local_master_not_the_machine():
@@ -145,8 +158,19 @@ def test_contributions_fold_into_counts_and_interest(spark):
         Event(Kind.CLICK, "c2", 6, NOW, ad_id=999, pid=PID),  # not in the ad table
     ]
     frame = parse_lines(_raw(spark, [_line(event) for event in batch])).where("valid")
-    rows = [tuple(row) for row in state_contributions(frame, _ads(spark)).collect()]
-    updates = {u.key: u for u in fold_contributions(rows, realtime.INTEREST_HALF_LIFE_SECONDS)}
+    # A task's part of a batch, as the sink hands it over: columns as Python lists.
+    rows = frame.collect()
+    columns = {name: [row[name] for row in rows] for name in frame.columns}
+    contributions = list(state_contributions(columns, AdLookup(_ad_table())))
+    updates = {
+        u.key: u for u in fold_contributions(contributions, realtime.INTEREST_HALF_LIFE_SECONDS)
+    }
+    assert batch_summary(columns) == {
+        (Kind.IMPRESSION.value, PID, "", ""): 2,
+        (Kind.CLICK.value, PID, "", ""): 2,
+        (Kind.CART.value, "", "", ""): 1,
+        (Kind.PAGE_VIEW.value, "", "", ""): 1,
+    }
 
     def field(kind: Kind, scope: Scope, member: int, bucket: int = HOUR) -> str:
         return events.count_field(kind, scope, member, bucket)

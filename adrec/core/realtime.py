@@ -6,10 +6,12 @@ interest scores, and the stream batch that last changed it. One value per member
 request to a single GET (the services' fast path) and keeps every update a single-key
 script, which Redis Cluster runs on the member's own node.
 
-Updates are idempotent per stream batch: the stream job tags each with ``<run>:<batch>``
-(its checkpoint's run id and the micro-batch id), and the script skips a value that
-already holds that batch or a later one of the same run. A batch replayed after a crash
-therefore changes each value at most once, whichever values the first attempt reached.
+Updates are idempotent per stream batch: the stream job tags each with its checkpoint's
+run id, the micro-batch id and the part of the batch (the Spark partition) it comes from,
+and the script skips a value that already holds that part of that batch, or a later batch
+of the same run. A batch replayed after a crash (the same events in the same parts)
+therefore changes each value at most once, whichever values the first attempt reached,
+and the parts of one batch need not meet in one task.
 """
 
 from __future__ import annotations
@@ -39,22 +41,35 @@ MAX_INTEREST_CATEGORIES = 20
 STATE_TTL_SECONDS = (events.KEPT_BUCKETS + 1) * events.BUCKET_SECONDS
 
 # KEYS[1]: the state value. ARGV: run, batch, ttl, oldest kept bucket, now, half-life,
-# min interest, max interest categories, the number of counts n, n (field, increment)
-# pairs, then (category, score, time) triples of interest to add.
+# min interest, max interest categories, part, the number of counts n, n (field,
+# increment) pairs, then (category, score, time) triples of interest to add. A value
+# written before parts existed holds its whole batch (no `parts`).
 # cjson keeps object keys as strings and numbers as doubles, exact below 2^53.
 _APPLY_SCRIPT = """
 local raw = redis.call('GET', KEYS[1])
 local state = {}
 if raw then state = cjson.decode(raw) end
-local run, batch = ARGV[1], tonumber(ARGV[2])
-if state.run == run and tonumber(state.batch) >= batch then return 0 end
+local run, batch, part = ARGV[1], tonumber(ARGV[2]), ARGV[9]
+local parts = {}
+if state.run == run then
+  local held = tonumber(state.batch)
+  if held > batch then return 0 end
+  if held == batch then
+    if not state.parts then return 0 end
+    for _, done in ipairs(state.parts) do
+      if done == part then return 0 end
+    end
+    parts = state.parts
+  end
+end
+table.insert(parts, part)
 local ttl, oldest, now = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local half_life, min_interest = tonumber(ARGV[6]), tonumber(ARGV[7])
-local max_categories, n = tonumber(ARGV[8]), tonumber(ARGV[9])
+local max_categories, n = tonumber(ARGV[8]), tonumber(ARGV[10])
 local counts = state.counts or {}
 for i = 0, n - 1 do
-  local field = ARGV[10 + 2 * i]
-  counts[field] = (counts[field] or 0) + tonumber(ARGV[11 + 2 * i])
+  local field = ARGV[11 + 2 * i]
+  counts[field] = (counts[field] or 0) + tonumber(ARGV[12 + 2 * i])
 end
 local kept = {}
 local any_count = false
@@ -63,7 +78,7 @@ for field, value in pairs(counts) do
   if bucket and bucket >= oldest then kept[field] = value; any_count = true end
 end
 local interest = state.interest or {}
-for i = 10 + 2 * n, #ARGV, 3 do
+for i = 11 + 2 * n, #ARGV, 3 do
   local cate, score, at = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local old = interest[cate]
   if old then
@@ -86,7 +101,7 @@ for i = 1, math.min(#ranked, max_categories) do
 end
 if not any_count then kept = nil end
 if not any_interest then strongest = nil end
-local out = {run = run, batch = batch, counts = kept, interest = strongest}
+local out = {run = run, batch = batch, parts = parts, counts = kept, interest = strongest}
 redis.call('SET', KEYS[1], cjson.encode(out), 'EX', ttl)
 return 1
 """
@@ -199,8 +214,11 @@ class StateWriter:
         self.pipeline_size = pipeline_size
         self._script = client.register_script(_APPLY_SCRIPT)
 
-    def apply(self, run: str, batch: int, now: int, updates: Iterable[StateUpdate]) -> int:
-        """Apply every update of batch ``batch`` of ``run``; returns how many values changed."""
+    def apply(
+        self, run: str, batch: int, now: int, updates: Iterable[StateUpdate], part: int = 0
+    ) -> int:
+        """Apply every update of part ``part`` of batch ``batch`` of ``run``; returns how many
+        values changed."""
         oldest = events.bucket_of(now) - events.KEPT_BUCKETS + 1
         common = (
             run,
@@ -211,6 +229,7 @@ class StateWriter:
             self.settings.half_life_seconds,
             self.settings.min_interest,
             self.settings.max_interest_categories,
+            str(part),
         )
         changed = 0
         pending: list[StateUpdate] = []

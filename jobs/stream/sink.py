@@ -1,8 +1,10 @@
 """Each micro-batch, applied to Redis: the ad table of the active version, the writes, metrics.
 
-``foreachBatch`` may run a batch again after a failure (Structured Streaming's guarantee is
-at least once); the state script makes the second run a no-op for every value the first
-reached, so the job's effect is exactly once per event.
+Each task writes the part of the batch it holds (its partition of the de-duplicated
+events), so a batch is one Spark job with no shuffle. ``foreachBatch`` may run a batch
+again after a failure (Structured Streaming's guarantee is at least once) with the same
+events in the same parts: the state script, told the part, makes the second run a no-op
+for every value the first reached, so the job's effect is exactly once per event.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql import functions as sf
 
 from adrec.core import keys, realtime, settings, store
 from adrec.core.events import Kind
 from adrec.core.redis_conn import RedisSettings, connect
-from jobs.stream.transform import fold_contributions, state_contributions
+from jobs.stream.transform import AdLookup, batch_summary, fold_contributions, state_contributions
 
 log = logging.getLogger("adrec.stream")
 
@@ -48,55 +50,118 @@ class BatchOutcome:
 
 
 class ActiveAds:
-    """The active version's ad table as a small DataFrame, rebuilt when the version changes."""
+    """The active version's ad table, broadcast to the tasks once per version as Arrow IPC
+    bytes (a few buffers, not pickled rows)."""
 
     def __init__(self, session: SparkSession, client: Any):
         self.session = session
         self.client = client
-        self.version: str | None = None
-        self.frame = self._frame({column: np.zeros(0, np.int64) for column in AD_COLUMNS})
+        self.version = ""
+        self.table: Any = self.session.sparkContext.broadcast(
+            _ipc({column: np.zeros(0, np.int64) for column in AD_COLUMNS})
+        )
 
-    def _frame(self, table: dict[str, np.ndarray]) -> DataFrame:
-        # From Arrow: the whole ad table goes over in a few buffers, not one row at a time.
-        columns = pa.table({column: table[column].astype(np.int64) for column in AD_COLUMNS})
-        return self.session.createDataFrame(columns)
-
-    def current(self) -> DataFrame:
+    def current(self) -> tuple[str, Any]:
+        """The version followed and the broadcast of its ad table."""
         version = store.active_version(self.client)
         if version is not None and version != self.version:
             table = store.read(self.client, keys.ADS, version)
             if table is not None:
-                self.frame.unpersist()
-                self.frame = self._frame(table).cache()
+                self.table.unpersist()
+                self.table = self.session.sparkContext.broadcast(_ipc(table))
                 self.version = version
-                log.info("stream job follows data version %s (%d ads)", version, self.frame.count())
-        return self.frame
+                log.info(
+                    "stream job follows data version %s (%d ads)", version, len(table["adgroup_id"])
+                )
+        return self.version, self.table
 
 
-def _write_partition(run: str, batch_id: int, now: int) -> Any:
-    def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        # Arrow in, columns to Python lists: far cheaper than one pickled Row per row.
-        rows = (
-            row
-            for batch in batches
-            for row in zip(*(column.to_pylist() for column in batch.columns), strict=True)
+def _ipc(table: dict[str, np.ndarray]) -> bytes:
+    columns = pa.table({column: table[column].astype(np.int64) for column in AD_COLUMNS})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, columns.schema) as writer:
+        writer.write_table(columns)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+#: In each Python worker: the ad table of the version its last task followed.
+_WORKER_ADS: dict[str, AdLookup] = {}
+
+
+def _lookup(version: str, table: Any) -> AdLookup:
+    found = _WORKER_ADS.get(version)
+    if found is None:
+        read = pa.ipc.open_stream(table.value).read_all()
+        found = AdLookup({column: read.column(column).to_numpy() for column in AD_COLUMNS})
+        _WORKER_ADS.clear()
+        _WORKER_ADS[version] = found
+    return found
+
+
+#: What each task returns: its events by kind and attribution, with the newest event's
+#: arrival, and one row (kind null) with the number of state values it changed.
+SUMMARY_SCHEMA = (
+    "kind string, pid string, serving_path string, model_version string, events long, "
+    "newest timestamp, changed long"
+)
+_NEEDED = ("kind", "user_id", "time", "ad_id", "cate_id", "brand_id", "pid", "serving_path")
+
+
+def _apply_part(run: str, batch_id: int, now: int, version: str, table: Any) -> Any:
+    def apply(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from pyspark import TaskContext  # noqa: PLC0415 - only inside a task
+
+        columns: dict[str, list[Any]] = {name: [] for name in (*_NEEDED, "model_version")}
+        newest = None
+        for batch in batches:
+            for name, values in columns.items():
+                values.extend(batch.column(name).to_pylist())
+            received = pc.max(batch.column("received")).as_py()
+            if received is not None and (newest is None or received > newest):
+                newest = received
+        if not columns["kind"]:
+            return
+        contributions = state_contributions(columns, _lookup(version, table))
+        updates = fold_contributions(contributions, realtime.INTEREST_HALF_LIFE_SECONDS)
+        task = TaskContext.get()
+        assert task is not None, "runs in a Spark task"
+        client = connect(settings.load(RedisSettings))
+        try:
+            writer = realtime.StateWriter(client, realtime.StateSettings())
+            changed = writer.apply(run, batch_id, now, updates, part=task.partitionId())
+        finally:
+            client.close()
+        summary = batch_summary(columns)
+        groups = list(summary)
+        yield pa.RecordBatch.from_pydict(
+            {
+                "kind": [group[0] for group in groups] + [None],
+                "pid": [group[1] for group in groups] + [None],
+                "serving_path": [group[2] for group in groups] + [None],
+                "model_version": [group[3] for group in groups] + [None],
+                "events": [summary[group] for group in groups] + [0],
+                "newest": [newest] * len(groups) + [None],
+                "changed": [0] * len(groups) + [changed],
+            },
+            schema=pa.schema(
+                [
+                    ("kind", pa.string()),
+                    ("pid", pa.string()),
+                    ("serving_path", pa.string()),
+                    ("model_version", pa.string()),
+                    ("events", pa.int64()),
+                    ("newest", pa.timestamp("us", tz="UTC")),
+                    ("changed", pa.int64()),
+                ]
+            ),
         )
-        updates = fold_contributions(rows, realtime.INTEREST_HALF_LIFE_SECONDS)
-        changed = 0
-        if updates:
-            client = connect(settings.load(RedisSettings))
-            try:
-                writer = realtime.StateWriter(client, realtime.StateSettings())
-                changed = writer.apply(run, batch_id, now, updates)
-            finally:
-                client.close()
-        yield pa.RecordBatch.from_arrays([pa.array([changed], pa.int64())], names=["changed"])
 
-    return write
+    return apply
 
 
 class BatchSink:
-    """The ``foreachBatch`` function of the stream query."""
+    """The ``foreachBatch`` function of the stream query: one Spark job per micro-batch,
+    each task writing the part of the batch it holds."""
 
     def __init__(self, session: SparkSession, run: str, on_batch: Any):
         self.session = session
@@ -107,26 +172,15 @@ class BatchSink:
 
     def __call__(self, batch: DataFrame, batch_id: int) -> None:
         started = time.monotonic()
-        batch = batch.persist()
-        try:
-            summary = (
-                batch.groupBy("kind", "pid", "serving_path", "model_version")
-                .agg(sf.count(sf.lit(1)).alias("events"), sf.max("received").alias("newest"))
-                .collect()
-            )
-            if not summary:
-                return
-            contributions = state_contributions(batch, self.ads.current())
-            now = int(time.time())
-            # One value's contributions must meet in one task: the script is per value.
-            written = (
-                contributions.repartition("target", "member")
-                .mapInArrow(_write_partition(self.run, batch_id, now), "changed long")
-                .collect()
-            )
-            changed = sum(row["changed"] for row in written)
-        finally:
-            batch.unpersist()
+        version, table = self.ads.current()
+        now = int(time.time())
+        rows = batch.mapInArrow(
+            _apply_part(self.run, batch_id, now, version, table), SUMMARY_SCHEMA
+        ).collect()
+        summary = [row for row in rows if row["kind"] is not None]
+        if not summary:
+            return
+        changed = sum(row["changed"] for row in rows)
         by_kind: dict[str, int] = {}
         clicks: dict[Attribution, int] = {}
         impressions: dict[Attribution, int] = {}
@@ -137,7 +191,7 @@ class BatchSink:
                 clicks[served] = clicks.get(served, 0) + row["events"]
             elif row["kind"] == Kind.IMPRESSION.value:
                 impressions[served] = impressions.get(served, 0) + row["events"]
-        newest = max(row["newest"] for row in summary)
+        newest = max((row["newest"] for row in summary if row["newest"] is not None), default=None)
         self.on_batch(
             BatchOutcome(
                 batch_id,

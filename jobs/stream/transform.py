@@ -4,21 +4,26 @@
   ``valid`` false for a line that is not an event (counted, then dropped).
 - :func:`deduplicated` ``(events, window_seconds)`` drops a resent event: one with the
   ``event_id`` of an event received at most ``window_seconds`` earlier.
-- :func:`state_contributions` ``(events, ads)`` -> one row per thing an event adds to a
-  state value: a count field of a user or an ad, or interest in a category.
+- :func:`state_contributions` ``(batch, ads)`` -> one row per thing an event of a part of
+  a micro-batch (its columns, as Python lists) adds to a state value: a count field of a
+  user or an ad, or interest in a category.
 - :func:`fold_contributions` folds those rows, grouped by value, into the
   :class:`StateUpdate`\\ s the state writer applies.
+- :func:`batch_summary` counts a part's events by kind, placement, path and model.
 
-Impressions and clicks name an ad; its category, campaign and customer come from the
-active version's ad table (``ads``: ``adgroup_id``, ``cate_id``, ``campaign_id``,
-``customer_id``). An ad absent from it still counts for the ad and the user x ad fields.
+The last three run inside each task, on the part of the batch it holds: no shuffle, and
+one Spark job per micro-batch. Impressions and clicks name an ad; its category, campaign
+and customer come from the active version's ad table (:class:`AdLookup`). An ad absent
+from it still counts for the ad and the user x ad fields.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
+import numpy as np
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as sf
 
@@ -43,10 +48,6 @@ EVENT_COLUMNS = (
 )
 #: Which state value a contribution goes to.
 USER, AD = "user", "ad"
-
-CONTRIBUTION_SCHEMA = (
-    "target string, member long, field string, amount long, cate_id long, score double, time long"
-)
 
 
 def _number(part: Column) -> Column:
@@ -103,89 +104,105 @@ def deduplicated(parsed: DataFrame, window_seconds: int) -> DataFrame:
     )
 
 
-def _field(kind: Column, scope: Scope, member: Column, bucket: Column) -> Column:
-    return sf.when(
-        member > 0,
-        sf.concat(kind, sf.lit(f":{scope.value}"), member.cast("string"), sf.lit(":"), bucket),
-    )
+class AdLookup:
+    """The active version's ad table, for the category, campaign and customer of the ads
+    impressions and clicks name (0 for an ad it lacks)."""
+
+    def __init__(self, table: Mapping[str, np.ndarray]):
+        order = np.argsort(table["adgroup_id"], kind="stable")
+        self.ids = np.asarray(table["adgroup_id"], dtype=np.int64)[order]
+        self.attributes = {
+            column: np.asarray(table[column], dtype=np.int64)[order]
+            for column in ("cate_id", "campaign_id", "customer_id")
+        }
+
+    def of(self, ad_ids: Sequence[int]) -> dict[str, list[int]]:
+        """Each attribute of each ad, 0 for an ad the table lacks."""
+        wanted = np.asarray(ad_ids, dtype=np.int64)
+        at = np.minimum(np.searchsorted(self.ids, wanted), max(len(self.ids) - 1, 0))
+        known = (self.ids[at] == wanted) if len(self.ids) else np.zeros(len(wanted), dtype=bool)
+        return {
+            column: np.where(known, values[at] if len(values) else 0, 0).tolist()
+            for column, values in self.attributes.items()
+        }
 
 
-def state_contributions(batch: DataFrame, ads: DataFrame) -> DataFrame:
-    """What each event of one batch adds to state (:data:`CONTRIBUTION_SCHEMA`)."""
-    joined = batch.join(
-        sf.broadcast(
-            ads.select("adgroup_id", "cate_id", "campaign_id", "customer_id")
-        ).withColumnRenamed("cate_id", "ad_cate_id"),
-        batch.ad_id == sf.col("adgroup_id"),
-        "left",
-    )
-    kind, time = sf.col("kind"), sf.col("time")
-    bucket = sf.floor(time / events.BUCKET_SECONDS).cast("string")
-    names_ad = kind.isin(Kind.IMPRESSION.value, Kind.CLICK.value)
-    cate = sf.when(names_ad, sf.coalesce(sf.col("ad_cate_id"), sf.lit(0))).otherwise(
-        sf.col("cate_id")
-    )
+#: A contribution row: (target, member, count field, amount, cate_id, score, time), either
+#: a count (field and amount) or interest (cate_id, score, time).
+Contribution = tuple[str, int, str | None, int | None, int | None, float | None, int | None]
 
-    def member(column: str) -> Column:
-        return sf.coalesce(sf.col(column), sf.lit(0)).cast("long")
+_NAMES_AD = frozenset({Kind.IMPRESSION.value, Kind.CLICK.value})
+_INTEREST = {kind.value: weight for kind, weight in events.INTEREST_WEIGHTS.items()}
 
-    user_fields = sf.when(
-        names_ad,
-        sf.array(
-            _field(kind, Scope.AD, sf.col("ad_id"), bucket),
-            _field(kind, Scope.CATEGORY, cate, bucket),
-            _field(kind, Scope.CAMPAIGN, member("campaign_id"), bucket),
-            _field(kind, Scope.CUSTOMER, member("customer_id"), bucket),
-        ),
-    ).otherwise(
-        sf.array(
-            _field(kind, Scope.CATEGORY, cate, bucket),
-            _field(kind, Scope.BRAND, sf.col("brand_id"), bucket),
-        )
+
+def state_contributions(
+    batch: Mapping[str, Sequence[Any]], ads: AdLookup
+) -> Iterator[Contribution]:
+    """What each event of a batch (columns of :data:`EVENT_COLUMNS` by name) adds to state."""
+    looked_up = ads.of(batch["ad_id"])
+    for kind, user, at, ad, cate_id, brand, ad_cate, campaign, customer in zip(
+        batch["kind"],
+        batch["user_id"],
+        batch["time"],
+        batch["ad_id"],
+        batch["cate_id"],
+        batch["brand_id"],
+        looked_up["cate_id"],
+        looked_up["campaign_id"],
+        looked_up["customer_id"],
+        strict=True,
+    ):
+        bucket = at // events.BUCKET_SECONDS
+        event_kind = Kind(kind)
+        members: tuple[tuple[Scope, int], ...]
+        if kind in _NAMES_AD:
+            cate = ad_cate
+            members = (
+                (Scope.AD, ad),
+                (Scope.CATEGORY, cate),
+                (Scope.CAMPAIGN, campaign),
+                (Scope.CUSTOMER, customer),
+            )
+            if ad > 0:
+                yield (
+                    AD,
+                    ad,
+                    events.count_field(event_kind, Scope.AD, ad, bucket),
+                    1,
+                    None,
+                    None,
+                    None,
+                )
+        else:
+            cate = cate_id
+            members = ((Scope.CATEGORY, cate), (Scope.BRAND, brand))
+        for scope, member in members:
+            if member > 0:
+                yield (
+                    USER,
+                    user,
+                    events.count_field(event_kind, scope, member, bucket),
+                    1,
+                    None,
+                    None,
+                    None,
+                )
+        weight = _INTEREST.get(kind)
+        if weight is not None and cate > 0:
+            yield USER, user, None, None, cate, weight, at
+
+
+def batch_summary(
+    batch: Mapping[str, Sequence[Any]],
+) -> collections.Counter[tuple[str, str, str, str]]:
+    """Events of a batch by (kind, pid, serving path, model version)."""
+    return collections.Counter(
+        zip(batch["kind"], batch["pid"], batch["serving_path"], batch["model_version"], strict=True)
     )
-    counts = joined.select(
-        sf.lit(USER).alias("target"),
-        sf.col("user_id").alias("member"),
-        sf.explode(user_fields).alias("field"),
-    ).union(
-        joined.where(names_ad).select(
-            sf.lit(AD).alias("target"),
-            sf.col("ad_id").alias("member"),
-            _field(kind, Scope.AD, sf.col("ad_id"), bucket).alias("field"),
-        )
-    )
-    counts = counts.where(sf.col("field").isNotNull()).select(
-        "target",
-        "member",
-        "field",
-        sf.lit(1).cast("long").alias("amount"),
-        sf.lit(None).cast("long").alias("cate_id"),
-        sf.lit(None).cast("double").alias("score"),
-        sf.lit(None).try_cast("long").alias("time"),
-    )
-    weights = sf.create_map(
-        *(
-            item
-            for kind_, weight in events.INTEREST_WEIGHTS.items()
-            for item in (sf.lit(kind_.value), sf.lit(weight))
-        )
-    )
-    interest = joined.where(
-        kind.isin(*(k.value for k in events.INTEREST_WEIGHTS)) & (cate > 0)
-    ).select(
-        sf.lit(USER).alias("target"),
-        sf.col("user_id").alias("member"),
-        sf.lit(None).cast("string").alias("field"),
-        sf.lit(None).cast("long").alias("amount"),
-        cate.cast("long").alias("cate_id"),
-        weights[kind].cast("double").alias("score"),
-        time.try_cast("long").alias("time"),
-    )
-    return counts.unionByName(interest)
 
 
 def fold_contributions(
-    rows: Iterable[tuple[str, int, str | None, int | None, int | None, float | None, int | None]],
+    rows: Iterable[Contribution],
     half_life_seconds: float,
 ) -> list[StateUpdate]:
     """One update per state value from contribution rows (in any order).
