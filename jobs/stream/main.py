@@ -218,6 +218,11 @@ def run_stream(config: StreamConfig, redis_settings: RedisSettings) -> int:
             "spark.sql.streaming.stateStore.providerClass": (
                 "org.apache.spark.sql.execution.streaming.state.RocksDBStateStoreProvider"
             ),
+            # A batch's state commit writes the changes, not a snapshot of every store.
+            "spark.sql.streaming.stateStore.rocksdb.changelogCheckpointing.enabled": "true",
+            # Without it each batch is followed by one without data that only moves the
+            # de-duplication's watermark on; an event arriving meanwhile waits for it.
+            "spark.sql.streaming.noDataMicroBatches.enabled": "false",
         },
         local_memory=config.local_memory,
     )

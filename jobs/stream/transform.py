@@ -135,6 +135,22 @@ _NAMES_AD = frozenset({Kind.IMPRESSION.value, Kind.CLICK.value})
 _INTEREST = {kind.value: weight for kind, weight in events.INTEREST_WEIGHTS.items()}
 
 
+def _prefixes(scopes: Sequence[Scope]) -> dict[str, tuple[tuple[int, str], ...]]:
+    """Per kind, each scope's position among an event's members and its count field's
+    name up to the member (the rest of :func:`adrec.core.events.count_field`'s format)."""
+    return {
+        kind.value: tuple(
+            (index, events.count_field(kind, scope, 0, 0)[: -len("0:0")])
+            for index, scope in enumerate(scopes)
+        )
+        for kind in Kind
+    }
+
+
+_AD_MEMBERS = _prefixes((Scope.AD, Scope.CATEGORY, Scope.CAMPAIGN, Scope.CUSTOMER))
+_BEHAVIOUR_MEMBERS = _prefixes((Scope.CATEGORY, Scope.BRAND))
+
+
 def state_contributions(
     batch: Mapping[str, Sequence[Any]], ads: AdLookup
 ) -> Iterator[Contribution]:
@@ -152,41 +168,22 @@ def state_contributions(
         looked_up["customer_id"],
         strict=True,
     ):
-        bucket = at // events.BUCKET_SECONDS
-        event_kind = Kind(kind)
-        members: tuple[tuple[Scope, int], ...]
+        hour = f":{at // events.BUCKET_SECONDS}"
+        members: tuple[int, ...]
         if kind in _NAMES_AD:
             cate = ad_cate
-            members = (
-                (Scope.AD, ad),
-                (Scope.CATEGORY, cate),
-                (Scope.CAMPAIGN, campaign),
-                (Scope.CUSTOMER, customer),
-            )
+            members = (ad, cate, campaign, customer)
+            prefixes = _AD_MEMBERS[kind]
             if ad > 0:
-                yield (
-                    AD,
-                    ad,
-                    events.count_field(event_kind, Scope.AD, ad, bucket),
-                    1,
-                    None,
-                    None,
-                    None,
-                )
+                yield AD, ad, f"{prefixes[0][1]}{ad}{hour}", 1, None, None, None
         else:
             cate = cate_id
-            members = ((Scope.CATEGORY, cate), (Scope.BRAND, brand))
-        for scope, member in members:
+            members = (cate, brand)
+            prefixes = _BEHAVIOUR_MEMBERS[kind]
+        for index, prefix in prefixes:
+            member = members[index]
             if member > 0:
-                yield (
-                    USER,
-                    user,
-                    events.count_field(event_kind, scope, member, bucket),
-                    1,
-                    None,
-                    None,
-                    None,
-                )
+                yield USER, user, f"{prefix}{member}{hour}", 1, None, None, None
         weight = _INTEREST.get(kind)
         if weight is not None and cate > 0:
             yield USER, user, None, None, cate, weight, at
