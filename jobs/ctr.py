@@ -6,11 +6,15 @@ Contract:
   (array<float>), encoded on the executors by :meth:`FeatureSpec.encode`, the call the
   ranking service makes, so training cannot drift from serving.
 - :func:`train_ctr_model` ``(examples, spec, config)`` -> ``(CtrModel, metrics)``: fits
-  on the ``train`` split (days 1-7) and evaluates the resulting :class:`CtrModel` on the
-  ``test`` split (day 8); ``metrics`` is JSON-serialisable and also stored in the model.
+  on the ``train`` split (days 1-7) less a seeded slice of it held out for calibration
+  (``config.calibration_share``), calibrates the model per pid on that slice
+  (:mod:`jobs.calibration`) and evaluates the resulting :class:`CtrModel` on the ``test``
+  split (day 8), before and after calibration; ``metrics`` is JSON-serialisable and also
+  stored in the model. The slice is neither trained nor tested on.
 - :func:`predict` ``(examples, model)`` -> ``label``, ``probability`` (and ``user_id``
-  when the examples have it): scores with the artifact itself, the numbers the service
-  would produce; any artifact with a ``spec`` and a ``predict`` of encoded rows will do.
+  when the examples have it, and the columns named in ``keep``): scores with the artifact
+  itself, the numbers the service would produce; any artifact with a ``spec`` and a
+  ``predict`` of encoded rows will do.
 - The metrics are :func:`jobs.evaluation.evaluate`'s, on the executors.
 
 Training is unweighted by default: the predicted CTRs are used as probabilities (ranking
@@ -42,10 +46,13 @@ from pyspark.sql import types as T  # noqa: N812
 
 from adrec.core.features import FeatureSpec
 from adrec.core.model import CtrModel
+from jobs import calibration
 from jobs.evaluation import evaluate
 
 #: The column :func:`predict` carries through for the group AUC.
 USER_COLUMN = "user_id"
+#: ``split`` of the training-day rows held out of the fit to calibrate the model on.
+CALIBRATION_SPLIT = "calibrate"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +66,18 @@ class CtrConfig:
     standardization: bool = True
     #: Weight of a click relative to a non-click; anything but 1 miscalibrates the CTRs.
     positive_weight: float = 1.0
+    #: Share of the training impressions held out of the fit to calibrate on; 0: none.
+    calibration_share: float = 0.1
+    #: Seeds which impressions the calibration slice takes.
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.reg_param < 0 or not 0 <= self.elastic_net_param <= 1:
             raise ValueError("reg_param must be >= 0 and elastic_net_param within [0, 1]")
         if self.max_iter < 1 or self.tol <= 0 or self.positive_weight <= 0:
             raise ValueError("max_iter, tol and positive_weight must be positive")
+        if not 0 <= self.calibration_share < 1:
+            raise ValueError("calibration_share must be within [0, 1)")
 
 
 # ------------------------------------------------------------------ encoding
@@ -114,11 +127,12 @@ class Scorer(Protocol):
     def predict(self, features: np.ndarray) -> np.ndarray: ...
 
 
-def predict(examples: DataFrame, model: Scorer) -> DataFrame:
+def predict(examples: DataFrame, model: Scorer, keep: tuple[str, ...] = ()) -> DataFrame:
     """``label`` and the artifact's ``probability`` for every example, scored on executors;
-    ``user_id`` too when ``examples`` has it."""
+    ``user_id`` too when ``examples`` has it, and the columns ``keep`` names."""
     spec = model.spec
-    kept = [examples.schema[USER_COLUMN]] if USER_COLUMN in examples.columns else []
+    kept_names = [USER_COLUMN] if USER_COLUMN in examples.columns else []
+    kept = [examples.schema[name] for name in dict.fromkeys([*kept_names, *keep])]
     schema = T.StructType(
         [
             T.StructField("label", T.DoubleType()),
@@ -147,6 +161,16 @@ def predict(examples: DataFrame, model: Scorer) -> DataFrame:
 
 
 _SAMPLE_BUCKETS = 1 << 20
+
+
+def calibration_slice(share: float, seed: int) -> Column:
+    """True for about ``share`` of the impressions, the same whatever the partitioning; a
+    hash of its own, so it is independent of :func:`training_sample`."""
+    bucket = F.pmod(
+        F.xxhash64("user_id", "time_stamp", "adgroup_id", F.lit(f"calibration-{seed}")),
+        F.lit(_SAMPLE_BUCKETS),
+    )
+    return bucket < F.lit(round(_SAMPLE_BUCKETS * share))
 
 
 def training_sample(available: int, max_rows: int | None, seed: int) -> Column:
@@ -208,17 +232,34 @@ def train_ctr_model(
     config: CtrConfig | None = None,
     sampled_from: int | None = None,
 ) -> tuple[CtrModel, dict[str, Any]]:
-    """Fit on days 1-7, evaluate the artifact on day 8; metrics go into the artifact too.
+    """Fit on days 1-7 less the calibration slice, calibrate per pid on the slice, evaluate
+    the artifact on day 8 before and after calibration; metrics go into the artifact too.
 
     ``sampled_from``: the training impressions ``examples`` were sampled from, if it was.
     """
     config = config or CtrConfig()
+    if config.calibration_share:
+        held_out = (F.col("split") == "train") & calibration_slice(
+            config.calibration_share, config.seed
+        )
+        examples = examples.withColumn(
+            "split", F.when(held_out, F.lit(CALIBRATION_SPLIT)).otherwise(F.col("split"))
+        )
 
     def fitted_model(rows: DataFrame, spec: FeatureSpec) -> tuple[CtrModel, dict[str, Any]]:
         fitted = fit(rows, spec, config)
-        return to_ctr_model(fitted, spec), {"iterations": int(fitted.summary.totalIterations)}
+        model = to_ctr_model(fitted, spec)
+        report: dict[str, Any] = {"iterations": int(fitted.summary.totalIterations)}
+        if config.calibration_share:
+            slice_rows = rows.where(F.col("split") == CALIBRATION_SPLIT)
+            fitted_calibration, per_pid = calibration.fit_calibration(
+                predict(slice_rows, model, keep=("pid",))
+            )
+            model = dataclasses.replace(model, calibration=fitted_calibration)
+            report["calibration"] = {"pids": per_pid}
+        return model, report
 
-    return fit_and_evaluate(
+    model, metrics = fit_and_evaluate(
         examples,
         spec,
         fitted_model,
@@ -226,6 +267,44 @@ def train_ctr_model(
         {"config": dataclasses.asdict(config)},
         sampled_from,
     )
+    if not config.calibration_share:
+        return model, metrics
+    metrics["calibration"].update(_calibration_effect(examples, model, metrics))
+    return dataclasses.replace(model, metrics=metrics), metrics
+
+
+def _calibration_effect(
+    examples: DataFrame, model: CtrModel, before: dict[str, Any]
+) -> dict[str, Any]:
+    """Day-8 quality of the calibrated pCTRs beside the model's CTRs, overall and per pid."""
+    scored = predict(examples.where(F.col("split") == "test"), model, keep=("pid",))
+    pctrs = calibration.calibrated(
+        scored.withColumn("ctr", F.col("probability")), model.calibration
+    )
+    after = evaluate(pctrs, roc_points=2)
+    keys = ("calibration_error", "logloss", "mean_predicted", "observed_ctr")
+    by_pid = (
+        pctrs.groupBy("pid")
+        .agg(
+            F.count(F.lit(1)).alias("test_rows"),
+            F.avg("label").alias("observed_ctr"),
+            F.avg("ctr").alias("mean_ctr"),
+            F.avg("probability").alias("mean_pctr"),
+        )
+        .collect()
+    )
+    per_pid = {
+        row["pid"]: {
+            "test_rows": int(row["test_rows"]),
+            **{name: float(row[name]) for name in ("observed_ctr", "mean_ctr", "mean_pctr")},
+        }
+        for row in by_pid
+    }
+    return {
+        "before": {key: before.get(key) for key in keys},
+        "after": {key: after.get(key) for key in keys},
+        "test_by_pid": per_pid,
+    }
 
 
 _Artifact = TypeVar("_Artifact", bound="Scorer")

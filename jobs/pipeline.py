@@ -45,12 +45,23 @@ from adrec.core.metadata import VersionContent, VersionCounts
 from adrec.core.model import CtrModel
 from adrec.core.redis_conn import RedisSettings, connect, redacted
 from adrec.core.store import VersionWriter
-from jobs import ctr, evaluation, features, ingest, input_checks, offline, popular, ratings, recall
+from jobs import (
+    bids,
+    ctr,
+    evaluation,
+    features,
+    ingest,
+    input_checks,
+    offline,
+    popular,
+    ratings,
+    recall,
+)
 from jobs.als import AlsConfig, AlsResult, train_als
 from jobs.config import JobConfig
 from jobs.progress import Progress, spark_work
 from jobs.report import render_report
-from jobs.spark import build_session
+from jobs.spark import build_session, path_exists
 
 
 class JobInputError(Exception):
@@ -99,6 +110,7 @@ class IngestedTables:
     behavior_log: DataFrame
     split: TrainTestSplit
     report: dict[str, dict[str, Any]]  # per file: rows, clean, rejected per reason, source
+    bids: bids.Bids | None = None  # None without a bids file
 
     @property
     def rows(self) -> int:
@@ -165,17 +177,21 @@ class FeaturesOutput:
     smoothing: features.Smoothing
     users_written: int  # users with features: keys written when publishing
     categories_with_factors: int
+    ads_with_bid: int | None = None  # None without a bids file
+    bids_of_unknown_ads: int = 0  # bids of adgroups ad_feature lacks, left out
 
     @property
     def rows(self) -> int:
         return self.users_written
 
     @property
-    def report(self) -> dict[str, int]:
+    def report(self) -> dict[str, int | None]:
         return {
             "users": self.users_written,
             "ads": len(self.ad_table["adgroup_id"]),
             "categories_with_factors": self.categories_with_factors,
+            "ads_with_bid": self.ads_with_bid,
+            "bids_of_unknown_ads": self.bids_of_unknown_ads,
         }
 
 
@@ -442,6 +458,10 @@ def ingest_stage(
         )
     if problems:
         raise JobInputError("; ".join(problems) + "; nothing was published")
+    try:
+        bid_table = bids.read_bids(spark, config.data)
+    except bids.BidsError as exc:
+        raise JobInputError(f"{exc}; nothing was published") from None
     samples = loaded["raw_sample"].data
     train, test = ingest.split_by_day(samples)
     return IngestedTables(
@@ -451,6 +471,7 @@ def ingest_stage(
         behavior_log=loaded["behavior_log"].data,
         split=TrainTestSplit(train, test),
         report=report,
+        bids=bid_table,
     )
 
 
@@ -573,10 +594,13 @@ def features_stage(tables: IngestedTables, als: AlsOutput, sink: Sink | None) ->
     )
     ads = features.ad_features(tables.ad_feature, tables.raw_sample, smoothing)
     ad_table = features.ad_table(ads)
+    served_bids = tables.bids.of_ads(ad_table["adgroup_id"]) if tables.bids else None
     if sink:
         users_written = features.write_user_features(users, sink.redis, sink.version)
         features.write_ad_table(ad_table, sink.redis, sink.version)
         features.write_cate_factors(als.result.cate_factors, sink.redis, sink.version)
+        if served_bids is not None:
+            sink.writer.put_bids(served_bids.ad_ids, served_bids.bids)
     else:
         users_written = users.count()
     return FeaturesOutput(
@@ -586,6 +610,12 @@ def features_stage(tables: IngestedTables, als: AlsOutput, sink: Sink | None) ->
         smoothing=smoothing,
         users_written=users_written,
         categories_with_factors=len(als.result.cate_ids),
+        ads_with_bid=None if served_bids is None else len(served_bids.ad_ids),
+        bids_of_unknown_ads=(
+            len(tables.bids.ad_ids) - len(served_bids.ad_ids)
+            if tables.bids and served_bids is not None
+            else 0
+        ),
     )
 
 
@@ -626,7 +656,7 @@ def ctr_stage(
         models[spec.name], metrics[spec.name] = ctr.train_ctr_model(
             examples,
             spec,
-            ctr.CtrConfig(reg_param=config.ctr_reg_param),
+            ctr.CtrConfig(reg_param=config.ctr_reg_param, seed=config.seed),
             sampled_from=available,
         )
         note(
@@ -642,13 +672,7 @@ def ctr_stage(
 
 def _oracle(spark: SparkSession, data: str) -> dict[str, Any] | None:
     """Oracle metrics when the data is synthetic (the generator's truth file exists)."""
-    path = f"{data.rstrip('/')}/{TRUTH_FILE}"
-    context = spark.sparkContext
-    jvm = context._jvm
-    if jvm is None:
-        raise RuntimeError("the Spark driver has no JVM gateway")
-    jvm_path = jvm.org.apache.hadoop.fs.Path(path)
-    if not jvm_path.getFileSystem(context._jsc.hadoopConfiguration()).exists(jvm_path):
+    if not path_exists(spark, f"{data.rstrip('/')}/{TRUTH_FILE}"):
         return None
     return evaluation.oracle_metrics(spark, data)
 

@@ -56,6 +56,38 @@ def model_label(name: str, metrics: Mapping[str, Any]) -> str:
     return name if feature_set in (None, name) else f"{name} ({feature_set})"
 
 
+def calibration_lines(calibration: Mapping[str, Any]) -> list[str]:
+    """The served model's per-pid calibration and its effect on day 8."""
+    before, after = calibration.get("before", {}), calibration.get("after", {})
+    lines = [
+        "",
+        "calibration of the served model per pid (fitted on training impressions held out "
+        "of the fit), day 8",
+        f"  calibration error {_number(before.get('calibration_error'))} before, "
+        f"{_number(after.get('calibration_error'))} after; logloss "
+        f"{_number(before.get('logloss'))} before, {_number(after.get('logloss'))} after",
+    ]
+    test = calibration.get("test_by_pid", {})
+    rows = []
+    for pid, fitted in calibration.get("pids", {}).items():
+        day8 = test.get(pid, {})
+        rows.append(
+            [
+                pid,
+                fitted.get("rows"),
+                fitted.get("slope") if fitted.get("calibrated") else "none",
+                fitted.get("offset") if fitted.get("calibrated") else "-",
+                day8.get("observed_ctr"),
+                day8.get("mean_ctr"),
+                day8.get("mean_pctr"),
+            ]
+        )
+    return lines + _table(
+        ["pid", "held-out rows", "slope", "offset", "observed CTR", "mean CTR", "mean pCTR"],
+        rows,
+    )
+
+
 def render_report(report: dict[str, Any]) -> str:
     version = report.get("version") or "(not published)"
     previous = report.get("previous_version")
@@ -140,6 +172,9 @@ def render_report(report: dict[str, Any]) -> str:
                 for name, metrics in ctr_models(ctr)
             ],
         )
+        served = ctr.get(ctr["served_feature_set"]) or {}
+        if calibration := served.get("calibration"):
+            lines += calibration_lines(calibration)
     if offline := report.get("offline"):
         lines += [
             "",

@@ -113,3 +113,13 @@ def aggregate_row(aggregate: DataFrame) -> Row:
     if row is None:
         raise RuntimeError(f"global aggregation of {aggregate.columns} returned no row")
     return row
+
+
+def path_exists(spark: SparkSession, path: str) -> bool:
+    """Whether a file or folder exists at any URI the session reads (local, hdfs:, s3a:)."""
+    context = spark.sparkContext
+    jvm = context._jvm
+    if jvm is None:
+        raise RuntimeError("the Spark driver has no JVM gateway")
+    jvm_path = jvm.org.apache.hadoop.fs.Path(path)
+    return bool(jvm_path.getFileSystem(context._jsc.hadoopConfiguration()).exists(jvm_path))

@@ -19,6 +19,7 @@ import yaml
 
 from jobs.stream.config import StreamConfig
 from services.runtime.settings import (
+    DEFAULT_ADMIN_PORT,
     DEFAULT_EVENTS_PORT,
     DEFAULT_GATEWAY_PORT,
     DEFAULT_RANKING_PORT,
@@ -35,7 +36,11 @@ SERVICE_PORTS = {
     "ranking": DEFAULT_RANKING_PORT,
     "gateway": DEFAULT_GATEWAY_PORT,
     "events": DEFAULT_EVENTS_PORT,
+    "admin": DEFAULT_ADMIN_PORT,
 }
+#: Services with a fixed replica count instead of a HorizontalPodAutoscaler: operator
+#: traffic, a few calls at a time, gives CPU nothing to scale on.
+FIXED_REPLICAS = {"admin"}
 CUSTOM_KINDS = {
     "ServiceMonitor": "monitoring.coreos.com/v1",
     "PrometheusRule": "monitoring.coreos.com/v1",

@@ -95,6 +95,15 @@ class PublishedData:
     users_without_recall: list[int]
     #: The version's leading ads per category (real-time interest), as the job writes them.
     category_ads: dict[str, np.ndarray]
+    #: Ad ids with a bid, ascending, and their bids; None when published without.
+    bids: tuple[np.ndarray, np.ndarray] | None = None
+
+    def bid_of(self, ad_id: int) -> float | None:
+        if self.bids is None:
+            return None
+        ids, values = self.bids
+        found = np.flatnonzero(ids == ad_id)
+        return float(np.float32(values[found[0]])) if len(found) else None
 
 
 def random_model(rng: np.random.Generator, spec: features.FeatureSpec = features.FULL) -> CtrModel:
@@ -114,8 +123,10 @@ def publish_version(
     categories: int = 80,
     model: CtrModel | None = None,
     model_json: bytes | None = None,
+    with_bids: bool = False,
 ) -> PublishedData:
-    """Publish one complete version and make it active; `model_json` replaces the artifact."""
+    """Publish one complete version and make it active; `model_json` replaces the artifact;
+    `with_bids`: a bid for four ads in five."""
     rng = np.random.default_rng(seed)
     model = model or random_model(rng)
 
@@ -173,9 +184,18 @@ def publish_version(
     kept = leading[rank < 50]
     category_ads = {"cate_id": ad_table["cate_id"][kept], "ad_id": ad_table["adgroup_id"][kept]}
 
+    bids = None
+    if with_bids:
+        # A generator of its own, so the rest of the version is the same with or without.
+        bid_rng = np.random.default_rng(seed + 1)
+        chosen = np.sort(bid_rng.choice(ad_ids, size=ads * 4 // 5, replace=False))
+        bids = (chosen, np.round(np.exp(bid_rng.normal(-0.7, 0.6, len(chosen))), 2))
+
     with Publication(client, keep_versions=5) as publication:
         writer = publication.writer
         writer.put_ad_table(ad_table)
+        if bids is not None:
+            writer.put_bids(*bids)
         writer.put_category_ads(category_ads)
         writer.put_cate_factors(cate_ids.astype(np.int32), cate_factors)
         if model_json is None:
@@ -213,6 +233,7 @@ def publish_version(
         users_without_profile=without_profile,
         users_without_recall=without_recall,
         category_ads=category_ads,
+        bids=bids,
     )
 
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from adrec.core import codecs
+from adrec.core import codecs, keys
 from adrec.core.features import USER_PROFILE_FIELDS
 
 
@@ -84,6 +84,28 @@ def test_scored_ads_validation():
         codecs.decode_scored_ads(b"\x03" + b"\x00" * 7)
     with pytest.raises(codecs.CodecError, match="width byte"):
         codecs.decode_scored_ads(b"\x00" * 6)
+
+
+def test_bids_layout_and_round_trip():
+    raw = keys.BIDS.encode((np.array([7, 9]), np.array([1.5, 0.25])))
+    assert raw == b"\x03\x07\x00\x00\x09\x00\x00" + b"\x00\x00\xc0\x3f" + b"\x00\x00\x80\x3e"
+    ids, bids = keys.BIDS.decode(raw)
+    assert ids.tolist() == [7, 9]
+    assert bids.tolist() == [1.5, 0.25]
+
+
+def test_bids_validation():
+    with pytest.raises(ValueError, match="2 ad ids but 1 bids"):
+        codecs.encode_bids(np.array([1, 2]), np.array([0.1]))
+    with pytest.raises(ValueError, match="positive finite"):
+        codecs.encode_bids(np.array([1]), np.array([0.0]))
+    with pytest.raises(ValueError, match="ascending"):
+        codecs.encode_bids(np.array([2, 1]), np.array([1.0, 1.0]))
+    with pytest.raises(codecs.CodecError, match="1 \\+ a multiple of 7"):
+        codecs.decode_bids(b"\x03" + b"\x00" * 8)
+    negative = b"\x03\x01\x00\x00" + np.array([-1.0], "<f4").tobytes()
+    with pytest.raises(codecs.CodecError, match="positive finite"):
+        codecs.decode_bids(negative)
 
 
 def test_user_features_layout_and_round_trip():

@@ -35,6 +35,7 @@ from grpc_helpers import loopback_channel
 from prometheus_client.parser import text_string_to_metric_families
 from service_data import PIDS, path, publish_version, recommend, run, service_settings
 
+from adrec.api.admin.v1 import admin_service_pb2, admin_service_pb2_grpc
 from adrec.api.events.v1 import event_service_pb2, event_service_pb2_grpc
 from adrec.api.gateway.v1 import gateway_service_pb2 as gateway_pb2
 from adrec.core.redis_conn import RedisSettings
@@ -332,11 +333,19 @@ def exported_metrics(redis_server) -> Iterator[dict[str, dict[str, set[str] | No
                     ),
                     timeout=10,
                 )
+            admin = await stacks.enter_async_context(
+                serving("admin", service_settings("admin"), redis_settings)
+            )
+            async with loopback_channel(admin.services["admin"].port) as channel:
+                await admin_service_pb2_grpc.AdminServiceStub(channel).ListAdStates(
+                    admin_service_pb2.ListAdStatesRequest(), timeout=10
+                )
             stacks_by_name = {
                 "recall": recall,
                 "ranking": ranking,
                 "gateway": gateway,
                 "events": events,
+                "admin": admin,
             }
             for name, stack in stacks_by_name.items():
                 scraped[name] = await asyncio.to_thread(scrape, stack.metrics_port)

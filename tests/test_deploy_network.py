@@ -37,6 +37,9 @@ Objects = list[dict[str, Any]]
 #: The label an operator puts on the namespaces whose pods may call the gateway.
 GATEWAY_CLIENT_LABEL = "adrec-gateway-client"
 GATEWAY_CLIENTS = {"namespaceSelector": {"matchLabels": {GATEWAY_CLIENT_LABEL: "true"}}}
+#: The label an operator puts on the namespaces whose pods may call the admin service.
+ADMIN_CLIENT_LABEL = "adrec-admin-client"
+ADMIN_CLIENTS = {"namespaceSelector": {"matchLabels": {ADMIN_CLIENT_LABEL: "true"}}}
 #: Prometheus as the Prometheus Operator labels its pods, in the `monitoring` namespace.
 SCRAPER = {
     "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
@@ -204,7 +207,7 @@ def check_default_deny(objects: Objects) -> None:
 def check_every_workload_has_its_own_policies(objects: Objects) -> None:
     pods = workload_pods(objects)
     components = {labels.get("app.kubernetes.io/component") for labels in pods.values()}
-    assert {"recall", "ranking", "gateway", "events", "stream", *JOB_COMPONENTS} <= components
+    assert {*SERVICE_PORTS, "stream", *JOB_COMPONENTS} <= components
     for where, labels in pods.items():
         for direction in ("Ingress", "Egress"):
             assert governing(objects, labels, direction), (
@@ -236,6 +239,41 @@ def check_gateway_ingress(objects: Objects, service: str = "gateway") -> None:
 
 def check_events_ingress(objects: Objects) -> None:
     check_gateway_ingress(objects, "events")
+
+
+def check_admin_ingress(objects: Objects) -> None:
+    """The admin service admits the operators' labelled namespaces on its gRPC port and the
+    scraper on the metrics port; no peer that lets the ad servers reach the gateway."""
+    labels, pod_spec = service_pods(objects, "admin")
+    gateway_labels, gateway_spec = service_pods(objects, "gateway")
+    gateway_callers = [
+        peer
+        for rule in rules(objects, gateway_labels, "Ingress")
+        for port in rule.get("ports", [])
+        if container_port(gateway_spec, port["port"]) == SERVICE_PORTS["gateway"]
+        for peer in peers(rule, "Ingress")
+    ]
+    assert gateway_callers, "adrec-gateway admits no caller to compare with"
+    # A namespace of ad servers, labelled as the gateway's policy asks and nothing more.
+    ad_servers = {"kubernetes.io/metadata.name": "ad-server", GATEWAY_CLIENT_LABEL: "true"}
+    by_port: dict[int, list[dict[str, Any]]] = {}
+    for rule in rules(objects, labels, "Ingress"):
+        sources = peers(rule, "Ingress")
+        assert sources, f"an adrec-admin rule without `from` admits every source: {rule}"
+        assert rule.get("ports"), f"an adrec-admin rule without ports opens every port: {rule}"
+        for peer in sources:
+            assert "ipBlock" not in peer, f"addresses instead of labelled callers: {peer}"
+            assert peer.get("namespaceSelector"), f"adrec-admin admits pods by label only: {peer}"
+            assert peer not in gateway_callers, f"adrec-admin admits the gateway's callers: {peer}"
+            assert not matches(peer["namespaceSelector"], ad_servers), (
+                f"adrec-admin admits the ad servers' namespaces: {peer}"
+            )
+        for port in rule["ports"]:
+            by_port.setdefault(container_port(pod_spec, port["port"]), []).extend(sources)
+    assert by_port == {
+        SERVICE_PORTS["admin"]: [ADMIN_CLIENTS],
+        DEFAULT_METRICS_PORT: [SCRAPER],
+    }, "adrec-admin"
 
 
 def check_backends_admit_only_the_gateway_and_the_scraper(objects: Objects) -> None:
@@ -384,6 +422,7 @@ CHECKS: dict[str, Callable[[Objects], None]] = {
     "own_policies": check_every_workload_has_its_own_policies,
     "gateway_ingress": check_gateway_ingress,
     "events_ingress": check_events_ingress,
+    "admin_ingress": check_admin_ingress,
     "backend_ingress": check_backends_admit_only_the_gateway_and_the_scraper,
     "service_egress": check_services_dial_only_redis_dns_and_downstreams,
     "stream_ingress": check_stream_admits_only_the_scraper,
@@ -462,6 +501,34 @@ def test_the_dev_namespace_is_a_gateway_client_with_its_own_client_pods(rendered
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_admin_service_admits_only_operator_namespaces_and_the_scraper(rendered, overlay):
+    check_admin_ingress(rendered[overlay])
+
+
+def test_the_dev_namespace_is_an_admin_client_with_its_own_client_pods(rendered):
+    """In dev, client pods of the namespace labelled for the admin service may call it
+    (and DNS) and nothing else, and the gateway's client pods may not call it."""
+    objects = rendered["dev"]
+    namespace = named(objects, "Namespace", "adrec-dev")
+    assert namespace["metadata"]["labels"][ADMIN_CLIENT_LABEL] == "true"
+    admin = {"Deployment/adrec-admin"}
+    kinds = []
+    for rule in rules(objects, {ADMIN_CLIENT_LABEL: "true"}, "Egress"):
+        if _dns_rule(rule):
+            kinds.append("dns")
+        else:
+            (target,) = peers(rule, "Egress")
+            assert local_pods(objects, target) == admin, rule
+            assert rule["ports"] == [{"port": SERVICE_PORTS["admin"], "protocol": "TCP"}]
+            kinds.append("admin")
+    assert sorted(kinds) == ["admin", "dns"]
+    for rule in rules(objects, {GATEWAY_CLIENT_LABEL: "true"}, "Egress"):
+        for target in peers(rule, "Egress"):
+            if "podSelector" in target and "namespaceSelector" not in target:
+                assert not local_pods(objects, target) & admin, rule
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_recall_and_ranking_admit_only_the_gateway_and_the_scraper(rendered, overlay):
     check_backends_admit_only_the_gateway_and_the_scraper(rendered[overlay])
 
@@ -532,6 +599,22 @@ def _open_events_to_every_port(objects: Objects) -> None:
     del _policy(objects, "adrec-events")["ingress"][0]["ports"]
 
 
+def _open_admin_to_the_gateway_callers(objects: Objects) -> None:
+    _policy(objects, "adrec-admin")["ingress"][0]["from"].append(GATEWAY_CLIENTS)
+
+
+def _open_admin_to_all_namespaces(objects: Objects) -> None:
+    _policy(objects, "adrec-admin")["ingress"][0]["from"] = [{"namespaceSelector": {}}]
+
+
+def _open_admin_to_every_port(objects: Objects) -> None:
+    del _policy(objects, "adrec-admin")["ingress"][0]["ports"]
+
+
+def _open_admin_grpc_to_the_scraper(objects: Objects) -> None:
+    _policy(objects, "adrec-admin")["ingress"][1]["ports"].append({"port": "grpc"})
+
+
 def _admit_anyone_to_recall_metrics(objects: Objects) -> None:
     del _policy(objects, "adrec-recall")["ingress"][1]["from"]
 
@@ -584,6 +667,11 @@ BREAKAGES: dict[str, tuple[str, Callable[[Objects], None]]] = {
     "gateway open to all namespaces": ("gateway_ingress", _open_gateway_to_all_namespaces),
     "no events policy": ("own_policies", _drop_policy("adrec-events")),
     "events open on every port": ("events_ingress", _open_events_to_every_port),
+    "no admin policy": ("own_policies", _drop_policy("adrec-admin")),
+    "admin open to the gateway's callers": ("admin_ingress", _open_admin_to_the_gateway_callers),
+    "admin open to all namespaces": ("admin_ingress", _open_admin_to_all_namespaces),
+    "admin gRPC open to the scraper": ("admin_ingress", _open_admin_grpc_to_the_scraper),
+    "admin open on every port": ("admin_ingress", _open_admin_to_every_port),
     "recall metrics open": ("backend_ingress", _admit_anyone_to_recall_metrics),
     "ranking dials anywhere": ("service_egress", _let_ranking_dial_anywhere),
     "no DNS": ("service_egress", _drop_policy("adrec-dns")),

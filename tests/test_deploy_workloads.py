@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from deploy_helpers import (
+    FIXED_REPLICAS,
     IMAGE_UID,
     OVERLAYS,
     SERVICE_PORTS,
@@ -209,9 +210,15 @@ def test_redis_settings_per_overlay(rendered, overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_autoscalers_and_disruption_budgets_target_the_deployments(rendered, overlay):
     objects = rendered[overlay]
-    services = {f"adrec-{name}" for name in SERVICE_PORTS}
+    services = {f"adrec-{name}" for name in SERVICE_PORTS if name not in FIXED_REPLICAS}
     hpas = of_kind(objects, "HorizontalPodAutoscaler")
     assert {hpa["spec"]["scaleTargetRef"]["name"] for hpa in hpas} == services
+    for name in FIXED_REPLICAS:
+        replicas = deployment(objects, name)["spec"]["replicas"]
+        if overlay == "dev":
+            assert replicas == 1, f"adrec-{name}: one replica in dev, as for every service"
+        else:
+            assert replicas >= 2, f"adrec-{name}: one pod is not highly available"
     for hpa in hpas:
         target = hpa["spec"]["scaleTargetRef"]
         assert target["kind"] == "Deployment"

@@ -6,6 +6,7 @@ synthetic preset end to end.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from datetime import datetime
 
@@ -436,7 +437,10 @@ def test_ctr_model_predicts_sparks_probabilities(spark):
 
 def test_trained_model_round_trips_through_redis(spark, redis_client):
     model, metrics = ctr.train_ctr_model(random_examples(spark), COURSE, ctr.CtrConfig())
-    assert metrics["feature_set"] == "course" and metrics["train_rows"] == 300
+    held_out = sum(fit["rows"] for fit in metrics["calibration"]["pids"].values())
+    # About a tenth of the 300 training rows calibrate instead of training.
+    assert metrics["feature_set"] == "course" and metrics["train_rows"] + held_out == 300
+    assert 10 <= held_out <= 60
     assert metrics["test_rows"] == 100 and len(metrics["reliability"]) == 10
     # The test day's user ids reach the evaluation: random_examples gives each row its own.
     assert metrics["test_users"] == 100 and metrics["gauc"] is None
@@ -448,6 +452,7 @@ def test_trained_model_round_trips_through_redis(spark, redis_client):
     np.testing.assert_array_equal(loaded.weights, model.weights)
     assert loaded.intercept == model.intercept
     assert loaded.spec == COURSE and loaded.metrics == metrics
+    assert loaded.calibration == model.calibration
 
 
 def test_training_rows_are_sampled_the_same_whatever_the_partitioning(spark):
@@ -662,3 +667,63 @@ def test_both_feature_sets_beat_chance_on_the_tiny_preset(spark, tiny_data):
         assert result["mean_predicted"] == pytest.approx(result["observed_ctr"], rel=0.25)
     examples.unpersist()
     ads.unpersist()
+
+
+# ------------------------------------------------------------------ calibration
+
+
+def _reference_platt(z, y):
+    """Maximum-likelihood slope and offset of sigmoid(a z + b), Newton in plain numpy."""
+    a, b = 1.0, 0.0
+    for _ in range(50):
+        p = 1 / (1 + np.exp(-(a * z + b)))
+        w = p * (1 - p)
+        gradient = np.array([np.sum((y - p) * z), np.sum(y - p)])
+        hessian = np.array([[np.sum(w * z * z), np.sum(w * z)], [np.sum(w * z), np.sum(w)]])
+        a, b = np.array([a, b]) + np.linalg.solve(hessian, gradient)
+    return a, b
+
+
+def test_calibration_is_fitted_per_pid_and_served_by_the_same_function(spark):
+    from test_scoring import CATE_IDS, USERS, version
+
+    from adrec.core.scoring import CtrScorer
+    from jobs import calibration
+
+    rng = np.random.default_rng(11)
+    truth = {PID_A: (1.6, -0.4), PID_B: (0.7, 0.5)}
+    rows = []
+    for pid, (slope, offset) in truth.items():
+        z = rng.normal(-2.5, 1.0, 8000)
+        clicked = rng.random(8000) < 1 / (1 + np.exp(-(slope * z + offset)))
+        rows += [
+            (float(c), pid, float(1 / (1 + np.exp(-v)))) for v, c in zip(z, clicked, strict=True)
+        ]
+    rows.append((1.0, "unknown_pid", 0.5))  # too few rows: left uncalibrated
+    scored = spark.createDataFrame(rows, "label double, pid string, probability double")
+    fitted, report = calibration.fit_calibration(scored)
+    assert set(fitted.by_pid) == {PID_A, PID_B}
+    assert report["unknown_pid"]["calibrated"] is False
+    for pid, (slope, offset) in truth.items():
+        mine = [r for r in rows if r[1] == pid]
+        y = np.array([r[0] for r in mine])
+        z = np.log(np.array([r[2] for r in mine]) / (1 - np.array([r[2] for r in mine])))
+        expected = _reference_platt(z, y)
+        got = fitted.for_pid(pid)
+        assert (got.slope, got.offset) == pytest.approx(expected, abs=1e-6)
+        assert got.slope == pytest.approx(slope, abs=0.25)
+        assert got.offset == pytest.approx(offset, abs=0.6)
+        assert report[pid]["rows"] == 8000
+
+    # The job's calibrated pCTRs, on the executors, are the ranking service's to 1e-6.
+    plain, table, factors = version()
+    model = dataclasses.replace(plain.model, calibration=fitted)
+    scorer = CtrScorer.build(model, table, CATE_IDS, factors)
+    for pid in PIDS:
+        ranked = scorer.rank(pid, USERS[0], np.arange(1, 301), 0)
+        frame = spark.createDataFrame(
+            [(pid, float(ctr)) for ctr in ranked.ctrs], "pid string, probability double"
+        )
+        job_pctrs = [row["probability"] for row in calibration.calibrated(frame, fitted).collect()]
+        np.testing.assert_allclose(ranked.pctrs, job_pctrs, rtol=0, atol=1e-6)
+        assert not np.allclose(ranked.pctrs, ranked.ctrs, atol=1e-4)

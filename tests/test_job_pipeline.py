@@ -14,6 +14,7 @@ import redis
 from adrec.cli import main
 from adrec.core import keys, store
 from adrec.core.catalog import Publication
+from adrec.core.dataset import PIDS
 from adrec.core.features import FULL
 from adrec.core.metadata import VersionContent
 from adrec.core.redis_conn import RedisSettings
@@ -75,6 +76,29 @@ def test_report_has_every_quality_figure(published_tiny):
     assert report["ctr"]["full"]["auc"] > report["ctr"]["course"]["auc"]
     assert report["memory"]["recall"]["keys"] == report["recall"]["users"]
     assert report["offline"]["lists"] > 0
+    calibration = report["ctr"]["full"]["calibration"]
+    assert {pid for pid, fit in calibration["pids"].items() if fit["calibrated"]} == set(PIDS)
+    for side in ("before", "after"):
+        assert 0 <= calibration[side]["calibration_error"] < 0.1, side
+    # Fitted on impressions the model never saw, so it must not make day 8 much worse.
+    assert calibration["after"]["logloss"] < calibration["before"]["logloss"] * 1.01
+    assert 0.9 * report["features"]["ads"] < report["features"]["ads_with_bid"]
+    assert report["features"]["ads_with_bid"] < report["features"]["ads"]
+
+
+def test_the_version_carries_the_bids_file_and_the_calibration(published_tiny, published_client):
+    version = published_tiny.version
+    ids, bids = keys.BIDS.decode(published_client.get(keys.BIDS.key(version)))
+    written = (published_tiny.data_dir / "bids.csv").read_text().splitlines()[1:]
+    expected = dict(line.split(",") for line in written)
+    assert len(ids) == published_tiny.report["features"]["ads_with_bid"] == len(expected)
+    for ad_id, bid in zip(ids.tolist()[:200], bids.tolist()[:200], strict=True):
+        assert bid == pytest.approx(float(expected[str(ad_id)]), rel=1e-6)
+    model = store.read_model(published_client, version)
+    fitted = published_tiny.report["ctr"]["full"]["calibration"]["pids"]
+    for pid in PIDS:
+        assert model.calibration.for_pid(pid).slope == fitted[pid]["slope"]
+        assert model.calibration.for_pid(pid).offset == fitted[pid]["offset"]
 
 
 def test_offline_lists_are_the_models_top_n(published_tiny, published_client):
@@ -138,6 +162,23 @@ def test_bad_input_fails_clearly_and_leaves_the_previous_version(
         expected = "empty"
     with pytest.raises(JobInputError, match=expected):
         run_job(job_config(data), redis_at(redis_url), spark=spark)
+    assert snapshot(redis_client) == served_version
+
+
+def test_a_bad_bids_file_stops_the_run_naming_line_and_field(
+    spark, tiny_data, tmp_path, redis_client, redis_url, served_version
+):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    lines = (tiny_data / "bids.csv").read_text().splitlines()
+    first_id = lines[1].split(",")[0]
+    lines[5] = f"{first_id},-2"
+    (data / "bids.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(JobInputError) as refused:
+        run_job(job_config(data), redis_at(redis_url), spark=spark)
+    message = str(refused.value)
+    for part in ("bids.csv", "line 6", "field bid", "'-2'", "nothing was published"):
+        assert part in message, message
     assert snapshot(redis_client) == served_version
 
 

@@ -237,7 +237,11 @@ def test_ranking_stages_serve_the_configured_feature_set(
         "users": len(USERS),
         "ads": len(CATEGORIES) * ADS_PER_CATEGORY,
         "categories_with_factors": len(CATEGORIES),
+        # Hand-built tables carry no bids file: the version has no bids key.
+        "ads_with_bid": None,
+        "bids_of_unknown_ads": 0,
     }
+    assert redis_client.get(keys.BIDS.key(version)) is None
     assert (
         store.read_ad_table(redis_client, version)["adgroup_id"].tolist()
         == featured.ad_table["adgroup_id"].tolist()
@@ -251,7 +255,10 @@ def test_ranking_stages_serve_the_configured_feature_set(
     assert trained.report["served_feature_set"] == "course"
     assert set(trained.report) == {"served_feature_set", "course", "full", "behaviour", "oracle"}
     assert trained.report["oracle"] is None  # no truth file: not synthetic data
-    assert trained.rows == tables.split.train.count()
+    # Every training impression either trains the model or is held out to calibrate it.
+    held_out = sum(fit["rows"] for fit in trained.metrics["course"]["calibration"]["pids"].values())
+    assert 0 < held_out < trained.rows
+    assert trained.rows + held_out == tables.split.train.count()
     assert [note.split(":")[0] for note in notes] == ["course", "full", "behaviour"]
     assert store.read_model(redis_client, version).spec is COURSE
 

@@ -27,6 +27,7 @@ def test_global_keys_are_pinned():
         (keys.ADS, None, b"adrec:v17:ads"),
         (keys.CATE_FACTORS, None, b"adrec:v17:cate_factors"),
         (keys.MODEL, None, b"adrec:v17:model"),
+        (keys.BIDS, None, b"adrec:v17:bids"),
         (keys.SENTINEL, 148, b"adrec:v17:sentinel:148"),
     ],
 )
@@ -45,6 +46,7 @@ def test_every_family_is_pinned_above():
         "cate_factors",
         "model",
         "category_ads",
+        "bids",
         "sentinel",
     }
     assert {f.name for f in keys.VERSIONED_FAMILIES} == pinned

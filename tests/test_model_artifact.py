@@ -72,3 +72,38 @@ def test_wrong_weight_count_and_non_finite_weights():
         CtrModel(spec=COURSE, weights=np.zeros(3), intercept=0.0)
     with pytest.raises(ModelArtifactError, match="finite"):
         CtrModel(spec=COURSE, weights=np.full(COURSE.dim, np.nan), intercept=0.0)
+
+
+def test_calibration_round_trips_and_applies_per_placement():
+    import dataclasses
+
+    from adrec.core.dataset import PIDS
+    from adrec.core.model import Calibration, PlacementCalibration
+
+    calibration = Calibration({PIDS[0]: PlacementCalibration(1.5, -0.25)})
+    calibrated = dataclasses.replace(model(), calibration=calibration)
+    document = json.loads(calibrated.to_json())
+    assert document["calibration"] == {PIDS[0]: {"slope": 1.5, "offset": -0.25}}
+    loaded = CtrModel.from_json(calibrated.to_json())
+    assert loaded.calibration == calibration
+    ctrs = np.array([0.01, 0.05, 0.3])
+    logits = np.log(ctrs / (1 - ctrs))
+    np.testing.assert_allclose(
+        loaded.calibration.apply(PIDS[0], ctrs), 1 / (1 + np.exp(-(1.5 * logits - 0.25)))
+    )
+    # Another placement, and an artifact written before calibration, keep the CTRs.
+    np.testing.assert_array_equal(loaded.calibration.apply(PIDS[1], ctrs), ctrs)
+    del document["calibration"]
+    assert CtrModel.from_json(json.dumps(document)).calibration == Calibration()
+    rows = loaded.calibration.apply_rows(np.array([PIDS[1], PIDS[0]]), ctrs[:2])
+    assert rows[0] == ctrs[0] and rows[1] == loaded.calibration.apply(PIDS[0], ctrs[1:2])[0]
+
+
+@pytest.mark.parametrize(
+    "bad", [{"p": {"slope": 0.0, "offset": 0.0}}, {"p": {"slope": 1.0}}, {"p": "x"}, []]
+)
+def test_a_bad_calibration_is_refused(bad):
+    document = json.loads(model().to_json())
+    document["calibration"] = bad
+    with pytest.raises(ModelArtifactError, match="calibration"):
+        CtrModel.from_json(json.dumps(document))

@@ -33,6 +33,7 @@ INT64 = FieldDescriptor.TYPE_INT64
 INT32 = FieldDescriptor.TYPE_INT32
 STRING = FieldDescriptor.TYPE_STRING
 FLOAT = FieldDescriptor.TYPE_FLOAT
+DOUBLE = FieldDescriptor.TYPE_DOUBLE
 BOOL = FieldDescriptor.TYPE_BOOL
 ENUM = FieldDescriptor.TYPE_ENUM
 MESSAGE = FieldDescriptor.TYPE_MESSAGE
@@ -240,10 +241,23 @@ def test_each_service_has_one_unary_method(module, grpc_module, full_name, metho
 
 
 def test_common_types():
-    assert fields(common_pb2.ScoredAd) == {"ad_id": (INT64, False), "ctr": (FLOAT, False)}
-    # An unscored ad is told apart from a zero score.
-    assert not common_pb2.ScoredAd(ad_id=1).HasField("ctr")
-    assert common_pb2.ScoredAd(ad_id=1, ctr=0.0).HasField("ctr")
+    assert fields(common_pb2.ScoredAd) == {
+        "ad_id": (INT64, False),
+        "ctr": (FLOAT, False),
+        "pctr": (FLOAT, False),
+        "bid": (FLOAT, False),
+        "ecpm": (FLOAT, False),
+    }
+    # An unscored ad, or one without a bid, is told apart from a zero.
+    for name in ("ctr", "pctr", "bid", "ecpm"):
+        assert not common_pb2.ScoredAd(ad_id=1).HasField(name)
+        assert common_pb2.ScoredAd(ad_id=1, **{name: 0.0}).HasField(name)
+    assert common_pb2.RankBy.keys() == ["RANK_BY_UNSPECIFIED", "RANK_BY_PCTR", "RANK_BY_ECPM"]
+    assert fields(common_pb2.FeatureContribution) == {
+        "feature": (STRING, False),
+        "column": (STRING, False),
+        "margin": (DOUBLE, False),
+    }
     assert common_pb2.CandidateSource.keys() == [
         "CANDIDATE_SOURCE_UNSPECIFIED",
         "CANDIDATE_SOURCE_PERSONAL",
@@ -276,6 +290,8 @@ def test_ranking_messages():
         "ad_ids": (INT64, True),
         "top_k": (INT32, False),
         "request_id": (STRING, False),
+        "rank_by": (ENUM, False),
+        "explain": (BOOL, False),
     }
     assert fields(ranking_service_pb2.RankCandidatesResponse) == {
         "ads": (MESSAGE, True),
@@ -284,6 +300,11 @@ def test_ranking_messages():
         "unknown_ads_skipped": (INT32, False),
         "user_profile_found": (BOOL, False),
         "behaviour_counts_found": (BOOL, False),
+        "explanations": (MESSAGE, True),
+    }
+    assert fields(ranking_service_pb2.AdExplanation) == {
+        "ad_id": (INT64, False),
+        "contributions": (MESSAGE, True),
     }
     ads = ranking_service_pb2.RankCandidatesResponse.DESCRIPTOR.fields_by_name["ads"]
     assert ads.message_type is common_pb2.ScoredAd.DESCRIPTOR
@@ -299,6 +320,8 @@ def test_gateway_messages():
         "exclude_ad_ids": (INT64, True),
         "frequency_caps": (MESSAGE, True),
         "diversity": (MESSAGE, False),
+        "rank_by": (ENUM, False),
+        "debug": (BOOL, False),
     }
     assert fields(gateway_service_pb2.FrequencyCap) == {
         "scope": (ENUM, False),
@@ -321,6 +344,17 @@ def test_gateway_messages():
         "request_id": (STRING, False),
         "filled_from": (MESSAGE, True),
         "filtered": (MESSAGE, True),
+        "explanations": (MESSAGE, True),
+        "rank_by": (ENUM, False),
+    }
+    assert fields(gateway_service_pb2.AdDebug) == {
+        "ad_id": (INT64, False),
+        "serving_path": (ENUM, False),
+        "origin": (ENUM, False),
+        "recall_position": (INT32, False),
+        "als_category_rank": (INT32, False),
+        "pctr": (FLOAT, False),
+        "contributions": (MESSAGE, True),
     }
     assert fields(gateway_service_pb2.FillIn) == {
         "serving_path": (ENUM, False),

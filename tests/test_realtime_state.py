@@ -69,9 +69,7 @@ def test_the_parts_of_one_batch_each_apply_once_in_any_order(writer, redis_clien
     assert _state(redis_client, 7).counts == {_cart(11): 112}
 
 
-def test_a_value_of_a_whole_batch_written_before_parts_is_not_applied_again(
-    writer, redis_client
-):
+def test_a_value_of_a_whole_batch_written_before_parts_is_not_applied_again(writer, redis_client):
     key = keys.REALTIME_USER.key(7)
     redis_client.set(key, b'{"run":"run-a","batch":4,"counts":{"%s":5}}' % _cart(11).encode())
     update = StateUpdate(key, counts=[(_cart(11), 1)])

@@ -346,3 +346,15 @@ def test_counts_on_a_candidates_category_raise_its_rank_when_the_model_likes_the
     assert set(after.ad_ids.tolist()) <= set(
         (np.flatnonzero(table["cate_id"] == clicked) + 1).tolist()
     )
+
+
+def test_ecpm_order_puts_ads_without_a_bid_last_by_ctr():
+    from adrec.core.scoring import by_ecpm, ecpm
+
+    ctrs = np.array([0.10, 0.30, 0.20, 0.05, 0.40])
+    bids = np.array([1.0, np.nan, 2.0, 8.0, np.nan])
+    ecpms = ecpm(ctrs, bids)
+    np.testing.assert_allclose(ecpms[[0, 2, 3]], [100.0, 400.0, 400.0])
+    # 2 and 3 tie on eCPM: the higher CTR first; then 4 and 1, without bids, by CTR.
+    assert by_ecpm(ctrs, ecpms, 0).tolist() == [2, 3, 0, 4, 1]
+    assert by_ecpm(ctrs, ecpms, 2).tolist() == [2, 3]

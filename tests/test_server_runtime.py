@@ -207,7 +207,7 @@ def test_reflection_lists_services_and_resolves_imported_protos():
                 "CANDIDATE_SOURCE_PERSONAL",
                 "CANDIDATE_SOURCE_POPULAR",
             ],
-            "scored_ad_fields": ["ad_id", "ctr"],
+            "scored_ad_fields": ["ad_id", "ctr", "pctr", "bid", "ecpm"],
         }
 
     run(scenario)

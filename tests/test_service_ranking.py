@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 
@@ -25,8 +26,10 @@ from service_data import (
     wait_until,
 )
 
+from adrec.api.common.v1 import common_pb2
 from adrec.core import codecs, events, features, keys, store
 from adrec.core.codecs import UserFeatures
+from adrec.core.model import Calibration, PlacementCalibration
 from adrec.core.realtime import StateSettings, StateUpdate, StateWriter
 from adrec.core.scoring import DENSE_ID_LIMIT
 from jobs.offline import OFFLINE_PID, RankingData, rank_users
@@ -462,6 +465,9 @@ INVALID_REQUESTS = [
     ({"ad_ids": list(range(1, 1002))}, "ad_ids"),
     ({"ad_ids": [5, 0, 7]}, "ad_ids"),
     ({"ad_ids": [5, -7]}, "ad_ids"),
+    ({"rank_by": 7}, "rank_by"),
+    # The version published for these has no bids.
+    ({"rank_by": common_pb2.RANK_BY_ECPM}, "rank_by"),
 ]
 
 
@@ -651,5 +657,93 @@ def test_the_behaviour_model_reads_the_users_counts_in_the_same_request(redis_cl
                 assert [ad.ad_id for ad in answers[user].ads] == expected(user, None)
                 assert not answers[user].behaviour_counts_found
             assert expected(active, counts) != expected(active, None)
+
+    run(scenario)
+
+
+CALIBRATION = Calibration(
+    {PIDS[0]: PlacementCalibration(1.3, 0.4), PIDS[1]: PlacementCalibration(0.8, -0.2)}
+)
+
+
+def calibrated_model(seed=7):
+    return dataclasses.replace(random_model(np.random.default_rng(seed)), calibration=CALIBRATION)
+
+
+@pytest.mark.parametrize("pid", PIDS)
+def test_ecpm_ranking_orders_by_calibrated_pctr_times_bid(redis_client, redis_url, pid):
+    data = publish_version(redis_client, model=calibrated_model(), with_bids=True)
+    user = data.users_with_factors[0]
+    candidates = data.recall_lists[user].tolist()
+
+    async def scenario():
+        async with (
+            running_stack(redis_url, "ranking") as stack,
+            loopback_channel(ranking_port(stack)) as channel,
+        ):
+            by_pctr = await rank(channel, user_id=user, pid=pid, ad_ids=candidates)
+            by_ecpm = await rank(
+                channel, user_id=user, pid=pid, ad_ids=candidates, rank_by=common_pb2.RANK_BY_ECPM
+            )
+        ids, ctrs, _ = expected_ranking(data, user, pid, candidates)
+        # pCTR order is the model's CTR order, as before.
+        assert [ad.ad_id for ad in by_pctr.ads] == ids
+        ctr_of = dict(zip(ids, ctrs, strict=True))
+        pctr_of = dict(zip(ids, CALIBRATION.apply(pid, np.array(ctrs)).tolist(), strict=True))
+        for ad in by_ecpm.ads:
+            assert ad.ctr == pytest.approx(ctr_of[ad.ad_id], rel=1e-6)
+            assert ad.pctr == pytest.approx(pctr_of[ad.ad_id], rel=1e-6)
+            bid = data.bid_of(ad.ad_id)
+            if bid is None:
+                assert not ad.HasField("bid") and not ad.HasField("ecpm")
+            else:
+                assert ad.bid == pytest.approx(bid, rel=1e-6)
+                assert ad.ecpm == pytest.approx(pctr_of[ad.ad_id] * bid * 1000, rel=1e-5)
+        with_bid = [ad for ad in by_ecpm.ads if ad.HasField("bid")]
+        without = [ad for ad in by_ecpm.ads if not ad.HasField("bid")]
+        assert with_bid and without
+        # Every ad with a bid first, by eCPM; then the others, by pCTR.
+        assert by_ecpm.ads[: len(with_bid)] == with_bid
+        expected = sorted(with_bid, key=lambda ad: -pctr_of[ad.ad_id] * data.bid_of(ad.ad_id))
+        assert [ad.ad_id for ad in with_bid] == [ad.ad_id for ad in expected]
+        assert [ad.ad_id for ad in without] == [i for i in ids if data.bid_of(i) is None]
+        assert [ad.ad_id for ad in with_bid] != [i for i in ids if data.bid_of(i) is not None]
+
+    run(scenario)
+
+
+def test_explain_returns_each_ads_largest_contributions_only_when_asked(redis_client, redis_url):
+    data = publish_version(redis_client, model=calibrated_model())
+    user = data.users_with_factors[1]
+    candidates = data.recall_lists[user].tolist()
+
+    async def scenario():
+        async with (
+            running_stack(redis_url, "ranking") as stack,
+            loopback_channel(ranking_port(stack)) as channel,
+        ):
+            plain = await rank(channel, user_id=user, pid=PIDS[0], ad_ids=candidates, top_k=5)
+            explained = await rank(
+                channel, user_id=user, pid=PIDS[0], ad_ids=candidates, top_k=5, explain=True
+            )
+            snapshot = stack.services["ranking"].service.snapshot
+        assert not plain.explanations
+        assert list(explained.ads) == list(plain.ads)
+        assert [e.ad_id for e in explained.explanations] == [ad.ad_id for ad in plain.ads]
+        rows = snapshot.scorer.index.rows(np.array([ad.ad_id for ad in plain.ads]))
+        every = snapshot.scorer.contributions(
+            PIDS[0], data.user_features[user], rows, top=data.model.spec.dim
+        )
+        for explanation, terms, ad in zip(explained.explanations, every, plain.ads, strict=True):
+            assert len(explanation.contributions) == 3
+            assert [(c.feature, c.column) for c in explanation.contributions] == [
+                (t.feature, t.column) for t in terms[:3]
+            ]
+            sizes = [abs(c.margin) for c in explanation.contributions]
+            assert sizes == sorted(sizes, reverse=True)
+            # All the terms and the intercept are the ad's logit.
+            logit = np.log(ad.ctr / (1 - ad.ctr))
+            total = data.model.intercept + sum(t.margin for t in terms)
+            assert total == pytest.approx(logit, abs=1e-4)
 
     run(scenario)

@@ -13,7 +13,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from adrec.cli import main
-from adrec.core.dataset import BTAGS, MANIFEST_FILE, PIDS, TABLES, TRUTH_FILE
+from adrec.core.dataset import BIDS_FILE, BTAGS, MANIFEST_FILE, PIDS, TABLES, TRUTH_FILE
 from adrec.synthetic import blocks, generate
 from adrec.synthetic.manifest import GENERATOR_VERSION
 from adrec.synthetic.model import recent_behavior_counts
@@ -23,7 +23,7 @@ from jobs.ingest import load_dataset
 
 TINY = PRESETS["tiny"]
 DATA_FILES = [table.csv_file for table in TABLES.values()]
-ALL_FILES = [*DATA_FILES, TRUTH_FILE, MANIFEST_FILE]
+ALL_FILES = [*DATA_FILES, BIDS_FILE, TRUTH_FILE, MANIFEST_FILE]
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,20 @@ def test_headers_are_the_published_bytes(tiny):
         content = (tiny / name).read_bytes()
         assert b"\r" not in content and b'"' not in content
         assert content.endswith(b"\n")
+
+
+def test_bids_are_positive_lognormal_prices_for_most_ads(tiny):
+    assert (tiny / BIDS_FILE).read_bytes().split(b"\n", 1)[0] == b"adgroup_id,bid"
+    bids = read(tiny, BIDS_FILE)
+    ads = read(tiny, "ad_feature.csv")
+    assert bids.adgroup_id.is_unique and set(bids.adgroup_id) <= set(ads.adgroup_id)
+    assert 0.9 < len(bids) / len(ads) < 1.0
+    assert bids.adgroup_id.astype(int).is_monotonic_increasing
+    assert bids.bid.str.fullmatch(r"\d+\.\d\d").all()
+    values = bids.bid.astype(float)
+    assert values.min() > 0
+    assert 0.35 < values.median() < 0.7
+    assert 0.4 < np.log(values).std() < 0.8
 
 
 def test_manifest_counts_match_the_files(tiny):
@@ -193,7 +207,7 @@ def test_an_interrupted_run_leaves_no_manifest_and_no_partial_file(monkeypatch, 
     with pytest.raises(KeyboardInterrupt):
         generate("tiny", 7, tmp_path, progress=False)
     names = sorted(path.name for path in tmp_path.iterdir())
-    assert names == ["ad_feature.csv", "user_profile.csv"]
+    assert names == ["ad_feature.csv", "bids.csv", "user_profile.csv"]
 
 
 def test_synthetic_package_does_not_import_pyspark():

@@ -76,6 +76,37 @@ def decode_scored_ads(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
     return ids, ctrs
 
 
+BID_DTYPE = np.dtype("<f4")
+
+
+def encode_bids(ad_ids: np.ndarray, bids: np.ndarray) -> bytes:
+    """A version's bids per adgroup: ascending ad ids as an ad id list, then one float32
+    bid per id. Ads without a bid are left out, not stored as 0."""
+    ids = _checked_ids(ad_ids)
+    values = np.asarray(bids, dtype=np.float64)
+    if ids.shape != values.shape:
+        raise ValueError(f"{ids.size} ad ids but {values.size} bids")
+    if ids.size > 1 and not (np.diff(ids.astype(np.int64)) > 0).all():
+        raise ValueError("bid ad ids must be strictly ascending")
+    if values.size and not (np.isfinite(values).all() and values.min() > 0):
+        raise ValueError("bids must be positive finite numbers")
+    return _packed_ids(ids) + values.astype(BID_DTYPE).tobytes()
+
+
+def decode_bids(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+    width = _id_width(raw)
+    per_ad = width + BID_DTYPE.itemsize
+    if (len(raw) - 1) % per_ad:
+        raise CodecError(f"bid list of {len(raw)} bytes is not 1 + a multiple of {per_ad}")
+    ids, rest = _unpacked_ids(raw, count=(len(raw) - 1) // per_ad)
+    bids = np.frombuffer(rest, dtype=BID_DTYPE).astype(np.float64)
+    if len(ids) > 1 and not (np.diff(ids.astype(np.int64)) > 0).all():
+        raise CodecError("bid list ad ids are not strictly ascending")
+    if len(bids) and not (np.isfinite(bids).all() and bids.min() > 0):
+        raise CodecError("bid list holds a bid that is not a positive finite number")
+    return ids, bids
+
+
 def _checked_ids(ad_ids: np.ndarray | list[int]) -> np.ndarray:
     ids = np.asarray(ad_ids)
     if ids.ndim != 1:

@@ -147,6 +147,11 @@ TABLES: dict[str, TableFormat] = {
 TRUTH_FILE = "raw_sample_truth.csv"
 #: What the synthetic generator planted (preset, seed, counts), next to the four files.
 MANIFEST_FILE = "manifest.json"
+#: Optional file of advertiser bids per adgroup (a price per click), next to the four
+#: files: a header line, then one ``adgroup_id,bid`` row per ad with a bid. The real data
+#: set has none; without it a version has no bids.
+BIDS_FILE = "bids.csv"
+BIDS_HEADER = "adgroup_id,bid"
 
 
 def china_day(time_stamp: int) -> date:

@@ -16,6 +16,7 @@ Layout (``V`` is a data version such as ``v17``)::
     adrec:V:cate_factors          -> ALS category factors (column table)
     adrec:V:model                 -> CTR model artifact (JSON)
     adrec:V:category_ads          -> each category's leading ads (column table), for interest
+    adrec:V:bids                  -> bid per adgroup (packed ad ids + float32), when given
     adrec:V:sentinel:<number>     -> the publishing run's id, one key per slot range (below)
 
 Real-time state lives outside every version, so a publish, a rollback or a prune never
@@ -150,6 +151,11 @@ MODEL_ARTIFACT = Codec[CtrModel](
     CtrModel.to_json,
     CtrModel.from_json,
 )
+BID_LIST = Codec[tuple[np.ndarray, np.ndarray]](
+    "ascending ad ids as in an ad id list, then one float32 bid per id",
+    lambda bids: codecs.encode_bids(*bids),
+    codecs.decode_bids,
+)
 RUN_ID = Codec[str](
     "run id of the publishing run, UTF-8",
     str.encode,
@@ -165,6 +171,8 @@ ADS = KeyFamily("ads", None, COLUMN_TABLE)
 CATE_FACTORS = KeyFamily("cate_factors", None, COLUMN_TABLE)
 MODEL = KeyFamily("model", None, MODEL_ARTIFACT)
 CATEGORY_ADS = KeyFamily("category_ads", None, COLUMN_TABLE)
+#: Absent from a version whose input had no bids file.
+BIDS = KeyFamily("bids", None, BID_LIST)
 SENTINEL = KeyFamily("sentinel", "number", RUN_ID)
 
 VERSIONED_FAMILIES: tuple[KeyFamily[Any], ...] = (
@@ -177,6 +185,7 @@ VERSIONED_FAMILIES: tuple[KeyFamily[Any], ...] = (
     CATE_FACTORS,
     MODEL,
     CATEGORY_ADS,
+    BIDS,
     SENTINEL,
 )
 

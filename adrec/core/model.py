@@ -1,9 +1,11 @@
 """The CTR model artifact: logistic-regression weights bound to one feature spec.
 
 Stored as JSON (weights listed by feature name, so a person can read them), never
-pickled. Loading an artifact whose feature spec id differs from the code's spec of
-the same name is refused: scoring with misaligned weights is the bug the original
-course shipped.
+pickled. It carries the per-placement calibration too (:class:`Calibration`), so the job
+that fits it, the ranking service and the gateway turn a model CTR into a calibrated pCTR
+with the one function here. Loading an artifact whose feature spec id differs from the
+code's spec of the same name is refused: scoring with misaligned weights is the bug the
+original course shipped.
 """
 
 from __future__ import annotations
@@ -20,8 +22,84 @@ from adrec.core.features import FeatureSpec, feature_spec
 ARTIFACT_FORMAT = "adrec.ctr_model.v1"
 
 
+#: CTRs are clipped to this distance from 0 and 1 before their logit is taken.
+_LOGIT_CLIP = 1e-12
+
+
 class ModelArtifactError(ValueError):
     """The artifact is malformed or does not match this code's feature spec."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacementCalibration:
+    """``pctr = sigmoid(slope * logit(ctr) + offset)`` at one placement (Platt scaling of
+    the model's logit). The slope is positive, so the order of a placement's ads holds."""
+
+    slope: float = 1.0
+    offset: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.slope) and np.isfinite(self.offset)) or self.slope <= 0:
+            raise ModelArtifactError(
+                f"a calibration needs a positive finite slope and a finite offset, "
+                f"got {self.slope} and {self.offset}"
+            )
+
+
+IDENTITY = PlacementCalibration()
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Per placement (pid), the map from model CTR to calibrated pCTR; a placement without
+    one (and every placement of an artifact written before calibration) keeps the CTR."""
+
+    by_pid: Mapping[str, PlacementCalibration] = dataclasses.field(default_factory=dict)
+
+    def for_pid(self, pid: str) -> PlacementCalibration:
+        return self.by_pid.get(pid, IDENTITY)
+
+    def apply(self, pid: str, ctrs: np.ndarray) -> np.ndarray:
+        """Calibrated pCTRs of model CTRs at one placement."""
+        calibration = self.for_pid(pid)
+        if calibration == IDENTITY:
+            return np.asarray(ctrs, dtype=np.float64)
+        clipped = np.clip(np.asarray(ctrs, dtype=np.float64), _LOGIT_CLIP, 1 - _LOGIT_CLIP)
+        logits = np.log(clipped / (1.0 - clipped))
+        pctrs: np.ndarray = 1.0 / (1.0 + np.exp(-(calibration.slope * logits + calibration.offset)))
+        return pctrs
+
+    def apply_rows(self, pids: np.ndarray, ctrs: np.ndarray) -> np.ndarray:
+        """Calibrated pCTRs of rows that each carry their own placement."""
+        ctrs = np.asarray(ctrs, dtype=np.float64)
+        pctrs = ctrs.copy()
+        for pid in self.by_pid:
+            at_pid = pids == pid
+            if at_pid.any():
+                pctrs[at_pid] = self.apply(pid, ctrs[at_pid])
+        return pctrs
+
+    def to_document(self) -> dict[str, dict[str, float]]:
+        return {
+            pid: {"slope": float(c.slope), "offset": float(c.offset)}
+            for pid, c in sorted(self.by_pid.items())
+        }
+
+    @classmethod
+    def from_document(cls, document: Any) -> Calibration:
+        if not isinstance(document, dict):
+            raise ModelArtifactError("model artifact calibration is not an object")
+        try:
+            return cls(
+                {
+                    str(pid): PlacementCalibration(float(c["slope"]), float(c["offset"]))
+                    for pid, c in document.items()
+                }
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, ModelArtifactError):
+                raise
+            raise ModelArtifactError(f"model artifact has a bad calibration: {exc}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +109,7 @@ class CtrModel:
     intercept: float
     metrics: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     trained_at: str = ""
+    calibration: Calibration = Calibration()
 
     def __post_init__(self) -> None:
         weights = np.asarray(self.weights, dtype=np.float64)
@@ -61,6 +140,7 @@ class CtrModel:
             },
             "metrics": dict(self.metrics),
             "trained_at": self.trained_at,
+            "calibration": self.calibration.to_document(),
         }
         return json.dumps(document, indent=1, allow_nan=False).encode()
 
@@ -94,4 +174,5 @@ class CtrModel:
             intercept=intercept,
             metrics=document.get("metrics", {}),
             trained_at=document.get("trained_at", ""),
+            calibration=Calibration.from_document(document.get("calibration", {})),
         )

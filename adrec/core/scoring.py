@@ -13,7 +13,13 @@ service (``services.ranking.snapshot``, one user per request) both score through
   user over that user's candidates, so a user scored in a batch meets the very arithmetic
   of a request (a matrix product's rounding can depend on the shape it is given);
 - order: CTR descending, equal CTRs in candidate order - the order recall produced,
-  category rank then within-category order - then the first ``top_k`` (:func:`best_first`).
+  category rank then within-category order - then the first ``top_k`` (:func:`best_first`);
+  or, asked for :attr:`RankBy.ECPM`, eCPM descending (:func:`by_ecpm`).
+
+Beside the model's CTR a ranked ad carries its calibrated pCTR (the artifact's per-placement
+:class:`adrec.core.model.Calibration`), and, when the version has bids (``keys.BIDS``), its
+bid and eCPM: pCTR x bid x :data:`CPM_IMPRESSIONS`. Calibration is monotone at one
+placement, so ranking by pCTR is ranking by CTR.
 
 Why the per-column sums equal encode + predict: every block of a feature spec reads one
 input column, and the model is linear, so a row's margin is the intercept plus one
@@ -36,6 +42,8 @@ random rows and returns None for a spec it cannot split (a new kind of column).
 from __future__ import annotations
 
 import dataclasses
+import enum
+import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -72,8 +80,49 @@ _AFFINE_PROBES = np.array([-8.0, -1.5, -0.25, 0.0, 0.5, 1.0, 2.75, 16.0])
 HistoryCounts = Mapping[tuple[events.Kind, events.Scope, int], tuple[int, ...]]
 
 
+#: A bid is a price per click, so pCTR x bid is the expected revenue of one impression;
+#: eCPM states it per thousand impressions, the unit ad servers compare prices in.
+CPM_IMPRESSIONS = 1000.0
+#: Feature contributions an explained ad carries.
+EXPLAINED_FEATURES = 3
+
+
 class ScoringDataError(ValueError):
     """An ad table or category factors that cannot be scored against."""
+
+
+class RankBy(enum.Enum):
+    """What a ranked list is ordered by."""
+
+    #: Calibrated pCTR (the same order as the model's CTR).
+    PCTR = "pctr"
+    #: pCTR x bid; ads without a bid come after every ad with one, by pCTR.
+    ECPM = "ecpm"
+
+
+def ecpm(pctrs: np.ndarray, bids: np.ndarray) -> np.ndarray:
+    """eCPM of each ad: NaN where the ad has no bid (a NaN bid)."""
+    values: np.ndarray = pctrs * bids * CPM_IMPRESSIONS
+    return values
+
+
+def present(values: np.ndarray | None) -> list[float | None] | None:
+    """Bids or eCPMs as a list with None for an ad without a bid (NaN); None stays None."""
+    if values is None:
+        return None
+    return [None if math.isnan(value) else value for value in values.tolist()]
+
+
+def by_ecpm(ctrs: np.ndarray, ecpms: np.ndarray, top_k: int) -> np.ndarray:
+    """Positions of the best ``top_k`` candidates (all when 0) by eCPM, best first.
+
+    Equal eCPMs, and all the ads without a bid (NaN), which come last, go by CTR as
+    :func:`best_first` orders them, so in candidate order when those tie too.
+    """
+    by_ctr = best_first(ctrs, 0)
+    keys = np.nan_to_num(ecpms[by_ctr], nan=-np.inf)
+    order = by_ctr[np.argsort(-keys, kind="stable")]
+    return order[:top_k] if top_k else order
 
 
 # ------------------------------------------------------------------ lookup and order
@@ -161,6 +210,14 @@ def best_first(ctrs: np.ndarray, top_k: int, lists: np.ndarray | None = None) ->
     return order
 
 
+def _bids_by_row(index: AdIndex, ad_ids: np.ndarray, bids: np.ndarray) -> np.ndarray:
+    by_row = np.full(len(index.ad_ids), np.nan)
+    rows = index.rows(np.asarray(ad_ids, dtype=np.int64))
+    known = rows >= 0
+    by_row[rows[known]] = np.asarray(bids, dtype=np.float64)[known]
+    return by_row
+
+
 def _rows_in(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Position of each of `ids` in the ascending `sorted_ids`, -1 where absent."""
     if not len(sorted_ids):
@@ -199,6 +256,21 @@ class Ranked(NamedTuple):
     ad_ids: np.ndarray
     ctrs: np.ndarray
     unknown_ads: int
+    #: Calibrated, row-aligned with ``ctrs``.
+    pctrs: np.ndarray
+    #: NaN for an ad without a bid; None when the version has no bids at all.
+    bids: np.ndarray | None
+    ecpms: np.ndarray | None
+    #: Rows of the ranked ads in the ad table, for :meth:`CtrScorer.contributions`.
+    rows: np.ndarray
+
+
+class Contribution(NamedTuple):
+    """One encoded feature's share of an ad's margin: its weight times its value."""
+
+    feature: str
+    column: str
+    margin: float
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -221,6 +293,8 @@ class CtrScorer:
     compiled: CompiledModel | None
     uses_affinity: bool
     uses_history: bool
+    #: Bid of each ad, row-aligned with the ad table, NaN for none; None without bids.
+    bids: np.ndarray | None = None
 
     @classmethod
     def build(
@@ -229,9 +303,12 @@ class CtrScorer:
         ads: Mapping[str, np.ndarray],
         cate_ids: np.ndarray,
         cate_factors: np.ndarray,
+        bids: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> CtrScorer:
-        """Prepare the ad table (sorted by id) and the category factors (sorted by category,
-        ``(categories, rank)``); raises ScoringDataError for data that cannot be scored."""
+        """Prepare the ad table (sorted by id), the category factors (sorted by category,
+        ``(categories, rank)``) and the version's bids (ad ids and bids, as ``keys.BIDS``
+        holds them; bids of ads the table lacks are ignored); raises ScoringDataError for
+        data that cannot be scored."""
         missing = [column for column in AD_COLUMNS if column not in ads]
         if missing:
             raise ScoringDataError(f"ad table lacks columns {missing}")
@@ -258,6 +335,7 @@ class CtrScorer:
             compiled=CompiledModel.compile(model, ad_numeric) if len(index.ad_ids) else None,
             uses_affinity=PAIR_COLUMN in model.spec.input_columns,
             uses_history=bool(set(HISTORY_COLUMNS) & set(model.spec.input_columns)),
+            bids=None if bids is None else _bids_by_row(index, *bids),
         )
 
     @property
@@ -271,19 +349,87 @@ class CtrScorer:
         candidates: np.ndarray,
         top_k: int,
         history: HistoryCounts | None = None,
+        rank_by: RankBy = RankBy.PCTR,
     ) -> Ranked:
         """The best ``top_k`` known candidates of one user (all when 0), best first.
 
         ``history``: the user's window counts (:func:`adrec.core.events.window_counts`);
         None (no real-time state) counts 0 everywhere, as the job encodes a user without
-        events.
+        events. ``rank_by`` ECPM needs the version's bids (:attr:`has_bids`).
         """
         found = known_candidates(self.index, candidates)
+        calibration = self.model.calibration
         if not len(found.rows):
-            return Ranked(found.ids, np.zeros(0), found.unknown)
+            none = np.zeros(0)
+            no_bids = None if self.bids is None else none
+            return Ranked(found.ids, none, found.unknown, none, no_bids, no_bids, found.rows)
         ctrs = self.ctrs(pid, user, found.rows, history)
+        if rank_by is RankBy.ECPM:
+            if self.bids is None:
+                raise ScoringDataError("the version has no bids to rank by eCPM")
+            pctrs = calibration.apply(pid, ctrs)
+            bids = self.bids.take(found.rows)
+            ecpms = ecpm(pctrs, bids)
+            order = by_ecpm(ctrs, ecpms, top_k)
+            return Ranked(
+                found.ids[order],
+                ctrs[order],
+                found.unknown,
+                pctrs[order],
+                bids[order],
+                ecpms[order],
+                found.rows[order],
+            )
         order = best_first(ctrs, top_k)
-        return Ranked(found.ids[order], ctrs[order], found.unknown)
+        rows = found.rows[order]
+        ranked_ctrs = ctrs[order]
+        ranked_pctrs = calibration.apply(pid, ranked_ctrs)
+        ranked_bids = None if self.bids is None else self.bids.take(rows)
+        return Ranked(
+            found.ids[order],
+            ranked_ctrs,
+            found.unknown,
+            ranked_pctrs,
+            ranked_bids,
+            None if ranked_bids is None else ecpm(ranked_pctrs, ranked_bids),
+            rows,
+        )
+
+    @property
+    def has_bids(self) -> bool:
+        return self.bids is not None
+
+    def contributions(
+        self,
+        pid: str,
+        user: UserFeatures,
+        rows: np.ndarray,
+        history: HistoryCounts | None = None,
+        top: int = EXPLAINED_FEATURES,
+    ) -> list[list[Contribution]]:
+        """For each ad at ``rows``, its ``top`` features by the size of weight x value.
+
+        Encoded by the shared encoder, so they are the terms of the very margin the model
+        scored (the intercept aside); for explaining a few ads, not for ranking many.
+        """
+        columns: dict[str, np.ndarray | str | float] = {"pid": pid, **user.columns()}
+        for name, values in self.ad_numeric.items():
+            columns[name] = values[rows]
+        columns[PAIR_COLUMN] = (
+            self.affinity(user, rows) if self.uses_affinity else np.full(len(rows), np.nan)
+        )
+        counts = self.history_columns(history, rows) if history and self.uses_history else None
+        for name in HISTORY_COLUMNS:
+            columns[name] = counts[name] if counts else 0.0
+        spec = self.model.spec
+        terms = spec.encode(columns).astype(np.float64) * self.model.weights
+        names = spec.feature_names
+        column_of = [block.column for block in spec.blocks for _ in block.names]
+        largest = np.argsort(-np.abs(terms), axis=1, kind="stable")[:, :top]
+        return [
+            [Contribution(names[slot], column_of[slot], float(terms[i, slot])) for slot in slots]
+            for i, slots in enumerate(largest.tolist())
+        ]
 
     def rank_lists(
         self,

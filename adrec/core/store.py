@@ -92,6 +92,9 @@ class VersionWriter:
         }
         self.client.set(keys.CATE_FACTORS.key(self.version), keys.CATE_FACTORS.encode(table))
 
+    def put_bids(self, ad_ids: np.ndarray, bids: np.ndarray) -> None:
+        self.client.set(keys.BIDS.key(self.version), keys.BIDS.encode((ad_ids, bids)))
+
     def put_model(self, model: CtrModel) -> None:
         self.client.set(keys.MODEL.key(self.version), keys.MODEL.encode(model))
 

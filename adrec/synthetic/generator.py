@@ -15,7 +15,7 @@ from adrec.synthetic.manifest import build_manifest
 from adrec.synthetic.model import calibrate
 from adrec.synthetic.presets import PRESETS, Preset
 from adrec.synthetic.progress import Progress
-from adrec.synthetic.tables import write_ad_feature, write_user_profile
+from adrec.synthetic.tables import write_ad_feature, write_bids, write_user_profile
 from adrec.synthetic.truth import TRUTH
 from adrec.synthetic.world import build_world
 
@@ -35,7 +35,7 @@ def generate(
     workers: int = 2,
     progress: bool = True,
 ) -> GenerationResult:
-    """Write the four files, the truth side file and the manifest into ``out_dir``.
+    """Write the four files, the bids, the truth side file and the manifest into ``out_dir``.
 
     Each file appears under its final name only when complete, and the manifest last, so an
     interrupted run never leaves a directory that looks complete.
@@ -62,6 +62,11 @@ def generate(
         writer(world, out)
         seconds[name] = time.perf_counter() - started
         report.line(f"{name} written")
+
+    started = time.perf_counter()
+    bid_rows = write_bids(world, out)
+    seconds["bids.csv"] = time.perf_counter() - started
+    report.line(f"bids.csv written: {bid_rows:,} ads with a bid")
 
     started = time.perf_counter()
     totals = write_blocks(world, out, workers, report)

@@ -21,6 +21,8 @@ class Stream:
     COUNTS = 3
     CALIBRATION = 4
     BLOCK = 5
+    #: Advertiser bids: a stream of its own, so adding them changed no other draw.
+    BIDS = 6
 
 
 def random_stream(seed: int, stream: int, index: int = 0) -> np.random.Generator:

@@ -8,8 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from adrec.core.dataset import AD_FEATURE, NULL_BRAND, USER_PROFILE
-from adrec.synthetic.files import atomic_file, write_table
+from adrec.core.dataset import AD_FEATURE, BIDS_FILE, BIDS_HEADER, NULL_BRAND, USER_PROFILE
+from adrec.synthetic.files import atomic_file, fixed_decimals, write_table
+from adrec.synthetic.sampling import Stream, random_stream
 from adrec.synthetic.truth import MISSING
 from adrec.synthetic.world import World
 
@@ -29,6 +30,29 @@ def write_ad_feature(world: World, out: Path) -> None:
     )
     with atomic_file(out / AD_FEATURE.csv_file) as handle:
         write_table(handle, AD_FEATURE.header, table)
+
+
+#: Share of the ads with a bid: the rest show how ranking by eCPM treats ads without one.
+BID_SHARE = 0.95
+#: Bids per click are lognormal: median 0.5, most between 0.15 and 1.7, in cents.
+BID_LOG_MEDIAN = float(np.log(0.5))
+BID_LOG_SD = 0.6
+MIN_BID = 0.01
+
+
+def write_bids(world: World, out: Path) -> int:
+    """``bids.csv``: a lognormal bid for most ads, by ad id; returns the rows written.
+
+    Clicks do not depend on bids, so the planted truth is unchanged by them."""
+    rng = random_stream(world.seed, Stream.BIDS)
+    order = np.argsort(world.ad_ids, kind="stable")
+    with_bid = rng.random(len(order)) < BID_SHARE
+    bids = np.maximum(np.exp(rng.normal(BID_LOG_MEDIAN, BID_LOG_SD, len(order))), MIN_BID)
+    chosen = order[with_bid[order]]
+    table = pa.table({"adgroup_id": world.ad_ids[chosen], "bid": fixed_decimals(bids[chosen], 2)})
+    with atomic_file(out / BIDS_FILE) as handle:
+        write_table(handle, BIDS_HEADER, table)
+    return len(chosen)
 
 
 def write_user_profile(world: World, out: Path) -> None:

@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1.7
 #
-# adrec services image: `adrec serve recall|ranking|gateway`.
+# adrec services image: `adrec serve recall|ranking|gateway|events|admin`.
 #
 # No Java and no Spark: the package is installed without its `job` extra, so pyspark,
 # pandas, pyarrow and scikit-learn are never pulled. Build from the repository root
@@ -59,8 +59,9 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
 USER 10001:10001
 WORKDIR /tmp
 
-# gRPC: recall 50051, ranking 50052, gateway 50053, events 50054; Prometheus /metrics: 9464.
-EXPOSE 50051 50052 50053 50054 9464
+# gRPC: recall 50051, ranking 50052, gateway 50053, events 50054, admin 50055; Prometheus
+# /metrics: 9464.
+EXPOSE 50051 50052 50053 50054 50055 9464
 
 ENTRYPOINT ["adrec"]
 CMD ["serve", "--help"]

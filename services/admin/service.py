@@ -42,11 +42,6 @@ from services.runtime.server import ServiceSpec
 #: Changes ListAdStateChanges returns unless told, and at most.
 DEFAULT_CHANGES = 50
 MAX_CHANGES = 1000
-#: The `op` labels of the admin API's Redis commands in adrec_redis_latency_seconds and
-#: adrec_redis_errors_total.
-READ_OP = "ad_state_read"
-WRITE_OP = "ad_state_write"
-HISTORY_OP = "ad_state_history"
 
 _LEVELS = {
     pb.AD_LEVEL_ADGROUP: Level.ADGROUP,
@@ -70,7 +65,6 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         self.store = adstate.AdStateStore(reader.client)
         self.hierarchy: AdHierarchy | None = None
         self.version: str | None = None
-        self.metrics.declare_redis_ops((READ_OP, WRITE_OP, HISTORY_OP))
 
     @property
     def spec(self) -> ServiceSpec:
@@ -110,7 +104,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         self.metrics.set_data_version(version, meta.created_at_unix if meta else None)
         self.log.info("checking ids against data version %s", version, extra={"version": version})
 
-    async def _redis(self, op: str, what: str, work: Awaitable[Result]) -> Result:
+    async def _redis(self, op: RedisOp, what: str, work: Awaitable[Result]) -> Result:
         """`work` bounded by the Redis timeout, its latency and errors recorded under `op`."""
         latency = self.metrics.redis_latency(op)
         start = time.perf_counter()
@@ -166,7 +160,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         assert target is not None and status is not None
         try:
             change = await self._redis(
-                WRITE_OP,
+                RedisOp.AD_STATE_WRITE,
                 "the ad states",
                 self.store.apply(*target, status, request.reason, start, end),
             )
@@ -196,7 +190,9 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         target = _target(checks, "target", request.target)
         checks.raise_if_any()
         assert target is not None
-        states: AdStates = await self._redis(READ_OP, "the ad states", self.store.read())
+        states: AdStates = await self._redis(
+            RedisOp.AD_STATE_READ, "the ad states", self.store.read()
+        )
         parents = self.hierarchy.parents(*target) if self.hierarchy is not None else []
         now = time.time()
         found = [
@@ -218,7 +214,9 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         request: pb.ListAdStatesRequest,
         context: grpc.aio.ServicerContext[pb.ListAdStatesRequest, pb.ListAdStatesResponse],
     ) -> pb.ListAdStatesResponse:
-        states: AdStates = await self._redis(READ_OP, "the ad states", self.store.read())
+        states: AdStates = await self._redis(
+            RedisOp.AD_STATE_READ, "the ad states", self.store.read()
+        )
         now = time.time()
         ordered = sorted(
             states.states.values(), key=lambda s: (adstate.LEVELS.index(s.level), s.id)
@@ -243,7 +241,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         limit = checks.in_range("limit", request.limit or DEFAULT_CHANGES, 1, MAX_CHANGES)
         checks.raise_if_any()
         changes: list[Change] = await self._redis(
-            HISTORY_OP, "the change log", self.store.history(limit, target)
+            RedisOp.AD_STATE_HISTORY, "the change log", self.store.history(limit, target)
         )
         now = time.time()
         return pb.ListAdStateChangesResponse(changes=[_change(change, now) for change in changes])

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import enum
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from prometheus_client import Counter
@@ -35,6 +34,7 @@ from adrec.core import adstate, keys
 from adrec.core.adstate import AdStates, Cap, Level
 from adrec.core.codecs import CodecError
 from adrec.core.events import Scope
+from adrec.core.scoring import present
 from services.runtime.data import LOAD_TIMEOUT_SECONDS, RedisOp, RedisReader
 from services.runtime.logs import LogThrottle, ServiceLogger
 from services.runtime.metrics import SERVICE_LABEL, enum_labels
@@ -64,14 +64,53 @@ _CAP_SCOPES = {
 ScoredAd = common_pb2.ScoredAd
 
 
-class ControlOp(enum.StrEnum):
-    """The controls' Redis operations: `op` labels of adrec_redis_latency_seconds and
-    adrec_redis_errors_total beside the runtime's own (:class:`RedisOp`)."""
+class AdScores(Protocol):
+    """The scores of offered candidates, by their position among them."""
 
-    AD_STATE_SEQ = "ad_state_seq"
-    AD_STATE = "ad_state"
-    SERVED_COUNTS = "served_counts"
-    RECORD_SERVED = "record_served"
+    def ad(self, index: int, ad_id: int) -> ScoredAd: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreLists:
+    """Scores as lists row-aligned with the offered ids; a None bid or eCPM: the ad has none,
+    and None lists: the version has no bids."""
+
+    ctrs: list[float]
+    pctrs: list[float]
+    bids: list[float | None] | None = None
+    ecpms: list[float | None] | None = None
+
+    @classmethod
+    def of(
+        cls,
+        ctrs: np.ndarray,
+        pctrs: np.ndarray,
+        bids: np.ndarray | None,
+        ecpms: np.ndarray | None,
+    ) -> ScoreLists:
+        """From arrays whose NaN bids and eCPMs mean none."""
+        return cls(ctrs.tolist(), pctrs.tolist(), present(bids), present(ecpms))
+
+    def ad(self, index: int, ad_id: int) -> ScoredAd:
+        if self.bids is None or self.ecpms is None:
+            return ScoredAd(ad_id=ad_id, ctr=self.ctrs[index], pctr=self.pctrs[index])
+        return ScoredAd(
+            ad_id=ad_id,
+            ctr=self.ctrs[index],
+            pctr=self.pctrs[index],
+            bid=self.bids[index],
+            ecpm=self.ecpms[index],
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RankedAds:
+    """Ranking's answer, its messages kept as they are."""
+
+    ads: Sequence[ScoredAd]
+
+    def ad(self, index: int, ad_id: int) -> ScoredAd:
+        return self.ads[index]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,7 +324,6 @@ class AdControls:
         self.reader = reader
         self.settings = settings
         self.log = log
-        reader.metrics.declare_redis_ops(ControlOp)
         self.catalog = AdCatalog.empty()
         self.states = AdStates.empty()
         self.paused = PausedAds.of(self.catalog, self.states, time.time())
@@ -324,13 +362,13 @@ class AdControls:
     async def prepare(self, user_id: int, controls: RequestControls, timeout: float) -> UserCounts:
         """Bring the ad states up to date and read what the caps count for `user_id`."""
         now = time.time()
-        reads = [self._get(keys.AD_STATE_SEQ, ControlOp.AD_STATE_SEQ, timeout)]
+        reads = [self._get(keys.AD_STATE_SEQ, RedisOp.AD_STATE_SEQ, timeout)]
         if controls.caps:
             reads.append(
                 self._get(keys.REALTIME_USER.key(user_id), RedisOp.REALTIME_STATE, timeout)
             )
             if self._served is not None:
-                reads.append(self._get(keys.served_key(user_id), ControlOp.SERVED_COUNTS, timeout))
+                reads.append(self._get(keys.served_key(user_id), RedisOp.SERVED_COUNTS, timeout))
         replies = await asyncio.gather(*reads)
         counter = replies[0]
         if counter is not None and int(counter) > self.paused.seq:
@@ -350,12 +388,11 @@ class AdControls:
             return UserCounts({})
         return UserCounts(adstate.capped_members(controls.caps, seen, served))
 
-    async def _get(self, key: bytes, op: str, timeout: float) -> bytes | None:
+    async def _get(self, key: bytes, op: RedisOp, timeout: float) -> bytes | None:
         """One GET; None when Redis fails it, which is logged: the controls then go on with
         what they hold."""
         try:
-            # RedisReader records whatever op it is given; its annotation names its own.
-            return await self.reader.get(key, op=op, timeout=timeout)  # type: ignore[arg-type]
+            return await self.reader.get(key, op=op, timeout=timeout)
         except RedisError as error:
             self._warn(f"cannot read {op}; serving with the ad states held", error)
             return None
@@ -364,7 +401,7 @@ class AdControls:
         async with self._reload_lock:
             if self.paused.seq >= counter:
                 return
-            raw = await self._get(keys.AD_STATE, ControlOp.AD_STATE, timeout)
+            raw = await self._get(keys.AD_STATE, RedisOp.AD_STATE, timeout)
             if raw is None:
                 return
             try:
@@ -392,13 +429,13 @@ class AdControls:
                 int(catalog.ids[row]), int(catalog.campaign[row]), int(catalog.customer[row])
             )
         ]
-        latency = self.reader.metrics.redis_latency(ControlOp.RECORD_SERVED)
+        latency = self.reader.metrics.redis_latency(RedisOp.RECORD_SERVED)
         start = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
                 await self._served.record(user_id, members, now)
         except (RedisError, TimeoutError) as error:
-            self.reader.metrics.redis_error(ControlOp.RECORD_SERVED)
+            self.reader.metrics.redis_error(RedisOp.RECORD_SERVED)
             self._warn("cannot record the ads served", error)
         finally:
             latency.observe(time.perf_counter() - start)
@@ -498,9 +535,9 @@ class Selection:
         self.chosen.update(ad.ad_id for ad in self.ads)
         return True
 
-    def offer(self, ad_ids: Any, ctrs: Any = None, checked: bool = False) -> int:
+    def offer(self, ad_ids: Any, scores: AdScores | None = None, checked: bool = False) -> int:
         """Append the servable ads of `ad_ids`, in order, until the answer is full; each
-        with its CTR from `ctrs` when given. Returns how many were appended.
+        with its scores from `scores` when given. Returns how many were appended.
 
         `checked`: the ads are ranking's answer to :meth:`for_ranking`'s candidates, so
         only their table and the diversity limits remain to check.
@@ -513,7 +550,6 @@ class Selection:
         chosen_before = len(self.ads)
         id_list = ids.tolist()
         reason_list = reasons.tolist()
-        ctr_list = None if ctrs is None else np.asarray(ctrs).tolist()
         if limits.any:
             values = [
                 column[rows].tolist()
@@ -542,11 +578,7 @@ class Selection:
                     per_value = self._per_value[dimension]
                     per_value[value] = per_value.get(value, 0) + 1
             self.chosen.add(ad_id)
-            self.ads.append(
-                ScoredAd(ad_id=ad_id)
-                if ctr_list is None
-                else ScoredAd(ad_id=ad_id, ctr=ctr_list[index])
-            )
+            self.ads.append(ScoredAd(ad_id=ad_id) if scores is None else scores.ad(index, ad_id))
             if len(self.ads) >= self.count:
                 break
         if filtered_ids:

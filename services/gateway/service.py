@@ -26,7 +26,7 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -41,15 +41,20 @@ from adrec.api.recall.v1 import recall_service_pb2, recall_service_pb2_grpc
 from adrec.core import keys
 from adrec.core.events import MAX_REQUEST_ID_LENGTH
 from adrec.core.metadata import VersionMeta
+from adrec.core.scoring import RankBy
 from services.gateway.controls import (
     DIVERSITY_HEADROOM,
     AdControls,
+    AdScores,
     ControlSettings,
+    RankedAds,
     RequestControls,
+    ScoreLists,
     Selection,
     UserCounts,
     request_controls,
 )
+from services.gateway.explain import explanations
 from services.gateway.versions import GatewayVersion
 from services.runtime.data import RedisOp, RedisReader
 from services.runtime.logs import LogThrottle, service_logger
@@ -64,6 +69,12 @@ DEFAULT_COUNT = 10
 MIN_REDIS_WAIT_SECONDS = 0.001
 
 ScoredAd = common_pb2.ScoredAd
+#: The request's rank_by -> what the ranked paths order by, and the value answered.
+_RANK_BY = {
+    common_pb2.RANK_BY_UNSPECIFIED: (RankBy.PCTR, common_pb2.RANK_BY_PCTR),
+    common_pb2.RANK_BY_PCTR: (RankBy.PCTR, common_pb2.RANK_BY_PCTR),
+    common_pb2.RANK_BY_ECPM: (RankBy.ECPM, common_pb2.RANK_BY_ECPM),
+}
 RecommendResponse = gateway_pb2.RecommendResponse
 REALTIME = gateway_pb2.RECOMMEND_MODE_REALTIME
 OFFLINE = gateway_pb2.RECOMMEND_MODE_OFFLINE
@@ -157,9 +168,9 @@ class _Deadline:
         return min(self.remaining() - self.budgets.fallback_reserve / 2, cap)
 
 
-#: A path's candidates for filling in a short answer: (path, ad ids, CTRs or None), or None
-#: when the path has none.
-_Candidates = tuple[gateway_pb2.ServingPath, Any, Any] | None
+#: A path's candidates for filling in a short answer: (path, ad ids, their scores or None),
+#: or None when the path has none.
+_Candidates = tuple[gateway_pb2.ServingPath, Any, AdScores | None] | None
 
 
 @dataclasses.dataclass
@@ -176,6 +187,11 @@ class _Call:
     controls: RequestControls
     #: The controls' reads for this call, running beside its first downstream call.
     prepared: asyncio.Future[UserCounts]
+    rank_by: RankBy = RankBy.PCTR
+    rank_by_value: common_pb2.RankBy = common_pb2.RANK_BY_PCTR
+    debug: bool = False
+    #: With `debug`: ranking's explanations of the ads it ranked on this call.
+    ranked_explanations: Sequence[ranking_service_pb2.AdExplanation] = ()
     selection: Selection | None = None
     recalled: recall_service_pb2.GetCandidatesResponse | None = None
     reasons: list[gateway_pb2.DegradationReason] = dataclasses.field(default_factory=list)
@@ -212,6 +228,7 @@ class _Call:
             request_id=self.request_id,
             filled_from=self.fills,
             filtered=self.chosen.filtered_counts(),
+            rank_by=self.rank_by_value,
         )
 
 
@@ -306,10 +323,20 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
         if mode not in (REALTIME, OFFLINE):
             checks.add("mode", f"unknown mode {mode}")
         controls = request_controls(checks, request, self.control_settings)
+        rank_by = _RANK_BY.get(request.rank_by)
+        if rank_by is None:
+            checks.add("rank_by", f"unknown value {request.rank_by}")
         checks.raise_if_any()
+        assert rank_by is not None  # checked above
         current = self.current
         if current is None:
             raise no_version_loaded(self.reader.last_failure, self._why_no_version())
+        if rank_by[0] is RankBy.ECPM and current.bids is None:
+            checks.add(
+                "rank_by",
+                f"RANK_BY_ECPM needs bids, and data version {current.version} has none",
+            )
+            checks.raise_if_any()
 
         deadline = _Deadline(context.time_remaining(), self.budgets)
         prepared = asyncio.ensure_future(
@@ -329,6 +356,9 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
             deadline=deadline,
             controls=controls,
             prepared=prepared,
+            rank_by=rank_by[0],
+            rank_by_value=rank_by[1],
+            debug=request.debug,
         )
         try:
             await (self._realtime(call) if mode == REALTIME else self._offline(call))
@@ -343,7 +373,12 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
                 time.time(),
                 max(deadline.for_fallback_read(self.budgets.redis_read), MIN_REDIS_WAIT_SECONDS),
             )
-        return call.response()
+        response = call.response()
+        if call.debug:
+            response.explanations.extend(
+                explanations(response, call.recalled, call.ranked_explanations, self.controls)
+            )
+        return response
 
     async def _prepare(self, call: _Call) -> Selection:
         if call.selection is None:
@@ -361,8 +396,8 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
             candidates = await candidates_of()
             if candidates is None:
                 continue
-            path, ad_ids, ctrs = candidates
-            appended = chosen.offer(ad_ids, ctrs)
+            path, ad_ids, scores = candidates
+            appended = chosen.offer(ad_ids, scores)
             if appended:
                 call.fills.append(gateway_pb2.FillIn(serving_path=path, ads=appended))
             if chosen.full:
@@ -413,6 +448,8 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
                 ad_ids=candidates,
                 top_k=call.count * DIVERSITY_HEADROOM if call.controls.limits.any else call.count,
                 request_id=call.request_id,
+                rank_by=call.rank_by_value,
+                explain=call.debug,
             ),
             call.deadline.for_downstream(self.budgets.ranking),
             call,
@@ -427,9 +464,10 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
                 self._popular(call)
             return
         if ranked is not None:
+            call.ranked_explanations = ranked.explanations
             if not chosen.take_ranked(ranked.ads, ranked.data_version):
-                ad_ids, ctrs = [ad.ad_id for ad in ranked.ads], [ad.ctr for ad in ranked.ads]
-                chosen.offer(ad_ids, ctrs, checked=True)
+                ad_ids = [ad.ad_id for ad in ranked.ads]
+                chosen.offer(ad_ids, RankedAds(ranked.ads), checked=True)
             call.path, call.source = gateway_pb2.SERVING_PATH_REALTIME_RANKED, PERSONAL
             call.data_version, call.model_version = ranked.data_version, ranked.model_version
             await self._fill(call, [offline, popular])
@@ -507,6 +545,7 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
         )
         if recalled is not None:
             self.metrics.candidates.observe(len(recalled.ad_ids))
+            call.recalled = recalled
         return recalled
 
     async def _call(
@@ -552,8 +591,9 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
         call.data_version, call.model_version = current.version, current.model_version
         return True
 
-    async def _read_offline(self, call: _Call) -> tuple[Any, Any] | None:
-        """The user's offline list and its CTRs at the call's placement; None without one."""
+    async def _read_offline(self, call: _Call) -> tuple[Any, ScoreLists] | None:
+        """The user's offline list and its scores at the call's placement, in the call's
+        order; None without one."""
         current = call.version
         try:
             scored = await self.reader.read(
@@ -577,8 +617,9 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
             scored = None
         if scored is None or not len(scored[0]):
             return None
-        ad_ids, ctrs = scored
-        return ad_ids, current.offline_ctrs(call.pid, ctrs)
+        ad_ids, stored = scored
+        served = current.offline_scores(call.pid, ad_ids, stored, call.rank_by)
+        return served.ad_ids, ScoreLists.of(served.ctrs, served.pctrs, served.bids, served.ecpms)
 
     def _popular(self, call: _Call) -> None:
         call.unscored(

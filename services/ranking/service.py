@@ -22,7 +22,7 @@ from adrec.core import keys
 from adrec.core.codecs import CodecError, UserFeatures
 from adrec.core.metadata import VersionMeta
 from adrec.core.model import ModelArtifactError
-from adrec.core.scoring import HistoryCounts
+from adrec.core.scoring import Contribution, HistoryCounts, RankBy
 from services.ranking.snapshot import RankingSnapshot, SnapshotError
 from services.runtime.data import LOAD_TIMEOUT_SECONDS, RedisOp, RedisReader
 from services.runtime.logs import service_logger
@@ -38,7 +38,14 @@ MAX_CANDIDATES = 1000
 MAX_TOP_K = 1000
 
 RankCandidatesResponse = ranking_service_pb2.RankCandidatesResponse
+AdExplanation = ranking_service_pb2.AdExplanation
 ScoredAd = common_pb2.ScoredAd
+FeatureContribution = common_pb2.FeatureContribution
+_RANK_BY = {
+    common_pb2.RANK_BY_UNSPECIFIED: RankBy.PCTR,
+    common_pb2.RANK_BY_PCTR: RankBy.PCTR,
+    common_pb2.RANK_BY_ECPM: RankBy.ECPM,
+}
 
 #: Why a published version is refused, by the error refusing it: the `reason` label of
 #: adrec_model_reload_failures_total, exported at 0 for each from the start.
@@ -51,6 +58,7 @@ _VERSION_DATA = (
     (keys.MODEL, RedisOp.LOAD_MODEL),
     (keys.ADS, RedisOp.LOAD_ADS),
     (keys.CATE_FACTORS, RedisOp.LOAD_CATE_FACTORS),
+    (keys.BIDS, RedisOp.LOAD_BIDS),
 )
 
 
@@ -82,14 +90,14 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
         return self.snapshot is not None
 
     async def load_version(self, version: str, meta: VersionMeta | None) -> None:
-        model_json, ad_table, cate_factors = [
+        model_json, ad_table, cate_factors, bids = [
             await self.reader.get(family.key(version), op=op, timeout=LOAD_TIMEOUT_SECONDS)
             for family, op in _VERSION_DATA
         ]
         try:
             # Decoding a large ad table takes a while: keep answering requests meanwhile.
             snapshot = await asyncio.to_thread(
-                RankingSnapshot.build, version, model_json, ad_table, cate_factors
+                RankingSnapshot.build, version, model_json, ad_table, cate_factors, bids
             )
         except tuple(REFUSAL_REASONS) as error:
             reason = next(r for kind, r in REFUSAL_REASONS.items() if isinstance(error, kind))
@@ -118,6 +126,7 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
                 "model_version": snapshot.model_version,
                 "ads": snapshot.ads,
                 "categories": len(snapshot.cate_ids),
+                "bids": snapshot.has_bids,
             },
         )
 
@@ -133,6 +142,9 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
         user_id = checks.positive_id("user_id", request.user_id)
         pid = checks.known_pid("pid", request.pid, required=True)
         top_k = checks.in_range("top_k", request.top_k, 0, MAX_TOP_K)
+        rank_by = _RANK_BY.get(request.rank_by)
+        if rank_by is None:
+            checks.add("rank_by", f"unknown value {request.rank_by}")
         count = len(request.ad_ids)
         candidates = np.array(request.ad_ids, dtype=np.int64)
         if count > MAX_CANDIDATES:
@@ -148,6 +160,13 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
         snapshot = self.snapshot
         if snapshot is None:
             raise no_version_loaded(self.reader.last_failure, "no CTR model loaded yet")
+        if rank_by is RankBy.ECPM and not snapshot.has_bids:
+            checks.add(
+                "rank_by",
+                f"RANK_BY_ECPM needs bids, and data version {snapshot.data_version} has none",
+            )
+            checks.raise_if_any()
+        assert rank_by is not None  # checked above
 
         user_read = self.reader.read(
             keys.USER, snapshot.data_version, user_id, op=RedisOp.USER_FEATURES
@@ -169,22 +188,32 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
         user = stored if stored is not None else UserFeatures.missing()
         history = self._history(user_id, state_raw)
 
-        scored = snapshot.score(pid, user, candidates, top_k, history)
+        scored = snapshot.score(pid, user, candidates, top_k, history, rank_by, request.explain)
         self.metrics.candidates.observe(count)
         if scored.unknown_ads:
             self.metrics.unknown_ads.inc(scored.unknown_ads)
         if stored is None:
             self.metrics.user_profiles_missing.inc()
+        if scored.bids is None or scored.ecpms is None:
+            ads = [
+                ScoredAd(ad_id=ad_id, ctr=ctr, pctr=pctr)
+                for ad_id, ctr, pctr in zip(scored.ad_ids, scored.ctrs, scored.pctrs, strict=True)
+            ]
+        else:
+            ads = [
+                ScoredAd(ad_id=ad_id, ctr=ctr, pctr=pctr, bid=bid, ecpm=ecpm)
+                for ad_id, ctr, pctr, bid, ecpm in zip(
+                    scored.ad_ids, scored.ctrs, scored.pctrs, scored.bids, scored.ecpms, strict=True
+                )
+            ]
         return RankCandidatesResponse(
-            ads=[
-                ScoredAd(ad_id=ad_id, ctr=ctr)
-                for ad_id, ctr in zip(scored.ad_ids, scored.ctrs, strict=True)
-            ],
+            ads=ads,
             model_version=snapshot.model_version,
             data_version=snapshot.data_version,
             unknown_ads_skipped=scored.unknown_ads,
             user_profile_found=stored is not None,
             behaviour_counts_found=history is not None,
+            explanations=_explanations(scored.ad_ids, scored.contributions),
         )
 
     def _history(self, user_id: int, state_raw: object) -> HistoryCounts | None:
@@ -210,3 +239,20 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
             return None
         counts = state.window_counts(int(time.time()))
         return counts or None
+
+
+def _explanations(
+    ad_ids: list[int], contributions: list[list[Contribution]] | None
+) -> list[ranking_service_pb2.AdExplanation]:
+    if contributions is None:
+        return []
+    return [
+        AdExplanation(
+            ad_id=ad_id,
+            contributions=[
+                FeatureContribution(feature=c.feature, column=c.column, margin=c.margin)
+                for c in terms
+            ],
+        )
+        for ad_id, terms in zip(ad_ids, contributions, strict=True)
+    ]

@@ -16,7 +16,14 @@ import numpy as np
 
 from adrec.core import codecs, keys
 from adrec.core.codecs import UserFeatures
-from adrec.core.scoring import CtrScorer, HistoryCounts, ScoringDataError
+from adrec.core.scoring import (
+    Contribution,
+    CtrScorer,
+    HistoryCounts,
+    RankBy,
+    ScoringDataError,
+    present,
+)
 from services.runtime.data import model_version
 
 
@@ -31,6 +38,12 @@ class Scored:
     ad_ids: list[int]
     ctrs: list[float]
     unknown_ads: int
+    pctrs: list[float]
+    #: None for an ad without a bid; None altogether when the version has no bids.
+    bids: list[float | None] | None
+    ecpms: list[float | None] | None
+    #: Each ad's largest feature contributions, when asked to explain.
+    contributions: list[list[Contribution]] | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -46,8 +59,11 @@ class RankingSnapshot:
         model_json: bytes | None,
         ad_table: bytes | None,
         cate_factors: bytes | None,
+        bids: bytes | None = None,
     ) -> RankingSnapshot:
-        """Decode and prepare a version; raises ModelArtifactError or SnapshotError."""
+        """Decode and prepare a version; raises ModelArtifactError or SnapshotError.
+
+        ``bids`` None: the version has none (its input had no bids file)."""
         if model_json is None:
             raise SnapshotError(f"version {data_version} has no CTR model")
         if ad_table is None:
@@ -60,7 +76,8 @@ class RankingSnapshot:
                 if cate_factors is not None
                 else {"cate_id": np.zeros(0, np.int32), "factors": np.zeros((0, 0), np.float32)}
             )
-            scorer = CtrScorer.build(model, table, factors["cate_id"], factors["factors"])
+            bid_list = keys.BIDS.decode(bids) if bids is not None else None
+            scorer = CtrScorer.build(model, table, factors["cate_id"], factors["factors"], bid_list)
         except (codecs.CodecError, ScoringDataError) as error:
             raise SnapshotError(f"version {data_version}: {error}") from None
         return cls(data_version, model_version(data_version, model.spec.spec_id), scorer)
@@ -74,6 +91,10 @@ class RankingSnapshot:
         return self.scorer.cate_ids
 
     @property
+    def has_bids(self) -> bool:
+        return self.scorer.has_bids
+
+    @property
     def reads_history(self) -> bool:
         """Whether the model reads the user's real-time behaviour counts."""
         return self.scorer.uses_history
@@ -85,7 +106,18 @@ class RankingSnapshot:
         candidates: np.ndarray,
         top_k: int,
         history: HistoryCounts | None = None,
+        rank_by: RankBy = RankBy.PCTR,
+        explain: bool = False,
     ) -> Scored:
-        """The best `top_k` distinct candidates (all when 0), CTR descending, ties in order."""
-        ranked = self.scorer.rank(pid, user, candidates, top_k, history)
-        return Scored(ranked.ad_ids.tolist(), ranked.ctrs.tolist(), ranked.unknown_ads)
+        """The best `top_k` distinct candidates (all when 0) by `rank_by`, ties in order;
+        with `explain`, each one's largest feature contributions too."""
+        ranked = self.scorer.rank(pid, user, candidates, top_k, history, rank_by)
+        return Scored(
+            ranked.ad_ids.tolist(),
+            ranked.ctrs.tolist(),
+            ranked.unknown_ads,
+            ranked.pctrs.tolist(),
+            present(ranked.bids),
+            present(ranked.ecpms),
+            self.scorer.contributions(pid, user, ranked.rows, history) if explain else None,
+        )

@@ -56,6 +56,18 @@ class RedisOp(enum.StrEnum):
     #: A user's real-time state (interest and counts), kept by the stream job.
     REALTIME_STATE = "realtime_state"
     LOAD_CATEGORY_ADS = "load_category_ads"
+    LOAD_BIDS = "load_bids"
+    #: The gateway's controls: the ad state change counter, read per request, and the
+    #: states themselves, read when it moved.
+    AD_STATE_SEQ = "ad_state_seq"
+    AD_STATE = "ad_state"
+    #: The ads the gateway returned to a user lately (frequency caps): read, and added to.
+    SERVED_COUNTS = "served_counts"
+    RECORD_SERVED = "record_served"
+    #: The admin API's commands: states and their change log read, a change written.
+    AD_STATE_READ = "ad_state_read"
+    AD_STATE_WRITE = "ad_state_write"
+    AD_STATE_HISTORY = "ad_state_history"
 
 
 #: Bound on reading a whole version's bulk data (the ad table, the largest value of a

@@ -24,15 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61\x64rec/common/v1/common.proto\x12\x0f\x61\x64rec.common.v1\"3\n\x08ScoredAd\x12\r\n\x05\x61\x64_id\x18\x01 \x01(\x03\x12\x10\n\x03\x63tr\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x06\n\x04_ctr*p\n\x0f\x43\x61ndidateSource\x12 \n\x1c\x43\x41NDIDATE_SOURCE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43\x41NDIDATE_SOURCE_PERSONAL\x10\x01\x12\x1c\n\x18\x43\x41NDIDATE_SOURCE_POPULAR\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61\x64rec/common/v1/common.proto\x12\x0f\x61\x64rec.common.v1\"\x85\x01\n\x08ScoredAd\x12\r\n\x05\x61\x64_id\x18\x01 \x01(\x03\x12\x10\n\x03\x63tr\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04pctr\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x10\n\x03\x62id\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04\x65\x63pm\x18\x05 \x01(\x02H\x03\x88\x01\x01\x42\x06\n\x04_ctrB\x07\n\x05_pctrB\x06\n\x04_bidB\x07\n\x05_ecpm\"F\n\x13\x46\x65\x61tureContribution\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x0e\n\x06\x63olumn\x18\x02 \x01(\t\x12\x0e\n\x06margin\x18\x03 \x01(\x01*E\n\x06RankBy\x12\x17\n\x13RANK_BY_UNSPECIFIED\x10\x00\x12\x10\n\x0cRANK_BY_PCTR\x10\x01\x12\x10\n\x0cRANK_BY_ECPM\x10\x02*p\n\x0f\x43\x61ndidateSource\x12 \n\x1c\x43\x41NDIDATE_SOURCE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43\x41NDIDATE_SOURCE_PERSONAL\x10\x01\x12\x1c\n\x18\x43\x41NDIDATE_SOURCE_POPULAR\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'adrec.api.common.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CANDIDATESOURCE']._serialized_start=102
-  _globals['_CANDIDATESOURCE']._serialized_end=214
-  _globals['_SCOREDAD']._serialized_start=49
-  _globals['_SCOREDAD']._serialized_end=100
+  _globals['_RANKBY']._serialized_start=257
+  _globals['_RANKBY']._serialized_end=326
+  _globals['_CANDIDATESOURCE']._serialized_start=328
+  _globals['_CANDIDATESOURCE']._serialized_end=440
+  _globals['_SCOREDAD']._serialized_start=50
+  _globals['_SCOREDAD']._serialized_end=183
+  _globals['_FEATURECONTRIBUTION']._serialized_start=185
+  _globals['_FEATURECONTRIBUTION']._serialized_end=255
 # @@protoc_insertion_point(module_scope)

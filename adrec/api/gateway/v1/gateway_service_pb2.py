@@ -25,35 +25,39 @@ _sym_db = _symbol_database.Default()
 from adrec.api.common.v1 import common_pb2 as adrec_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&adrec/gateway/v1/gateway_service.proto\x12\x10\x61\x64rec.gateway.v1\x1a\x1c\x61\x64rec/common/v1/common.proto\"\x88\x02\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x0b\n\x03pid\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12-\n\x04mode\x18\x04 \x01(\x0e\x32\x1f.adrec.gateway.v1.RecommendMode\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x16\n\x0e\x65xclude_ad_ids\x18\x06 \x03(\x03\x12\x36\n\x0e\x66requency_caps\x18\x07 \x03(\x0b\x32\x1e.adrec.gateway.v1.FrequencyCap\x12\x34\n\tdiversity\x18\x08 \x01(\x0b\x32!.adrec.gateway.v1.DiversityLimits\"h\n\x0c\x46requencyCap\x12)\n\x05scope\x18\x01 \x01(\x0e\x32\x1a.adrec.gateway.v1.CapScope\x12\x17\n\x0fmax_impressions\x18\x02 \x01(\x05\x12\x14\n\x0cwindow_hours\x18\x03 \x01(\x05\"\\\n\x0f\x44iversityLimits\x12\x18\n\x10max_per_category\x18\x01 \x01(\x05\x12\x15\n\rmax_per_brand\x18\x02 \x01(\x05\x12\x18\n\x10max_per_customer\x18\x03 \x01(\x05\"\xc0\x03\n\x11RecommendResponse\x12&\n\x03\x61\x64s\x18\x01 \x03(\x0b\x32\x19.adrec.common.v1.ScoredAd\x12\x33\n\x0cserving_path\x18\x02 \x01(\x0e\x32\x1d.adrec.gateway.v1.ServingPath\x12@\n\x13\x64\x65gradation_reasons\x18\x03 \x03(\x0e\x32#.adrec.gateway.v1.DegradationReason\x12:\n\x10\x63\x61ndidate_source\x18\x04 \x01(\x0e\x32 .adrec.common.v1.CandidateSource\x12-\n\x04mode\x18\x05 \x01(\x0e\x32\x1f.adrec.gateway.v1.RecommendMode\x12\x14\n\x0c\x64\x61ta_version\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12-\n\x0b\x66illed_from\x18\t \x03(\x0b\x32\x18.adrec.gateway.v1.FillIn\x12\x31\n\x08\x66iltered\x18\n \x03(\x0b\x32\x1f.adrec.gateway.v1.FilteredCount\"J\n\x06\x46illIn\x12\x33\n\x0cserving_path\x18\x01 \x01(\x0e\x32\x1d.adrec.gateway.v1.ServingPath\x12\x0b\n\x03\x61\x64s\x18\x02 \x01(\x05\"S\n\rFilteredCount\x12.\n\x06reason\x18\x01 \x01(\x0e\x32\x1e.adrec.gateway.v1.FilterReason\x12\x12\n\ncandidates\x18\x02 \x01(\x05*g\n\x08\x43\x61pScope\x12\x19\n\x15\x43\x41P_SCOPE_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x43\x41P_SCOPE_AD\x10\x01\x12\x16\n\x12\x43\x41P_SCOPE_CAMPAIGN\x10\x02\x12\x16\n\x12\x43\x41P_SCOPE_CUSTOMER\x10\x03*\xb8\x01\n\x0c\x46ilterReason\x12\x1d\n\x19\x46ILTER_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46ILTER_REASON_PAUSED\x10\x01\x12\x18\n\x14\x46ILTER_REASON_CAPPED\x10\x02\x12\x1a\n\x16\x46ILTER_REASON_EXCLUDED\x10\x03\x12\x1b\n\x17\x46ILTER_REASON_DIVERSITY\x10\x04\x12\x1c\n\x18\x46ILTER_REASON_UNKNOWN_AD\x10\x05*h\n\rRecommendMode\x12\x1e\n\x1aRECOMMEND_MODE_UNSPECIFIED\x10\x00\x12\x1b\n\x17RECOMMEND_MODE_REALTIME\x10\x01\x12\x1a\n\x16RECOMMEND_MODE_OFFLINE\x10\x02*\xa7\x01\n\x0bServingPath\x12\x1c\n\x18SERVING_PATH_UNSPECIFIED\x10\x00\x12 \n\x1cSERVING_PATH_REALTIME_RANKED\x10\x01\x12\x1f\n\x1bSERVING_PATH_OFFLINE_RANKED\x10\x02\x12\x1d\n\x19SERVING_PATH_RECALL_ORDER\x10\x03\x12\x18\n\x14SERVING_PATH_POPULAR\x10\x04*\x92\x03\n\x11\x44\x65gradationReason\x12\"\n\x1e\x44\x45GRADATION_REASON_UNSPECIFIED\x10\x00\x12*\n&DEGRADATION_REASON_RANKING_UNAVAILABLE\x10\x01\x12\x30\n,DEGRADATION_REASON_RANKING_DEADLINE_EXCEEDED\x10\x02\x12$\n DEGRADATION_REASON_NO_RECALL_SET\x10\x03\x12&\n\"DEGRADATION_REASON_NO_OFFLINE_LIST\x10\x04\x12)\n%DEGRADATION_REASON_RECALL_UNAVAILABLE\x10\x05\x12/\n+DEGRADATION_REASON_RECALL_DEADLINE_EXCEEDED\x10\x06\x12*\n&DEGRADATION_REASON_NO_KNOWN_CANDIDATES\x10\x07\x12%\n!DEGRADATION_REASON_FILTERED_SHORT\x10\x08\x32\x66\n\x0eGatewayService\x12T\n\tRecommend\x12\".adrec.gateway.v1.RecommendRequest\x1a#.adrec.gateway.v1.RecommendResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&adrec/gateway/v1/gateway_service.proto\x12\x10\x61\x64rec.gateway.v1\x1a\x1c\x61\x64rec/common/v1/common.proto\"\xc1\x02\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x0b\n\x03pid\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12-\n\x04mode\x18\x04 \x01(\x0e\x32\x1f.adrec.gateway.v1.RecommendMode\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x16\n\x0e\x65xclude_ad_ids\x18\x06 \x03(\x03\x12\x36\n\x0e\x66requency_caps\x18\x07 \x03(\x0b\x32\x1e.adrec.gateway.v1.FrequencyCap\x12\x34\n\tdiversity\x18\x08 \x01(\x0b\x32!.adrec.gateway.v1.DiversityLimits\x12(\n\x07rank_by\x18\t \x01(\x0e\x32\x17.adrec.common.v1.RankBy\x12\r\n\x05\x64\x65\x62ug\x18\n \x01(\x08\"\x8d\x02\n\x07\x41\x64\x44\x65\x62ug\x12\r\n\x05\x61\x64_id\x18\x01 \x01(\x03\x12\x33\n\x0cserving_path\x18\x02 \x01(\x0e\x32\x1d.adrec.gateway.v1.ServingPath\x12\x31\n\x06origin\x18\x03 \x01(\x0e\x32!.adrec.gateway.v1.CandidateOrigin\x12\x17\n\x0frecall_position\x18\x04 \x01(\x05\x12\x19\n\x11\x61ls_category_rank\x18\x05 \x01(\x05\x12\x11\n\x04pctr\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12;\n\rcontributions\x18\x07 \x03(\x0b\x32$.adrec.common.v1.FeatureContributionB\x07\n\x05_pctr\"h\n\x0c\x46requencyCap\x12)\n\x05scope\x18\x01 \x01(\x0e\x32\x1a.adrec.gateway.v1.CapScope\x12\x17\n\x0fmax_impressions\x18\x02 \x01(\x05\x12\x14\n\x0cwindow_hours\x18\x03 \x01(\x05\"\\\n\x0f\x44iversityLimits\x12\x18\n\x10max_per_category\x18\x01 \x01(\x05\x12\x15\n\rmax_per_brand\x18\x02 \x01(\x05\x12\x18\n\x10max_per_customer\x18\x03 \x01(\x05\"\x9b\x04\n\x11RecommendResponse\x12&\n\x03\x61\x64s\x18\x01 \x03(\x0b\x32\x19.adrec.common.v1.ScoredAd\x12\x33\n\x0cserving_path\x18\x02 \x01(\x0e\x32\x1d.adrec.gateway.v1.ServingPath\x12@\n\x13\x64\x65gradation_reasons\x18\x03 \x03(\x0e\x32#.adrec.gateway.v1.DegradationReason\x12:\n\x10\x63\x61ndidate_source\x18\x04 \x01(\x0e\x32 .adrec.common.v1.CandidateSource\x12-\n\x04mode\x18\x05 \x01(\x0e\x32\x1f.adrec.gateway.v1.RecommendMode\x12\x14\n\x0c\x64\x61ta_version\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12-\n\x0b\x66illed_from\x18\t \x03(\x0b\x32\x18.adrec.gateway.v1.FillIn\x12\x31\n\x08\x66iltered\x18\n \x03(\x0b\x32\x1f.adrec.gateway.v1.FilteredCount\x12/\n\x0c\x65xplanations\x18\x0b \x03(\x0b\x32\x19.adrec.gateway.v1.AdDebug\x12(\n\x07rank_by\x18\x0c \x01(\x0e\x32\x17.adrec.common.v1.RankBy\"J\n\x06\x46illIn\x12\x33\n\x0cserving_path\x18\x01 \x01(\x0e\x32\x1d.adrec.gateway.v1.ServingPath\x12\x0b\n\x03\x61\x64s\x18\x02 \x01(\x05\"S\n\rFilteredCount\x12.\n\x06reason\x18\x01 \x01(\x0e\x32\x1e.adrec.gateway.v1.FilterReason\x12\x12\n\ncandidates\x18\x02 \x01(\x05*\xbf\x01\n\x0f\x43\x61ndidateOrigin\x12 \n\x1c\x43\x41NDIDATE_ORIGIN_UNSPECIFIED\x10\x00\x12!\n\x1d\x43\x41NDIDATE_ORIGIN_ALS_CATEGORY\x10\x01\x12&\n\"CANDIDATE_ORIGIN_REALTIME_INTEREST\x10\x02\x12\x1c\n\x18\x43\x41NDIDATE_ORIGIN_POPULAR\x10\x03\x12!\n\x1d\x43\x41NDIDATE_ORIGIN_OFFLINE_LIST\x10\x04*g\n\x08\x43\x61pScope\x12\x19\n\x15\x43\x41P_SCOPE_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x43\x41P_SCOPE_AD\x10\x01\x12\x16\n\x12\x43\x41P_SCOPE_CAMPAIGN\x10\x02\x12\x16\n\x12\x43\x41P_SCOPE_CUSTOMER\x10\x03*\xb8\x01\n\x0c\x46ilterReason\x12\x1d\n\x19\x46ILTER_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46ILTER_REASON_PAUSED\x10\x01\x12\x18\n\x14\x46ILTER_REASON_CAPPED\x10\x02\x12\x1a\n\x16\x46ILTER_REASON_EXCLUDED\x10\x03\x12\x1b\n\x17\x46ILTER_REASON_DIVERSITY\x10\x04\x12\x1c\n\x18\x46ILTER_REASON_UNKNOWN_AD\x10\x05*h\n\rRecommendMode\x12\x1e\n\x1aRECOMMEND_MODE_UNSPECIFIED\x10\x00\x12\x1b\n\x17RECOMMEND_MODE_REALTIME\x10\x01\x12\x1a\n\x16RECOMMEND_MODE_OFFLINE\x10\x02*\xa7\x01\n\x0bServingPath\x12\x1c\n\x18SERVING_PATH_UNSPECIFIED\x10\x00\x12 \n\x1cSERVING_PATH_REALTIME_RANKED\x10\x01\x12\x1f\n\x1bSERVING_PATH_OFFLINE_RANKED\x10\x02\x12\x1d\n\x19SERVING_PATH_RECALL_ORDER\x10\x03\x12\x18\n\x14SERVING_PATH_POPULAR\x10\x04*\x92\x03\n\x11\x44\x65gradationReason\x12\"\n\x1e\x44\x45GRADATION_REASON_UNSPECIFIED\x10\x00\x12*\n&DEGRADATION_REASON_RANKING_UNAVAILABLE\x10\x01\x12\x30\n,DEGRADATION_REASON_RANKING_DEADLINE_EXCEEDED\x10\x02\x12$\n DEGRADATION_REASON_NO_RECALL_SET\x10\x03\x12&\n\"DEGRADATION_REASON_NO_OFFLINE_LIST\x10\x04\x12)\n%DEGRADATION_REASON_RECALL_UNAVAILABLE\x10\x05\x12/\n+DEGRADATION_REASON_RECALL_DEADLINE_EXCEEDED\x10\x06\x12*\n&DEGRADATION_REASON_NO_KNOWN_CANDIDATES\x10\x07\x12%\n!DEGRADATION_REASON_FILTERED_SHORT\x10\x08\x32\x66\n\x0eGatewayService\x12T\n\tRecommend\x12\".adrec.gateway.v1.RecommendRequest\x1a#.adrec.gateway.v1.RecommendResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'adrec.api.gateway.v1.gateway_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CAPSCOPE']._serialized_start=1169
-  _globals['_CAPSCOPE']._serialized_end=1272
-  _globals['_FILTERREASON']._serialized_start=1275
-  _globals['_FILTERREASON']._serialized_end=1459
-  _globals['_RECOMMENDMODE']._serialized_start=1461
-  _globals['_RECOMMENDMODE']._serialized_end=1565
-  _globals['_SERVINGPATH']._serialized_start=1568
-  _globals['_SERVINGPATH']._serialized_end=1735
-  _globals['_DEGRADATIONREASON']._serialized_start=1738
-  _globals['_DEGRADATIONREASON']._serialized_end=2140
+  _globals['_CANDIDATEORIGIN']._serialized_start=1590
+  _globals['_CANDIDATEORIGIN']._serialized_end=1781
+  _globals['_CAPSCOPE']._serialized_start=1783
+  _globals['_CAPSCOPE']._serialized_end=1886
+  _globals['_FILTERREASON']._serialized_start=1889
+  _globals['_FILTERREASON']._serialized_end=2073
+  _globals['_RECOMMENDMODE']._serialized_start=2075
+  _globals['_RECOMMENDMODE']._serialized_end=2179
+  _globals['_SERVINGPATH']._serialized_start=2182
+  _globals['_SERVINGPATH']._serialized_end=2349
+  _globals['_DEGRADATIONREASON']._serialized_start=2352
+  _globals['_DEGRADATIONREASON']._serialized_end=2754
   _globals['_RECOMMENDREQUEST']._serialized_start=91
-  _globals['_RECOMMENDREQUEST']._serialized_end=355
-  _globals['_FREQUENCYCAP']._serialized_start=357
-  _globals['_FREQUENCYCAP']._serialized_end=461
-  _globals['_DIVERSITYLIMITS']._serialized_start=463
-  _globals['_DIVERSITYLIMITS']._serialized_end=555
-  _globals['_RECOMMENDRESPONSE']._serialized_start=558
-  _globals['_RECOMMENDRESPONSE']._serialized_end=1006
-  _globals['_FILLIN']._serialized_start=1008
-  _globals['_FILLIN']._serialized_end=1082
-  _globals['_FILTEREDCOUNT']._serialized_start=1084
-  _globals['_FILTEREDCOUNT']._serialized_end=1167
-  _globals['_GATEWAYSERVICE']._serialized_start=2142
-  _globals['_GATEWAYSERVICE']._serialized_end=2244
+  _globals['_RECOMMENDREQUEST']._serialized_end=412
+  _globals['_ADDEBUG']._serialized_start=415
+  _globals['_ADDEBUG']._serialized_end=684
+  _globals['_FREQUENCYCAP']._serialized_start=686
+  _globals['_FREQUENCYCAP']._serialized_end=790
+  _globals['_DIVERSITYLIMITS']._serialized_start=792
+  _globals['_DIVERSITYLIMITS']._serialized_end=884
+  _globals['_RECOMMENDRESPONSE']._serialized_start=887
+  _globals['_RECOMMENDRESPONSE']._serialized_end=1426
+  _globals['_FILLIN']._serialized_start=1428
+  _globals['_FILLIN']._serialized_end=1502
+  _globals['_FILTEREDCOUNT']._serialized_start=1504
+  _globals['_FILTEREDCOUNT']._serialized_end=1587
+  _globals['_GATEWAYSERVICE']._serialized_start=2756
+  _globals['_GATEWAYSERVICE']._serialized_end=2858
 # @@protoc_insertion_point(module_scope)

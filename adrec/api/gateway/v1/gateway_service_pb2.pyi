@@ -8,6 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class CandidateOrigin(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CANDIDATE_ORIGIN_UNSPECIFIED: _ClassVar[CandidateOrigin]
+    CANDIDATE_ORIGIN_ALS_CATEGORY: _ClassVar[CandidateOrigin]
+    CANDIDATE_ORIGIN_REALTIME_INTEREST: _ClassVar[CandidateOrigin]
+    CANDIDATE_ORIGIN_POPULAR: _ClassVar[CandidateOrigin]
+    CANDIDATE_ORIGIN_OFFLINE_LIST: _ClassVar[CandidateOrigin]
+
 class CapScope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CAP_SCOPE_UNSPECIFIED: _ClassVar[CapScope]
@@ -49,6 +57,11 @@ class DegradationReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DEGRADATION_REASON_RECALL_DEADLINE_EXCEEDED: _ClassVar[DegradationReason]
     DEGRADATION_REASON_NO_KNOWN_CANDIDATES: _ClassVar[DegradationReason]
     DEGRADATION_REASON_FILTERED_SHORT: _ClassVar[DegradationReason]
+CANDIDATE_ORIGIN_UNSPECIFIED: CandidateOrigin
+CANDIDATE_ORIGIN_ALS_CATEGORY: CandidateOrigin
+CANDIDATE_ORIGIN_REALTIME_INTEREST: CandidateOrigin
+CANDIDATE_ORIGIN_POPULAR: CandidateOrigin
+CANDIDATE_ORIGIN_OFFLINE_LIST: CandidateOrigin
 CAP_SCOPE_UNSPECIFIED: CapScope
 CAP_SCOPE_AD: CapScope
 CAP_SCOPE_CAMPAIGN: CapScope
@@ -78,7 +91,7 @@ DEGRADATION_REASON_NO_KNOWN_CANDIDATES: DegradationReason
 DEGRADATION_REASON_FILTERED_SHORT: DegradationReason
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user_id", "pid", "count", "mode", "request_id", "exclude_ad_ids", "frequency_caps", "diversity")
+    __slots__ = ("user_id", "pid", "count", "mode", "request_id", "exclude_ad_ids", "frequency_caps", "diversity", "rank_by", "debug")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +100,8 @@ class RecommendRequest(_message.Message):
     EXCLUDE_AD_IDS_FIELD_NUMBER: _ClassVar[int]
     FREQUENCY_CAPS_FIELD_NUMBER: _ClassVar[int]
     DIVERSITY_FIELD_NUMBER: _ClassVar[int]
+    RANK_BY_FIELD_NUMBER: _ClassVar[int]
+    DEBUG_FIELD_NUMBER: _ClassVar[int]
     user_id: int
     pid: str
     count: int
@@ -95,7 +110,27 @@ class RecommendRequest(_message.Message):
     exclude_ad_ids: _containers.RepeatedScalarFieldContainer[int]
     frequency_caps: _containers.RepeatedCompositeFieldContainer[FrequencyCap]
     diversity: DiversityLimits
-    def __init__(self, user_id: _Optional[int] = ..., pid: _Optional[str] = ..., count: _Optional[int] = ..., mode: _Optional[_Union[RecommendMode, str]] = ..., request_id: _Optional[str] = ..., exclude_ad_ids: _Optional[_Iterable[int]] = ..., frequency_caps: _Optional[_Iterable[_Union[FrequencyCap, _Mapping]]] = ..., diversity: _Optional[_Union[DiversityLimits, _Mapping]] = ...) -> None: ...
+    rank_by: _common_pb2.RankBy
+    debug: bool
+    def __init__(self, user_id: _Optional[int] = ..., pid: _Optional[str] = ..., count: _Optional[int] = ..., mode: _Optional[_Union[RecommendMode, str]] = ..., request_id: _Optional[str] = ..., exclude_ad_ids: _Optional[_Iterable[int]] = ..., frequency_caps: _Optional[_Iterable[_Union[FrequencyCap, _Mapping]]] = ..., diversity: _Optional[_Union[DiversityLimits, _Mapping]] = ..., rank_by: _Optional[_Union[_common_pb2.RankBy, str]] = ..., debug: _Optional[bool] = ...) -> None: ...
+
+class AdDebug(_message.Message):
+    __slots__ = ("ad_id", "serving_path", "origin", "recall_position", "als_category_rank", "pctr", "contributions")
+    AD_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVING_PATH_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    RECALL_POSITION_FIELD_NUMBER: _ClassVar[int]
+    ALS_CATEGORY_RANK_FIELD_NUMBER: _ClassVar[int]
+    PCTR_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    ad_id: int
+    serving_path: ServingPath
+    origin: CandidateOrigin
+    recall_position: int
+    als_category_rank: int
+    pctr: float
+    contributions: _containers.RepeatedCompositeFieldContainer[_common_pb2.FeatureContribution]
+    def __init__(self, ad_id: _Optional[int] = ..., serving_path: _Optional[_Union[ServingPath, str]] = ..., origin: _Optional[_Union[CandidateOrigin, str]] = ..., recall_position: _Optional[int] = ..., als_category_rank: _Optional[int] = ..., pctr: _Optional[float] = ..., contributions: _Optional[_Iterable[_Union[_common_pb2.FeatureContribution, _Mapping]]] = ...) -> None: ...
 
 class FrequencyCap(_message.Message):
     __slots__ = ("scope", "max_impressions", "window_hours")
@@ -118,7 +153,7 @@ class DiversityLimits(_message.Message):
     def __init__(self, max_per_category: _Optional[int] = ..., max_per_brand: _Optional[int] = ..., max_per_customer: _Optional[int] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("ads", "serving_path", "degradation_reasons", "candidate_source", "mode", "data_version", "model_version", "request_id", "filled_from", "filtered")
+    __slots__ = ("ads", "serving_path", "degradation_reasons", "candidate_source", "mode", "data_version", "model_version", "request_id", "filled_from", "filtered", "explanations", "rank_by")
     ADS_FIELD_NUMBER: _ClassVar[int]
     SERVING_PATH_FIELD_NUMBER: _ClassVar[int]
     DEGRADATION_REASONS_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +164,8 @@ class RecommendResponse(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FILLED_FROM_FIELD_NUMBER: _ClassVar[int]
     FILTERED_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATIONS_FIELD_NUMBER: _ClassVar[int]
+    RANK_BY_FIELD_NUMBER: _ClassVar[int]
     ads: _containers.RepeatedCompositeFieldContainer[_common_pb2.ScoredAd]
     serving_path: ServingPath
     degradation_reasons: _containers.RepeatedScalarFieldContainer[DegradationReason]
@@ -139,7 +176,9 @@ class RecommendResponse(_message.Message):
     request_id: str
     filled_from: _containers.RepeatedCompositeFieldContainer[FillIn]
     filtered: _containers.RepeatedCompositeFieldContainer[FilteredCount]
-    def __init__(self, ads: _Optional[_Iterable[_Union[_common_pb2.ScoredAd, _Mapping]]] = ..., serving_path: _Optional[_Union[ServingPath, str]] = ..., degradation_reasons: _Optional[_Iterable[_Union[DegradationReason, str]]] = ..., candidate_source: _Optional[_Union[_common_pb2.CandidateSource, str]] = ..., mode: _Optional[_Union[RecommendMode, str]] = ..., data_version: _Optional[str] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., filled_from: _Optional[_Iterable[_Union[FillIn, _Mapping]]] = ..., filtered: _Optional[_Iterable[_Union[FilteredCount, _Mapping]]] = ...) -> None: ...
+    explanations: _containers.RepeatedCompositeFieldContainer[AdDebug]
+    rank_by: _common_pb2.RankBy
+    def __init__(self, ads: _Optional[_Iterable[_Union[_common_pb2.ScoredAd, _Mapping]]] = ..., serving_path: _Optional[_Union[ServingPath, str]] = ..., degradation_reasons: _Optional[_Iterable[_Union[DegradationReason, str]]] = ..., candidate_source: _Optional[_Union[_common_pb2.CandidateSource, str]] = ..., mode: _Optional[_Union[RecommendMode, str]] = ..., data_version: _Optional[str] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., filled_from: _Optional[_Iterable[_Union[FillIn, _Mapping]]] = ..., filtered: _Optional[_Iterable[_Union[FilteredCount, _Mapping]]] = ..., explanations: _Optional[_Iterable[_Union[AdDebug, _Mapping]]] = ..., rank_by: _Optional[_Union[_common_pb2.RankBy, str]] = ...) -> None: ...
 
 class FillIn(_message.Message):
     __slots__ = ("serving_path", "ads")

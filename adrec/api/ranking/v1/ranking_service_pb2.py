@@ -25,17 +25,19 @@ _sym_db = _symbol_database.Default()
 from adrec.api.common.v1 import common_pb2 as adrec_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&adrec/ranking/v1/ranking_service.proto\x12\x10\x61\x64rec.ranking.v1\x1a\x1c\x61\x64rec/common/v1/common.proto\"h\n\x15RankCandidatesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x0b\n\x03pid\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x64_ids\x18\x03 \x03(\x03\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\xc6\x01\n\x16RankCandidatesResponse\x12&\n\x03\x61\x64s\x18\x01 \x03(\x0b\x32\x19.adrec.common.v1.ScoredAd\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x61ta_version\x18\x03 \x01(\t\x12\x1b\n\x13unknown_ads_skipped\x18\x04 \x01(\x05\x12\x1a\n\x12user_profile_found\x18\x05 \x01(\x08\x12\x1e\n\x16\x62\x65haviour_counts_found\x18\x06 \x01(\x08\x32u\n\x0eRankingService\x12\x63\n\x0eRankCandidates\x12\'.adrec.ranking.v1.RankCandidatesRequest\x1a(.adrec.ranking.v1.RankCandidatesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&adrec/ranking/v1/ranking_service.proto\x12\x10\x61\x64rec.ranking.v1\x1a\x1c\x61\x64rec/common/v1/common.proto\"\xa3\x01\n\x15RankCandidatesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x0b\n\x03pid\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x64_ids\x18\x03 \x03(\x03\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12(\n\x07rank_by\x18\x06 \x01(\x0e\x32\x17.adrec.common.v1.RankBy\x12\x0f\n\x07\x65xplain\x18\x07 \x01(\x08\"[\n\rAdExplanation\x12\r\n\x05\x61\x64_id\x18\x01 \x01(\x03\x12;\n\rcontributions\x18\x02 \x03(\x0b\x32$.adrec.common.v1.FeatureContribution\"\xfd\x01\n\x16RankCandidatesResponse\x12&\n\x03\x61\x64s\x18\x01 \x03(\x0b\x32\x19.adrec.common.v1.ScoredAd\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x61ta_version\x18\x03 \x01(\t\x12\x1b\n\x13unknown_ads_skipped\x18\x04 \x01(\x05\x12\x1a\n\x12user_profile_found\x18\x05 \x01(\x08\x12\x1e\n\x16\x62\x65haviour_counts_found\x18\x06 \x01(\x08\x12\x35\n\x0c\x65xplanations\x18\x07 \x03(\x0b\x32\x1f.adrec.ranking.v1.AdExplanation2u\n\x0eRankingService\x12\x63\n\x0eRankCandidates\x12\'.adrec.ranking.v1.RankCandidatesRequest\x1a(.adrec.ranking.v1.RankCandidatesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'adrec.api.ranking.v1.ranking_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RANKCANDIDATESREQUEST']._serialized_start=90
-  _globals['_RANKCANDIDATESREQUEST']._serialized_end=194
-  _globals['_RANKCANDIDATESRESPONSE']._serialized_start=197
-  _globals['_RANKCANDIDATESRESPONSE']._serialized_end=395
-  _globals['_RANKINGSERVICE']._serialized_start=397
-  _globals['_RANKINGSERVICE']._serialized_end=514
+  _globals['_RANKCANDIDATESREQUEST']._serialized_start=91
+  _globals['_RANKCANDIDATESREQUEST']._serialized_end=254
+  _globals['_ADEXPLANATION']._serialized_start=256
+  _globals['_ADEXPLANATION']._serialized_end=347
+  _globals['_RANKCANDIDATESRESPONSE']._serialized_start=350
+  _globals['_RANKCANDIDATESRESPONSE']._serialized_end=603
+  _globals['_RANKINGSERVICE']._serialized_start=605
+  _globals['_RANKINGSERVICE']._serialized_end=722
 # @@protoc_insertion_point(module_scope)

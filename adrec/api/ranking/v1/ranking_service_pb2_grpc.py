@@ -62,7 +62,7 @@ class RankingServiceServicer:
 
     def RankCandidates(self, request, context):
         """Scores a user's candidate ads for a placement and returns the best
-        `top_k` by predicted CTR.
+        `top_k` by calibrated pCTR or, asked for, by eCPM.
 
         Candidates the loaded version has no features for are skipped and
         counted, not an error. A user without a profile is scored with the
