@@ -1,9 +1,9 @@
 """Each micro-batch, applied to Redis: the ad table of the active version, the writes, metrics.
 
-Each task writes the part of the batch it holds (its partition of the de-duplicated
-events), so a batch is one Spark job with no shuffle. ``foreachBatch`` may run a batch
-again after a failure (Structured Streaming's guarantee is at least once) with the same
-events in the same parts: the state script, told the part, makes the second run a no-op
+Each task writes the part of the batch it holds (the de-duplicated events partitioned by
+user), so a batch is one Spark job. ``foreachBatch`` may run a batch again after a failure
+(Structured Streaming's guarantee is at least once) with the same events in the same
+parts: the state script, told the part, makes the second run a no-op
 for every value the first reached, so the job's effect is exactly once per event.
 """
 
@@ -161,7 +161,7 @@ def _apply_part(run: str, batch_id: int, now: int, version: str, table: Any) -> 
 
 class BatchSink:
     """The ``foreachBatch`` function of the stream query: one Spark job per micro-batch,
-    each task writing the part of the batch it holds."""
+    each task writing the part of the batch it holds, all of a user's events in one part."""
 
     def __init__(self, session: SparkSession, run: str, on_batch: Any):
         self.session = session
@@ -169,12 +169,21 @@ class BatchSink:
         self.client = connect(settings.load(RedisSettings))
         self.ads = ActiveAds(session, self.client)
         self.on_batch = on_batch
+        self.parts: int | None = None
 
     def __call__(self, batch: DataFrame, batch_id: int) -> None:
         started = time.monotonic()
         version, table = self.ads.current()
         now = int(time.time())
-        rows = batch.mapInArrow(
+        # A user's state is one value, rewritten whole by each script call: all of a
+        # user's events in one part make it one call per batch. The de-duplication's parts
+        # follow the event id, which would spread a user over every part.
+        # As many parts as the de-duplication has, a number its checkpoint fixes: a batch
+        # replayed after a restart with other settings is cut the same way.
+        if self.parts is None:
+            self.parts = batch.rdd.getNumPartitions()
+        parts = batch.repartition(self.parts, "user_id")
+        rows = parts.mapInArrow(
             _apply_part(self.run, batch_id, now, version, table), SUMMARY_SCHEMA
         ).collect()
         summary = [row for row in rows if row["kind"] is not None]
