@@ -12,9 +12,10 @@
 - :func:`batch_summary` counts a part's events by kind, placement, path and model.
 
 The last three run inside each task, on the part of the batch it holds (all of its
-users' events): one Spark job per micro-batch. Impressions and clicks name an ad; its category, campaign
-and customer come from the active version's ad table (:class:`AdLookup`). An ad absent
-from it still counts for the ad and the user x ad fields.
+users' events): one Spark job per micro-batch. Impressions and clicks name an ad; its
+category, campaign and customer come from the active version's ad table
+(:class:`AdLookup`). An ad absent from it still counts for the ad and the user x ad
+fields.
 """
 
 from __future__ import annotations
