@@ -86,7 +86,10 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     settings.add_flags(JobConfig, parser)
     settings.add_flags(RedisSettings, parser)
     parser.add_argument(
-        "--report-json", type=pathlib.Path, help="also write the quality report to this file"
+        "--report-json",
+        type=pathlib.Path,
+        help="also write the quality report to this file, and its ROC and reliability "
+        "pictures (roc.png, reliability.png, report.html) next to it",
     )
 
 
@@ -115,6 +118,11 @@ def run(args: argparse.Namespace) -> int:
         raise JobResourceError(problem) from None
     if args.report_json:
         args.report_json.write_text(result.report_json())
+        if ctr := result.report.get("ctr"):
+            # Matplotlib only when pictures are wanted.
+            from jobs.plots import write_report_plots  # noqa: PLC0415
+
+            write_report_plots(args.report_json.parent, ctr)
     print(result.report_text())
     return 0
 

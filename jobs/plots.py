@@ -28,12 +28,11 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from jobs.report import model_label
+from jobs.report import ORACLE, ctr_models, model_label
 
 ROC_FILE = "roc.png"
 RELIABILITY_FILE = "reliability.png"
 HTML_FILE = "report.html"
-ORACLE = "oracle"
 #: Inches at 100 dots per inch: 800 x 600 pixels.
 FIGURE_SIZE = (8.0, 6.0)
 DPI = 100
@@ -80,6 +79,13 @@ def write_plots(
         encoding="utf-8",
     )
     return paths
+
+
+def write_report_plots(out_dir: str | Path, ctr: Mapping[str, Any]) -> dict[str, Path]:
+    """:func:`write_plots` for a job report's CTR section: every model it lists, its
+    oracle and its served feature set."""
+    models = {name: metrics for name, metrics in ctr_models(ctr) if name != ORACLE}
+    return write_plots(out_dir, models, ctr.get(ORACLE), served=ctr.get("served_feature_set"))
 
 
 def _style(name: str) -> dict[str, Any]:

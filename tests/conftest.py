@@ -113,6 +113,8 @@ class PublishedData:
     redis: PrivateRedis
     version: str
     report: dict
+    #: Where the job wrote the report (--report-json), its pictures beside it.
+    report_path: pathlib.Path
 
 
 @pytest.fixture(scope="session")
@@ -159,7 +161,7 @@ def published_tiny(tiny_data, tmp_path_factory) -> PublishedData:
                 pytrace=False,
             )
         report = json.loads(report_path.read_text())
-        yield PublishedData(tiny_data, server, report["version"], report)
+        yield PublishedData(tiny_data, server, report["version"], report, report_path)
 
 
 @pytest.fixture(scope="session")

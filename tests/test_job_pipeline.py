@@ -20,9 +20,11 @@ from adrec.core.metadata import VersionContent
 from adrec.core.redis_conn import RedisSettings
 from adrec.core.redis_server import free_port
 from adrec.core.settings import SettingsError, load
+from jobs import plots
 from jobs.config import STAGES, JobConfig
 from jobs.offline import OFFLINE_PID
 from jobs.pipeline import JobInputError, run_job
+from jobs.report import ctr_models
 
 
 @pytest.fixture
@@ -84,6 +86,19 @@ def test_report_has_every_quality_figure(published_tiny):
     assert calibration["after"]["logloss"] < calibration["before"]["logloss"] * 1.01
     assert 0.9 * report["features"]["ads"] < report["features"]["ads_with_bid"]
     assert report["features"]["ads_with_bid"] < report["features"]["ads"]
+
+
+def test_the_report_json_has_its_pictures_beside_it(published_tiny):
+    folder = published_tiny.report_path.parent
+    for name in (plots.ROC_FILE, plots.RELIABILITY_FILE):
+        picture = (folder / name).read_bytes()
+        assert picture.startswith(b"\x89PNG\r\n\x1a\n"), name
+    page = (folder / plots.HTML_FILE).read_text()
+    ctr = published_tiny.report["ctr"]
+    # Every model of the report has its row on the page, the served one marked.
+    for name, _ in ctr_models(ctr):
+        assert f">{name}" in page, name
+    assert f"{ctr['served_feature_set']} (served)" in page
 
 
 def test_the_version_carries_the_bids_file_and_the_calibration(published_tiny, published_client):
