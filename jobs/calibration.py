@@ -27,18 +27,17 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F  # noqa: N812 - the conventional alias
 from pyspark.sql import types as T  # noqa: N812
 
-from adrec.core.model import Calibration, PlacementCalibration
+from adrec.core.model import LOGIT_CLIP, Calibration, PlacementCalibration
 
 #: Fewest held-out impressions of a pid worth fitting two parameters on.
 MIN_ROWS = 200
 MAX_STEPS = 25
 #: Newton stops once no parameter moves by more than this.
 CONVERGED = 1e-9
-_CLIP = 1e-12
 
 
 def _logit(probability: Column) -> Column:
-    clipped = F.least(F.greatest(probability, F.lit(_CLIP)), F.lit(1 - _CLIP))
+    clipped = F.least(F.greatest(probability, F.lit(LOGIT_CLIP)), F.lit(1 - LOGIT_CLIP))
     return F.log(clipped / (F.lit(1.0) - clipped))
 
 

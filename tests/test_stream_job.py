@@ -48,8 +48,7 @@ def _raw(spark, lines):
 
 
 def _ad_table() -> dict[str, np.ndarray]:
-    # Not in id order: the lookup sorts.
-    columns = np.array(ADS[::-1], dtype=np.int64).T
+    columns = np.array(ADS, dtype=np.int64).T
     return dict(zip(("adgroup_id", "cate_id", "campaign_id", "customer_id"), columns, strict=True))
 
 

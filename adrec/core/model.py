@@ -22,8 +22,9 @@ from adrec.core.features import FeatureSpec, feature_spec
 ARTIFACT_FORMAT = "adrec.ctr_model.v1"
 
 
-#: CTRs are clipped to this distance from 0 and 1 before their logit is taken.
-_LOGIT_CLIP = 1e-12
+#: CTRs are clipped to this distance from 0 and 1 before their logit is taken, in the
+#: job's fit as in serving.
+LOGIT_CLIP = 1e-12
 
 
 class ModelArtifactError(ValueError):
@@ -64,7 +65,7 @@ class Calibration:
         calibration = self.for_pid(pid)
         if calibration == IDENTITY:
             return np.asarray(ctrs, dtype=np.float64)
-        clipped = np.clip(np.asarray(ctrs, dtype=np.float64), _LOGIT_CLIP, 1 - _LOGIT_CLIP)
+        clipped = np.clip(np.asarray(ctrs, dtype=np.float64), LOGIT_CLIP, 1 - LOGIT_CLIP)
         logits = np.log(clipped / (1.0 - clipped))
         pctrs: np.ndarray = 1.0 / (1.0 + np.exp(-(calibration.slope * logits + calibration.offset)))
         return pctrs

@@ -31,6 +31,7 @@ from pyspark.sql import functions as sf
 from adrec.core import events, keys
 from adrec.core.events import Kind, Scope
 from adrec.core.realtime import InterestUpdate, StateUpdate
+from adrec.core.scoring import AdIndex
 
 EVENT_COLUMNS = (
     "position",
@@ -106,26 +107,22 @@ def deduplicated(parsed: DataFrame, window_seconds: int) -> DataFrame:
 
 
 class AdLookup:
-    """The active version's ad table, for the category, campaign and customer of the ads
-    impressions and clicks name (0 for an ad it lacks)."""
+    """The active version's ad table (ascending ``adgroup_id``, as published), for the
+    category, campaign and customer of the ads impressions and clicks name (0 for an ad it
+    lacks)."""
 
     def __init__(self, table: Mapping[str, np.ndarray]):
-        order = np.argsort(table["adgroup_id"], kind="stable")
-        self.ids = np.asarray(table["adgroup_id"], dtype=np.int64)[order]
+        self.index = AdIndex.of(table["adgroup_id"])
+        # One extra row of zeros, where the ads the table lacks (row -1) land.
         self.attributes = {
-            column: np.asarray(table[column], dtype=np.int64)[order]
+            column: np.append(np.asarray(table[column], dtype=np.int64), 0)
             for column in ("cate_id", "campaign_id", "customer_id")
         }
 
     def of(self, ad_ids: Sequence[int]) -> dict[str, list[int]]:
         """Each attribute of each ad, 0 for an ad the table lacks."""
-        wanted = np.asarray(ad_ids, dtype=np.int64)
-        at = np.minimum(np.searchsorted(self.ids, wanted), max(len(self.ids) - 1, 0))
-        known = (self.ids[at] == wanted) if len(self.ids) else np.zeros(len(wanted), dtype=bool)
-        return {
-            column: np.where(known, values[at] if len(values) else 0, 0).tolist()
-            for column, values in self.attributes.items()
-        }
+        rows = self.index.rows(np.asarray(ad_ids, dtype=np.int64))
+        return {column: values[rows].tolist() for column, values in self.attributes.items()}
 
 
 #: A contribution row: (target, member, count field, amount, cate_id, score, time), either
