@@ -21,13 +21,14 @@ from adrec.core.adstate import (
     ServedCounts,
     Status,
     capped_members,
-    impressions,
     parse_caps,
     tightest,
 )
 from adrec.core.codecs import CodecError
 from adrec.core.events import Kind, Scope, count_field
 from adrec.core.redis_conn import connect_async
+from services.runtime.data import RedisOp, RedisReader, client_without_socket_timeouts
+from services.runtime.metrics import Metrics
 
 NOW = 1_717_171_717
 
@@ -147,11 +148,8 @@ def test_capped_members_count_impressions_in_the_window_plus_what_was_served():
         separators=(",", ":"),
     ).encode()
     assert realtime.decode_state(raw).counts == counts
-    seen = impressions(raw, NOW, 24)
-    assert seen == {b"a11": [(0, 2)], b"g4": [(1, 3)]}
-    assert impressions(raw, NOW, 72)[b"a12"] == [(30, 5)]
     caps = (Cap(Scope.AD, 24, 2), Cap(Scope.CAMPAIGN, 24, 4), Cap(Scope.CUSTOMER, 1, 1))
-    found = capped_members(caps, seen, {b"g4": 1, b"u8": 1})
+    found = capped_members(caps, raw, {b"g4": 1, b"u8": 1}, NOW)
     # Ad 12's impressions are 30 hours old: outside the 24-hour window. Clicks, categories
     # and a bucket ahead of the clock don't count.
     assert {scope: ids.tolist() for scope, ids in found.items()} == {
@@ -159,8 +157,17 @@ def test_capped_members_count_impressions_in_the_window_plus_what_was_served():
         Scope.CAMPAIGN: [4],
         Scope.CUSTOMER: [8],
     }
-    assert capped_members((Cap(Scope.CAMPAIGN, 1, 1),), seen, {}) == {}
-    assert capped_members(caps, {}, {}) == {}
+    within_72h = capped_members((Cap(Scope.AD, 72, 5),), raw, {}, NOW)
+    assert within_72h[Scope.AD].tolist() == [12]
+    # The campaign's impressions are of the hour before: outside a 1-hour window.
+    assert capped_members((Cap(Scope.CAMPAIGN, 1, 1),), raw, {}, NOW) == {}
+    within_2h = capped_members((Cap(Scope.CAMPAIGN, 2, 3),), raw, {}, NOW)
+    assert within_2h[Scope.CAMPAIGN].tolist() == [4]
+    # Two windows of one scope: each counts its own hours, and either one caps.
+    two = (Cap(Scope.AD, 1, 2), Cap(Scope.AD, 48, 7))
+    assert capped_members(two, raw, {b"a12": 2}, NOW)[Scope.AD].tolist() == [11, 12]
+    assert capped_members(caps, None, {}, NOW) == {}
+    assert capped_members(caps, b"", {b"a5": 2}, NOW)[Scope.AD].tolist() == [5]
 
 
 def test_apply_records_every_change_in_order_and_raises_the_counter(redis_target: RedisTarget):
@@ -244,11 +251,22 @@ def test_a_change_left_unlogged_is_completed_by_the_next(redis_target: RedisTarg
 def test_served_counts_age_out_after_one_to_two_slices(redis_target: RedisTarget):
     async def scenario():
         client = connect_async(redis_target.settings)
+        reader = RedisReader(
+            client_without_socket_timeouts(redis_target.settings),
+            Metrics().service("gateway"),
+            5.0,
+        )
+        served = ServedCounts(seconds=60)
+
+        async def record(members: list[str], now: float) -> None:
+            script_keys, args = served.record_arguments(1001, members, now)
+            await reader.run_script(served.script, script_keys, args, RedisOp.RECORD_SERVED, 5.0)
+
         try:
-            served = ServedCounts(client, seconds=60)
             start = 60 * 1000
-            await served.record(1001, ["a11", "g4", "u8"], start)
-            await served.record(1001, ["a11", "g4", "u9"], start + 30)
+            # The first run finds the server without the script and loads it.
+            await record(["a11", "g4", "u8"], start)
+            await record(["a11", "g4", "u9"], start + 30)
             raw = await client.get(keys.served_key(1001))
             both = {b"a11": 2, b"g4": 2, b"u8": 1, b"u9": 1}
             assert served.decode(raw, start + 30) == both
@@ -256,10 +274,14 @@ def test_served_counts_age_out_after_one_to_two_slices(redis_target: RedisTarget
             assert served.decode(raw, start + 120) == {}
             ttl = await client.ttl(keys.served_key(1001))
             assert 60 < ttl <= 120
-            await served.record(1001, ["a12"], start + 130)
+            # A server that lost its scripts (restarted, flushed) is given the script again.
+            await client.script_flush()
+            await record(["a12"], start + 130)
             kept = served.decode(await client.get(keys.served_key(1001)), start + 130)
             assert kept == {b"a12": 1}
         finally:
+            await reader.aclose()
+            await reader.client.aclose()
             await client.aclose()
 
     run(scenario)

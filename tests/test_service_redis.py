@@ -203,3 +203,34 @@ def test_the_services_serve_a_published_version_in_every_redis_mode(
 
     run(scenario)
     assert TLS_PASSWORD not in caplog.text
+
+
+def test_several_gets_share_one_round_trip_and_an_error_reply_fails_them_all(
+    redis_client, redis_url
+):
+    redis_client.set(b"adrec:test:a", b"a")
+    redis_client.rpush(b"adrec:test:list", b"x")
+
+    async def scenario():
+        async with reader_of(redis_url) as reader:
+            both = [(b"adrec:test:a", "recall"), (b"adrec:test:missing", "offline")]
+            assert await reader.get_many(both, READ_TIMEOUT_SECONDS) == [b"a", None]
+            assert reader._direct.open_connections == 1
+            # A GET of a list is an error reply; the replies after it are still read.
+            wrong = [(b"adrec:test:list", "recall"), (b"adrec:test:a", "offline")]
+            with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+                await reader.get_many(wrong, READ_TIMEOUT_SECONDS)
+            assert reader.last_failure == "ResponseError"
+            # The connection holds no reply of the failed read.
+            assert await reader.get(b"adrec:test:a", op="recall") == b"a"
+            assert reader._direct.open_connections == 1
+            metrics = reader.metrics.metrics.registry
+            errors = {
+                op: metrics.get_sample_value(
+                    "adrec_redis_errors_total", {SERVICE_LABEL: "recall", "op": op}
+                )
+                for op in ("recall", "offline")
+            }
+            assert errors == {"recall": 1.0, "offline": 1.0}
+
+    run(scenario)

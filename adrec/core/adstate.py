@@ -43,6 +43,7 @@ from redis.exceptions import ResponseError
 from adrec.core import events, keys
 from adrec.core.codecs import CodecError
 from adrec.core.events import Scope
+from adrec.core.redis_conn import LuaScript
 
 #: Format of the stored state value; a reader refuses any other.
 STATE_FORMAT = 1
@@ -472,48 +473,41 @@ def tightest(caps: Iterable[Cap]) -> tuple[Cap, ...]:
 _IMPRESSION_FIELD = re.compile(rb'"imp:([agu])(\d+):(\d+)":(\d+)')
 
 
-def impressions(raw_state: bytes, now: int, hours: int) -> dict[bytes, list[tuple[int, int]]]:
-    """A real-time state value's impressions of ads, campaigns and customers within the
-    last `hours` clock hours, by member (``b"a123"``): (age in hours, count) each.
-
-    Read straight from the stored JSON: a cap needs these fields alone, and a request
-    cannot afford to decode the rest.
-    """
-    current = events.bucket_of(now)
-    found: dict[bytes, list[tuple[int, int]]] = {}
-    for letter, member, bucket, count in _IMPRESSION_FIELD.findall(raw_state):
-        age = current - int(bucket)
-        if 0 <= age < hours:
-            found.setdefault(letter + member, []).append((age, int(count)))
-    return found
-
-
 def capped_members(
-    caps: Sequence[Cap],
-    impressions: Mapping[bytes, Sequence[tuple[int, int]]],
-    served: Mapping[bytes, int],
+    caps: Sequence[Cap], raw_state: bytes | None, served: Mapping[bytes, int], now: int
 ) -> dict[Scope, np.ndarray]:
-    """Per scope, the sorted members whose impressions have reached one of `caps`.
+    """Per scope, the sorted members whose impressions have reached one of `caps` at `now`.
 
-    `impressions` are a state's (:func:`impressions`); `served` the recent served counts
-    by member (:meth:`ServedCounts.decode`), which count in every window.
+    Impressions are read straight from the real-time state value `raw_state`, as the stream
+    job stores it (a cap needs these fields alone, and a request cannot afford to decode
+    the rest): those of the clock hours of a cap's window, none of an hour ahead of the
+    clock. `served` are the recent served counts by member (``b"a123"``,
+    :meth:`ServedCounts.decode`), which count in every window.
     """
-    by_letter: dict[int, list[Cap]] = {}
-    for cap in caps:
-        by_letter.setdefault(ord(cap.scope.value), []).append(cap)
-    found: dict[Scope, list[int]] = {}
-    for member in impressions.keys() | served.keys():
-        scope_caps = by_letter.get(member[0])
-        if not scope_caps:
-            continue
-        seen = impressions.get(member, ())
-        already = served.get(member, 0)
-        for cap in scope_caps:
-            total = already + sum(count for age, count in seen if age < cap.window_hours)
-            if total >= cap.max_impressions:
-                found.setdefault(cap.scope, []).append(int(member[1:]))
-                break
-    return {scope: np.unique(np.asarray(ids, dtype=np.int64)) for scope, ids in found.items()}
+    windows: dict[bytes, list[tuple[int, int]]] = {}
+    for index, cap in enumerate(caps):
+        windows.setdefault(cap.scope.value.encode(), []).append((index, cap.window_hours))
+    totals: dict[tuple[int, bytes], int] = {}
+    if raw_state:
+        current = events.bucket_of(now)
+        for letter, member, bucket, count in _IMPRESSION_FIELD.findall(raw_state):
+            age = current - int(bucket)
+            if age < 0:
+                continue
+            for index, window in windows.get(letter, ()):
+                if age < window:
+                    key = (index, member)
+                    totals[key] = totals.get(key, 0) + int(count)
+    for name, count in served.items():
+        for index, _ in windows.get(name[:1], ()):
+            key = (index, name[1:])
+            totals[key] = totals.get(key, 0) + count
+    found: dict[Scope, set[int]] = {}
+    for (index, member), total in totals.items():
+        cap = caps[index]
+        if total >= cap.max_impressions:
+            found.setdefault(cap.scope, set()).add(int(member))
+    return {scope: np.array(sorted(ids), dtype=np.int64) for scope, ids in found.items()}
 
 
 # KEYS[1]: a user's served counts. ARGV[1]: the current slice, ARGV[2]: the TTL, then one
@@ -548,18 +542,21 @@ class ServedCounts:
     for at least `seconds` after it was recorded, at most twice that.
     """
 
-    def __init__(self, client: Any, seconds: int):
+    #: Adds one to each member's count of the current slice: keys and arguments from
+    #: :meth:`record_arguments`.
+    script = LuaScript(_RECORD_SERVED)
+
+    def __init__(self, seconds: int):
         self.seconds = seconds
-        self._record = client.register_script(_RECORD_SERVED)
 
     def slice_of(self, now: float) -> int:
         return int(now) // self.seconds
 
-    async def record(self, user_id: int, members: Sequence[str], now: float) -> None:
-        await self._record(
-            keys=[keys.served_key(user_id)],
-            args=[self.slice_of(now), 2 * self.seconds, *members],
-        )
+    def record_arguments(
+        self, user_id: int, members: Sequence[str], now: float
+    ) -> tuple[list[bytes], list[str | int]]:
+        """The script's keys and arguments recording that `members` were served now."""
+        return [keys.served_key(user_id)], [self.slice_of(now), 2 * self.seconds, *members]
 
     def decode(self, raw: bytes, now: float) -> dict[bytes, int]:
         """Served counts by member (``b"a123"``), of the slices still read at `now`."""

@@ -19,9 +19,10 @@ itself skips and counts), so only servable ads are scored.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -170,7 +171,7 @@ class AdCatalog:
             rows = self.row_of[np.where(inside, ad_ids, 0)]
             known = rows >= 0
             return np.where(known, rows, 0), known
-        rows = np.searchsorted(self.ids, ad_ids).clip(0, len(self.ids) - 1)
+        rows = np.minimum(self.ids.searchsorted(ad_ids), len(self.ids) - 1)
         return rows, self.ids[rows] == ad_ids
 
     def members(self, level: Level) -> np.ndarray:
@@ -189,9 +190,25 @@ def _member_of(values: np.ndarray, members: np.ndarray) -> np.ndarray:
     per-call overhead on the few members a request has)."""
     if not len(members):
         return np.zeros(len(values), bool)
-    found = members[np.searchsorted(members, values).clip(0, len(members) - 1)]
+    # np.minimum, not clip: clip costs more than the search on a few hundred values.
+    found = members[np.minimum(members.searchsorted(values), len(members) - 1)]
     hit: np.ndarray = found == values
     return hit
+
+
+#: Keys of what a request blocks, ``id * _KEY_SCOPES + kind``: kind 0 an excluded ad id,
+#: then the capped ads, campaigns and customers.
+_KEY_SCOPES = 4
+_CAPPED_KEY = {Scope.AD: 1, Scope.CAMPAIGN: 2, Scope.CUSTOMER: 3}
+
+
+def _blocked_keys(excluded: np.ndarray, capped: dict[Scope, np.ndarray]) -> np.ndarray | None:
+    """The sorted keys of a request's excluded ads and capped members; None for none."""
+    parts = [excluded * _KEY_SCOPES] if len(excluded) else []
+    parts += [members * _KEY_SCOPES + _CAPPED_KEY[scope] for scope, members in capped.items()]
+    if not parts:
+        return None
+    return np.sort(np.concatenate(parts))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -329,9 +346,7 @@ class AdControls:
         self.paused = PausedAds.of(self.catalog, self.states, time.time())
         self._reload_lock = asyncio.Lock()
         self._served = (
-            adstate.ServedCounts(reader.client, settings.served_seconds)
-            if settings.served_seconds
-            else None
+            adstate.ServedCounts(settings.served_seconds) if settings.served_seconds else None
         )
         self._failures = LogThrottle()
         filtered = Counter(
@@ -362,14 +377,16 @@ class AdControls:
     async def prepare(self, user_id: int, controls: RequestControls, timeout: float) -> UserCounts:
         """Bring the ad states up to date and read what the caps count for `user_id`."""
         now = time.time()
-        reads = [self._get(keys.AD_STATE_SEQ, RedisOp.AD_STATE_SEQ, timeout)]
+        reads = [(keys.AD_STATE_SEQ, RedisOp.AD_STATE_SEQ)]
         if controls.caps:
-            reads.append(
-                self._get(keys.REALTIME_USER.key(user_id), RedisOp.REALTIME_STATE, timeout)
-            )
+            reads.append((keys.REALTIME_USER.key(user_id), RedisOp.REALTIME_STATE))
             if self._served is not None:
-                reads.append(self._get(keys.served_key(user_id), RedisOp.SERVED_COUNTS, timeout))
-        replies = await asyncio.gather(*reads)
+                reads.append((keys.served_key(user_id), RedisOp.SERVED_COUNTS))
+        try:
+            replies = await self.reader.get_many(reads, timeout)
+        except RedisError as error:
+            self._warn("cannot read the ad states and counts; serving with the states held", error)
+            replies = [None] * len(reads)
         counter = replies[0]
         if counter is not None and int(counter) > self.paused.seq:
             await self._reload(int(counter), timeout)
@@ -379,14 +396,12 @@ class AdControls:
                     self.paused = PausedAds.of(self.catalog, self.states, now)
         if not controls.caps:
             return UserCounts({})
-        longest = max(cap.window_hours for cap in controls.caps)
-        seen = adstate.impressions(replies[1], int(now), longest) if replies[1] else {}
         served: dict[bytes, int] = {}
         if len(replies) > 2 and replies[2] is not None and self._served is not None:
             served = self._served.decode(replies[2], now)
-        if not seen and not served:
+        if not replies[1] and not served:
             return UserCounts({})
-        return UserCounts(adstate.capped_members(controls.caps, seen, served))
+        return UserCounts(adstate.capped_members(controls.caps, replies[1], served, int(now)))
 
     async def _get(self, key: bytes, op: RedisOp, timeout: float) -> bytes | None:
         """One GET; None when Redis fails it, which is logged: the controls then go on with
@@ -422,23 +437,24 @@ class AdControls:
             return
         catalog = self.catalog
         rows, known = catalog.lookup(np.asarray(ad_ids, dtype=np.int64))
+        rows = rows[known]
         members = [
             member
-            for row in rows[known].tolist()
-            for member in adstate.served_members(
-                int(catalog.ids[row]), int(catalog.campaign[row]), int(catalog.customer[row])
+            for ad, campaign, customer in zip(
+                catalog.ids[rows].tolist(),
+                catalog.campaign[rows].tolist(),
+                catalog.customer[rows].tolist(),
+                strict=True,
             )
+            for member in adstate.served_members(ad, campaign, customer)
         ]
-        latency = self.reader.metrics.redis_latency(RedisOp.RECORD_SERVED)
-        start = time.perf_counter()
+        script_keys, args = self._served.record_arguments(user_id, members, now)
         try:
-            async with asyncio.timeout(timeout):
-                await self._served.record(user_id, members, now)
-        except (RedisError, TimeoutError) as error:
-            self.reader.metrics.redis_error(RedisOp.RECORD_SERVED)
+            await self.reader.run_script(
+                self._served.script, script_keys, args, RedisOp.RECORD_SERVED, timeout
+            )
+        except RedisError as error:
             self._warn("cannot record the ads served", error)
-        finally:
-            latency.observe(time.perf_counter() - start)
 
     def _warn(self, message: str, error: Exception) -> None:
         held_back = self._failures.allow((message, type(error)))
@@ -468,6 +484,7 @@ class Selection:
         self.filtered: dict[int, int] = {}
         self._filtered_ids: set[int] = set()
         self._per_value: list[dict[int, int]] = [{}, {}, {}]
+        self._blocked = _blocked_keys(controls.excluded, self.capped)
 
     @property
     def full(self) -> bool:
@@ -491,24 +508,43 @@ class Selection:
         if checked:
             reasons[~known] = UNKNOWN_AD
             return reasons, rows
-        if self.capped:
-            hit = np.zeros(len(ad_ids), bool)
-            for scope, members in self.capped.items():
-                column = self.catalog.ids if scope is Scope.AD else self.catalog.column(scope)
-                hit |= _member_of(column[rows], members)
-            reasons[hit] = CAPPED
+        hits = None
+        if self._blocked is not None:
+            # Every test in one search: each candidate's ad id as excluded and as capped,
+            # and its campaign and customer as capped.
+            probes = np.concatenate(
+                (
+                    ad_ids * _KEY_SCOPES,
+                    ad_ids * _KEY_SCOPES + _CAPPED_KEY[Scope.AD],
+                    self.catalog.campaign[rows] * _KEY_SCOPES + _CAPPED_KEY[Scope.CAMPAIGN],
+                    self.catalog.customer[rows] * _KEY_SCOPES + _CAPPED_KEY[Scope.CUSTOMER],
+                )
+            )
+            hits = _member_of(probes, self._blocked).reshape(_KEY_SCOPES, len(ad_ids))
+            reasons[hits[1:].any(axis=0)] = CAPPED
         if self.paused.any:
             reasons[self.paused.paused[rows]] = PAUSED
         reasons[~known] = UNKNOWN_AD
-        if len(self.controls.excluded):
-            reasons[_member_of(ad_ids, self.controls.excluded)] = EXCLUDED
+        if hits is not None:
+            reasons[hits[0]] = EXCLUDED
         return reasons, rows
 
     def _note(self, ad_ids: list[int], reasons: list[int]) -> None:
-        for ad_id, reason in zip(ad_ids, reasons, strict=True):
-            if ad_id not in self._filtered_ids:
-                self._filtered_ids.add(ad_id)
-                self.filtered[reason] = self.filtered.get(reason, 0) + 1
+        """Count each filtered ad once, under the first reason found for it."""
+        fresh = set(ad_ids) - self._filtered_ids
+        if len(fresh) == len(ad_ids):
+            counted: Iterable[tuple[int, int]] = collections.Counter(reasons).items()
+        else:
+            by_reason: dict[int, int] = {}
+            for ad_id, reason in zip(ad_ids, reasons, strict=True):
+                if ad_id in fresh:
+                    fresh.discard(ad_id)
+                    by_reason[reason] = by_reason.get(reason, 0) + 1
+                    self._filtered_ids.add(ad_id)
+            counted = by_reason.items()
+        self._filtered_ids.update(fresh)
+        for reason, count in counted:
+            self.filtered[reason] = self.filtered.get(reason, 0) + count
 
     def for_ranking(self, ad_ids: Sequence[int]) -> Any:
         """The candidates worth ranking: all but the excluded, paused and capped ones.

@@ -15,12 +15,12 @@ import redis.asyncio
 import redis.asyncio.cluster
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from adrec.core import keys
 from adrec.core.dataset import PIDS
-from adrec.core.redis_conn import RedisSettings, connect_async
+from adrec.core.redis_conn import LuaScript, RedisSettings, connect_async
 from services.runtime.metrics import ServiceMetrics
 
 Value = TypeVar("Value")
@@ -94,6 +94,27 @@ MAX_OPEN_CONNECTIONS = 32
 MAX_IDLE_CONNECTIONS = 8
 
 
+def _packed(*args: bytes | str | int) -> bytes:
+    """One command in the protocol's wire form."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        value = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts.append(b"$%d\r\n%b\r\n" % (len(value), value))
+    return b"".join(parts)
+
+
+async def _read_replies(connection: AbstractConnection, count: int) -> list[Any]:
+    replies: list[Any] = []
+    for _ in range(count):
+        try:
+            # redis-py leaves read_response unannotated.
+            replies.append(await connection.read_response())
+        except ResponseError as error:
+            # The error reply itself was read: the next replies follow on the connection.
+            replies.append(error)
+    return replies
+
+
 class DirectGets:
     """GETs on connections made like the client pool's own, without its per-command work.
 
@@ -129,30 +150,36 @@ class DirectGets:
 
     async def get(self, key: bytes) -> bytes | None:
         async with self._slots:
-            return await self._get(key)
+            replies = await self._execute(_packed(b"GET", key), 1)
+        # A GET replies with a bulk string or nil, never an error.
+        reply: bytes | None = replies[0]
+        return reply
 
-    async def _get(self, key: bytes) -> bytes | None:
+    async def execute(self, commands: Sequence[Sequence[bytes | str | int]]) -> list[Any]:
+        """Send `commands` together on one connection and read their replies, in order; a
+        reply that is an error is the :class:`ResponseError` in its place."""
+        packed = b"".join(_packed(*command) for command in commands)
+        async with self._slots:
+            return await self._execute(packed, len(commands))
+
+    async def _execute(self, packed: bytes, replies: int) -> list[Any]:
         connection = self._idle.pop() if self._idle else self._make()
         reused = connection.is_connected
-        command = b"*2\r\n$3\r\nGET\r\n$%d\r\n%b\r\n" % (len(key), key)
-        # A GET replies with a bulk string or nil; redis-py leaves read_response unannotated.
-        reply: bytes | None
         try:
             try:
-                await connection.send_packed_command(command, check_health=False)
-                reply = await connection.read_response()
+                await connection.send_packed_command(packed, check_health=False)
+                return await _read_replies(connection, replies)
             except RedisConnectionError:
                 if not reused:
                     raise
-                await connection.send_packed_command(command, check_health=False)
-                reply = await connection.read_response()
+                await connection.send_packed_command(packed, check_health=False)
+                return await _read_replies(connection, replies)
         finally:
             if len(self._idle) < self._max_idle:
                 self._idle.append(connection)
             else:
                 self._open.discard(connection)
                 await connection.disconnect()
-        return reply
 
     def _make(self) -> AbstractConnection:
         # redis-py leaves make_connection unannotated; it builds the pool's connection_class.
@@ -268,6 +295,8 @@ class RedisReader:
         self.timeout = timeout
         self.last_failure: str | None = None
         self._direct: DirectGets | None = None
+        #: A cluster client's scripts, registered once each.
+        self._scripts: dict[str, Any] = {}
         self._cluster: ClusterGets | None = None
         if isinstance(client, redis.asyncio.Redis):
             self._direct = DirectGets(client.connection_pool)
@@ -299,6 +328,77 @@ class RedisReader:
             latency.observe(time.perf_counter() - start)
         self.last_failure = None
         return value
+
+    async def get_many(
+        self, reads: Sequence[tuple[bytes, RedisOp]], timeout: float
+    ) -> list[bytes | None]:
+        """GETs of several keys in one round trip (one per node on a cluster), each op's
+        latency observed as the whole read's; any failure fails them all."""
+        start = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout):
+                if self._direct is not None:
+                    replies = await self._direct.execute([(b"GET", key) for key, _ in reads])
+                else:
+                    replies = list(await asyncio.gather(*(self._get(key) for key, _ in reads)))
+        except TimeoutError:
+            self._failed(reads, RedisTimeoutError.__name__)
+            raise RedisTimeoutError("Redis did not answer in time") from None
+        except Exception as error:
+            self._failed(reads, type(error).__name__)
+            raise
+        finally:
+            seconds = time.perf_counter() - start
+            for _, op in reads:
+                self.metrics.redis_latency(op).observe(seconds)
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                self._failed(reads, type(reply).__name__)
+                raise reply
+        self.last_failure = None
+        return replies
+
+    def _failed(self, reads: Sequence[tuple[bytes, RedisOp]], error: str) -> None:
+        for _, op in reads:
+            self.metrics.redis_error(op)
+        self.last_failure = error
+
+    async def run_script(
+        self,
+        script: LuaScript,
+        script_keys: Sequence[bytes],
+        args: Sequence[bytes | str | int],
+        op: RedisOp,
+        timeout: float,
+    ) -> Any:
+        """Run `script` by its digest (loading it on a server that lacks it), bounded by
+        `timeout` seconds; a failure raises a RedisError."""
+        start = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout):
+                if self._direct is None:
+                    # One slot for all the keys: the cluster client routes the script there.
+                    registered = self._scripts.get(script.sha)
+                    if registered is None:
+                        registered = self._scripts[script.sha] = self.client.register_script(
+                            script.source
+                        )
+                    return await registered(keys=list(script_keys), args=list(args))
+                head = (len(script_keys), *script_keys, *args)
+                (reply,) = await self._direct.execute([(b"EVALSHA", script.sha, *head)])
+                if isinstance(reply, NoScriptError):
+                    (reply,) = await self._direct.execute([(b"EVAL", script.source, *head)])
+                if isinstance(reply, ResponseError):
+                    raise reply
+                return reply
+        except TimeoutError:
+            self.metrics.redis_error(op)
+            raise RedisTimeoutError(f"Redis did not answer {op} in time") from None
+        except Exception:
+            self.metrics.redis_error(op)
+            raise
+        finally:
+            self.metrics.redis_latency(op).observe(time.perf_counter() - start)
 
     async def read(
         self,
