@@ -96,7 +96,10 @@ def test_health_follows_redis_down_and_back_while_answers_keep_coming():
                     # outage must not take every gateway out at once.
                     assert await health_status(gateway) == SERVING
                     assert await health_status(gateway, SERVICES["gateway"]) == SERVING
-                    assert metric(stack, "adrec_redis_up", adrec_service="gateway") == 0
+                    # Each service's watcher notices at its own next poll.
+                    await wait_until(
+                        lambda: metric(stack, "adrec_redis_up", adrec_service="gateway") == 0
+                    )
                     # Degraded, not failed: the gateway answers from memory.
                     answer = await recommend(gateway, user_id=user, pid=PIDS[0], count=5)
                     assert path(answer) == "POPULAR"
