@@ -132,6 +132,8 @@ async def serving(
                         max_per_customer=service_settings.gateway_max_per_customer,
                     ),
                 )
+                # After the server has stopped: its last answers' served ads are written.
+                stack.push_async_callback(gateway.controls.aclose)
                 services["gateway"] = await stack.enter_async_context(
                     running_service(
                         gateway,

@@ -18,7 +18,7 @@ from adrec.core.adstate import (
     AdStateStore,
     Cap,
     Level,
-    ServedCounts,
+    ServedAds,
     Status,
     capped_members,
     parse_caps,
@@ -149,7 +149,8 @@ def test_capped_members_count_impressions_in_the_window_plus_what_was_served():
     ).encode()
     assert realtime.decode_state(raw).counts == counts
     caps = (Cap(Scope.AD, 24, 2), Cap(Scope.CAMPAIGN, 24, 4), Cap(Scope.CUSTOMER, 1, 1))
-    found = capped_members(caps, raw, {b"g4": 1, b"u8": 1}, NOW)
+    served = {Scope.CAMPAIGN: np.array([4]), Scope.CUSTOMER: np.array([8])}
+    found = capped_members(caps, raw, served, NOW)
     # Ad 12's impressions are 30 hours old: outside the 24-hour window. Clicks, categories
     # and a bucket ahead of the clock don't count.
     assert {scope: ids.tolist() for scope, ids in found.items()} == {
@@ -165,9 +166,13 @@ def test_capped_members_count_impressions_in_the_window_plus_what_was_served():
     assert within_2h[Scope.CAMPAIGN].tolist() == [4]
     # Two windows of one scope: each counts its own hours, and either one caps.
     two = (Cap(Scope.AD, 1, 2), Cap(Scope.AD, 48, 7))
-    assert capped_members(two, raw, {b"a12": 2}, NOW)[Scope.AD].tolist() == [11, 12]
+    assert capped_members(two, raw, {Scope.AD: np.array([12, 12])}, NOW)[Scope.AD].tolist() == [
+        11,
+        12,
+    ]
     assert capped_members(caps, None, {}, NOW) == {}
-    assert capped_members(caps, b"", {b"a5": 2}, NOW)[Scope.AD].tolist() == [5]
+    served_twice = {Scope.AD: np.array([5, 6, 5])}
+    assert capped_members(caps, b"", served_twice, NOW)[Scope.AD].tolist() == [5]
 
 
 def test_apply_records_every_change_in_order_and_raises_the_counter(redis_target: RedisTarget):
@@ -248,7 +253,9 @@ def test_a_change_left_unlogged_is_completed_by_the_next(redis_target: RedisTarg
     run(scenario)
 
 
-def test_served_counts_age_out_after_one_to_two_slices(redis_target: RedisTarget):
+def test_served_ads_are_appended_per_slice_and_age_out_after_one_to_two_slices(
+    redis_target: RedisTarget,
+):
     async def scenario():
         client = connect_async(redis_target.settings)
         reader = RedisReader(
@@ -256,29 +263,31 @@ def test_served_counts_age_out_after_one_to_two_slices(redis_target: RedisTarget
             Metrics().service("gateway"),
             5.0,
         )
-        served = ServedCounts(seconds=60)
+        served = ServedAds(seconds=60)
 
-        async def record(members: list[str], now: float) -> None:
-            script_keys, args = served.record_arguments(1001, members, now)
-            await reader.run_script(served.script, script_keys, args, RedisOp.RECORD_SERVED, 5.0)
+        async def record(ad_ids: list[int], now: float) -> None:
+            commands = served.record_commands(1001, served.slice_of(now), ad_ids)
+            await reader.execute(commands, RedisOp.RECORD_SERVED, 5.0)
+
+        async def read(now: float) -> list[int]:
+            values = [await client.get(key) for key in served.read_keys(1001, now)]
+            return sorted(served.decode(values).tolist())
 
         try:
             start = 60 * 1000
-            # The first run finds the server without the script and loads it.
-            await record(["a11", "g4", "u8"], start)
-            await record(["a11", "g4", "u9"], start + 30)
-            raw = await client.get(keys.served_key(1001))
-            both = {b"a11": 2, b"g4": 2, b"u8": 1, b"u9": 1}
-            assert served.decode(raw, start + 30) == both
-            assert served.decode(raw, start + 119) == both
-            assert served.decode(raw, start + 120) == {}
-            ttl = await client.ttl(keys.served_key(1001))
+            await record([11, 12], start)
+            await record([11, 70000], start + 30)
+            # Each id little-endian in 4 bytes, one answer's after the other's.
+            assert await client.get(keys.served_key(1001, 1000)) == (
+                b"\x0b\x00\x00\x00\x0c\x00\x00\x00\x0b\x00\x00\x00\x70\x11\x01\x00"
+            )
+            assert await read(start + 30) == [11, 11, 12, 70000]
+            assert await read(start + 119) == [11, 11, 12, 70000]
+            assert await read(start + 120) == []
+            ttl = await client.ttl(keys.served_key(1001, 1000))
             assert 60 < ttl <= 120
-            # A server that lost its scripts (restarted, flushed) is given the script again.
-            await client.script_flush()
-            await record(["a12"], start + 130)
-            kept = served.decode(await client.get(keys.served_key(1001)), start + 130)
-            assert kept == {b"a12": 1}
+            await record([13], start + 70)
+            assert await read(start + 130) == [13]
         finally:
             await reader.aclose()
             await reader.client.aclose()
@@ -287,9 +296,17 @@ def test_served_counts_age_out_after_one_to_two_slices(redis_target: RedisTarget
     run(scenario)
 
 
+def test_a_damaged_served_value_is_a_codec_error():
+    assert ServedAds.decode([None, b""]).tolist() == []
+    with pytest.raises(CodecError, match="multiple of 4"):
+        ServedAds.decode([b"\x01\x00\x00"])
+
+
 def test_keys_stay_outside_every_version_and_hold_no_hash_tags():
-    for key in (keys.AD_STATE, keys.AD_STATE_SEQ, keys.AD_STATE_HISTORY, keys.served_key(5)):
+    for key in (keys.AD_STATE, keys.AD_STATE_SEQ, keys.AD_STATE_HISTORY, keys.served_key(5, 9)):
         assert b"{" not in key and keys.key_slot(key) >= 0
         assert not key.startswith(b"adrec:v")
     with pytest.raises(ValueError):
-        keys.served_key(0)
+        keys.served_key(0, 9)
+    with pytest.raises(ValueError):
+        keys.served_key(5, -1)

@@ -32,6 +32,7 @@ from adrec.api.admin.v1 import admin_service_pb2 as admin_pb
 from adrec.api.admin.v1 import admin_service_pb2_grpc
 from adrec.api.gateway.v1 import gateway_service_pb2 as pb
 from adrec.core import events, keys, realtime
+from adrec.core.adstate import ServedAds
 from adrec.core.events import Kind, Scope
 
 OFFLINE = pb.RECOMMEND_MODE_OFFLINE
@@ -365,9 +366,18 @@ def test_served_counts_hold_a_cap_before_any_impression_is_reported(redis_client
             redis_url, ADREC_GATEWAY_FREQUENCY_CAPS="ad:1/1h", ADREC_GATEWAY_SERVED_SECONDS=60
         ) as (_stack, gateway, _admin):
             first = ids(await recommend(gateway, user_id=user, pid=PIDS[0], count=10))
+            # Right after the answer: this gateway counts what it served before the write.
             second = ids(await recommend(gateway, user_id=user, pid=PIDS[0], count=10))
             assert len(second) == 10 and not set(first) & set(second)
-            assert redis_client.ttl(keys.served_key(user)) > 0
+            # Written together a moment later, for every replica to count.
+            served = ServedAds(60)
+
+            def stored() -> list[int]:
+                values = redis_client.mget(served.read_keys(user, time.time()))
+                return sorted(served.decode(values).tolist())
+
+            await wait_until(lambda: stored() == sorted(first + second), timeout=10)
+            assert redis_client.ttl(keys.served_key(user, served.slice_of(time.time()))) > 0
             # Another user is not affected.
             other = data.users_with_factors[1]
             assert ids(await recommend(gateway, user_id=other, pid=PIDS[0], count=10))
@@ -529,6 +539,7 @@ def test_bad_controls_are_invalid_argument_naming_the_field(
                 await recommend(gateway, user_id=data.users_with_factors[0], pid=PIDS[0], **fields)
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert [field for field, _ in violations(caught.value)] == expected
-            assert redis_client.exists(keys.served_key(data.users_with_factors[0])) == 0
+            await asyncio.sleep(0.05)  # past the served ads' write delay
+            assert list(redis_client.scan_iter(match=b"adrec:served:*")) == []
 
     run(scenario)

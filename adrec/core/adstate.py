@@ -40,10 +40,9 @@ from typing import Any
 import numpy as np
 from redis.exceptions import ResponseError
 
-from adrec.core import events, keys
+from adrec.core import codecs, events, keys
 from adrec.core.codecs import CodecError
 from adrec.core.events import Scope
-from adrec.core.redis_conn import LuaScript
 
 #: Format of the stored state value; a reader refuses any other.
 STATE_FORMAT = 1
@@ -470,81 +469,71 @@ def tightest(caps: Iterable[Cap]) -> tuple[Cap, ...]:
 
 #: An impression count field of a real-time state value, as JSON holds it: scope letter,
 #: member, hour bucket, count (the field names are events.count_field's).
-_IMPRESSION_FIELD = re.compile(rb'"imp:([agu])(\d+):(\d+)":(\d+)')
+_IMPRESSION_FIELD = re.compile(rb'"imp:[agu]\d+:\d+":\d+')
+#: The fields' scopes, as numbers for :func:`_impression_table`.
+_SCOPE_CODES = {Scope.AD: 1, Scope.CAMPAIGN: 2, Scope.CUSTOMER: 3}
+_SEPARATORS = bytes.maketrans(b'":,', b"   ")
+
+
+def _impression_table(raw_state: bytes) -> np.ndarray | None:
+    """The state's impression fields as rows of (scope code, member, hour bucket, count),
+    parsed as one text by numpy: a request cannot afford a Python step per field."""
+    fields = b",".join(_IMPRESSION_FIELD.findall(raw_state))
+    if not fields:
+        return None
+    for scope, code in _SCOPE_CODES.items():
+        fields = fields.replace(b'"imp:' + scope.value.encode(), b"%d " % code)
+    numbers = np.fromstring(fields.translate(_SEPARATORS), dtype=np.int64, sep=" ")
+    return numbers.reshape(-1, 4)
 
 
 def capped_members(
-    caps: Sequence[Cap], raw_state: bytes | None, served: Mapping[bytes, int], now: int
+    caps: Sequence[Cap], raw_state: bytes | None, served: Mapping[Scope, np.ndarray], now: int
 ) -> dict[Scope, np.ndarray]:
     """Per scope, the sorted members whose impressions have reached one of `caps` at `now`.
 
     Impressions are read straight from the real-time state value `raw_state`, as the stream
     job stores it (a cap needs these fields alone, and a request cannot afford to decode
     the rest): those of the clock hours of a cap's window, none of an hour ahead of the
-    clock. `served` are the recent served counts by member (``b"a123"``,
-    :meth:`ServedCounts.decode`), which count in every window.
+    clock. `served` holds, per scope, the member of each ad the gateway served lately
+    (:class:`ServedAds`), each one impression in every window.
     """
-    windows: dict[bytes, list[tuple[int, int]]] = {}
-    for index, cap in enumerate(caps):
-        windows.setdefault(cap.scope.value.encode(), []).append((index, cap.window_hours))
-    totals: dict[tuple[int, bytes], int] = {}
-    if raw_state:
-        current = events.bucket_of(now)
-        for letter, member, bucket, count in _IMPRESSION_FIELD.findall(raw_state):
-            age = current - int(bucket)
-            if age < 0:
-                continue
-            for index, window in windows.get(letter, ()):
-                if age < window:
-                    key = (index, member)
-                    totals[key] = totals.get(key, 0) + int(count)
-    for name, count in served.items():
-        for index, _ in windows.get(name[:1], ()):
-            key = (index, name[1:])
-            totals[key] = totals.get(key, 0) + count
-    found: dict[Scope, set[int]] = {}
-    for (index, member), total in totals.items():
-        cap = caps[index]
-        if total >= cap.max_impressions:
-            found.setdefault(cap.scope, set()).add(int(member))
-    return {scope: np.array(sorted(ids), dtype=np.int64) for scope, ids in found.items()}
+    table = _impression_table(raw_state) if raw_state else None
+    ages = events.bucket_of(now) - table[:, 2] if table is not None else None
+    found: dict[Scope, np.ndarray] = {}
+    for cap in caps:
+        ids: list[np.ndarray] = []
+        weights: list[np.ndarray] = []
+        if table is not None and ages is not None:
+            inside = (table[:, 0] == _SCOPE_CODES[cap.scope]) & (ages >= 0)
+            inside &= ages < cap.window_hours
+            ids.append(table[inside, 1])
+            weights.append(table[inside, 3])
+        seen = served.get(cap.scope)
+        if seen is not None and len(seen):
+            ids.append(np.asarray(seen, dtype=np.int64))
+            weights.append(np.ones(len(seen), np.int64))
+        members = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        if not len(members):
+            continue
+        order = np.argsort(members, kind="stable")
+        members = members[order]
+        starts = np.flatnonzero(np.concatenate(([True], members[1:] != members[:-1])))
+        totals = np.add.reduceat(np.concatenate(weights)[order], starts)
+        reached = members[starts][totals >= cap.max_impressions]
+        if len(reached):
+            earlier = found.get(cap.scope)
+            found[cap.scope] = reached if earlier is None else np.union1d(earlier, reached)
+    return found
 
 
-# KEYS[1]: a user's served counts. ARGV[1]: the current slice, ARGV[2]: the TTL, then one
-# "<scope><id>" per ad, campaign and customer served, each counting once more.
-_RECORD_SERVED = """
-local raw = redis.call('GET', KEYS[1])
-local counts = {}
-if raw then counts = cjson.decode(raw) end
-local now = tonumber(ARGV[1])
-local kept = {}
-for field, n in pairs(counts) do
-  local slice = tonumber(string.match(field, ':(%d+)$'))
-  if slice and slice >= now - 1 then kept[field] = n end
-end
-for i = 3, #ARGV do
-  local field = ARGV[i] .. ':' .. ARGV[1]
-  kept[field] = (kept[field] or 0) + 1
-end
-redis.call('SET', KEYS[1], cjson.encode(kept), 'EX', tonumber(ARGV[2]))
-return 1
-"""
+class ServedAds:
+    """What the gateway returned to each user lately, one key per slice of `seconds`.
 
-
-#: A served count field as JSON holds it: scope letter, member, slice, count.
-_SERVED_FIELD = re.compile(rb'"([agu])(\d+):(\d+)":(\d+)')
-
-
-class ServedCounts:
-    """What the gateway returned to each user lately, in slices of `seconds`.
-
-    A count lives in the slice it was recorded in and is read for that slice and the next:
-    for at least `seconds` after it was recorded, at most twice that.
+    An answer's ad ids are appended to the key of its slice (``keys.served_key``), which
+    lives twice the slice; a reader takes the current slice and the one before: an ad
+    counts for at least `seconds` after it was served, at most twice that.
     """
-
-    #: Adds one to each member's count of the current slice: keys and arguments from
-    #: :meth:`record_arguments`.
-    script = LuaScript(_RECORD_SERVED)
 
     def __init__(self, seconds: int):
         self.seconds = seconds
@@ -552,27 +541,25 @@ class ServedCounts:
     def slice_of(self, now: float) -> int:
         return int(now) // self.seconds
 
-    def record_arguments(
-        self, user_id: int, members: Sequence[str], now: float
-    ) -> tuple[list[bytes], list[str | int]]:
-        """The script's keys and arguments recording that `members` were served now."""
-        return [keys.served_key(user_id)], [self.slice_of(now), 2 * self.seconds, *members]
+    def read_keys(self, user_id: int, now: float) -> list[bytes]:
+        """The keys of the slices still read at `now`."""
+        current = self.slice_of(now)
+        return [keys.served_key(user_id, current - 1), keys.served_key(user_id, current)]
 
-    def decode(self, raw: bytes, now: float) -> dict[bytes, int]:
-        """Served counts by member (``b"a123"``), of the slices still read at `now`."""
-        oldest = self.slice_of(now) - 1
-        counts: dict[bytes, int] = {}
-        for letter, member, slice_of, count in _SERVED_FIELD.findall(raw):
-            if int(slice_of) >= oldest:
-                key = letter + member
-                counts[key] = counts.get(key, 0) + int(count)
-        return counts
+    def record_commands(
+        self, user_id: int, slice_of: int, ad_ids: Sequence[int]
+    ) -> list[tuple[str, bytes, bytes | int]]:
+        """The commands adding `ad_ids` to what `user_id` was served in slice `slice_of`."""
+        key = keys.served_key(user_id, slice_of)
+        return [
+            ("APPEND", key, codecs.encode_served_ads(list(ad_ids))),
+            ("EXPIRE", key, 2 * self.seconds),
+        ]
 
-
-def served_members(ad_id: int, campaign_id: int, customer_id: int) -> tuple[str, str, str]:
-    """The served-count members of one ad, as the caps' scopes name them."""
-    return (
-        f"{Scope.AD.value}{ad_id}",
-        f"{Scope.CAMPAIGN.value}{campaign_id}",
-        f"{Scope.CUSTOMER.value}{customer_id}",
-    )
+    @staticmethod
+    def decode(values: Sequence[bytes | None]) -> np.ndarray:
+        """The ad ids of the slices' values, a served ad once per time it was served."""
+        parts = [codecs.decode_served_ads(value) for value in values if value]
+        if not parts:
+            return np.zeros(0, np.int64)
+        return np.concatenate(parts).astype(np.int64)

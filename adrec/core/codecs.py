@@ -50,6 +50,18 @@ def decode_ad_ids(raw: bytes) -> np.ndarray:
     return _unpacked_ids(raw, count=None)[0]
 
 
+def encode_served_ads(ad_ids: np.ndarray | list[int]) -> bytes:
+    """Ad ids as served, each little-endian in 4 bytes with no header: Redis APPENDs one
+    answer's ids to those before it."""
+    return np.ascontiguousarray(_checked_ids(ad_ids), dtype=AD_ID_DTYPE).tobytes()
+
+
+def decode_served_ads(raw: bytes) -> np.ndarray:
+    if len(raw) % _WIDE_WIDTH:
+        raise CodecError(f"served ad ids of {len(raw)} bytes are not a multiple of 4")
+    return np.frombuffer(raw, dtype=AD_ID_DTYPE)
+
+
 def encode_scored_ads(ad_ids: np.ndarray, ctrs: np.ndarray) -> bytes:
     """Offline top-N: the ad id list encoding, then one float16 CTR per id.
 

@@ -32,7 +32,8 @@ The ad-serving controls live outside every version too, so a publish never undoe
     adrec:ad_state                -> paused and scheduled adgroups, campaigns, customers (JSON)
     adrec:ad_state_seq            -> id of the last change applied, checked per request
     adrec:ad_state_history        -> every change (a stream), newest last
-    adrec:served:<user_id>        -> ads the gateway returned to the user lately (JSON), TTL
+    adrec:served:<user_id>:<slice> -> ads the gateway returned to the user in one slice of
+                                     time (packed 4-byte ad ids, appended), TTL
 
 Every key embeds the version, and every read touches one key, so the layout works
 on Redis Cluster unchanged. Curly braces never appear in keys: they would be hash
@@ -216,11 +217,14 @@ REALTIME_USER = StateFamily("user", "user_id")
 REALTIME_AD = StateFamily("ad", "ad_id")
 
 
-def served_key(user_id: int) -> bytes:
-    """The ads the gateway returned to a user lately (``adstate.ServedCounts``)."""
+def served_key(user_id: int, slice_of: int) -> bytes:
+    """The ads the gateway returned to a user in one slice of time (``adstate.ServedAds``);
+    values: :func:`codecs.encode_served_ads`."""
     if isinstance(user_id, bool) or not isinstance(user_id, int) or user_id <= 0:
         raise ValueError(f"user_id must be a positive integer, got {user_id!r}")
-    return f"{PREFIX}:served:{user_id}".encode()
+    if isinstance(slice_of, bool) or not isinstance(slice_of, int) or slice_of < 0:
+        raise ValueError(f"slice must be a non-negative integer, got {slice_of!r}")
+    return f"{PREFIX}:served:{user_id}:{slice_of}".encode()
 
 
 def check_version(version: str) -> str:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,17 +16,6 @@ from redis.backoff import NoBackoff
 from adrec.core.settings import parse_bool, parse_float, setting
 
 SUPPORTED_SCHEMES = ("redis", "rediss", "unix")
-
-
-@dataclasses.dataclass(frozen=True)
-class LuaScript:
-    """A server-side script, run by its digest (EVALSHA) by a service's own connections."""
-
-    source: str
-
-    @functools.cached_property
-    def sha(self) -> str:
-        return hashlib.sha1(self.source.encode()).hexdigest()
 
 
 def validate_url(url: str) -> str | None:

@@ -22,7 +22,7 @@ import asyncio
 import collections
 import dataclasses
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -50,6 +50,13 @@ DENSE_INDEX_MAX_ID = 2**24
 #: Under diversity limits ranking returns this many times `count` ads, for the limits to
 #: pass over; an answer they still leave short is filled in by the next path.
 DIVERSITY_HEADROOM = 4
+#: How long an answer's served ads wait to be written with those of the answers after it.
+SERVED_WRITE_DELAY_SECONDS = 0.005
+#: Bound on one write of served ads; it runs beside the answers, never in their way.
+SERVED_WRITE_TIMEOUT_SECONDS = 1.0
+#: Most users whose served ads may wait at once, bounding the memory they take while Redis
+#: does not answer.
+MAX_WAITING_SERVED_USERS = 100_000
 #: Filter reason -> its label in adrec_filtered_candidates_total ("paused", ...).
 FILTER_REASON_NAMES = enum_labels(gateway_pb2.FilterReason)
 EXCLUDED = gateway_pb2.FILTER_REASON_EXCLUDED
@@ -173,6 +180,19 @@ class AdCatalog:
             return np.where(known, rows, 0), known
         rows = np.minimum(self.ids.searchsorted(ad_ids), len(self.ids) - 1)
         return rows, self.ids[rows] == ad_ids
+
+    def members_of(self, ad_ids: np.ndarray) -> dict[Scope, np.ndarray]:
+        """Per cap scope, the member of each of `ad_ids` (the ads of the table alone for
+        campaigns and customers)."""
+        if not len(ad_ids):
+            return {}
+        rows, known = self.lookup(ad_ids)
+        rows = rows[known]
+        return {
+            Scope.AD: ad_ids,
+            Scope.CAMPAIGN: self.campaign[rows],
+            Scope.CUSTOMER: self.customer[rows],
+        }
 
     def members(self, level: Level) -> np.ndarray:
         if level is Level.ADGROUP:
@@ -321,6 +341,96 @@ def request_controls(
     )
 
 
+class ServedRecorder:
+    """The ads a gateway served, written to Redis together a moment after each answer.
+
+    One write per answer would cost each answer a Redis round trip; instead the answers of
+    a few milliseconds share one (``SERVED_WRITE_DELAY_SECONDS``). Until their write has
+    succeeded this process counts the waiting ads itself (:meth:`of`), so its next answer
+    to the same user holds the caps at once; other replicas see them after the write.
+    A failed write is logged and counted (adrec_redis_errors_total, op record_served) and
+    its ads are not retried: the caps then rest on the reported impressions alone.
+    """
+
+    def __init__(
+        self,
+        reader: RedisReader,
+        ads: adstate.ServedAds,
+        warn: Callable[[str, Exception], None],
+    ):
+        self.reader = reader
+        self.ads = ads
+        self._warn = warn
+        #: (user, slice) -> ad ids served and not yet written, then being written.
+        self._waiting: dict[tuple[int, int], list[int]] = {}
+        self._writing: dict[tuple[int, int], list[int]] = {}
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def add(self, user_id: int, ad_ids: Sequence[int], now: float) -> None:
+        key = (user_id, self.ads.slice_of(now))
+        waiting = self._waiting.get(key)
+        if waiting is None:
+            if len(self._waiting) >= MAX_WAITING_SERVED_USERS:
+                # Redis hangs or lags far behind: the caps rest on the impressions meanwhile.
+                self.reader.metrics.redis_error(RedisOp.RECORD_SERVED)
+                return
+            waiting = self._waiting[key] = []
+        waiting.extend(ad_ids)
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write_soon())
+
+    def of(self, user_id: int, stored: Sequence[bytes | None], now: float) -> np.ndarray:
+        """The ads served to `user_id` lately: those of the slices' `stored` values (raises
+        CodecError on a damaged one) and those still waiting here."""
+        ad_ids = self.ads.decode(stored)
+        current = self.ads.slice_of(now)
+        here = [
+            ad_id
+            for held in (self._waiting, self._writing)
+            for slice_of in (current - 1, current)
+            for ad_id in held.get((user_id, slice_of), ())
+        ]
+        if here:
+            ad_ids = np.concatenate((ad_ids, np.asarray(here, dtype=np.int64)))
+        return ad_ids
+
+    async def _write_soon(self) -> None:
+        try:
+            await asyncio.sleep(SERVED_WRITE_DELAY_SECONDS)
+            await self._write()
+        finally:
+            self._writer = None
+            if self._waiting and not self._closed:
+                self._writer = asyncio.get_running_loop().create_task(self._write_soon())
+
+    async def _write(self) -> None:
+        self._writing, self._waiting = self._waiting, {}
+        commands = [
+            command
+            for (user_id, slice_of), ad_ids in self._writing.items()
+            for command in self.ads.record_commands(user_id, slice_of, ad_ids)
+        ]
+        try:
+            if commands:
+                await self.reader.execute(
+                    commands, RedisOp.RECORD_SERVED, SERVED_WRITE_TIMEOUT_SECONDS
+                )
+        except RedisError as error:
+            self._warn("cannot record the ads served", error)
+        finally:
+            self._writing = {}
+
+    async def aclose(self) -> None:
+        """Write what waits (a stopping gateway's last answers)."""
+        self._closed = True
+        writer = self._writer
+        if writer is not None:
+            await asyncio.gather(writer, return_exceptions=True)
+        if self._waiting:
+            await self._write()
+
+
 @dataclasses.dataclass
 class UserCounts:
     """Per cap scope, the members whose caps the user has reached."""
@@ -345,10 +455,12 @@ class AdControls:
         self.states = AdStates.empty()
         self.paused = PausedAds.of(self.catalog, self.states, time.time())
         self._reload_lock = asyncio.Lock()
-        self._served = (
-            adstate.ServedCounts(settings.served_seconds) if settings.served_seconds else None
-        )
         self._failures = LogThrottle()
+        self._served = (
+            ServedRecorder(reader, adstate.ServedAds(settings.served_seconds), self._warn)
+            if settings.served_seconds
+            else None
+        )
         filtered = Counter(
             "adrec_filtered_candidates_total",
             "Candidate ads the gateway's ad-serving controls removed from answers, by reason.",
@@ -381,7 +493,9 @@ class AdControls:
         if controls.caps:
             reads.append((keys.REALTIME_USER.key(user_id), RedisOp.REALTIME_STATE))
             if self._served is not None:
-                reads.append((keys.served_key(user_id), RedisOp.SERVED_COUNTS))
+                reads += [
+                    (key, RedisOp.SERVED_COUNTS) for key in self._served.ads.read_keys(user_id, now)
+                ]
         try:
             replies = await self.reader.get_many(reads, timeout)
         except RedisError as error:
@@ -396,9 +510,14 @@ class AdControls:
                     self.paused = PausedAds.of(self.catalog, self.states, now)
         if not controls.caps:
             return UserCounts({})
-        served: dict[bytes, int] = {}
-        if len(replies) > 2 and replies[2] is not None and self._served is not None:
-            served = self._served.decode(replies[2], now)
+        served: dict[Scope, np.ndarray] = {}
+        if self._served is not None:
+            try:
+                ad_ids = self._served.of(user_id, replies[2:], now)
+            except CodecError as error:
+                self._warn("cannot decode the ads served; counting impressions alone", error)
+            else:
+                served = self.catalog.members_of(ad_ids)
         if not replies[1] and not served:
             return UserCounts({})
         return UserCounts(adstate.capped_members(controls.caps, replies[1], served, int(now)))
@@ -428,33 +547,16 @@ class AdControls:
             self.paused = PausedAds.of(self.catalog, states, time.time())
             self.log.info("ad states changed", extra={"change_id": states.seq})
 
-    async def record_served(
-        self, user_id: int, ad_ids: Sequence[int], now: float, timeout: float
-    ) -> None:
-        """Count the ads of an answer towards the user's caps, waiting at most `timeout`
-        seconds: the answer waits for it."""
-        if self._served is None or not ad_ids:
-            return
-        catalog = self.catalog
-        rows, known = catalog.lookup(np.asarray(ad_ids, dtype=np.int64))
-        rows = rows[known]
-        members = [
-            member
-            for ad, campaign, customer in zip(
-                catalog.ids[rows].tolist(),
-                catalog.campaign[rows].tolist(),
-                catalog.customer[rows].tolist(),
-                strict=True,
-            )
-            for member in adstate.served_members(ad, campaign, customer)
-        ]
-        script_keys, args = self._served.record_arguments(user_id, members, now)
-        try:
-            await self.reader.run_script(
-                self._served.script, script_keys, args, RedisOp.RECORD_SERVED, timeout
-            )
-        except RedisError as error:
-            self._warn("cannot record the ads served", error)
+    def record_served(self, user_id: int, ad_ids: Sequence[int], now: float) -> None:
+        """Count the ads of an answer towards the user's caps: at once in this process,
+        in Redis with the next write of served ads (:class:`ServedRecorder`)."""
+        if self._served is not None and ad_ids:
+            self._served.add(user_id, ad_ids, now)
+
+    async def aclose(self) -> None:
+        """Write the served ads still waiting."""
+        if self._served is not None:
+            await self._served.aclose()
 
     def _warn(self, message: str, error: Exception) -> None:
         held_back = self._failures.allow((message, type(error)))

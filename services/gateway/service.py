@@ -367,12 +367,7 @@ class GatewayService(gateway_service_pb2_grpc.GatewayServiceServicer):
             prepared.cancel()
         self._record(call)
         if controls.caps:
-            await self.controls.record_served(
-                user_id,
-                [ad.ad_id for ad in call.chosen.ads],
-                time.time(),
-                max(deadline.for_fallback_read(self.budgets.redis_read), MIN_REDIS_WAIT_SECONDS),
-            )
+            self.controls.record_served(user_id, [ad.ad_id for ad in call.chosen.ads], time.time())
         response = call.response()
         if call.debug:
             response.explanations.extend(

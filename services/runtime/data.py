@@ -15,12 +15,12 @@ import redis.asyncio
 import redis.asyncio.cluster
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from adrec.core import keys
 from adrec.core.dataset import PIDS
-from adrec.core.redis_conn import LuaScript, RedisSettings, connect_async
+from adrec.core.redis_conn import RedisSettings, connect_async
 from services.runtime.metrics import ServiceMetrics
 
 Value = TypeVar("Value")
@@ -295,8 +295,6 @@ class RedisReader:
         self.timeout = timeout
         self.last_failure: str | None = None
         self._direct: DirectGets | None = None
-        #: A cluster client's scripts, registered once each.
-        self._scripts: dict[str, Any] = {}
         self._cluster: ClusterGets | None = None
         if isinstance(client, redis.asyncio.Redis):
             self._direct = DirectGets(client.connection_pool)
@@ -363,34 +361,22 @@ class RedisReader:
             self.metrics.redis_error(op)
         self.last_failure = error
 
-    async def run_script(
-        self,
-        script: LuaScript,
-        script_keys: Sequence[bytes],
-        args: Sequence[bytes | str | int],
-        op: RedisOp,
-        timeout: float,
-    ) -> Any:
-        """Run `script` by its digest (loading it on a server that lacks it), bounded by
-        `timeout` seconds; a failure raises a RedisError."""
+    async def execute(
+        self, commands: Sequence[Sequence[bytes | str | int]], op: RedisOp, timeout: float
+    ) -> None:
+        """Write `commands` in one round trip (one per node on a cluster), bounded by
+        `timeout` seconds; a failure, or an error reply to any of them, raises a
+        RedisError."""
         start = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
-                if self._direct is None:
-                    # One slot for all the keys: the cluster client routes the script there.
-                    registered = self._scripts.get(script.sha)
-                    if registered is None:
-                        registered = self._scripts[script.sha] = self.client.register_script(
-                            script.source
-                        )
-                    return await registered(keys=list(script_keys), args=list(args))
-                head = (len(script_keys), *script_keys, *args)
-                (reply,) = await self._direct.execute([(b"EVALSHA", script.sha, *head)])
-                if isinstance(reply, NoScriptError):
-                    (reply,) = await self._direct.execute([(b"EVAL", script.source, *head)])
-                if isinstance(reply, ResponseError):
-                    raise reply
-                return reply
+                if self._direct is not None:
+                    replies = await self._direct.execute(commands)
+                else:
+                    pipe = self.client.pipeline()
+                    for command in commands:
+                        pipe.execute_command(*command)
+                    replies = await pipe.execute(raise_on_error=False)
         except TimeoutError:
             self.metrics.redis_error(op)
             raise RedisTimeoutError(f"Redis did not answer {op} in time") from None
@@ -399,6 +385,10 @@ class RedisReader:
             raise
         finally:
             self.metrics.redis_latency(op).observe(time.perf_counter() - start)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                self.metrics.redis_error(op)
+                raise reply
 
     async def read(
         self,
