@@ -6,9 +6,9 @@ the load steps; figures in docs/performance.md, "Real-time events").
 
 Everything runs on this machine against a private redis-server on a free loopback port, each
 component in its own process as deployed: ``adrec serve recall|ranking|gateway|events`` and
-``adrec stream run`` (local Spark, Redis Streams source, default trigger). The version is
-bench_serving's (10k users with 500-id recall lists, 100k ads, 5k categories) with a
-``behaviour`` feature set model, so ranking reads each user's counts.
+``adrec stream run`` (local Spark, Redis Streams source, default trigger and niceness). The
+version is bench_serving's (10k users with 500-id recall lists, 100k ads, 5k categories)
+with a ``behaviour`` feature set model, so ranking reads each user's counts.
 
 1. ``sustained``: a slice of a synthetic ``behavior_log`` (the ``small`` preset, its first
    ``--rows`` rows) replayed by ``adrec events send`` as fast as it goes, and timed from the
@@ -75,7 +75,9 @@ TARGET_RATIO = 1.25
 class Stack:
     """The four services and the stream job over one private redis-server."""
 
-    def __init__(self, stack: contextlib.ExitStack, redis_url: str, checkpoint: Path):
+    def __init__(
+        self, stack: contextlib.ExitStack, redis_url: str, checkpoint: Path, niceness: int | None
+    ):
         self.redis_url = redis_url
         self.ports = {
             name: bench_serving.free_port()
@@ -106,6 +108,8 @@ class Stack:
             "ADREC_STREAM_CHECKPOINT": str(checkpoint),
             "ADREC_STREAM_METRICS_PORT": str(self.ports["stream_metrics"]),
         }
+        if niceness is not None:
+            stream_env["ADREC_STREAM_NICENESS"] = str(niceness)
         self.stream = stack.enter_context(
             bench_serving.started([*ADREC, "stream", "run"], stream_env)
         )
@@ -329,11 +333,20 @@ def main() -> int:
     parser.add_argument("--rps", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=30.0, help="each load step's length")
     parser.add_argument("--events-per-second", type=float, default=5000)
+    parser.add_argument(
+        "--stream-niceness",
+        type=int,
+        help="ADREC_STREAM_NICENESS of the stream job (default: the job's own default)",
+    )
     parser.add_argument("--quick", action="store_true", help="fewer rows, probes and seconds")
     args = parser.parse_args()
     if args.quick:
         args.rows, args.probes, args.seconds = 60_000, 20, 10.0
-    report: dict[str, Any] = {"load_average_before": os.getloadavg(), "cpus": os.cpu_count()}
+    report: dict[str, Any] = {
+        "load_average_before": os.getloadavg(),
+        "cpus": os.cpu_count(),
+        "stream_niceness": "default" if args.stream_niceness is None else args.stream_niceness,
+    }
     with (
         tempfile.TemporaryDirectory(prefix="adrec-bench-realtime-") as tmp,
         private_redis() as server,
@@ -344,7 +357,7 @@ def main() -> int:
         started = time.monotonic()
         bench_serving.publish(server.url, feature_set="behaviour")
         print(f"published in {time.monotonic() - started:.1f} s", flush=True)
-        processes = Stack(stack, server.url, scratch / "checkpoint")
+        processes = Stack(stack, server.url, scratch / "checkpoint", args.stream_niceness)
         started = time.monotonic()
         warm = behaviour_file(scratch / "warm.csv", 100, 100, 100, seed=11)
         finished(send(processes, warm))

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -310,6 +311,17 @@ def _batches_until(process: subprocess.Popen[str], wanted: int, timeout: float) 
     return seen
 
 
+def _niceness(pid: int) -> int:
+    # /proc/<pid>/stat: "pid (comm) state ...", the niceness 17 fields after the state.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[16])
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(child) for child in text.split()]
+
+
 def _user_counts(client: redis.Redis, users: range) -> dict[int, dict[str, int]]:
     out = {}
     for user in users:
@@ -339,6 +351,9 @@ def test_killed_and_restarted_mid_run_loses_nothing_and_applies_nothing_twice(
     checkpoint = tmp_path / "checkpoint"
     first = _stream_job(redis_url, checkpoint, batches=0)
     seen = _batches_until(first, 3, timeout=240)
+    # The job and Spark's JVM run at the default niceness, beneath the caller.
+    lowered = min(os.nice(0) + 10, 19)
+    assert [_niceness(pid) for pid in (first.pid, *_children(first.pid))][:2] == [lowered] * 2
     first.send_signal(signal.SIGKILL)
     first.wait(30)
     assert seen == 3, "the first run never applied three batches"

@@ -75,6 +75,16 @@ class StreamConfig:
         parse=parse_int,
         check=in_range(0, 65_535),
     )
+    # The job is the services' neighbour wherever they share a host (one machine, a node
+    # without CPU limits): its batches can wait a few milliseconds, a request cannot.
+    niceness: int = setting(
+        "ADREC_STREAM_NICENESS",
+        10,
+        "Scheduling niceness the job and its Spark processes run at (0: the caller's), so "
+        "services on the same host get the CPU first",
+        parse=parse_int,
+        check=in_range(0, 19),
+    )
     batches: int = setting(
         "ADREC_STREAM_BATCHES",
         0,

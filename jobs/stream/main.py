@@ -210,6 +210,9 @@ def run_stream(config: StreamConfig, redis_settings: RedisSettings) -> int:
     # Executors (Python workers) read Redis settings from the environment, never from
     # Spark options, which Spark may print.
     os.environ.update(_as_env(redis_settings))
+    if config.niceness:
+        # Before the JVM starts: Spark's processes inherit it.
+        os.nice(config.niceness)
     session = build_session(
         config.master,
         "adrec-stream",
