@@ -6,9 +6,10 @@ the load steps; figures in docs/performance.md, "Real-time events").
 
 Everything runs on this machine against a private redis-server on a free loopback port, each
 component in its own process as deployed: ``adrec serve recall|ranking|gateway|events`` and
-``adrec stream run`` (local Spark, Redis Streams source, default trigger and niceness). The
-version is bench_serving's (10k users with 500-id recall lists, 100k ads, 5k categories)
-with a ``behaviour`` feature set model, so ranking reads each user's counts.
+``adrec stream run`` (local Spark, Redis Streams source, default trigger;
+``--stream-niceness`` lowers it). The version is bench_serving's (10k users with 500-id
+recall lists, 100k ads, 5k categories) with a ``behaviour`` feature set model, so ranking
+reads each user's counts.
 
 1. ``sustained``: a slice of a synthetic ``behavior_log`` (the ``small`` preset, its first
    ``--rows`` rows) replayed by ``adrec events send`` as fast as it goes, and timed from the

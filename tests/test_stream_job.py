@@ -284,6 +284,7 @@ def _stream_job(redis_url: str, checkpoint, batches: int) -> subprocess.Popen[st
         "ADREC_STREAM_METRICS_PORT": "0",
         "ADREC_STREAM_BATCHES": str(batches),
         "ADREC_STREAM_LOCAL_MEMORY": "1g",
+        "ADREC_STREAM_NICENESS": "5",
     }
     return subprocess.Popen(
         [sys.executable, "-m", "adrec", "stream", "run"],
@@ -351,8 +352,8 @@ def test_killed_and_restarted_mid_run_loses_nothing_and_applies_nothing_twice(
     checkpoint = tmp_path / "checkpoint"
     first = _stream_job(redis_url, checkpoint, batches=0)
     seen = _batches_until(first, 3, timeout=240)
-    # The job and Spark's JVM run at the default niceness, beneath the caller.
-    lowered = min(os.nice(0) + 10, 19)
+    # The job and Spark's JVM run at the niceness asked for, beneath the caller.
+    lowered = min(os.nice(0) + 5, 19)
     assert [_niceness(pid) for pid in (first.pid, *_children(first.pid))][:2] == [lowered] * 2
     first.send_signal(signal.SIGKILL)
     first.wait(30)

@@ -75,11 +75,12 @@ class StreamConfig:
         parse=parse_int,
         check=in_range(0, 65_535),
     )
-    # The job is the services' neighbour wherever they share a host (one machine, a node
-    # without CPU limits): its batches can wait a few milliseconds, a request cannot.
+    # For a host the job shares with the services (one machine, a node without CPU
+    # limits). Not the default: a lowered job falls behind the events whenever the host
+    # is busy (figures in docs/performance.md).
     niceness: int = setting(
         "ADREC_STREAM_NICENESS",
-        10,
+        0,
         "Scheduling niceness the job and its Spark processes run at (0: the caller's), so "
         "services on the same host get the CPU first",
         parse=parse_int,
