@@ -154,6 +154,9 @@ def test_a_value_that_is_not_state_is_refused():
         decode_state(b"not json")
     with pytest.raises(CodecError, match="real-time state"):
         decode_state(json.dumps({"counts": {}}).encode())
+    for counts in ({"cart:c11:415000": "2"}, {"cart:c11:415000": 1.5}, ["cart:c11:415000"]):
+        with pytest.raises(CodecError, match="counts must map fields to integers"):
+            decode_state(json.dumps({"batch": 1, "counts": counts}).encode())
 
 
 def test_value_bytes_are_pinned():

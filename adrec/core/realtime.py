@@ -195,7 +195,11 @@ def decode_state(raw: bytes) -> RealtimeState:
     """A state value; raises :class:`CodecError` on bytes that are not one."""
     try:
         value = json.loads(raw)
-        counts = {str(field): int(count) for field, count in (value.get("counts") or {}).items()}
+        counts = value.get("counts") or {}
+        # JSON object keys are strings; the values are checked without a Python step per
+        # field: a busy user's state holds thousands, and two services decode it per request.
+        if not isinstance(counts, dict) or not set(map(type, counts.values())) <= {int}:
+            raise ValueError("counts must map fields to integers")
         interest = {
             int(cate): (float(score), int(since))
             for cate, (score, since) in (value.get("interest") or {}).items()
