@@ -349,7 +349,9 @@ class ServedRecorder:
     succeeded this process counts the waiting ads itself (:meth:`of`), so its next answer
     to the same user holds the caps at once; other replicas see them after the write.
     A failed write is logged and counted (adrec_redis_errors_total, op record_served) and
-    its ads are not retried: the caps then rest on the reported impressions alone.
+    its ads are not retried: the caps then rest on the reported impressions alone. A read
+    answered while a write is in flight may find its ads in Redis and here both: counted
+    twice for that instant, a cap errs on the side of holding early.
     """
 
     def __init__(
@@ -421,14 +423,18 @@ class ServedRecorder:
         finally:
             self._writing = {}
 
-    async def aclose(self) -> None:
-        """Write what waits (a stopping gateway's last answers)."""
-        self._closed = True
+    async def flush(self) -> None:
+        """Finish the write under way and write what waits."""
         writer = self._writer
         if writer is not None:
             await asyncio.gather(writer, return_exceptions=True)
         if self._waiting:
             await self._write()
+
+    async def aclose(self) -> None:
+        """Write what waits (a stopping gateway's last answers)."""
+        self._closed = True
+        await self.flush()
 
 
 @dataclasses.dataclass
