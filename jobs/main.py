@@ -81,6 +81,12 @@ class _WithoutTraceback(logging.Filter):
         return True
 
 
+def without_py4j_tracebacks() -> None:
+    """Keep py4j's tracebacks (logged when the JVM dies under a call) out of the output."""
+    for logger in (logging.getLogger(), logging.getLogger("py4j")):
+        logger.addFilter(_WithoutTraceback())
+
+
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
     """Every job setting and Redis setting as a flag, plus where to write the report."""
     settings.add_flags(JobConfig, parser)
@@ -102,9 +108,7 @@ def run(args: argparse.Namespace) -> int:
         raise JobUsageError(str(exc)) from None
     from jobs.pipeline import JobInputError, run_job  # noqa: PLC0415 - pyspark after validation
 
-    for logger in (logging.getLogger(), logging.getLogger("py4j")):
-        logger.addFilter(_WithoutTraceback())
-
+    without_py4j_tracebacks()
     try:
         result = run_job(config, redis_settings)
     except JobInputError as exc:

@@ -53,9 +53,11 @@ def test_only_memory_failures_are_explained_as_memory():
 OUT_OF_MEMORY_SCRIPT = """
 from pyspark.sql import functions as F
 from jobs.config import JobConfig
-from jobs.main import memory_problem
+from jobs.main import memory_problem, without_py4j_tracebacks
 from jobs.spark import build_session
 
+# As the job's run does: py4j logs a traceback when the JVM dies under a call.
+without_py4j_tracebacks()
 spark = build_session("local[2]", local_memory="600m", conf={"spark.ui.enabled": "false"})
 huge = F.sequence(F.lit(0), F.lit(200_000_000) + F.col("id"))
 try:
