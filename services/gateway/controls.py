@@ -200,10 +200,6 @@ class AdCatalog:
         column: np.ndarray = self.campaign if level is Level.CAMPAIGN else self.customer
         return column
 
-    def column(self, scope: Scope) -> np.ndarray:
-        """The campaign or customer of each row."""
-        return self.campaign if scope is Scope.CAMPAIGN else self.customer
-
 
 def _member_of(values: np.ndarray, members: np.ndarray) -> np.ndarray:
     """Whether each of `values` is one of the sorted `members` (np.isin, without its
