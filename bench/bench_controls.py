@@ -177,7 +177,7 @@ async def phase(
     debug: bool = False,
 ) -> tuple[float, dict[str, int]]:
     """CPU ms per answer of the serving process over `requests` answers, and the filtered
-    candidates per reason over them."""
+    candidates per reason over them (with the answers filled in from the next path)."""
     from adrec.api.gateway.v1 import gateway_service_pb2 as pb
     from adrec.api.gateway.v1 import gateway_service_pb2_grpc
 
@@ -211,6 +211,9 @@ async def phase(
                 for item in answer.filtered:
                     name = pb.FilterReason.Name(item.reason).removeprefix("FILTER_REASON_").lower()
                     filtered[name] = filtered.get(name, 0) + item.candidates
+                if answer.filled_from:
+                    # Not a filter: how many answers the next path had to fill in.
+                    filtered["filled_in_answers"] = filtered.get("filled_in_answers", 0) + 1
 
         # Warm-up outside the measurement.
         for request in prepared[:50]:
