@@ -253,6 +253,31 @@ def test_a_change_left_unlogged_is_completed_by_the_next(redis_target: RedisTarg
     run(scenario)
 
 
+def test_stores_taking_turns_each_build_on_the_others_changes(redis_target: RedisTarget):
+    async def scenario():
+        client = connect_async(redis_target.settings)
+        try:
+            first, second = AdStateStore(client), AdStateStore(client)
+            await first.apply(Level.CAMPAIGN, 5, Status.PAUSED, "one")
+            await first.apply(Level.CAMPAIGN, 6, Status.PAUSED, "two")
+            await second.apply(Level.CAMPAIGN, 5, Status.ACTIVE, "three")
+            # `first` holds the states it wrote last; Redis has moved on since.
+            await first.apply(Level.CUSTOMER, 9, Status.PAUSED, "four")
+            for store in (first, second, AdStateStore(client)):
+                states = await store.read()
+                assert states.seq == 4
+                assert {key: state.reason for key, state in states.states.items()} == {
+                    (Level.CAMPAIGN, 5): "three",
+                    (Level.CAMPAIGN, 6): "two",
+                    (Level.CUSTOMER, 9): "four",
+                }
+            assert [c.change_id for c in await second.history(10)] == [4, 3, 2, 1]
+        finally:
+            await client.aclose()
+
+    run(scenario)
+
+
 def test_served_ads_are_appended_per_slice_and_age_out_after_one_to_two_slices(
     redis_target: RedisTarget,
 ):

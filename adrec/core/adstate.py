@@ -344,10 +344,19 @@ class AdStateStore:
         self.history_length = history_length
         self._compare_and_set = client.register_script(_COMPARE_AND_SET)
         self._raise_counter = client.register_script(_RAISE_COUNTER)
+        #: The states this store last read or wrote, with their bytes: a run of changes
+        #: through one store decodes the whole set once, not once per change.
+        self._held: tuple[bytes, AdStates] | None = None
 
     async def read(self) -> AdStates:
         raw = await self.client.get(keys.AD_STATE)
-        return AdStates.decode(raw) if raw is not None else AdStates.empty()
+        if raw is None:
+            return AdStates.empty()
+        if self._held is not None and self._held[0] == raw:
+            return self._held[1]
+        states = AdStates.decode(raw)
+        self._held = (raw, states)
+        return states
 
     async def apply(
         self,
@@ -365,10 +374,10 @@ class AdStateStore:
             changed = current.with_state(
                 level, id, status, reason, start, end, int(time.time() * 1000)
             )
-            written = await self._compare_and_set(
-                keys=[keys.AD_STATE], args=[current.seq, changed.encode()]
-            )
+            encoded = changed.encode()
+            written = await self._compare_and_set(keys=[keys.AD_STATE], args=[current.seq, encoded])
             if int(written):
+                self._held = (encoded, changed)
                 await self._settle(changed)
                 assert changed.last is not None
                 return changed.last
