@@ -175,9 +175,9 @@ async def phase(
     controls: bool,
     requests: int,
     debug: bool = False,
-) -> tuple[float, dict[str, int]]:
-    """CPU ms per answer of the serving process over `requests` answers, and the filtered
-    candidates per reason over them (with the answers filled in from the next path)."""
+) -> tuple[float, dict[str, int], int]:
+    """CPU ms per answer of the serving process over `requests` answers, the filtered
+    candidates per reason over them, and how many answers the next path filled in."""
     from adrec.api.gateway.v1 import gateway_service_pb2 as pb
     from adrec.api.gateway.v1 import gateway_service_pb2_grpc
 
@@ -200,20 +200,20 @@ async def phase(
             request.diversity.max_per_customer = 2
         prepared.append(request)
     filtered: dict[str, int] = {}
+    filled_in = 0
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway_port}") as channel:
         stub = gateway_service_pb2_grpc.GatewayServiceStub(channel)  # type: ignore[no-untyped-call]
         queue = iter(prepared)
 
         async def worker() -> None:
+            nonlocal filled_in
             for request in queue:
                 answer = await stub.Recommend(request, timeout=10)
                 assert answer.serving_path == pb.SERVING_PATH_REALTIME_RANKED, answer
                 for item in answer.filtered:
                     name = pb.FilterReason.Name(item.reason).removeprefix("FILTER_REASON_").lower()
                     filtered[name] = filtered.get(name, 0) + item.candidates
-                if answer.filled_from:
-                    # Not a filter: how many answers the next path had to fill in.
-                    filtered["filled_in_answers"] = filtered.get("filled_in_answers", 0) + 1
+                filled_in += bool(answer.filled_from)
 
         # Warm-up outside the measurement.
         for request in prepared[:50]:
@@ -221,7 +221,7 @@ async def phase(
         before = serving.cpu_seconds(pid)
         await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
         spent = serving.cpu_seconds(pid) - before
-    return spent * 1000 / requests, filtered
+    return spent * 1000 / requests, filtered, filled_in
 
 
 async def idle_controls_ms(redis_url: str, table_raw: bytes, candidates: list[int]) -> float:
@@ -286,7 +286,7 @@ def main() -> int:
                 for name in ("off", "on", "debug"):
                     if name == "on":
                         asyncio.run(set_states(ports["admin"], table, "paused"))
-                    ms, filtered = asyncio.run(
+                    ms, filtered, filled_in = asyncio.run(
                         phase(
                             ports["gateway"],
                             process.pid,
@@ -302,7 +302,8 @@ def main() -> int:
                     per_answer = {k: round(v / requests, 1) for k, v in sorted(filtered.items())}
                     print(
                         f"round {round_ + 1} {name:>3}: {ms:.3f} CPU ms per answer; "
-                        f"filtered per answer {per_answer or '-'}",
+                        f"filtered per answer {per_answer or '-'}; "
+                        f"{filled_in} of {requests} answers filled in from the next path",
                         flush=True,
                     )
         finally:
