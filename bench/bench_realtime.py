@@ -26,6 +26,12 @@ reads each user's counts.
    and the stream job. p99 and the CPU time per answer of recall, ranking and gateway (the
    intake and the stream job are their own deployments, measured apart), and the ratios.
 
+``--split-cores`` gives ``serving``'s two runs what a deployment gives the stream job and
+the intake, nodes of their own: a cpuset cgroup holds the stream job (its JVM and Python
+workers), the intake and the sender to the last CPU, another holds the serving services,
+Redis and the load generator to the others, both runs alike. ``sustained`` and the idle
+probes still have every CPU (Linux, as root, cgroup v1 cpuset or v2 with cpuset enabled).
+
 Targets (2 cores): sustained >= 20,000 events/s; event to visible p99 <= 2 s; with 5,000
 events/s flowing, Recommend p99 and CPU per answer within 25% of the run without.
 """
@@ -73,13 +79,97 @@ TARGET_RATIO = 1.25
 # ---------------------------------------------------------------- processes
 
 
+class CpuSet:
+    """A cpuset cgroup whose CPUs can change while its processes run; a process moved into
+    it takes its children along, and the ones it forks later are born inside."""
+
+    def __init__(self, name: str):
+        v1 = Path("/sys/fs/cgroup/cpuset")
+        self.root = v1 if v1.is_dir() else Path("/sys/fs/cgroup")
+        self.path = self.root / f"adrec-bench-{name}-{os.getpid()}"
+        self.path.mkdir()
+        if self.root == v1:
+            (self.path / "cpuset.mems").write_text((v1 / "cpuset.mems").read_text())
+        self.allow(all_cpus())
+
+    def allow(self, cpus: str) -> None:
+        (self.path / "cpuset.cpus").write_text(cpus)
+
+    def move(self, pid: int, children: bool = True) -> None:
+        """Moves `pid`, and with `children` every process below it."""
+        for member in (pid, *(descendants(pid) if children else ())):
+            with contextlib.suppress(ProcessLookupError, FileNotFoundError, OSError):
+                (self.path / "cgroup.procs").write_text(str(member))
+
+    def remove(self) -> None:
+        # Moved back first: Spark's Python workers may outlive the JVM by a moment.
+        for line in (self.path / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):
+                (self.root / "cgroup.procs").write_text(line)
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+        print(f"warning: cgroup {self.path} left behind", file=sys.stderr)
+
+
+def all_cpus() -> str:
+    cpus = os.cpu_count() or 1
+    return f"0-{cpus - 1}" if cpus > 1 else "0"
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid`, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class SplitCores:
+    """The stream side (stream job, intake, sender) on the last CPU, serving on the rest."""
+
+    def __init__(self, stack: contextlib.ExitStack):
+        cpus = os.cpu_count() or 1
+        if cpus < 2:
+            raise RuntimeError("--split-cores needs at least two CPUs")
+        self.events_cpus = str(cpus - 1)
+        self.serving_cpus = "0" if cpus == 2 else f"0-{cpus - 2}"
+        self.serving = CpuSet("serving")
+        stack.callback(self.serving.remove)
+        self.events = CpuSet("events")
+        stack.callback(self.events.remove)
+
+    def split(self) -> None:
+        self.serving.allow(self.serving_cpus)
+        self.events.allow(self.events_cpus)
+
+
 class Stack:
     """The four services and the stream job over one private redis-server."""
 
     def __init__(
-        self, stack: contextlib.ExitStack, redis_url: str, checkpoint: Path, niceness: int | None
+        self,
+        stack: contextlib.ExitStack,
+        redis_url: str,
+        redis_pid: int,
+        checkpoint: Path,
+        niceness: int | None,
+        trigger_ms: int | None,
+        cores: SplitCores | None,
     ):
         self.redis_url = redis_url
+        self.redis_pid = redis_pid
+        self.cores = cores
         self.ports = {
             name: bench_serving.free_port()
             for name in ("recall", "ranking", "gateway", "events", "stream_metrics")
@@ -104,6 +194,8 @@ class Stack:
         for name in ("recall", "ranking", "gateway", "events"):
             process = stack.enter_context(bench_serving.started([*ADREC, "serve", name], env[name]))
             self.pids[name] = process.pid
+            if cores is not None:
+                (cores.events if name == "events" else cores.serving).move(process.pid)
         stream_env = {
             **common,
             "ADREC_STREAM_CHECKPOINT": str(checkpoint),
@@ -111,10 +203,14 @@ class Stack:
         }
         if niceness is not None:
             stream_env["ADREC_STREAM_NICENESS"] = str(niceness)
+        if trigger_ms is not None:
+            stream_env["ADREC_STREAM_TRIGGER_MS"] = str(trigger_ms)
         self.stream = stack.enter_context(
             bench_serving.started([*ADREC, "stream", "run"], stream_env)
         )
         self.pids["stream"] = self.stream.pid
+        if cores is not None:
+            cores.events.move(self.stream.pid)
         for name in ("recall", "ranking", "gateway", "events"):
             bench_serving.wait_serving(self.ports[name])
 
@@ -143,12 +239,29 @@ class Stack:
             time.sleep(0.05)
         return time.monotonic() - started
 
+    def stream_side_cpu_seconds(self, sender: int) -> float:
+        """CPU seconds so far of the stream job's whole tree, the intake and `sender`."""
+        pids = [self.pids["stream"], *descendants(self.pids["stream"]), self.pids["events"], sender]
+        return sum(cpu_seconds(pid) for pid in pids)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 
 def send(stack: Stack, path: Path, rate: float = 0) -> subprocess.Popen[str]:
     args = [*ADREC, "events", "send", str(path), "--events", f"127.0.0.1:{stack.ports['events']}"]
     if rate:
         args += ["--rate", str(rate)]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sender = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if stack.cores is not None:
+        stack.cores.events.move(sender.pid)
+    return sender
 
 
 def finished(process: subprocess.Popen[str]) -> str:
@@ -272,6 +385,10 @@ def behaviour_file(path: Path, users: int, categories: int, events: int, seed: i
 def serving(stack: Stack, scratch: Path, args: argparse.Namespace) -> dict[str, Any]:
     cpu_pids = {name: stack.pids[name] for name in ("recall", "ranking", "gateway")}
     port = stack.ports["gateway"]
+    if stack.cores is not None:
+        # The load generator and the probes are forked or run from here.
+        stack.cores.serving.move(os.getpid(), children=False)
+        stack.cores.split()
     quiet = bench_serving.run_load("recommend", port, (args.rps,), args.seconds, cpu_pids)
     rows = int(args.events_per_second * (args.seconds + 30))
     source = behaviour_file(
@@ -286,9 +403,15 @@ def serving(stack: Stack, scratch: Path, args: argparse.Namespace) -> dict[str, 
     )
     prober.start()
     flowing_before = stack.applied()
+    stream_cpu_before = stack.stream_side_cpu_seconds(sender.pid)
+    redis_cpu_before = cpu_seconds(stack.redis_pid)
     flow_started = time.monotonic()
     flowing = bench_serving.run_load("recommend", port, (args.rps,), args.seconds, cpu_pids)
-    applied_rate = (stack.applied() - flowing_before) / (time.monotonic() - flow_started)
+    applied = stack.applied() - flowing_before
+    stream_cpu = stack.stream_side_cpu_seconds(sender.pid) - stream_cpu_before
+    redis_cpu = cpu_seconds(stack.redis_pid) - redis_cpu_before
+    flow_seconds = time.monotonic() - flow_started
+    applied_rate = applied / flow_seconds
     prober.join()
     sender.terminate()
     sender.wait()
@@ -301,6 +424,14 @@ def serving(stack: Stack, scratch: Path, args: argparse.Namespace) -> dict[str, 
             "p99_ms": b["p99_ms"],
             "cpu_ms_per_answer": cpu_b,
             "events_applied_per_second": applied_rate,
+            "stream_side_cpu_ms_per_event": 1000 * stream_cpu / max(applied, 1),
+            # Where the two cores went while the events flowed.
+            "cores": {
+                "stream_side": stream_cpu / flow_seconds,
+                "redis": redis_cpu / flow_seconds,
+                "services": cpu_b * b["achieved_rps"] / 1000,
+                "generator": b["cpu_ms_per_request"]["generator"] * b["achieved_rps"] / 1000,
+            },
             "applied_before_flow": applied_before,
         },
         "p99_ratio": b["p99_ms"] / a["p99_ms"],
@@ -339,6 +470,16 @@ def main() -> int:
         type=int,
         help="ADREC_STREAM_NICENESS of the stream job (default: the job's own default)",
     )
+    parser.add_argument(
+        "--stream-trigger-ms",
+        type=int,
+        help="ADREC_STREAM_TRIGGER_MS of the stream job (default: the job's own default)",
+    )
+    parser.add_argument(
+        "--split-cores",
+        action="store_true",
+        help="in the serving runs, the stream side on the last CPU and serving on the rest",
+    )
     parser.add_argument("--quick", action="store_true", help="fewer rows, probes and seconds")
     args = parser.parse_args()
     if args.quick:
@@ -347,6 +488,8 @@ def main() -> int:
         "load_average_before": os.getloadavg(),
         "cpus": os.cpu_count(),
         "stream_niceness": "default" if args.stream_niceness is None else args.stream_niceness,
+        "stream_trigger_ms": args.stream_trigger_ms or "default",
+        "split_cores": args.split_cores,
     }
     with (
         tempfile.TemporaryDirectory(prefix="adrec-bench-realtime-") as tmp,
@@ -358,7 +501,18 @@ def main() -> int:
         started = time.monotonic()
         bench_serving.publish(server.url, feature_set="behaviour")
         print(f"published in {time.monotonic() - started:.1f} s", flush=True)
-        processes = Stack(stack, server.url, scratch / "checkpoint", args.stream_niceness)
+        cores = SplitCores(stack) if args.split_cores else None
+        if cores is not None:
+            cores.serving.move(server.process.pid)
+        processes = Stack(
+            stack,
+            server.url,
+            server.process.pid,
+            scratch / "checkpoint",
+            args.stream_niceness,
+            args.stream_trigger_ms,
+            cores,
+        )
         started = time.monotonic()
         warm = behaviour_file(scratch / "warm.csv", 100, 100, 100, seed=11)
         finished(send(processes, warm))
