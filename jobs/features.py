@@ -298,7 +298,6 @@ EXAMPLE_COLUMNS = (
     "adgroup_id",
     "time_stamp",
     "label",
-    "cate_id",
     *spec_features.INPUT_COLUMNS,
 )
 

@@ -174,3 +174,73 @@ def test_als_affinity_lookup():
         np.array([[1.0, 1.0], [2.0, 0.0]]), np.array([9, 40]), cate_ids, cate_factors
     )
     assert per_row.tolist() == [1.0, 2.0]
+
+
+def test_price_levels_cut_at_the_edges_and_keep_missing_apart():
+    from adrec.core.features import PRICE_LEVEL_EDGES, PRICE_LEVELS, price_levels
+
+    prices = np.array([0.0, 10.0, 10.01, 150.0, 2000.0, 2001.0, NAN])
+    assert price_levels(prices).tolist() == [0, 0, 1, 4, 7, 8, 9]
+    assert len(PRICE_LEVEL_EDGES) + 2 == PRICE_LEVELS
+
+
+def test_price_crosses_set_the_slot_of_the_users_level_and_the_ads_price_level():
+    from adrec.core.features import BEHAVIOUR
+
+    inputs = {column: np.zeros(2) for column in BEHAVIOUR.input_columns}
+    inputs.update(pid="430548_1007", price=np.array([150.0, 5.0]))
+    inputs.update(pvalue_level=np.array([2.0, NAN]), age_level=np.array([3.0, 3.0]))
+    encoded = BEHAVIOUR.encode(inputs)
+    names = BEHAVIOUR.feature_names
+    first = {n for n, v in zip(names, encoded[0], strict=True) if v and "price_level" in n}
+    second = {n for n, v in zip(names, encoded[1], strict=True) if v and "price_level" in n}
+    assert first == {
+        "age_level=3*price_level=4",
+        "gender=missing*price_level=4",
+        "pvalue_level=2*price_level=4",
+        "shopping_level=missing*price_level=4",
+    }
+    assert "pvalue_level=missing*price_level=0" in second
+    assert "age_level=3*price_level=0" in second
+
+
+def test_category_cross_slots_are_a_fixed_hash_of_field_level_and_category():
+    from adrec.core.features import BEHAVIOUR, CategoryCross
+
+    (cross,) = [block for block in BEHAVIOUR.blocks if isinstance(block, CategoryCross)]
+    levels = [np.array([1.0, NAN]) for _ in cross.fields]
+    # Pinned: a model's weights for these slots mean nothing under another hash.
+    assert cross.slots(*levels, np.array([6261.0, 6261.0])).tolist() == [
+        [239, 8, 97, 104, 44, 225, 159],
+        [2, 218, 164, 169, 7, 72, 134],
+    ]
+    assert cross.slots(*[v[:1] for v in levels], np.array([6262.0])).tolist() == [
+        [93, 163, 19, 91, 189, 78, 202]
+    ]
+    inputs = {column: np.ones(1) for column in BEHAVIOUR.input_columns}
+    inputs.update(pid="430548_1007", cate_id=np.array([6261.0]))
+    encoded = BEHAVIOUR.encode(inputs)[0]
+    start = BEHAVIOUR.feature_names.index("profile*cate_id#0")
+    block = encoded[start : start + cross.buckets]
+    assert block.sum() == len(cross.fields)
+    assert sorted(np.flatnonzero(block).tolist()) == sorted({239, 8, 97, 104, 44, 225, 159})
+
+
+def test_crossed_set_has_its_own_pinned_id_and_the_others_keep_theirs():
+    from adrec.core.features import BEHAVIOUR, CATEGORY_CROSS_BUCKETS, PRICE_LEVELS
+
+    assert BEHAVIOUR.spec_id == "behaviour-v1-da56d9a3a16d"
+    assert BEHAVIOUR.dim == FULL.dim + 30 + (8 + 3 + 4 + 4) * PRICE_LEVELS + CATEGORY_CROSS_BUCKETS
+
+
+def test_one_users_category_cross_codes_are_the_encoders_codes():
+    from adrec.core.features import BEHAVIOUR, CategoryCross
+
+    (cross,) = [block for block in BEHAVIOUR.blocks if isinstance(block, CategoryCross)]
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        profile = {
+            f: float(rng.choice([NAN, -1, 0, 1, 2, 3, 5, 12, 13, 200])) for f in cross.fields
+        }
+        by_encoder = cross.level_codes(*(np.array([profile[f]]) for f in cross.fields))
+        np.testing.assert_array_equal(cross.user_codes(profile), np.stack(by_encoder, axis=1))

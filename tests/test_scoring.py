@@ -334,7 +334,9 @@ def test_counts_on_a_candidates_category_raise_its_rank_when_the_model_likes_the
     scorer = CtrScorer.build(model, table, CATE_IDS, np.zeros((len(CATE_IDS), RANK), np.float32))
     candidates = np.arange(1, 301)
     before = scorer.rank(PID, USERS[0], candidates, 10)
-    clicked = int(table["cate_id"][250])
+    # A category none of the ads ranked first without counts belongs to.
+    shown = set(table["cate_id"][before.ad_ids - 1].tolist())
+    clicked = next(int(c) for c in table["cate_id"][candidates - 1] if int(c) not in shown)
     after = scorer.rank(
         PID,
         USERS[0],

@@ -636,6 +636,7 @@ def test_the_behaviour_model_reads_the_users_counts_in_the_same_request(redis_cl
         columns = {"pid": PIDS[0], **found.columns()}
         for name in features.AD_NUMERIC_FIELDS:
             columns[name] = data.ads[name][position]
+        columns[features.CATEGORY_COLUMN] = data.ads["cate_id"][position]
         columns["als_affinity"] = features.als_affinity(
             found.als_factors, data.ads["cate_id"][position], data.cate_ids, data.cate_factors
         )

@@ -10,7 +10,10 @@ to the ad's category, and smoothed historical CTRs of ad, category and brand).
 Inputs are column arrays keyed by :data:`INPUT_COLUMNS` names. Missing values are
 NaN (or any value outside a field's known levels); every categorical block has a
 "missing" slot, so a user without a profile encodes as all-missing levels.
-Everything is deterministic: no hashing, no randomness.
+The ``behaviour`` set adds the user's history counts on the candidate's category and
+brand, and crosses: profile levels x the ad's price level, and profile levels x its
+category hashed into a fixed number of slots. Everything is deterministic: the crosses'
+hash is a fixed integer mix, never Python's ``hash()``, and no randomness.
 """
 
 from __future__ import annotations
@@ -66,13 +69,24 @@ HISTORY_COLUMNS = tuple(
     history_column(kind, scope, window.name) for kind, scope in HISTORY_COUNTS for window in WINDOWS
 )
 
+#: The candidate ad's category, read only by the profile x category crosses.
+CATEGORY_COLUMN = "cate_id"
+
 INPUT_COLUMNS = (
     "pid",
     *USER_PROFILE_FIELDS,
     *AD_NUMERIC_FIELDS,
+    CATEGORY_COLUMN,
     "als_affinity",
     *HISTORY_COLUMNS,
 )
+
+#: Upper price bounds of the price levels a profile field is crossed with (log-spaced over
+#: the data set's prices); a price above the last is the top level, a missing one its own.
+PRICE_LEVEL_EDGES: tuple[float, ...] = (10.0, 25.0, 50.0, 100.0, 200.0, 400.0, 800.0, 2000.0)
+#: Slots of the hashed profile x category cross: every profile field's (level, category)
+#: pair lands in one of them, so the width stays fixed whatever the number of categories.
+CATEGORY_CROSS_BUCKETS = 256
 
 #: Every constant a transform uses. Part of :attr:`FeatureSpec.spec_id`, so a model trained
 #: under other constants is refused rather than scored with shifted inputs.
@@ -96,17 +110,154 @@ class OneHot:
     levels: tuple[int, ...]
 
     @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.column,)
+
+    @property
     def names(self) -> list[str]:
         return [f"{self.column}={level}" for level in self.levels] + [f"{self.column}=missing"]
 
     def fill(self, out: np.ndarray, values: np.ndarray) -> None:
-        levels = np.asarray(self.levels, dtype=np.float64)
-        values = np.asarray(values, dtype=np.float64)
-        position = np.searchsorted(levels, values)
-        clipped = np.minimum(position, len(levels) - 1)
-        known = levels[clipped] == values  # NaN never equals, so missing lands in the last slot
-        slot = np.where(known, clipped, len(levels))
-        out[np.arange(len(out)), slot] = 1.0
+        out[np.arange(len(out)), level_slots(self.levels, values)] = 1.0
+
+
+def level_slots(levels: tuple[int, ...], values: np.ndarray) -> np.ndarray:
+    """Each value's position among ``levels``; ``len(levels)`` for missing or unknown."""
+    known_levels = np.asarray(levels, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    position = np.searchsorted(known_levels, values)
+    clipped = np.minimum(position, len(known_levels) - 1)
+    known = known_levels[clipped] == values  # NaN never equals, so missing lands last
+    slots: np.ndarray = np.where(known, clipped, len(known_levels))
+    return slots
+
+
+def price_levels(prices: np.ndarray) -> np.ndarray:
+    """Level of each price by :data:`PRICE_LEVEL_EDGES`: 0 up to the first edge, ...,
+    ``len(edges)`` above the last, ``len(edges) + 1`` for a missing price."""
+    prices = np.asarray(prices, dtype=np.float64)
+    levels: np.ndarray = np.where(
+        np.isnan(prices),
+        len(PRICE_LEVEL_EDGES) + 1,
+        np.searchsorted(np.asarray(PRICE_LEVEL_EDGES), prices, side="left"),
+    )
+    return levels
+
+
+#: Price levels a cross distinguishes: the edges' intervals, above the last, missing.
+PRICE_LEVELS = len(PRICE_LEVEL_EDGES) + 2
+
+
+@dataclasses.dataclass(frozen=True)
+class PriceLevelCross:
+    """A profile field's level x the ad's price level, one-hot: how price-sensitive a kind
+    of user is, which neither field says alone."""
+
+    field: str
+    levels: tuple[int, ...]
+
+    @property
+    def column(self) -> str:
+        return f"{self.field}*price_level"
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.field, "price")
+
+    @property
+    def names(self) -> list[str]:
+        return [
+            f"{self.field}={level}*price_level={price}"
+            for level in (*self.levels, "missing")
+            for price in range(PRICE_LEVELS)
+        ]
+
+    def slots(self, values: np.ndarray, prices: np.ndarray) -> np.ndarray:
+        return self.slots_at(values, price_levels(prices))
+
+    def slots_at(self, values: np.ndarray, levels: np.ndarray) -> np.ndarray:
+        """Slots of the field's values against price levels already looked up."""
+        slots: np.ndarray = level_slots(self.levels, values) * PRICE_LEVELS + levels
+        return slots
+
+    def fill(self, out: np.ndarray, values: np.ndarray, prices: np.ndarray) -> None:
+        out[np.arange(len(out)), self.slots(values, prices)] = 1.0
+
+
+def category_bits(categories: np.ndarray) -> np.ndarray:
+    """A category as the low 32 bits of a cross's hash key; a missing one as category 0."""
+    category = np.nan_to_num(np.asarray(categories, dtype=np.float64), nan=0.0)
+    bits: np.ndarray = category.astype(np.int64).astype(np.uint64) & np.uint64(0xFFFFFFFF)
+    return bits
+
+
+def _mixed(keys: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer: a fixed, well-spread hash of 64-bit keys (no Python hash()).
+    The multiplications wrap modulo 2^64 as the algorithm intends."""
+    z = keys.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    mixed: np.ndarray = z ^ (z >> np.uint64(31))
+    return mixed
+
+
+@dataclasses.dataclass(frozen=True)
+class CategoryCross:
+    """Every profile field's level x the ad's category, hashed into ``buckets`` slots: one
+    slot per field is 1 (two fields landing on one slot make it 2), so a kind of user's
+    taste for a category is learnt without a slot per (level, category) pair."""
+
+    fields: tuple[str, ...]
+    levels: tuple[tuple[int, ...], ...]
+    buckets: int
+
+    @property
+    def column(self) -> str:
+        return f"profile*{CATEGORY_COLUMN}"
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (*self.fields, CATEGORY_COLUMN)
+
+    @property
+    def names(self) -> list[str]:
+        return [f"profile*{CATEGORY_COLUMN}#{slot}" for slot in range(self.buckets)]
+
+    def slots(self, *columns: np.ndarray) -> np.ndarray:
+        """(rows, fields) slots. A field given as one value (a request's user) is broadcast
+        against the categories."""
+        *fields, categories = columns
+        codes = np.stack(np.broadcast_arrays(*self.level_codes(*fields)), axis=1)
+        return self.slots_at(codes, category_bits(categories))
+
+    def level_codes(self, *fields: np.ndarray) -> list[np.ndarray]:
+        """Per field, its index and each value's level, packed above the category's bits."""
+        return [
+            (np.uint64(index) << np.uint64(40))
+            | (level_slots(levels, values).astype(np.uint64) << np.uint64(32))
+            for index, (values, levels) in enumerate(zip(fields, self.levels, strict=True))
+        ]
+
+    def user_codes(self, profile: Mapping[str, float]) -> np.ndarray:
+        """:meth:`level_codes` of one user's profile as a (1, fields) row, without numpy's
+        per-call cost for single values (the same levels: missing or unknown is last)."""
+        codes = []
+        for index, (field, levels) in enumerate(zip(self.fields, self.levels, strict=True)):
+            value = profile[field]
+            level = levels.index(int(value)) if value in levels else len(levels)
+            codes.append((index << 40) | (level << 32))
+        return np.array([codes], dtype=np.uint64)
+
+    def slots_at(self, codes: np.ndarray, categories: np.ndarray) -> np.ndarray:
+        """Slots of (rows or 1, fields) level codes with the rows' :func:`category_bits`."""
+        keys = codes | categories[:, None]
+        slots: np.ndarray = (_mixed(keys) % np.uint64(self.buckets)).astype(np.int64)
+        return slots
+
+    def fill(self, out: np.ndarray, *columns: np.ndarray) -> None:
+        slots = self.slots(*columns)
+        rows = np.repeat(np.arange(len(out)), slots.shape[1])
+        np.add.at(out, (rows, slots.ravel()), 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +265,10 @@ class PidOneHot:
     """Placement one-hot; an unknown pid is an input error, not a missing value."""
 
     column: str = "pid"
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.column,)
 
     @property
     def names(self) -> list[str]:
@@ -137,11 +292,15 @@ class Numeric:
     transform: str
 
     @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.column,)
+
+    @property
     def names(self) -> list[str]:
         return [f"{self.column}:{self.transform}"]
 
     def fill(self, out: np.ndarray, values: np.ndarray) -> None:
-        out[:, 0] = _TRANSFORMS[self.transform](np.asarray(values, dtype=np.float64))
+        out[:, 0] = transformed(self.transform, values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +308,10 @@ class MissingIndicator:
     """1 where the column is missing (NaN): lets a 0-filled numeric stay unbiased."""
 
     column: str
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.column,)
 
     @property
     def names(self) -> list[str]:
@@ -197,7 +360,16 @@ _TRANSFORMS = {
     "log_count": _log_count,
 }
 
-Block = OneHot | PidOneHot | Numeric | MissingIndicator
+
+def transformed(transform: str, values: np.ndarray) -> np.ndarray:
+    """``values`` (any shape) through a :class:`Numeric` block's transform."""
+    result: np.ndarray = _TRANSFORMS[transform](np.asarray(values, dtype=np.float64))
+    return result
+
+
+Block = OneHot | PidOneHot | Numeric | MissingIndicator | PriceLevelCross | CategoryCross
+#: Blocks reading a user's and an ad's columns together.
+Cross = PriceLevelCross | CategoryCross
 
 
 def profile_levels(field: str) -> tuple[int, ...]:
@@ -238,21 +410,22 @@ class FeatureSpec:
 
     @property
     def input_columns(self) -> list[str]:
-        return sorted({block.column for block in self.blocks})
+        return sorted({column for block in self.blocks for column in block.inputs})
 
     @property
     def spec_id(self) -> str:
         """Identifies the exact encoding; a model trained under another id is refused."""
-        definition = json.dumps(
-            {
-                "schema": SCHEMA_VERSION,
-                "name": self.name,
-                "features": self.feature_names,
-                "constants": TRANSFORM_CONSTANTS,
-            },
-            sort_keys=True,
-        )
-        digest = hashlib.sha256(definition.encode()).hexdigest()[:12]
+        definition: dict[str, object] = {
+            "schema": SCHEMA_VERSION,
+            "name": self.name,
+            "features": self.feature_names,
+            "constants": TRANSFORM_CONSTANTS,
+        }
+        if any(isinstance(block, PriceLevelCross | CategoryCross) for block in self.blocks):
+            # Only where crosses read them: the other sets keep the ids their models carry.
+            definition["price_level_edges"] = PRICE_LEVEL_EDGES
+            definition["cross_hash"] = "splitmix64"
+        digest = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:12]
         return f"{self.name}-v{SCHEMA_VERSION}-{digest}"
 
     def one_hot_index(self, column: str, level: int | str) -> int | None:
@@ -282,12 +455,13 @@ class FeatureSpec:
         start = 0
         for block in self.blocks:
             width = len(block.names)
-            values = arrays[block.column]
-            if len(values) not in (1, n):
-                raise ValueError(
-                    f"column {block.column!r} has {len(values)} rows, expected 1 or {n}"
-                )
-            block.fill(out[:, start : start + width], np.broadcast_to(values, (n,)))
+            inputs = []
+            for column in block.inputs:
+                values = arrays[column]
+                if len(values) not in (1, n):
+                    raise ValueError(f"column {column!r} has {len(values)} rows, expected 1 or {n}")
+                inputs.append(np.broadcast_to(values, (n,)))
+            block.fill(out[:, start : start + width], *inputs)
             start += width
         return out
 
@@ -310,9 +484,31 @@ FULL = FeatureSpec(
     ),
 )
 
+#: Profile fields crossed with the ad's price level.
+PRICE_CROSSED_FIELDS = ("age_level", "gender", "pvalue_level", "shopping_level")
+#: Profile fields crossed with the ad's category.
+CATEGORY_CROSSED_FIELDS = (
+    "cms_group_id",
+    "gender",
+    "age_level",
+    "shopping_level",
+    "occupation",
+    "pvalue_level",
+    "new_user_class_level",
+)
+
 BEHAVIOUR = FeatureSpec(
     name="behaviour",
-    blocks=(*FULL.blocks, *(Numeric(column, "log_count") for column in HISTORY_COLUMNS)),
+    blocks=(
+        *FULL.blocks,
+        *(Numeric(column, "log_count") for column in HISTORY_COLUMNS),
+        *(PriceLevelCross(field, profile_levels(field)) for field in PRICE_CROSSED_FIELDS),
+        CategoryCross(
+            CATEGORY_CROSSED_FIELDS,
+            tuple(profile_levels(field) for field in CATEGORY_CROSSED_FIELDS),
+            CATEGORY_CROSS_BUCKETS,
+        ),
+    ),
 )
 
 FEATURE_SETS: dict[str, FeatureSpec] = {spec.name: spec for spec in (COURSE, FULL, BEHAVIOUR)}

@@ -63,6 +63,9 @@ DENSE_ID_LIMIT = 1 << 24
 REQUEST_COLUMNS = ("pid", *features.USER_PROFILE_FIELDS)
 PAIR_COLUMN = "als_affinity"
 HISTORY_COLUMNS = features.HISTORY_COLUMNS
+BRAND_COLUMN = "brand_id"
+#: The one transform the compiled model applies to history counts itself.
+HISTORY_TRANSFORM = "log_count"
 #: Every value a stored profile field can take: missing, then the int8 codes 0..127.
 PROFILE_VALUES = np.array([np.nan, *range(128)])
 #: Row of PROFILE_VALUES holding each code; any other value (NaN, an unknown level) is not a
@@ -322,7 +325,9 @@ class CtrScorer:
         # Stored as float32: widening once here gives the values als_affinity computes with
         # after widening the rows it gathers.
         factors = np.asarray(cate_factors).astype(np.float32).astype(np.float64)
-        ad_cate_rows = _rows_in(cate_ids, np.asarray(ads["cate_id"]).astype(np.int64))
+        ad_cates = np.asarray(ads["cate_id"]).astype(np.int64)
+        ad_brands = np.asarray(ads.get(BRAND_COLUMN, np.zeros(len(index.ad_ids)))).astype(np.int64)
+        ad_cate_rows = _rows_in(cate_ids, ad_cates)
         return cls(
             model=model,
             index=index,
@@ -330,9 +335,18 @@ class CtrScorer:
             cate_ids=cate_ids,
             cate_factors=np.vstack([factors, np.full((1, factors.shape[1]), np.nan)]),
             ad_cate_rows=np.where(ad_cate_rows < 0, len(cate_ids), ad_cate_rows),
-            ad_brands=np.asarray(ads.get("brand_id", np.zeros(len(index.ad_ids)))).astype(np.int64),
-            ad_cates=np.asarray(ads["cate_id"]).astype(np.int64),
-            compiled=CompiledModel.compile(model, ad_numeric) if len(index.ad_ids) else None,
+            ad_brands=ad_brands,
+            ad_cates=ad_cates,
+            compiled=CompiledModel.compile(
+                model,
+                {
+                    **ad_numeric,
+                    features.CATEGORY_COLUMN: ad_cates.astype(np.float64),
+                    BRAND_COLUMN: ad_brands.astype(np.float64),
+                },
+            )
+            if len(index.ad_ids)
+            else None,
             uses_affinity=PAIR_COLUMN in model.spec.input_columns,
             uses_history=bool(set(HISTORY_COLUMNS) & set(model.spec.input_columns)),
             bids=None if bids is None else _bids_by_row(index, *bids),
@@ -415,6 +429,7 @@ class CtrScorer:
         columns: dict[str, np.ndarray | str | float] = {"pid": pid, **user.columns()}
         for name, values in self.ad_numeric.items():
             columns[name] = values[rows]
+        columns[features.CATEGORY_COLUMN] = self.ad_cates.take(rows)
         columns[PAIR_COLUMN] = (
             self.affinity(user, rows) if self.uses_affinity else np.full(len(rows), np.nan)
         )
@@ -466,10 +481,12 @@ class CtrScorer:
     ) -> np.ndarray:
         """The user's CTR for each ad at ``rows`` of the ad table."""
         affinity = self.affinity(user, rows) if self.uses_affinity else None
-        counts = self.history_columns(history, rows) if history and self.uses_history else None
         if self.compiled is None:
+            counts = self.history_columns(history, rows) if history and self.uses_history else None
             return self.encode_and_predict(pid, user, rows, affinity, counts)
-        margins = self.compiled.margins(pid, user, rows, affinity, counts)
+        margins = self.compiled.margins(
+            pid, user, rows, affinity, history if self.uses_history else None
+        )
         probabilities: np.ndarray = 1.0 / (1.0 + np.exp(-margins))
         return probabilities
 
@@ -485,6 +502,7 @@ class CtrScorer:
         columns: dict[str, np.ndarray | str | float] = {"pid": pid, **user.columns()}
         for name, values in self.ad_numeric.items():
             columns[name] = values[rows]
+        columns[features.CATEGORY_COLUMN] = self.ad_cates.take(rows)
         if affinity is not None:
             columns[PAIR_COLUMN] = affinity
         for name in HISTORY_COLUMNS:
@@ -530,13 +548,31 @@ class CompiledModel:
     #: The spec's blocks of history columns, their weights, and their contribution when
     #: every count is 0; None if the spec has none.
     history: tuple[features.FeatureSpec, np.ndarray, float] | None
+    #: Each cross block with its weights and every ad's side of it (price level or
+    #: category bits), row-aligned with the ad table; a request adds the weights of the
+    #: slots its user's levels select against its candidates'.
+    crosses: tuple[tuple[features.Cross, np.ndarray, np.ndarray], ...] = ()
+    #: Every ad's category and brand, where the history counts are looked up.
+    ad_members: Mapping[events.Scope, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def compile(cls, model: CtrModel, ads: Mapping[str, np.ndarray]) -> CompiledModel | None:
         """Split `model` over the ad table `ads`; None when the spec does not split cleanly."""
         columns = set(model.spec.input_columns)
-        allowed = {*REQUEST_COLUMNS, *features.AD_NUMERIC_FIELDS, PAIR_COLUMN, *HISTORY_COLUMNS}
+        allowed = {
+            *REQUEST_COLUMNS,
+            *features.AD_NUMERIC_FIELDS,
+            features.CATEGORY_COLUMN,
+            PAIR_COLUMN,
+            *HISTORY_COLUMNS,
+        }
         if not columns <= allowed:
+            return None
+        if any(
+            block.column in HISTORY_COLUMNS
+            and not (isinstance(block, features.Numeric) and block.transform == HISTORY_TRANSFORM)
+            for block in model.spec.blocks
+        ):
             return None
         slots = _slots_by_column(model.spec)
         rows = len(next(iter(ads.values())))
@@ -567,8 +603,30 @@ class CompiledModel:
             pair = _affine_pair(model, slots)
             if pair is None:
                 return None
+        ad_levels = features.price_levels(ads["price"])
+        ad_category_bits = features.category_bits(ads[features.CATEGORY_COLUMN])
+        crosses = tuple(
+            (
+                block,
+                model.weights[slots[block.column]],
+                ad_levels if isinstance(block, features.PriceLevelCross) else ad_category_bits,
+            )
+            for block in model.spec.blocks
+            if isinstance(block, features.PriceLevelCross | features.CategoryCross)
+        )
+        ad_members = {
+            events.Scope.CATEGORY: np.asarray(ads[features.CATEGORY_COLUMN]).astype(np.int64),
+            events.Scope.BRAND: np.asarray(ads[BRAND_COLUMN]).astype(np.int64),
+        }
         compiled = cls(
-            model, ad_margins, pid_margins, profile_margins, pair, _history_part(model, slots)
+            model,
+            ad_margins,
+            pid_margins,
+            profile_margins,
+            pair,
+            _history_part(model, slots),
+            crosses,
+            ad_members,
         )
         return compiled if compiled._agrees_with_encoder(ads) else None
 
@@ -578,9 +636,10 @@ class CompiledModel:
         user: UserFeatures,
         rows: np.ndarray,
         affinity: np.ndarray | None,
-        history: Mapping[str, np.ndarray] | None = None,
+        history: HistoryCounts | None = None,
     ) -> np.ndarray:
-        """Margins of the ads at `rows` of the ad table for one user."""
+        """Margins of the ads at `rows` of the ad table for one user with the window counts
+        `history` (None: no counts)."""
         request = self.model.intercept + self.pid_margins.get(pid, 0.0)
         for field, table in self.profile_margins.items():
             request += table[_PROFILE_ROWS.get(user.profile[field], 0)]
@@ -591,14 +650,52 @@ class CompiledModel:
             values = affinity.astype(np.float32).astype(np.float64)
             margins += np.where(np.isnan(values), missing, offset + slope * values)
         if self.history is not None:
-            blocks, weights, without_counts = self.history
-            if history is None:
-                margins += without_counts
+            margins += self._history_margins(history, rows)
+        for block, weights, ad_side in self.crosses:
+            if isinstance(block, features.PriceLevelCross):
+                value = np.array([user.profile[block.field]])
+                margins += weights[block.slots_at(value, ad_side.take(rows))]
             else:
-                encoded = blocks.encode(history)
-                for slot, weight in enumerate(weights):
-                    margins += encoded[:, slot].astype(np.float64) * weight
+                chosen = block.slots_at(block.user_codes(user.profile), ad_side.take(rows))
+                margins += weights[chosen].astype(np.float64).sum(axis=1)
         return margins
+
+    def _history_margins(self, history: HistoryCounts | None, rows: np.ndarray) -> np.ndarray:
+        """The history blocks' share of each ad's margin. Encoded once per counted member
+        (a category or brand the user has counts on), not once per candidate: a candidate
+        gets the no-counts share plus what its category's and its brand's counts add."""
+        assert self.history is not None
+        part, weights, without_counts = self.history
+        total = np.full(len(rows), without_counts)
+        if not history:
+            return total
+        counted = set(features.HISTORY_COUNTS)
+        by_scope: dict[events.Scope, dict[int, dict[events.Kind, tuple[int, ...]]]] = {}
+        for (kind, scope, member), values in history.items():
+            if (kind, scope) in counted:
+                by_scope.setdefault(scope, {}).setdefault(member, {})[kind] = values
+        slot_of = {block.column: slot for slot, block in enumerate(part.blocks)}
+        for scope, members in by_scope.items():
+            ids = np.array(sorted(members), dtype=np.int64)
+            counts = np.zeros((len(ids), len(part.blocks)))
+            for row, member in enumerate(ids.tolist()):
+                for kind, values in members[member].items():
+                    for window, count in zip(events.WINDOWS, values, strict=True):
+                        counts[row, slot_of[features.history_column(kind, scope, window.name)]] = (
+                            count
+                        )
+            # Every history block is one log-count column (checked when compiling): one
+            # transform of the whole table is the encoder's value for each of its cells.
+            encoded = features.transformed(HISTORY_TRANSFORM, counts).astype(np.float32)
+            added = np.zeros(len(ids))
+            for slot, weight in enumerate(weights):
+                added += encoded[:, slot].astype(np.float64) * weight
+            added -= without_counts
+            wanted = self.ad_members[scope].take(rows)
+            position = np.minimum(np.searchsorted(ids, wanted), len(ids) - 1)
+            hit = (ids[position] == wanted) & (wanted > 0)
+            total[hit] += added[position[hit]]
+        return total
 
     def _agrees_with_encoder(self, ads: Mapping[str, np.ndarray], samples: int = 256) -> bool:
         rng = np.random.default_rng(0)
@@ -617,6 +714,14 @@ class CompiledModel:
             columns[field] = np.where(codes[:, i] < 0, np.nan, codes[:, i])
         for column in features.AD_NUMERIC_FIELDS:
             columns[column] = ads[column][position]
+        columns[features.CATEGORY_COLUMN] = ads[features.CATEGORY_COLUMN][position]
+        # An ad without a brand (0 or less) has no brand counts, as history_inputs has it.
+        brands = ads[BRAND_COLUMN][position]
+        for kind, scope in features.HISTORY_COUNTS:
+            if scope is events.Scope.BRAND:
+                for window in events.WINDOWS:
+                    name = features.history_column(kind, scope, window.name)
+                    columns[name] = np.where(brands <= 0, 0.0, columns[name])
         spec = self.model.spec
         expected = (
             spec.encode(columns).astype(np.float64) @ self.model.weights + self.model.intercept
@@ -624,11 +729,7 @@ class CompiledModel:
         actual = np.empty(samples)
         for i in range(samples):
             profile = {f: float(columns[f][i]) for f in features.USER_PROFILE_FIELDS}
-            history = (
-                {name: columns[name][i : i + 1] for name in HISTORY_COLUMNS}
-                if counts[i].any()
-                else None
-            )
+            history = _history_of_row(columns, i, ads, position[i]) if counts[i].any() else None
             actual[i] = self.margins(
                 str(pids[i]),
                 UserFeatures(profile),
@@ -637,6 +738,23 @@ class CompiledModel:
                 history,
             )[0]
         return bool(np.max(np.abs(actual - expected)) <= TOLERANCE)
+
+
+def _history_of_row(
+    columns: Mapping[str, np.ndarray], row: int, ads: Mapping[str, np.ndarray], ad: int
+) -> dict[tuple[events.Kind, events.Scope, int], tuple[int, ...]]:
+    """The window counts that give the ad at `ad` the history columns of `row`."""
+    members = {
+        events.Scope.CATEGORY: int(ads[features.CATEGORY_COLUMN][ad]),
+        events.Scope.BRAND: int(ads[BRAND_COLUMN][ad]),
+    }
+    return {
+        (kind, scope, members[scope]): tuple(
+            int(columns[features.history_column(kind, scope, window.name)][row])
+            for window in events.WINDOWS
+        )
+        for kind, scope in features.HISTORY_COUNTS
+    }
 
 
 def _slots_by_column(spec: features.FeatureSpec) -> dict[str, list[int]]:
@@ -674,6 +792,7 @@ def _history_part(
     blocks = tuple(block for block in model.spec.blocks if block.column in HISTORY_COLUMNS)
     if not blocks:
         return None
+
     part = features.FeatureSpec(f"{model.spec.name}-history", blocks)
     weights = model.weights[[slot for block in blocks for slot in slots[block.column]]]
     zeros = {column: np.zeros(1) for column in part.input_columns}
