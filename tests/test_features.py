@@ -233,14 +233,11 @@ def test_crossed_set_has_its_own_pinned_id_and_the_others_keep_theirs():
     assert BEHAVIOUR.dim == FULL.dim + 30 + (8 + 3 + 4 + 4) * PRICE_LEVELS + CATEGORY_CROSS_BUCKETS
 
 
-def test_one_users_category_cross_codes_are_the_encoders_codes():
-    from adrec.core.features import BEHAVIOUR, CategoryCross
+def test_one_users_level_is_the_encoders_level():
+    from adrec.core.features import BEHAVIOUR, CategoryCross, level_of, level_slots
 
     (cross,) = [block for block in BEHAVIOUR.blocks if isinstance(block, CategoryCross)]
-    rng = np.random.default_rng(3)
-    for _ in range(100):
-        profile = {
-            f: float(rng.choice([NAN, -1, 0, 1, 2, 3, 5, 12, 13, 200])) for f in cross.fields
-        }
-        by_encoder = cross.level_codes(*(np.array([profile[f]]) for f in cross.fields))
-        np.testing.assert_array_equal(cross.user_codes(profile), np.stack(by_encoder, axis=1))
+    values = [NAN, -1.0, 0.0, 1.0, 2.0, 2.5, 3.0, 5.0, 12.0, 13.0, 200.0]
+    for levels in cross.levels:
+        by_encoder = level_slots(levels, np.array(values)).tolist()
+        assert [level_of(levels, value) for value in values] == by_encoder

@@ -108,6 +108,30 @@ def test_window_counts_follow_the_clock_hour_definition(writer, redis_client):
     )
 
 
+def test_window_counts_skip_names_that_are_not_count_fields_and_keep_the_wanted_pairs():
+    brand_pv = events.count_field(Kind.PAGE_VIEW, Scope.BRAND, 4, HOUR)
+    fields = [
+        (_cart(11), 2),
+        (brand_pv, 3),
+        (f"pv:c12:{HOUR + 1}", 5),  # a bucket after now
+        ("pv:c12", 1),
+        ("nope:c12:1", 1),
+        (f"pv:z12:{HOUR}", 1),
+        (f"pv:c:{HOUR}", 1),
+        (f"pv:cx:{HOUR}", 1),
+        (f"pv:c12:{HOUR}:1", 1),
+        ("interest", 1),
+    ]
+    assert events.window_counts(fields, NOW) == {
+        (Kind.CART, Scope.CATEGORY, 11): (2, 2, 2),
+        (Kind.PAGE_VIEW, Scope.BRAND, 4): (3, 3, 3),
+    }
+    wanted = ((Kind.PAGE_VIEW, Scope.BRAND),)
+    assert events.window_counts(fields, NOW, wanted) == {
+        (Kind.PAGE_VIEW, Scope.BRAND, 4): (3, 3, 3)
+    }
+
+
 def test_interest_combines_decayed_scores_and_fades_out(writer, redis_client):
     key = keys.REALTIME_USER.key(5)
     writer.apply("r", 0, NOW, [StateUpdate(key, interest=[InterestUpdate(21, 1.0, NOW)])])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import re
 from collections.abc import Iterable
 
@@ -296,43 +297,52 @@ def count_field(kind: Kind, scope: Scope, member: int, bucket: int) -> str:
     return f"{kind.value}:{scope.value}{member}:{bucket}"
 
 
-@dataclasses.dataclass(frozen=True)
-class CountField:
-    kind: Kind
-    scope: Scope
-    member: int
-    bucket: int
+#: (kind, scope) of every "<kind>:<scope>" a count field's name may start with.
+_FIELD_HEADS: dict[tuple[str, str], tuple[Kind, Scope]] = {
+    (kind.value, scope.value): (kind, scope) for kind in Kind for scope in Scope
+}
 
 
-def parse_count_field(name: str) -> CountField | None:
-    """The parts of a count field's name; None for any other field."""
-    parts = name.split(":")
-    if len(parts) != 3 or len(parts[1]) < 2:
-        return None
-    try:
-        return CountField(Kind(parts[0]), Scope(parts[1][0]), int(parts[1][1:]), int(parts[2]))
-    except ValueError:
-        return None
+@functools.cache
+def _heads_of(wanted: tuple[tuple[Kind, Scope], ...]) -> dict[tuple[str, str], tuple[Kind, Scope]]:
+    return {text: pair for text, pair in _FIELD_HEADS.items() if pair in wanted}
 
 
 def window_counts(
-    fields: Iterable[tuple[str, int]], now: int
+    fields: Iterable[tuple[str, int]],
+    now: int,
+    wanted: tuple[tuple[Kind, Scope], ...] | None = None,
 ) -> dict[tuple[Kind, Scope, int], tuple[int, ...]]:
-    """Per (kind, scope, member), its count in each of :data:`WINDOWS` at ``now``."""
+    """Per (kind, scope, member), its count in each of :data:`WINDOWS` at ``now``; only
+    the `wanted` (kind, scope) pairs when given.
+
+    A name that is not ``<kind>:<scope><member>:<bucket>`` is skipped. The parts are
+    looked up in a table rather than by enum calls: a ranking request reads every field of
+    the user's state.
+    """
+    heads = _FIELD_HEADS if wanted is None else _heads_of(wanted)
     current = bucket_of(now)
+    hours = [window.hours for window in WINDOWS]
     counts: dict[tuple[Kind, Scope, int], list[int]] = {}
     for name, value in fields:
-        parsed = parse_count_field(name)
-        if parsed is None:
+        kind_text, _, rest = name.partition(":")
+        member_text, _, bucket_text = rest.partition(":")
+        pair = heads.get((kind_text, member_text[:1]))
+        if pair is None or ":" in bucket_text:
             continue
-        age = current - parsed.bucket
+        try:
+            member, bucket = int(member_text[1:]), int(bucket_text)
+        except ValueError:
+            continue
+        age = current - bucket
         if age < 0:
             continue
-        per_window = counts.setdefault(
-            (parsed.kind, parsed.scope, parsed.member), [0] * len(WINDOWS)
-        )
-        for index, window in enumerate(WINDOWS):
-            if age < window.hours:
+        key = (pair[0], pair[1], member)
+        per_window = counts.get(key)
+        if per_window is None:
+            per_window = counts[key] = [0] * len(hours)
+        for index, window_hours in enumerate(hours):
+            if age < window_hours:
                 per_window[index] += value
     return {key: tuple(values) for key, values in counts.items()}
 

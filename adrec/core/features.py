@@ -132,6 +132,11 @@ def level_slots(levels: tuple[int, ...], values: np.ndarray) -> np.ndarray:
     return slots
 
 
+def level_of(levels: tuple[int, ...], value: float) -> int:
+    """:func:`level_slots` of one value, without numpy's per-call cost (a request's user)."""
+    return levels.index(int(value)) if value in levels else len(levels)
+
+
 def price_levels(prices: np.ndarray) -> np.ndarray:
     """Level of each price by :data:`PRICE_LEVEL_EDGES`: 0 up to the first edge, ...,
     ``len(edges)`` above the last, ``len(edges) + 1`` for a missing price."""
@@ -237,16 +242,6 @@ class CategoryCross:
             | (level_slots(levels, values).astype(np.uint64) << np.uint64(32))
             for index, (values, levels) in enumerate(zip(fields, self.levels, strict=True))
         ]
-
-    def user_codes(self, profile: Mapping[str, float]) -> np.ndarray:
-        """:meth:`level_codes` of one user's profile as a (1, fields) row, without numpy's
-        per-call cost for single values (the same levels: missing or unknown is last)."""
-        codes = []
-        for index, (field, levels) in enumerate(zip(self.fields, self.levels, strict=True)):
-            value = profile[field]
-            level = levels.index(int(value)) if value in levels else len(levels)
-            codes.append((index << 40) | (level << 32))
-        return np.array([codes], dtype=np.uint64)
 
     def slots_at(self, codes: np.ndarray, categories: np.ndarray) -> np.ndarray:
         """Slots of (rows or 1, fields) level codes with the rows' :func:`category_bits`."""

@@ -154,9 +154,9 @@ class RealtimeState:
         )
 
     def window_counts(
-        self, now: int
+        self, now: int, wanted: tuple[tuple[events.Kind, events.Scope], ...] | None = None
     ) -> dict[tuple[events.Kind, events.Scope, int], tuple[int, ...]]:
-        return events.window_counts(self.counts.items(), now)
+        return events.window_counts(self.counts.items(), now, wanted)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -545,13 +545,10 @@ class CompiledModel:
     profile_margins: Mapping[str, list[float]]
     #: ALS affinity contribution: offset + slope * value, or `missing` for NaN; None if unused.
     pair: tuple[float, float, float] | None
-    #: The spec's blocks of history columns, their weights, and their contribution when
-    #: every count is 0; None if the spec has none.
-    history: tuple[features.FeatureSpec, np.ndarray, float] | None
-    #: Each cross block with its weights and every ad's side of it (price level or
-    #: category bits), row-aligned with the ad table; a request adds the weights of the
-    #: slots its user's levels select against its candidates'.
-    crosses: tuple[tuple[features.Cross, np.ndarray, np.ndarray], ...] = ()
+    #: The spec's history blocks as one part; None if the spec has none.
+    history: HistoryPart | None
+    #: The spec's crosses as weight tables; None if the spec has none.
+    crosses: CrossPart | None = None
     #: Every ad's category and brand, where the history counts are looked up.
     ad_members: Mapping[events.Scope, np.ndarray] = dataclasses.field(default_factory=dict)
 
@@ -603,17 +600,7 @@ class CompiledModel:
             pair = _affine_pair(model, slots)
             if pair is None:
                 return None
-        ad_levels = features.price_levels(ads["price"])
-        ad_category_bits = features.category_bits(ads[features.CATEGORY_COLUMN])
-        crosses = tuple(
-            (
-                block,
-                model.weights[slots[block.column]],
-                ad_levels if isinstance(block, features.PriceLevelCross) else ad_category_bits,
-            )
-            for block in model.spec.blocks
-            if isinstance(block, features.PriceLevelCross | features.CategoryCross)
-        )
+        crosses = CrossPart.of(model, slots, ads)
         ad_members = {
             events.Scope.CATEGORY: np.asarray(ads[features.CATEGORY_COLUMN]).astype(np.int64),
             events.Scope.BRAND: np.asarray(ads[BRAND_COLUMN]).astype(np.int64),
@@ -651,13 +638,8 @@ class CompiledModel:
             margins += np.where(np.isnan(values), missing, offset + slope * values)
         if self.history is not None:
             margins += self._history_margins(history, rows)
-        for block, weights, ad_side in self.crosses:
-            if isinstance(block, features.PriceLevelCross):
-                value = np.array([user.profile[block.field]])
-                margins += weights[block.slots_at(value, ad_side.take(rows))]
-            else:
-                chosen = block.slots_at(block.user_codes(user.profile), ad_side.take(rows))
-                margins += weights[chosen].astype(np.float64).sum(axis=1)
+        if self.crosses is not None:
+            margins += self.crosses.margins(user.profile, rows)
         return margins
 
     def _history_margins(self, history: HistoryCounts | None, rows: np.ndarray) -> np.ndarray:
@@ -665,36 +647,41 @@ class CompiledModel:
         (a category or brand the user has counts on), not once per candidate: a candidate
         gets the no-counts share plus what its category's and its brand's counts add."""
         assert self.history is not None
-        part, weights, without_counts = self.history
-        total = np.full(len(rows), without_counts)
+        part = self.history
+        total = np.full(len(rows), part.without_counts)
         if not history:
             return total
-        counted = set(features.HISTORY_COUNTS)
-        by_scope: dict[events.Scope, dict[int, dict[events.Kind, tuple[int, ...]]]] = {}
+        # Per scope: each counted member's row, and (row, slot, count) of every count.
+        member_rows: dict[events.Scope, dict[int, int]] = {}
+        cells: dict[events.Scope, tuple[list[int], list[int], list[int]]] = {}
+        slots_of = part.slots
         for (kind, scope, member), values in history.items():
-            if (kind, scope) in counted:
-                by_scope.setdefault(scope, {}).setdefault(member, {})[kind] = values
-        slot_of = {block.column: slot for slot, block in enumerate(part.blocks)}
-        for scope, members in by_scope.items():
-            ids = np.array(sorted(members), dtype=np.int64)
-            counts = np.zeros((len(ids), len(part.blocks)))
-            for row, member in enumerate(ids.tolist()):
-                for kind, values in members[member].items():
-                    for window, count in zip(events.WINDOWS, values, strict=True):
-                        counts[row, slot_of[features.history_column(kind, scope, window.name)]] = (
-                            count
-                        )
+            slots = slots_of.get((kind, scope))
+            if slots is None:
+                continue
+            rows_of_scope = member_rows.setdefault(scope, {})
+            row = rows_of_scope.setdefault(member, len(rows_of_scope))
+            at_rows, at_slots, counts = cells.setdefault(scope, ([], [], []))
+            at_rows.extend((row,) * len(slots))
+            at_slots.extend(slots)
+            counts.extend(values)
+        for scope, rows_of_scope in member_rows.items():
+            at_rows, at_slots, counts = cells[scope]
+            table = np.zeros((len(rows_of_scope), len(part.weights)))
+            table[at_rows, at_slots] = counts
             # Every history block is one log-count column (checked when compiling): one
             # transform of the whole table is the encoder's value for each of its cells.
-            encoded = features.transformed(HISTORY_TRANSFORM, counts).astype(np.float32)
-            added = np.zeros(len(ids))
-            for slot, weight in enumerate(weights):
-                added += encoded[:, slot].astype(np.float64) * weight
-            added -= without_counts
+            encoded = features.transformed(HISTORY_TRANSFORM, table).astype(np.float32)
+            # Summed along each row in the same order whatever its position: members with
+            # equal counts add equal margins.
+            added = (encoded.astype(np.float64) * part.weights).sum(axis=1) - part.without_counts
+            ids = np.fromiter(rows_of_scope, np.int64, len(rows_of_scope))
+            order = np.argsort(ids)
+            ids = ids[order]
             wanted = self.ad_members[scope].take(rows)
             position = np.minimum(np.searchsorted(ids, wanted), len(ids) - 1)
             hit = (ids[position] == wanted) & (wanted > 0)
-            total[hit] += added[position[hit]]
+            total[hit] += added[order[position[hit]]]
         return total
 
     def _agrees_with_encoder(self, ads: Mapping[str, np.ndarray], samples: int = 256) -> bool:
@@ -786,18 +773,121 @@ def _contributions(
     return total
 
 
-def _history_part(
-    model: CtrModel, slots: dict[str, list[int]]
-) -> tuple[features.FeatureSpec, np.ndarray, float] | None:
+@dataclasses.dataclass(frozen=True)
+class CrossPart:
+    """A spec's crosses as tables of weights by the user's levels and the ad's side, so a
+    request looks its weights up instead of hashing each candidate's keys."""
+
+    #: Per price cross: its field, levels and weights as (user level, price level).
+    price: tuple[tuple[str, tuple[int, ...], np.ndarray], ...]
+    #: Every ad's price level, row-aligned with the ad table.
+    ad_price_levels: np.ndarray
+    #: The category cross's fields and levels, the first row of each field's levels in
+    #: `category_weights`, and the weight of every (field level, category) pair, one
+    #: column per distinct category of the ad table.
+    category: features.CategoryCross | None
+    field_rows: tuple[int, ...]
+    category_weights: np.ndarray
+    #: Every ad's column in `category_weights`.
+    ad_categories: np.ndarray
+
+    @classmethod
+    def of(
+        cls, model: CtrModel, slots: dict[str, list[int]], ads: Mapping[str, np.ndarray]
+    ) -> CrossPart | None:
+        blocks = model.spec.blocks
+        price = tuple(
+            (
+                block.field,
+                block.levels,
+                model.weights[slots[block.column]].reshape(
+                    len(block.levels) + 1, features.PRICE_LEVELS
+                ),
+            )
+            for block in blocks
+            if isinstance(block, features.PriceLevelCross)
+        )
+        categories = [block for block in blocks if isinstance(block, features.CategoryCross)]
+        if len(categories) > 1:
+            raise ValueError("a spec holds one category cross at most")
+        category = categories[0] if categories else None
+        if not price and category is None:
+            return None
+        field_rows: list[int] = []
+        codes: list[int] = []
+        category_weights = np.zeros((0, 0))
+        ad_categories = np.zeros(0, np.int64)
+        if category is not None:
+            for index, levels in enumerate(category.levels):
+                field_rows.append(len(codes))
+                codes += [(index << 40) | (level << 32) for level in range(len(levels) + 1)]
+            distinct, ad_categories = np.unique(
+                features.category_bits(ads[features.CATEGORY_COLUMN]), return_inverse=True
+            )
+            chosen = category.slots_at(np.array([codes], dtype=np.uint64), distinct)
+            category_weights = model.weights[slots[category.column]][chosen].T.astype(np.float64)
+        return cls(
+            price,
+            features.price_levels(ads["price"]),
+            category,
+            tuple(field_rows),
+            np.ascontiguousarray(category_weights),
+            ad_categories.astype(np.int64),
+        )
+
+    def margins(self, profile: Mapping[str, float], rows: np.ndarray) -> np.ndarray:
+        """The crosses' share of the margins of the ads at `rows` for a user's `profile`."""
+        total = np.zeros(len(rows))
+        if self.price:
+            by_price_level = sum(
+                table[features.level_of(levels, profile[field])]
+                for field, levels, table in self.price
+            )
+            total += np.asarray(by_price_level).take(self.ad_price_levels.take(rows))
+        if self.category is not None:
+            user_rows = np.array(
+                [
+                    first + features.level_of(levels, profile[field])
+                    for first, field, levels in zip(
+                        self.field_rows, self.category.fields, self.category.levels, strict=True
+                    )
+                ]
+            )
+            columns = self.ad_categories.take(rows)
+            total += self.category_weights[user_rows[:, None], columns[None, :]].sum(axis=0)
+        return total
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryPart:
+    """A spec's history blocks: their weights, each count's slots among them (one per
+    window), and their contribution when every count is 0."""
+
+    weights: np.ndarray
+    slots: Mapping[tuple[events.Kind, events.Scope], tuple[int, ...]]
+    without_counts: float
+
+
+def _history_part(model: CtrModel, slots: dict[str, list[int]]) -> HistoryPart | None:
     blocks = tuple(block for block in model.spec.blocks if block.column in HISTORY_COLUMNS)
     if not blocks:
         return None
-
     part = features.FeatureSpec(f"{model.spec.name}-history", blocks)
     weights = model.weights[[slot for block in blocks for slot in slots[block.column]]]
     zeros = {column: np.zeros(1) for column in part.input_columns}
     without_counts = float(part.encode(zeros).astype(np.float64)[0] @ weights)
-    return part, weights, without_counts
+    slot_of = {block.column: slot for slot, block in enumerate(blocks)}
+    count_slots = {
+        (kind, scope): tuple(
+            slot_of[features.history_column(kind, scope, window.name)] for window in events.WINDOWS
+        )
+        for kind, scope in features.HISTORY_COUNTS
+        if all(
+            features.history_column(kind, scope, window.name) in slot_of
+            for window in events.WINDOWS
+        )
+    }
+    return HistoryPart(weights, count_slots, without_counts)
 
 
 def _affine_pair(model: CtrModel, slots: dict[str, list[int]]) -> tuple[float, float, float] | None:

@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from adrec.api.common.v1 import common_pb2
 from adrec.api.ranking.v1 import ranking_service_pb2, ranking_service_pb2_grpc
-from adrec.core import keys
+from adrec.core import features, keys
 from adrec.core.codecs import CodecError, UserFeatures
 from adrec.core.metadata import VersionMeta
 from adrec.core.model import ModelArtifactError
@@ -237,7 +237,7 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
                 extra={"user_id": user_id, "error": str(error)},
             )
             return None
-        counts = state.window_counts(int(time.time()))
+        counts = state.window_counts(int(time.time()), features.HISTORY_COUNTS)
         return counts or None
 
 
