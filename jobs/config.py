@@ -167,6 +167,14 @@ class JobConfig:
         parse=parse_int,
         check=in_range(0, 10**12),
     )
+    ctr_fm_train_rows: int = setting(
+        "ADREC_JOB_CTR_FM_TRAIN_ROWS",
+        1_000_000,
+        "At most this many training impressions for the factorization machine the report "
+        "compares on the behaviour set (a seeded sample of the models' own); 0: no FM",
+        parse=parse_int,
+        check=in_range(0, 10**12),
+    )
     ctr_reg_param: float = setting(
         "ADREC_JOB_CTR_REG_PARAM",
         0.0,

@@ -20,6 +20,7 @@ import dataclasses
 from datetime import UTC, datetime
 from typing import Any, cast
 
+from pyspark import StorageLevel
 from pyspark.ml.classification import FMClassificationModel, FMClassifier
 from pyspark.ml.functions import array_to_vector
 from pyspark.sql import DataFrame
@@ -69,8 +70,12 @@ class FmConfig:
 def fit(examples: DataFrame, spec: FeatureSpec, config: FmConfig) -> FMClassificationModel:
     """Spark ML factorization machine on the ``train`` split of ``examples``."""
     rows = examples.where(F.col("split") == "train").select("label", *spec.input_columns)
-    train = encode_features(rows, spec).select(
-        "label", array_to_vector(F.col("features")).alias("features")
+    # Cached encoded: unlike LogisticRegression, FMClassifier keeps no copy of its input,
+    # so each of its iterations would otherwise encode every row again in Python.
+    train = (
+        encode_features(rows, spec)
+        .select("label", array_to_vector(F.col("features")).alias("features"))
+        .persist(StorageLevel.MEMORY_AND_DISK)
     )
     estimator = FMClassifier(
         featuresCol="features",
@@ -87,8 +92,11 @@ def fit(examples: DataFrame, spec: FeatureSpec, config: FmConfig) -> FMClassific
         solver=config.solver,
         seed=config.seed,
     )
-    # As for LogisticRegression: pyspark types ProbabilisticClassifier.fit as Any.
-    return cast(FMClassificationModel, estimator.fit(train))
+    try:
+        # As for LogisticRegression: pyspark types ProbabilisticClassifier.fit as Any.
+        return cast(FMClassificationModel, estimator.fit(train))
+    finally:
+        train.unpersist()
 
 
 def to_fm_model(

@@ -40,7 +40,7 @@ from pyspark.sql import functions as F  # noqa: N812 - the conventional alias
 from adrec.core import keys, store
 from adrec.core.catalog import Publication, PublishLockedError, family_memory, lock_holder
 from adrec.core.dataset import TRUTH_FILE
-from adrec.core.features import FEATURE_SETS, feature_spec
+from adrec.core.features import BEHAVIOUR, FEATURE_SETS, feature_spec
 from adrec.core.metadata import VersionContent, VersionCounts
 from adrec.core.model import CtrModel
 from adrec.core.redis_conn import RedisSettings, connect, redacted
@@ -50,6 +50,7 @@ from jobs import (
     ctr,
     evaluation,
     features,
+    fm,
     ingest,
     input_checks,
     offline,
@@ -60,7 +61,7 @@ from jobs import (
 from jobs.als import AlsConfig, AlsResult, train_als
 from jobs.config import JobConfig
 from jobs.progress import Progress, spark_work
-from jobs.report import render_report
+from jobs.report import FM_ENTRY, render_report
 from jobs.spark import build_session, path_exists
 
 
@@ -662,12 +663,39 @@ def ctr_stage(
         note(
             f"{spec.name}: AUC {metrics[spec.name]['auc']}, logloss {metrics[spec.name]['logloss']}"
         )
+    if config.ctr_fm_train_rows:
+        metrics[FM_ENTRY] = _fm_metrics(examples, metrics[BEHAVIOUR.name], config)
+        note(f"fm: AUC {metrics[FM_ENTRY]['auc']}, logloss {metrics[FM_ENTRY]['logloss']}")
     oracle = _oracle(examples.sparkSession, config.data)
     examples.unpersist()
     model = models[served.name]
     if sink:
         sink.writer.put_model(model)
     return CtrOutput(model, metrics, oracle)
+
+
+def _fm_metrics(
+    examples: DataFrame, lr_metrics: dict[str, Any], config: JobConfig
+) -> dict[str, Any]:
+    """Spark's factorization machine on the behaviour set, for the report: fitted on a
+    sample of the regressions' training rows, evaluated on the same day 8. Never served:
+    the ranking service scores the regression; ``wins`` says whether the FM beat it by the
+    margin that would make serving it worth its cost."""
+    train = examples.where(F.col("split") == "train")
+    available = train.count()
+    sampled = examples.where(
+        (F.col("split") != "train")
+        | ctr.training_sample(available, config.ctr_fm_train_rows, config.seed + 1)
+    )
+    _, fm_metrics = fm.train_fm_model(
+        sampled, BEHAVIOUR, fm.FmConfig(seed=config.seed), sampled_from=available
+    )
+    return {
+        **fm_metrics,
+        "wins": fm.fm_wins(fm_metrics, lr_metrics),
+        "serving_margin": fm.MIN_AUC_GAIN,
+        "served": False,
+    }
 
 
 def _oracle(spark: SparkSession, data: str) -> dict[str, Any] | None:

@@ -35,6 +35,8 @@ def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
 
 #: The CTR section's entry of the synthetic data's true probabilities, shown last.
 ORACLE = "oracle"
+#: The CTR section's entry of the factorization machine compared on the behaviour set.
+FM_ENTRY = "fm"
 
 
 def ctr_models(ctr: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
@@ -54,6 +56,20 @@ def model_label(name: str, metrics: Mapping[str, Any]) -> str:
     FM entry ``fm`` on ``behaviour`` reads ``fm (behaviour)``)."""
     feature_set = metrics.get("feature_set")
     return name if feature_set in (None, name) else f"{name} ({feature_set})"
+
+
+def fm_lines(fm_metrics: Mapping[str, Any], lr_metrics: Mapping[str, Any]) -> list[str]:
+    """Whether the factorization machine beat the regression on its feature set."""
+    fm_auc, lr_auc = fm_metrics.get("auc"), lr_metrics.get("auc")
+    gain = f"{fm_auc - lr_auc:+.4f}" if fm_auc is not None and lr_auc is not None else "n/a"
+    verdict = "enough to be worth serving" if fm_metrics.get("wins") else "not enough to serve it"
+    return [
+        "",
+        f"factorization machine on {fm_metrics.get('feature_set')} "
+        f"({_number(fm_metrics.get('train_rows'))} training rows): AUC {gain} against "
+        f"the regression, {verdict} (+{fm_metrics.get('serving_margin')} needed); the "
+        "regression is served",
+    ]
 
 
 def calibration_lines(calibration: Mapping[str, Any]) -> list[str]:
@@ -172,6 +188,8 @@ def render_report(report: dict[str, Any]) -> str:
                 for name, metrics in ctr_models(ctr)
             ],
         )
+        if fm_metrics := ctr.get(FM_ENTRY):
+            lines += fm_lines(fm_metrics, ctr.get(fm_metrics.get("feature_set", "")) or {})
         served = ctr.get(ctr["served_feature_set"]) or {}
         if calibration := served.get("calibration"):
             lines += calibration_lines(calibration)

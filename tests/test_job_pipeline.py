@@ -76,6 +76,12 @@ def test_report_has_every_quality_figure(published_tiny):
         assert 0.5 < metrics["auc"] < 1, name
         assert metrics["logloss"] > 0
     assert report["ctr"]["full"]["auc"] > report["ctr"]["course"]["auc"]
+    # The factorization machine is compared on the behaviour set, never served.
+    fm_metrics, behaviour = report["ctr"]["fm"], report["ctr"]["behaviour"]
+    assert fm_metrics["model"] == "fm" and fm_metrics["feature_set"] == "behaviour"
+    assert 0.5 < fm_metrics["auc"] < 1 and fm_metrics["served"] is False
+    assert fm_metrics["wins"] == (fm_metrics["auc"] >= behaviour["auc"] + 0.005)
+    assert report["ctr"]["served_feature_set"] == "full"
     assert report["memory"]["recall"]["keys"] == report["recall"]["users"]
     assert report["offline"]["lists"] > 0
     calibration = report["ctr"]["full"]["calibration"]

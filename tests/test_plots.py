@@ -159,6 +159,16 @@ def test_the_text_report_shows_gauc_ne_and_every_model_with_the_oracle_last():
     assert rows[2][:5] == ["fm", "(full)", "0.6900", "0.6200", "0.1900"]
     assert rows[2][5] == "0.9400"
     assert rows[3][:3] == ["oracle", "0.7100", "-"]
+    # The FM's verdict against the regression on its own feature set, by the margin.
+    assert "AUC +0.0100 against the regression, enough to be worth serving" not in text
+    ctr["fm"] = {**ctr["fm"], "train_rows": 1200, "wins": True, "serving_margin": 0.005}
+    verdict = render_report({"ctr": ctr})
+    assert (
+        "factorization machine on full (1,200 training rows): AUC +0.0100 against the "
+        "regression, enough to be worth serving (+0.005 needed)" in verdict
+    )
+    ctr["fm"]["wins"] = False
+    assert "not enough to serve it" in render_report({"ctr": ctr})
     # No oracle on real data: no row for it.
     del ctr["oracle"]
     assert "oracle" not in render_report({"ctr": ctr})
