@@ -169,7 +169,7 @@ class JobConfig:
     )
     ctr_fm_train_rows: int = setting(
         "ADREC_JOB_CTR_FM_TRAIN_ROWS",
-        1_000_000,
+        250_000,
         "At most this many training impressions for the factorization machine the report "
         "compares on the behaviour set (a seeded sample of the models' own); 0: no FM",
         parse=parse_int,

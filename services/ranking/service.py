@@ -168,19 +168,29 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
             checks.raise_if_any()
         assert rank_by is not None  # checked above
 
-        user_read = self.reader.read(
-            keys.USER, snapshot.data_version, user_id, op=RedisOp.USER_FEATURES
-        )
-        if snapshot.reads_history:
-            # Both reads in flight at once: one round trip, on any node of a cluster.
-            state_read = self.reader.get(keys.REALTIME_USER.key(user_id), op=RedisOp.REALTIME_STATE)
-            stored, state_raw = await asyncio.gather(user_read, state_read, return_exceptions=True)
+        state_key = keys.REALTIME_USER.key(user_id)
+        stored: UserFeatures | BaseException | None
+        state_raw: bytes | BaseException | None = None
+        if snapshot.reads_history and not self.reader.cluster:
+            # Both GETs in one write and one read of one connection: a failure is the
+            # server's, so it fails both, as two reads would.
+            stored, state_raw = await self._read_both(snapshot.data_version, user_id, state_key)
         else:
-            state_raw = None
-            try:
-                stored = await user_read
-            except RedisError as error:
-                stored = error
+            user_read = self.reader.read(
+                keys.USER, snapshot.data_version, user_id, op=RedisOp.USER_FEATURES
+            )
+            if snapshot.reads_history:
+                # Both reads in flight at once: one round trip, each on its key's node, so
+                # a node down behind the state alone leaves the features readable.
+                state_read = self.reader.get(state_key, op=RedisOp.REALTIME_STATE)
+                stored, state_raw = await asyncio.gather(
+                    user_read, state_read, return_exceptions=True
+                )
+            else:
+                try:
+                    stored = await user_read
+                except RedisError as error:
+                    stored = error
         if isinstance(stored, RedisError):
             raise redis_unavailable("the user's features", stored) from None
         if isinstance(stored, BaseException):
@@ -215,6 +225,23 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
             behaviour_counts_found=history is not None,
             explanations=_explanations(scored.ad_ids, scored.contributions),
         )
+
+    async def _read_both(
+        self, version: str, user_id: int, state_key: bytes
+    ) -> tuple[UserFeatures | BaseException | None, bytes | BaseException | None]:
+        """The user's features and real-time state value, pipelined; a RedisError in place
+        of both when the read fails."""
+        try:
+            raw_user, state_raw = await self.reader.get_many(
+                [
+                    (keys.USER.key(version, user_id), RedisOp.USER_FEATURES),
+                    (state_key, RedisOp.REALTIME_STATE),
+                ],
+                self.reader.timeout,
+            )
+        except RedisError as error:
+            return error, error
+        return (keys.USER.decode(raw_user) if raw_user is not None else None), state_raw
 
     def _history(self, user_id: int, state_raw: object) -> HistoryCounts | None:
         """The user's window counts now; None without any (the model then counts 0s).
