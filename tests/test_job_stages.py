@@ -253,13 +253,21 @@ def test_ranking_stages_serve_the_configured_feature_set(
     )
     assert trained.model.spec is COURSE
     assert trained.report["served_feature_set"] == "course"
-    assert set(trained.report) == {"served_feature_set", "course", "full", "behaviour", "oracle"}
+    assert set(trained.report) == {
+        "served_feature_set",
+        "course",
+        "full",
+        "behaviour",
+        "fm",
+        "oracle",
+    }
+    assert trained.report["fm"]["feature_set"] == "behaviour" and not trained.report["fm"]["served"]
     assert trained.report["oracle"] is None  # no truth file: not synthetic data
     # Every training impression either trains the model or is held out to calibrate it.
     held_out = sum(fit["rows"] for fit in trained.metrics["course"]["calibration"]["pids"].values())
     assert 0 < held_out < trained.rows
     assert trained.rows + held_out == tables.split.train.count()
-    assert [note.split(":")[0] for note in notes] == ["course", "full", "behaviour"]
+    assert [note.split(":")[0] for note in notes] == ["course", "full", "behaviour", "fm"]
     assert store.read_model(redis_client, version).spec is COURSE
 
     ranked = offline_stage(recalled, featured, als, trained, course, sink)
