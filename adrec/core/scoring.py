@@ -565,6 +565,10 @@ class CompiledModel:
         }
         if not columns <= allowed:
             return None
+        # One weight table per version is built for one category cross; more are scored
+        # by encode + predict.
+        if sum(isinstance(block, features.CategoryCross) for block in model.spec.blocks) > 1:
+            return None
         if any(
             block.column in HISTORY_COLUMNS
             and not (isinstance(block, features.Numeric) and block.transform == HISTORY_TRANSFORM)
@@ -807,30 +811,29 @@ class CrossPart:
             for block in blocks
             if isinstance(block, features.PriceLevelCross)
         )
-        categories = [block for block in blocks if isinstance(block, features.CategoryCross)]
-        if len(categories) > 1:
-            raise ValueError("a spec holds one category cross at most")
-        category = categories[0] if categories else None
+        category = next(
+            (block for block in blocks if isinstance(block, features.CategoryCross)), None
+        )
         if not price and category is None:
             return None
-        field_rows: list[int] = []
-        codes: list[int] = []
+        field_rows: tuple[int, ...] = ()
         category_weights = np.zeros((0, 0))
         ad_categories = np.zeros(0, np.int64)
         if category is not None:
-            for index, levels in enumerate(category.levels):
-                field_rows.append(len(codes))
-                codes += [(index << 40) | (level << 32) for level in range(len(levels) + 1)]
+            # Every level of every field, missing last, as the encoder codes them.
+            every_level = [np.array([*levels, np.nan]) for levels in category.levels]
+            codes = np.concatenate(category.level_codes(*every_level))
+            field_rows = tuple(np.cumsum([0, *(len(v) for v in every_level[:-1])]).tolist())
             distinct, ad_categories = np.unique(
                 features.category_bits(ads[features.CATEGORY_COLUMN]), return_inverse=True
             )
-            chosen = category.slots_at(np.array([codes], dtype=np.uint64), distinct)
+            chosen = category.slots_at(codes[None, :], distinct)
             category_weights = model.weights[slots[category.column]][chosen].T.astype(np.float64)
         return cls(
             price,
             features.price_levels(ads["price"]),
             category,
-            tuple(field_rows),
+            field_rows,
             np.ascontiguousarray(category_weights),
             ad_categories.astype(np.int64),
         )
