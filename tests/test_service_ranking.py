@@ -609,10 +609,11 @@ def test_affinity_is_the_shared_encoders_and_missing_for_categories_without_fact
 
 def test_the_behaviour_model_reads_the_users_counts_in_the_same_request(redis_client, redis_url):
     """Counts written by the stream's state script change the next ranking; a user without
-    them is scored with 0s and flagged, and an unreadable state is scored as none."""
+    them is scored with 0s and flagged, and an unreadable state (damaged, or of the wrong
+    type) is scored as none."""
     model = random_model(np.random.default_rng(5), features.BEHAVIOUR)
     data = publish_version(redis_client, model=model)
-    active, quiet, broken = data.users_with_factors[:3]
+    active, quiet, broken, wrong_type = data.users_with_factors[:4]
     candidates = [
         ad for ad in data.recall_lists[active].tolist() if ad in set(data.ads["adgroup_id"])
     ]
@@ -628,6 +629,8 @@ def test_the_behaviour_model_reads_the_users_counts_in_the_same_request(redis_cl
     writer = StateWriter(redis_client, StateSettings())
     writer.apply("test", 0, now, [StateUpdate(keys.REALTIME_USER.key(active), counts=fields)])
     redis_client.set(keys.REALTIME_USER.key(broken), b"not a state")
+    # A GET of it answers WRONGTYPE: the state alone fails, not the user's features.
+    redis_client.hset(keys.REALTIME_USER.key(wrong_type), "counts", "1")
 
     def expected(user: int, history: dict | None) -> list[int]:
         found = (
@@ -653,14 +656,14 @@ def test_the_behaviour_model_reads_the_users_counts_in_the_same_request(redis_cl
         ):
             assert stack.services["ranking"].service.snapshot.scorer.compiled is not None
             answers = {}
-            for user in (active, quiet, broken):
+            for user in (active, quiet, broken, wrong_type):
                 answers[user] = await rank(
                     channel, user_id=user, pid=PIDS[0], ad_ids=candidates, top_k=0
                 )
             counts = events.window_counts(fields, now)
             assert [ad.ad_id for ad in answers[active].ads] == expected(active, counts)
             assert answers[active].behaviour_counts_found
-            for user in (quiet, broken):
+            for user in (quiet, broken, wrong_type):
                 assert [ad.ad_id for ad in answers[user].ads] == expected(user, None)
                 assert not answers[user].behaviour_counts_found
             assert expected(active, counts) != expected(active, None)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 
 import grpc
 import numpy as np
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from adrec.api.common.v1 import common_pb2
 from adrec.api.ranking.v1 import ranking_service_pb2, ranking_service_pb2_grpc
@@ -171,26 +172,15 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
         state_key = keys.REALTIME_USER.key(user_id)
         stored: UserFeatures | BaseException | None
         state_raw: bytes | BaseException | None = None
-        if snapshot.reads_history and not self.reader.cluster:
-            # Both GETs in one write and one read of one connection: a failure is the
-            # server's, so it fails both, as two reads would.
-            stored, state_raw = await self._read_both(snapshot.data_version, user_id, state_key)
+        if not snapshot.reads_history:
+            try:
+                stored = await self._read_user(snapshot.data_version, user_id)
+            except RedisError as error:
+                stored = error
+        elif self.reader.cluster:
+            stored, state_raw = await self._read_apart(snapshot.data_version, user_id, state_key)
         else:
-            user_read = self.reader.read(
-                keys.USER, snapshot.data_version, user_id, op=RedisOp.USER_FEATURES
-            )
-            if snapshot.reads_history:
-                # Both reads in flight at once: one round trip, each on its key's node, so
-                # a node down behind the state alone leaves the features readable.
-                state_read = self.reader.get(state_key, op=RedisOp.REALTIME_STATE)
-                stored, state_raw = await asyncio.gather(
-                    user_read, state_read, return_exceptions=True
-                )
-            else:
-                try:
-                    stored = await user_read
-                except RedisError as error:
-                    stored = error
+            stored, state_raw = await self._read_both(snapshot.data_version, user_id, state_key)
         if isinstance(stored, RedisError):
             raise redis_unavailable("the user's features", stored) from None
         if isinstance(stored, BaseException):
@@ -226,11 +216,27 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
             explanations=_explanations(scored.ad_ids, scored.contributions),
         )
 
+    def _read_user(self, version: str, user_id: int) -> Awaitable[UserFeatures | None]:
+        return self.reader.read(keys.USER, version, user_id, op=RedisOp.USER_FEATURES)
+
+    async def _read_apart(
+        self, version: str, user_id: int, state_key: bytes
+    ) -> tuple[UserFeatures | BaseException | None, bytes | BaseException | None]:
+        """The user's features and real-time state value, both reads in flight at once (one
+        round trip, each on its key's node), each failing alone: a state that cannot be
+        read leaves the features readable."""
+        state_read = self.reader.get(state_key, op=RedisOp.REALTIME_STATE)
+        stored, state_raw = await asyncio.gather(
+            self._read_user(version, user_id), state_read, return_exceptions=True
+        )
+        return stored, state_raw
+
     async def _read_both(
         self, version: str, user_id: int, state_key: bytes
     ) -> tuple[UserFeatures | BaseException | None, bytes | BaseException | None]:
-        """The user's features and real-time state value, pipelined; a RedisError in place
-        of both when the read fails."""
+        """As :meth:`_read_apart`, both GETs in one write and one read of one connection
+        (a single Redis). A failure of the server fails both, as two reads would; an error
+        reply to one key (a value of the wrong type) has them read apart."""
         try:
             raw_user, state_raw = await self.reader.get_many(
                 [
@@ -239,6 +245,8 @@ class RankingService(ranking_service_pb2_grpc.RankingServiceServicer):
                 ],
                 self.reader.timeout,
             )
+        except ResponseError:
+            return await self._read_apart(version, user_id, state_key)
         except RedisError as error:
             return error, error
         return (keys.USER.decode(raw_user) if raw_user is not None else None), state_raw
