@@ -36,7 +36,11 @@ class JobResourceError(Exception):
 
 
 _OUT_OF_MEMORY = ("OutOfMemoryError", "Java heap space", "GC overhead limit exceeded")
-_JVM_GONE = ("SparkContext was shut down", "Answer from Java side is empty")
+_JVM_GONE = (
+    "SparkContext was shut down",
+    "stopped SparkContext",
+    "Answer from Java side is empty",
+)
 
 
 def memory_problem(exc: BaseException, config: JobConfig) -> str | None:
@@ -47,14 +51,18 @@ def memory_problem(exc: BaseException, config: JobConfig) -> str | None:
     """
     from py4j.protocol import Py4JError, Py4JJavaError  # noqa: PLC0415 - with pyspark
 
+    # A Java exception's text is fetched from the JVM: when that fails, the JVM is gone
+    # (it exited on the OOM between raising and our reading).
+    unreadable = False
     try:
         text = str(exc)
-    except Exception:  # py4j's str() fails once the JVM is gone
-        text = ""
+    except Exception:
+        text, unreadable = "", True
     # A Py4JError that is not a Java exception means the gateway itself failed: the JVM
     # went away under the call (after its uncaught-exception handler exited on the OOM).
     died = (
-        isinstance(exc, ConnectionError)
+        unreadable
+        or isinstance(exc, ConnectionError)
         or (isinstance(exc, Py4JError) and not isinstance(exc, Py4JJavaError))
         or any(marker in text for marker in _JVM_GONE)
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -37,11 +38,25 @@ def test_a_heap_spark_cannot_start_with_is_refused_by_name():
 def test_only_memory_failures_are_explained_as_memory():
     config = JobConfig(data="d", local_memory="6g")
     assert memory_problem(ValueError("bad row"), config) is None
-    from py4j.protocol import Py4JError
+    from py4j.java_gateway import GatewayClient, GatewayParameters, GatewayProperty, JavaObject
+    from py4j.protocol import Py4JError, Py4JJavaError
 
     # The gateway failing under a call, rather than a Java exception, means the JVM is gone.
     gone = memory_problem(Py4JError("An error occurred while calling o56.collectToPython"), config)
     assert gone is not None and gone.startswith("the Spark JVM stopped")
+    # A Java exception whose text can no longer be fetched: the JVM went away after raising.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    client = GatewayClient(
+        gateway_parameters=GatewayParameters(port=closed_port),
+        gateway_property=GatewayProperty(False, None),
+    )
+    raised = Py4JJavaError(
+        "An error occurred while calling o56.collectToPython", JavaObject("o1", client)
+    )
+    unreadable = memory_problem(raised, config)
+    assert unreadable is not None and unreadable.startswith("the Spark JVM stopped")
     assert memory_problem(ConnectionRefusedError(111, "Connection refused"), config) == (
         "the Spark JVM stopped, most often because it ran out of memory (local heap 6g); "
         "raise ADREC_JOB_LOCAL_MEMORY (--job-local-memory, a size such as 16g) or, under "
@@ -65,6 +80,10 @@ try:
 except Exception as exc:
     print("PROBLEM:", memory_problem(exc, JobConfig(data="d", local_memory="600m")))
     print("RAISED:", type(exc).__name__)
+    try:
+        print("TEXT:", str(exc)[:2000].replace("\\n", " | "))
+    except Exception as unreadable:
+        print("TEXT unreadable:", type(unreadable).__name__)
 """
 
 
