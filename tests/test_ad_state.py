@@ -170,6 +170,11 @@ def test_capped_members_count_impressions_in_the_window_plus_what_was_served():
         11,
         12,
     ]
+    # One id in two scopes of one window is two members: ad 4's one impression does not
+    # add to campaign 4's three.
+    apart = (Cap(Scope.AD, 24, 1), Cap(Scope.CAMPAIGN, 24, 4))
+    found = capped_members(apart, raw, {Scope.AD: np.array([4])}, NOW)
+    assert {scope: ids.tolist() for scope, ids in found.items()} == {Scope.AD: [4, 11]}
     assert capped_members(caps, None, {}, NOW) == {}
     served_twice = {Scope.AD: np.array([5, 6, 5])}
     assert capped_members(caps, b"", served_twice, NOW)[Scope.AD].tolist() == [5]

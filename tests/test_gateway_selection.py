@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from adrec.core.events import Scope
+from adrec.core.scoring import AdIndex
 from services.gateway.controls import (
     CAPPED,
     DIVERSITY,
@@ -26,12 +27,16 @@ IDS = np.arange(1, 13, dtype=np.int64)
 
 
 def catalog(sparse: bool) -> AdCatalog:
-    built = AdCatalog("v1", IDS, (IDS + 1) // 2, (IDS + 3) // 4, IDS % 3, IDS * 10, row_of=None)
-    if sparse:
-        return built
-    row_of = np.full(int(IDS[-1]) + 1, -1, np.int32)
-    row_of[IDS] = np.arange(len(IDS), dtype=np.int32)
-    return AdCatalog("v1", IDS, built.campaign, built.customer, built.cate, built.brand, row_of)
+    """The table, its ids found by the dense index or (`sparse`) by binary search."""
+    return AdCatalog.of(
+        "v1",
+        IDS,
+        (IDS + 1) // 2,
+        (IDS + 3) // 4,
+        IDS % 3,
+        IDS * 10,
+        index=AdIndex(IDS, None) if sparse else AdIndex.of(IDS),
+    )
 
 
 def selection(
@@ -91,3 +96,37 @@ def test_nothing_to_filter_leaves_the_candidates_as_they_are():
     assert chosen.inert
     assert chosen.for_ranking(candidates) is candidates
     assert chosen.filtered == {}
+
+
+def test_reasons_keep_their_precedence_and_leave_the_shared_marks_as_they_were():
+    for sparse in (False, True):
+        chosen = selection(
+            sparse,
+            paused_ids=(5, 6),
+            # 99 is excluded though the table lacks it: excluded still wins over unknown.
+            excluded=(6, 99),
+            # Ad 5 is capped and paused: paused wins. Customer 3: ads 9..12.
+            capped={Scope.AD: [5, 7], Scope.CUSTOMER: [3]},
+        )
+        marks = chosen.paused.marks.copy()
+        kept = chosen.for_ranking([5, 6, 7, 8, 9, 12, 99, 98])
+        # 98 is unknown alone: ranking skips and counts it.
+        assert list(kept) == [8, 98]
+        assert chosen.filtered == {PAUSED: 1, EXCLUDED: 2, CAPPED: 3}
+        # The next request sees the paused flags alone.
+        assert (chosen.paused.marks == marks).all()
+        others = Selection(
+            chosen.paused, 12, RequestControls(np.zeros(0, np.int64), (), NO_LIMITS), UserCounts({})
+        )
+        assert list(others.for_ranking([5, 6, 7, 9])) == [7, 9]
+
+
+def test_a_capped_campaign_or_customer_holds_back_every_ad_of_it():
+    table = catalog(False)
+    # Campaigns (id + 1) // 2: 3 -> ads 5, 6; customers (id + 3) // 4: 1 -> ads 1..4.
+    assert sorted(table.rows_blocked(Scope.CAMPAIGN, np.array([3, 40]))) == [4, 5]
+    customers = sorted(table.rows_blocked(Scope.CUSTOMER, np.array([1, 3])))
+    assert customers == [0, 1, 2, 3, 8, 9, 10, 11]
+    assert list(table.rows_blocked(Scope.AD, np.array([2, 99]))) == [1]
+    assert len(table.rows_blocked(Scope.CAMPAIGN, np.zeros(0, np.int64))) == 0
+    assert len(AdCatalog.empty().rows_blocked(Scope.CUSTOMER, np.array([1]))) == 0

@@ -482,6 +482,10 @@ _IMPRESSION_FIELD = re.compile(rb'"imp:[agu]\d+:\d+":\d+')
 #: The fields' scopes, as numbers for :func:`_impression_table`.
 _SCOPE_CODES = {Scope.AD: 1, Scope.CAMPAIGN: 2, Scope.CUSTOMER: 3}
 _SEPARATORS = bytes.maketrans(b'":,', b"   ")
+#: Each scope's field head and the number it becomes.
+_SCOPE_HEADS = tuple(
+    (b'"imp:' + scope.value.encode(), b"%d " % code) for scope, code in _SCOPE_CODES.items()
+)
 
 
 def _impression_table(raw_state: bytes) -> np.ndarray | None:
@@ -490,10 +494,14 @@ def _impression_table(raw_state: bytes) -> np.ndarray | None:
     fields = b",".join(_IMPRESSION_FIELD.findall(raw_state))
     if not fields:
         return None
-    for scope, code in _SCOPE_CODES.items():
-        fields = fields.replace(b'"imp:' + scope.value.encode(), b"%d " % code)
+    for head, code in _SCOPE_HEADS:
+        fields = fields.replace(head, code)
     numbers = np.fromstring(fields.translate(_SEPARATORS), dtype=np.int64, sep=" ")
     return numbers.reshape(-1, 4)
+
+
+#: Bits of a member id in the keys that group impressions by (scope code, member).
+_MEMBER_BITS = 40
 
 
 def capped_members(
@@ -505,34 +513,52 @@ def capped_members(
     job stores it (a cap needs these fields alone, and a request cannot afford to decode
     the rest): those of the clock hours of a cap's window, none of an hour ahead of the
     clock. `served` holds, per scope, the member of each ad the gateway served lately
-    (:class:`ServedAds`), each one impression in every window.
+    (:class:`ServedAds`), each one impression in every window. The caps of one window are
+    counted together, in one sort, whatever their scopes.
     """
+    # Rows of (scope code, member, age in hours, impressions).
+    parts = []
     table = _impression_table(raw_state) if raw_state else None
-    ages = events.bucket_of(now) - table[:, 2] if table is not None else None
+    if table is not None:
+        table[:, 2] = events.bucket_of(now) - table[:, 2]
+        parts.append(table)
+    for scope, seen in served.items():
+        if len(seen) and scope in _SCOPE_CODES:
+            rows = np.zeros((len(seen), 4), np.int64)
+            rows[:, 0], rows[:, 1], rows[:, 3] = _SCOPE_CODES[scope], seen, 1
+            parts.append(rows)
+    if not parts or not caps:
+        return {}
+    rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    rows = rows[(rows[:, 2] >= 0) & (rows[:, 1] < 1 << _MEMBER_BITS)]
     found: dict[Scope, np.ndarray] = {}
-    for cap in caps:
-        ids: list[np.ndarray] = []
-        weights: list[np.ndarray] = []
-        if table is not None and ages is not None:
-            inside = (table[:, 0] == _SCOPE_CODES[cap.scope]) & (ages >= 0)
-            inside &= ages < cap.window_hours
-            ids.append(table[inside, 1])
-            weights.append(table[inside, 3])
-        seen = served.get(cap.scope)
-        if seen is not None and len(seen):
-            ids.append(np.asarray(seen, dtype=np.int64))
-            weights.append(np.ones(len(seen), np.int64))
-        members = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-        if not len(members):
+    for window in sorted({cap.window_hours for cap in caps}):
+        # Per scope code, the limit of this window's cap (0: none).
+        limits = np.zeros(len(_SCOPE_CODES) + 1, np.int64)
+        for cap in caps:
+            if cap.window_hours == window:
+                limits[_SCOPE_CODES[cap.scope]] = cap.max_impressions
+        inside = rows[(rows[:, 2] < window) & (limits[rows[:, 0]] > 0)]
+        if not len(inside):
             continue
-        order = np.argsort(members, kind="stable")
-        members = members[order]
-        starts = np.flatnonzero(np.concatenate(([True], members[1:] != members[:-1])))
-        totals = np.add.reduceat(np.concatenate(weights)[order], starts)
-        reached = members[starts][totals >= cap.max_impressions]
-        if len(reached):
-            earlier = found.get(cap.scope)
-            found[cap.scope] = reached if earlier is None else np.union1d(earlier, reached)
+        grouped = (inside[:, 0] << _MEMBER_BITS) | inside[:, 1]
+        order = np.argsort(grouped, kind="stable")
+        grouped = grouped[order]
+        starts = np.flatnonzero(np.concatenate(([True], grouped[1:] != grouped[:-1])))
+        totals = np.add.reduceat(inside[order, 3], starts)
+        distinct = grouped[starts]
+        reached = distinct[totals >= limits[distinct >> _MEMBER_BITS]]
+        if not len(reached):
+            continue
+        # Sorted by scope code, then member: each scope's members are one sorted run.
+        ends = reached.searchsorted(
+            np.arange(1, len(limits) + 1, dtype=np.int64) << _MEMBER_BITS
+        ).tolist()
+        for scope, code in _SCOPE_CODES.items():
+            members = reached[ends[code - 1] : ends[code]] & ((1 << _MEMBER_BITS) - 1)
+            if len(members):
+                earlier = found.get(scope)
+                found[scope] = members if earlier is None else np.union1d(earlier, members)
     return found
 
 

@@ -19,10 +19,9 @@ itself skips and counts), so only servable ads are scored.
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -34,8 +33,8 @@ from adrec.api.gateway.v1 import gateway_service_pb2 as gateway_pb2
 from adrec.core import adstate, keys
 from adrec.core.adstate import AdStates, Cap, Level
 from adrec.core.codecs import CodecError
-from adrec.core.events import Scope
-from adrec.core.scoring import present
+from adrec.core.events import MAX_ID, Scope
+from adrec.core.scoring import AdIndex, ScoringDataError, present
 from services.runtime.data import LOAD_TIMEOUT_SECONDS, RedisOp, RedisReader
 from services.runtime.logs import LogThrottle, ServiceLogger
 from services.runtime.metrics import SERVICE_LABEL, enum_labels
@@ -134,6 +133,38 @@ class ControlSettings:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class MemberRows:
+    """The catalog rows of each campaign (or customer): the rows sorted by member, and
+    where each distinct member's run of them starts."""
+
+    members: np.ndarray
+    starts: np.ndarray
+    rows: np.ndarray
+
+    @classmethod
+    def of(cls, column: np.ndarray) -> MemberRows:
+        rows = np.argsort(column, kind="stable").astype(np.int32)
+        ordered = column[rows]
+        first = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+        if not len(column):
+            first = first[:0]
+        return cls(ordered[first], np.append(first, len(column)), rows)
+
+    def rows_of(self, members: np.ndarray) -> np.ndarray:
+        """The rows of every ad of `members` (those the catalog has)."""
+        if not len(members) or not len(self.members):
+            return np.zeros(0, np.int32)
+        at = np.minimum(self.members.searchsorted(members), len(self.members) - 1)
+        at = at[self.members[at] == members]
+        begin, end = self.starts[at], self.starts[at + 1]
+        lengths = end - begin
+        # Each run's positions, laid end to end: begin + 0, 1, ... per run.
+        offsets = np.repeat(begin - (np.cumsum(lengths) - lengths), lengths)
+        rows: np.ndarray = self.rows[offsets + np.arange(int(lengths.sum()))]
+        return rows
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class AdCatalog:
     """One version's ad table as the controls need it, sorted by ad id."""
 
@@ -143,9 +174,34 @@ class AdCatalog:
     customer: np.ndarray
     cate: np.ndarray
     brand: np.ndarray
-    #: Row of each ad id, -1 for none, when the ids are small enough for a dense index
-    #: (the data set's run to 846,811: 3.4 MB); a binary search of the ids otherwise.
-    row_of: np.ndarray | None = None
+    #: Ad id -> row, the index ranking uses for the same table.
+    index: AdIndex
+    campaign_rows: MemberRows
+    customer_rows: MemberRows
+
+    @classmethod
+    def of(
+        cls,
+        version: str,
+        ids: np.ndarray,
+        campaign: np.ndarray,
+        customer: np.ndarray,
+        cate: np.ndarray,
+        brand: np.ndarray,
+        index: AdIndex | None = None,
+    ) -> AdCatalog:
+        """The catalog of ascending `ids` and their columns."""
+        return cls(
+            version,
+            ids,
+            campaign,
+            customer,
+            cate,
+            brand,
+            AdIndex.of(ids) if index is None else index,
+            MemberRows.of(campaign),
+            MemberRows.of(customer),
+        )
 
     @classmethod
     def decode(cls, version: str, raw: bytes) -> AdCatalog:
@@ -158,36 +214,28 @@ class AdCatalog:
         ids, campaign, customer, cate, brand = (
             np.ascontiguousarray(table[name][order], dtype=np.int64) for name in columns
         )
-        row_of = None
-        if len(ids) and ids[0] > 0 and ids[-1] <= DENSE_INDEX_MAX_ID:
-            row_of = np.full(int(ids[-1]) + 1, -1, np.int32)
-            row_of[ids] = np.arange(len(ids), dtype=np.int32)
-        return cls(version, ids, campaign, customer, cate, brand, row_of)
+        try:
+            return cls.of(version, ids, campaign, customer, cate, brand)
+        except ScoringDataError as error:
+            raise CodecError(f"the ad table: {error}") from None
 
     @classmethod
     def empty(cls) -> AdCatalog:
         none = np.zeros(0, np.int64)
-        return cls("", none, none, none, none, none)
+        return cls.of("", none, none, none, none, none)
 
     def lookup(self, ad_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each id's row and whether the table has it."""
-        if not len(self.ids):
-            return np.zeros(len(ad_ids), np.int64), np.zeros(len(ad_ids), bool)
-        if self.row_of is not None:
-            inside = (ad_ids > 0) & (ad_ids < len(self.row_of))
-            rows = self.row_of[np.where(inside, ad_ids, 0)]
-            known = rows >= 0
-            return np.where(known, rows, 0), known
-        rows = np.minimum(self.ids.searchsorted(ad_ids), len(self.ids) - 1)
-        return rows, self.ids[rows] == ad_ids
+        """Each id's row (-1 for none) and whether the table has it."""
+        rows = self.index.rows(ad_ids)
+        return rows, rows >= 0
 
     def members_of(self, ad_ids: np.ndarray) -> dict[Scope, np.ndarray]:
         """Per cap scope, the member of each of `ad_ids` (the ads of the table alone for
         campaigns and customers)."""
         if not len(ad_ids):
             return {}
-        rows, known = self.lookup(ad_ids)
-        rows = rows[known]
+        rows = self.index.rows(ad_ids)
+        rows = rows[rows >= 0]
         return {
             Scope.AD: ad_ids,
             Scope.CAMPAIGN: self.campaign[rows],
@@ -199,6 +247,15 @@ class AdCatalog:
             return self.ids
         column: np.ndarray = self.campaign if level is Level.CAMPAIGN else self.customer
         return column
+
+    def rows_blocked(self, scope: Scope, members: np.ndarray) -> np.ndarray:
+        """The rows of the ads a cap on `members` of `scope` holds back."""
+        if scope is Scope.AD:
+            rows = self.index.rows(members)
+            return rows[rows >= 0]
+        return (self.campaign_rows if scope is Scope.CAMPAIGN else self.customer_rows).rows_of(
+            members
+        )
 
 
 def _member_of(values: np.ndarray, members: np.ndarray) -> np.ndarray:
@@ -212,19 +269,12 @@ def _member_of(values: np.ndarray, members: np.ndarray) -> np.ndarray:
     return hit
 
 
-#: Keys of what a request blocks, ``id * _KEY_SCOPES + kind``: kind 0 an excluded ad id,
-#: then the capped ads, campaigns and customers.
-_KEY_SCOPES = 4
-_CAPPED_KEY = {Scope.AD: 1, Scope.CAMPAIGN: 2, Scope.CUSTOMER: 3}
-
-
-def _blocked_keys(excluded: np.ndarray, capped: dict[Scope, np.ndarray]) -> np.ndarray | None:
-    """The sorted keys of a request's excluded ads and capped members; None for none."""
-    parts = [excluded * _KEY_SCOPES] if len(excluded) else []
-    parts += [members * _KEY_SCOPES + _CAPPED_KEY[scope] for scope, members in capped.items()]
-    if not parts:
-        return None
-    return np.sort(np.concatenate(parts))
+#: The filter reasons a row can carry before the diversity limits, by precedence: a
+#: candidate shows the highest that applies.
+_PRECEDENCE = (CAPPED, PAUSED, UNKNOWN_AD, EXCLUDED)
+#: Precedence (0: none) -> filter reason.
+_REASON_OF_RANK = np.array((0, *_PRECEDENCE), np.int64)
+_RANK = {reason: rank for rank, reason in enumerate(_PRECEDENCE, start=1)}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -239,6 +289,15 @@ class PausedAds:
     valid_until: float | None
     #: Whether any ad is paused.
     any: bool = False
+    #: Per row the precedence of its filter reason (paused or none), then one more entry
+    #: for an unknown ad (row -1). A request marks its excluded and capped rows here while
+    #: it reads its candidates' reasons, and puts the entries back before returning, so one
+    #: gather finds every reason; requests run one at a time on the event loop.
+    marks: np.ndarray = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        marks = np.where(self.paused, _RANK[PAUSED], 0).astype(np.int8)
+        object.__setattr__(self, "marks", np.append(marks, np.int8(_RANK[UNKNOWN_AD])))
 
     @classmethod
     def of(cls, catalog: AdCatalog, states: AdStates, now: float) -> PausedAds:
@@ -252,6 +311,50 @@ class PausedAds:
 
     def current(self, now: float) -> bool:
         return self.valid_until is None or now < self.valid_until
+
+
+@dataclasses.dataclass(frozen=True)
+class _Blocked:
+    """A request's capped rows (with the precedence each then carries: paused stays
+    paused), its excluded rows, and the entries all of them held before; excluded ids
+    unknown to the catalog apart, as they have no row."""
+
+    capped_rows: np.ndarray
+    capped_ranks: np.ndarray
+    excluded_rows: np.ndarray
+    rows: np.ndarray
+    held: np.ndarray
+    unknown_excluded: np.ndarray
+
+    @classmethod
+    def of(
+        cls, paused: PausedAds, excluded: np.ndarray, capped: dict[Scope, np.ndarray]
+    ) -> _Blocked | None:
+        if not len(excluded) and not capped:
+            return None
+        catalog = paused.catalog
+        found = catalog.index.rows(excluded)
+        excluded_rows = found[found >= 0]
+        capped_rows = [catalog.rows_blocked(scope, members) for scope, members in capped.items()]
+        # A row may repeat: every write to it is the same.
+        rows = np.concatenate((*capped_rows, excluded_rows))
+        held = paused.marks[rows]
+        capped_count = len(rows) - len(excluded_rows)
+        return cls(
+            rows[:capped_count],
+            np.maximum(held[:capped_count], np.int8(_RANK[CAPPED])),
+            excluded_rows,
+            rows,
+            held,
+            np.sort(excluded[found < 0]),
+        )
+
+    def mark(self, marks: np.ndarray) -> None:
+        marks[self.capped_rows] = self.capped_ranks
+        marks[self.excluded_rows] = _RANK[EXCLUDED]
+
+    def unmark(self, marks: np.ndarray) -> None:
+        marks[self.rows] = self.held
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,9 +389,12 @@ def request_controls(
         checks.add(
             "exclude_ad_ids", f"holds {len(excluded)} ids; at most {MAX_EXCLUDED_ADS} per request"
         )
-    else:
-        for index, ad_id in enumerate(excluded):
-            checks.positive_id(f"exclude_ad_ids[{index}]", ad_id)
+    elif len(excluded):
+        ids = np.asarray(excluded, dtype=np.int64)
+        # Each bad id named; the common case, all good, checked at once.
+        if ids.min() <= 0 or ids.max() > MAX_ID:
+            for index, ad_id in enumerate(excluded):
+                checks.positive_id(f"exclude_ad_ids[{index}]", ad_id)
     caps: list[Cap] = []
     if len(request.frequency_caps) > MAX_REQUEST_CAPS:
         checks.add(
@@ -588,7 +694,7 @@ class Selection:
         self.filtered: dict[int, int] = {}
         self._filtered_ids: set[int] = set()
         self._per_value: list[dict[int, int]] = [{}, {}, {}]
-        self._blocked = _blocked_keys(controls.excluded, self.capped)
+        self._blocked = _Blocked.of(paused, controls.excluded, self.capped)
 
     @property
     def full(self) -> bool:
@@ -605,49 +711,41 @@ class Selection:
         )
 
     def _reasons(self, ad_ids: np.ndarray, checked: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Each candidate's filter reason (0: none) and row in the catalog; unknown ads
-        alone when the candidates were `checked` already (by :meth:`for_ranking`)."""
-        rows, known = self.catalog.lookup(ad_ids)
-        reasons = np.zeros(len(ad_ids), np.int64)
+        """Each candidate's filter reason (0: none) and row in the catalog (-1: none);
+        unknown ads alone when the candidates were `checked` already (by
+        :meth:`for_ranking`)."""
+        rows = self.catalog.index.rows(ad_ids)
         if checked:
-            reasons[~known] = UNKNOWN_AD
-            return reasons, rows
-        hits = None
-        if self._blocked is not None:
-            # Every test in one search: each candidate's ad id as excluded and as capped,
-            # and its campaign and customer as capped.
-            probes = np.concatenate(
-                (
-                    ad_ids * _KEY_SCOPES,
-                    ad_ids * _KEY_SCOPES + _CAPPED_KEY[Scope.AD],
-                    self.catalog.campaign[rows] * _KEY_SCOPES + _CAPPED_KEY[Scope.CAMPAIGN],
-                    self.catalog.customer[rows] * _KEY_SCOPES + _CAPPED_KEY[Scope.CUSTOMER],
-                )
-            )
-            hits = _member_of(probes, self._blocked).reshape(_KEY_SCOPES, len(ad_ids))
-            reasons[hits[1:].any(axis=0)] = CAPPED
-        if self.paused.any:
-            reasons[self.paused.paused[rows]] = PAUSED
-        reasons[~known] = UNKNOWN_AD
-        if hits is not None:
-            reasons[hits[0]] = EXCLUDED
+            return np.where(rows < 0, UNKNOWN_AD, 0), rows
+        blocked = self._blocked
+        if blocked is None:
+            return _REASON_OF_RANK[self.paused.marks[rows]], rows
+        marks = self.paused.marks
+        blocked.mark(marks)
+        try:
+            ranks = marks[rows]
+        finally:
+            blocked.unmark(marks)
+        reasons = _REASON_OF_RANK[ranks]
+        if len(blocked.unknown_excluded):
+            reasons[_member_of(ad_ids, blocked.unknown_excluded)] = EXCLUDED
         return reasons, rows
 
     def _note(self, ad_ids: list[int], reasons: list[int]) -> None:
         """Count each filtered ad once, under the first reason found for it."""
         fresh = set(ad_ids) - self._filtered_ids
+        by_reason: dict[int, int] = {}
         if len(fresh) == len(ad_ids):
-            counted: Iterable[tuple[int, int]] = collections.Counter(reasons).items()
+            for reason in reasons:
+                by_reason[reason] = by_reason.get(reason, 0) + 1
         else:
-            by_reason: dict[int, int] = {}
             for ad_id, reason in zip(ad_ids, reasons, strict=True):
                 if ad_id in fresh:
                     fresh.discard(ad_id)
                     by_reason[reason] = by_reason.get(reason, 0) + 1
                     self._filtered_ids.add(ad_id)
-            counted = by_reason.items()
         self._filtered_ids.update(fresh)
-        for reason, count in counted:
+        for reason, count in by_reason.items():
             self.filtered[reason] = self.filtered.get(reason, 0) + count
 
     def for_ranking(self, ad_ids: Sequence[int]) -> Any:
@@ -690,33 +788,36 @@ class Selection:
         chosen_before = len(self.ads)
         id_list = ids.tolist()
         reason_list = reasons.tolist()
-        if limits.any:
-            values = [
-                column[rows].tolist()
-                for column in (self.catalog.cate, self.catalog.brand, self.catalog.customer)
-            ]
-            bounds = (limits.category, limits.brand, limits.customer)
+        # Per limited dimension: each ad's value, the bound, the ads chosen per value.
+        limited = [
+            (column[rows].tolist(), bound, per_value)
+            for column, bound, per_value in zip(
+                (self.catalog.cate, self.catalog.brand, self.catalog.customer),
+                (limits.category, limits.brand, limits.customer),
+                self._per_value,
+                strict=True,
+            )
+            if bound
+        ]
         filtered_ids: list[int] = []
         filtered_reasons: list[int] = []
         for index, ad_id in enumerate(id_list):
             if ad_id in self.chosen:
                 continue
             reason = reason_list[index]
-            if not reason and limits.any:
-                for dimension, bound in enumerate(bounds):
-                    value = values[dimension][index]
-                    if bound and value > 0 and self._per_value[dimension].get(value, 0) >= bound:
+            if not reason:
+                for values, bound, per_value in limited:
+                    value = values[index]
+                    if value > 0 and per_value.get(value, 0) >= bound:
                         reason = DIVERSITY
                         break
             if reason:
                 filtered_ids.append(ad_id)
                 filtered_reasons.append(reason)
                 continue
-            if limits.any:
-                for dimension in range(3):
-                    value = values[dimension][index]
-                    per_value = self._per_value[dimension]
-                    per_value[value] = per_value.get(value, 0) + 1
+            for values, _, per_value in limited:
+                value = values[index]
+                per_value[value] = per_value.get(value, 0) + 1
             self.chosen.add(ad_id)
             self.ads.append(ScoredAd(ad_id=ad_id) if scores is None else scores.ad(index, ad_id))
             if len(self.ads) >= self.count:
