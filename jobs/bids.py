@@ -49,11 +49,7 @@ def read_bids(spark: SparkSession, data: str) -> Bids | None:
     path = f"{data.rstrip('/')}/{BIDS_FILE}"
     if not path_exists(spark, path):
         return None
-    # zipWithIndex numbers the lines in file order, so a problem can name its line.
-    lines = spark.createDataFrame(
-        spark.read.text(path).rdd.zipWithIndex().map(lambda pair: (pair[1] + 1, pair[0][0])),
-        "line long, value string",
-    )
+    lines = _numbered_lines(spark, path)
     first = lines.where(F.col("line") == 1).first()
     if first is None:
         raise BidsError(f"bids: {path} is empty; expected the header line {BIDS_HEADER!r}")
@@ -97,6 +93,31 @@ def read_bids(spark: SparkSession, data: str) -> Bids | None:
         table["ad_id"].to_numpy(dtype=np.int64),
         table["bid"].to_numpy(dtype=np.float64),
     )
+
+
+def _numbered_lines(spark: SparkSession, path: str) -> DataFrame:
+    """``line`` (from 1, in file order) and ``value``, so a problem can name its line.
+
+    Numbered in the JVM: a monotonically increasing id holds the partition in its upper
+    bits and the row within it below, and each partition starts after the rows of the
+    ones before. (Through a Python RDD, a query that stops early, such as ``first()``,
+    broke the pipe of a Python worker still writing, which printed a traceback.)
+    """
+    text = spark.read.text(path).select(
+        F.spark_partition_id().alias("part"),
+        F.monotonically_increasing_id().alias("id"),
+        "value",
+    )
+    sizes = sorted((row["part"], row["count"]) for row in text.groupBy("part").count().collect())
+    starts, total = {}, 0
+    for part, count in sizes:
+        starts[part] = total
+        total += count
+    start = F.lit(0).cast("long")
+    for part, offset in starts.items():
+        start = F.when(F.col("part") == part, F.lit(offset)).otherwise(start)
+    within = F.col("id") - F.shiftleft(F.col("part").cast("long"), 33)
+    return text.select((start + within + 1).alias("line"), "value")
 
 
 def _checked(lines: DataFrame) -> DataFrame:

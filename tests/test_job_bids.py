@@ -60,3 +60,15 @@ def test_a_bad_file_names_file_line_and_field(spark, tmp_path, text, expected):
     assert "bids.csv" in message
     for part in expected:
         assert part in message, message
+
+
+def test_lines_are_numbered_in_file_order_across_partitions(spark, tmp_path):
+    rows = "".join(f"{n},1.5\n" for n in range(1, 2001))
+    folder = folder_with(tmp_path, "adgroup_id,bid\n" + rows + "2001,-1\n")
+    spark.conf.set("spark.sql.files.maxPartitionBytes", "4096")
+    try:
+        assert spark.read.text(folder + "/bids.csv").rdd.getNumPartitions() > 3
+        with pytest.raises(BidsError, match=r"line 2002, field bid"):
+            read_bids(spark, folder)
+    finally:
+        spark.conf.unset("spark.sql.files.maxPartitionBytes")
