@@ -44,8 +44,6 @@ from services.runtime.requests import FieldChecks
 MAX_EXCLUDED_ADS = 500
 #: Most frequency caps one request may carry (3 scopes x a few windows).
 MAX_REQUEST_CAPS = 12
-#: Largest ad id the catalog indexes densely (64 MB of rows at most).
-DENSE_INDEX_MAX_ID = 2**24
 #: Under diversity limits ranking returns this many times `count` ads, for the limits to
 #: pass over; an answer they still leave short is filled in by the next path.
 DIVERSITY_HEADROOM = 4
@@ -385,16 +383,15 @@ def request_controls(
     """The request's exclusions, caps (tightened by the server's) and limits; every bad
     field noted in `checks`."""
     excluded = request.exclude_ad_ids
-    if len(excluded) > MAX_EXCLUDED_ADS:
+    ids = np.asarray(excluded, dtype=np.int64)
+    if len(ids) > MAX_EXCLUDED_ADS:
         checks.add(
-            "exclude_ad_ids", f"holds {len(excluded)} ids; at most {MAX_EXCLUDED_ADS} per request"
+            "exclude_ad_ids", f"holds {len(ids)} ids; at most {MAX_EXCLUDED_ADS} per request"
         )
-    elif len(excluded):
-        ids = np.asarray(excluded, dtype=np.int64)
-        # Each bad id named; the common case, all good, checked at once.
-        if ids.min() <= 0 or ids.max() > MAX_ID:
-            for index, ad_id in enumerate(excluded):
-                checks.positive_id(f"exclude_ad_ids[{index}]", ad_id)
+    # Each bad id named; the common case, all good, checked at once.
+    elif len(ids) and (ids.min() <= 0 or ids.max() > MAX_ID):
+        for index, ad_id in enumerate(excluded):
+            checks.positive_id(f"exclude_ad_ids[{index}]", ad_id)
     caps: list[Cap] = []
     if len(request.frequency_caps) > MAX_REQUEST_CAPS:
         checks.add(
@@ -437,7 +434,7 @@ def request_controls(
             )
         limits.append(value or default)
     return RequestControls(
-        excluded=np.unique(np.asarray(excluded, dtype=np.int64)),
+        excluded=np.unique(ids),
         caps=adstate.tightest((*settings.caps, *caps)),
         limits=Limits(*limits),
     )
