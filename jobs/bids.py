@@ -109,13 +109,10 @@ def _numbered_lines(spark: SparkSession, path: str) -> DataFrame:
         "value",
     )
     sizes = sorted((row["part"], row["count"]) for row in text.groupBy("part").count().collect())
-    starts, total = {}, 0
+    start, total = F.lit(0).cast("long"), 0
     for part, count in sizes:
-        starts[part] = total
+        start = F.when(F.col("part") == part, F.lit(total)).otherwise(start)
         total += count
-    start = F.lit(0).cast("long")
-    for part, offset in starts.items():
-        start = F.when(F.col("part") == part, F.lit(offset)).otherwise(start)
     within = F.col("id") - F.shiftleft(F.col("part").cast("long"), 33)
     return text.select((start + within + 1).alias("line"), "value")
 
