@@ -166,11 +166,30 @@ def test_state_expires_after_the_longest_window(writer, redis_client):
     assert (events.KEPT_BUCKETS) * 3600 < ttl <= (events.KEPT_BUCKETS + 1) * 3600
 
 
-def test_many_updates_go_through_several_pipelines(redis_client):
-    writer = StateWriter(redis_client, StateSettings(half_life_seconds=HALF_LIFE), pipeline_size=7)
+def test_many_updates_go_through_round_trips_of_the_set_size(redis_client):
+    round_trips = []
+    pipeline = redis_client.pipeline
+
+    def counted_pipeline(**options):
+        real = pipeline(**options)
+        execute = real.execute
+
+        def counted_execute():
+            round_trips.append(len(real.command_stack))
+            return execute()
+
+        real.execute = counted_execute
+        return real
+
+    redis_client.pipeline = counted_pipeline
+    writer = StateWriter(
+        redis_client, StateSettings(half_life_seconds=HALF_LIFE), writes_per_round_trip=7
+    )
     updates = [StateUpdate(keys.REALTIME_USER.key(u), counts=[(_cart(1), u)]) for u in range(1, 51)]
     assert writer.apply("r", 0, NOW, updates) == 50
+    assert round_trips == [7] * 7 + [1]
     assert _state(redis_client, 50).counts == {_cart(1): 50}
+    assert _state(redis_client, 1).counts == {_cart(1): 1}
 
 
 def test_a_value_that_is_not_state_is_refused():

@@ -209,13 +209,25 @@ def decode_state(raw: bytes) -> RealtimeState:
         raise CodecError(f"real-time state: {error}") from None
 
 
+#: State updates sent per round trip by default. Redis runs what it has read of a pipeline
+#: back to back, so a long pipeline of state scripts delays the services' reads that arrive
+#: during it; short round trips let them in between (docs/performance.md, "Real-time
+#: events end to end").
+WRITES_PER_ROUND_TRIP = 10
+
+
 class StateWriter:
     """Applies stream batches' updates through one Redis (or Redis Cluster) client."""
 
-    def __init__(self, client: Any, settings: StateSettings, pipeline_size: int = 500):
+    def __init__(
+        self,
+        client: Any,
+        settings: StateSettings,
+        writes_per_round_trip: int = WRITES_PER_ROUND_TRIP,
+    ):
         self.client = client
         self.settings = settings
-        self.pipeline_size = pipeline_size
+        self.writes_per_round_trip = writes_per_round_trip
         self._script = client.register_script(_APPLY_SCRIPT)
 
     def apply(
@@ -239,7 +251,7 @@ class StateWriter:
         pending: list[StateUpdate] = []
         for update in updates:
             pending.append(update)
-            if len(pending) >= self.pipeline_size:
+            if len(pending) >= self.writes_per_round_trip:
                 changed += self._flush(common, pending)
                 pending = []
         if pending:

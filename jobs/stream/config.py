@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from adrec.core import realtime
 from adrec.core.settings import in_range, one_of, parse_int, setting
 
 
@@ -61,6 +62,14 @@ class StreamConfig:
         "An event resent within this many seconds of the first copy counts once",
         parse=parse_int,
         check=in_range(1, 86_400),
+    )
+    writes_per_round_trip: int = setting(
+        "ADREC_STREAM_WRITES_PER_ROUND_TRIP",
+        realtime.WRITES_PER_ROUND_TRIP,
+        "State updates a task sends to Redis per round trip: fewer keep serving reads "
+        "waiting less behind the job's writes, more apply a backlog faster",
+        parse=parse_int,
+        check=in_range(1, 10_000),
     )
     master: str = setting(
         "ADREC_STREAM_MASTER", "local[2]", "Spark master of a local run (spark-submit sets its own)"

@@ -250,7 +250,12 @@ def run_stream(config: StreamConfig, redis_settings: RedisSettings) -> int:
     def each_batch(batch: Any, batch_id: int) -> None:
         nonlocal sink
         if sink is None:
-            sink = BatchSink(session, checkpoint_run_id(session, config.checkpoint), on_batch)
+            sink = BatchSink(
+                session,
+                checkpoint_run_id(session, config.checkpoint),
+                on_batch,
+                config.writes_per_round_trip,
+            )
         sink(batch, batch_id)
 
     parsed = parse_lines(raw_events(session, config))

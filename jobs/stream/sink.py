@@ -107,7 +107,9 @@ SUMMARY_SCHEMA = (
 _NEEDED = ("kind", "user_id", "time", "ad_id", "cate_id", "brand_id", "pid", "serving_path")
 
 
-def _apply_part(run: str, batch_id: int, now: int, version: str, table: Any) -> Any:
+def _apply_part(
+    run: str, batch_id: int, now: int, version: str, table: Any, writes_per_round_trip: int
+) -> Any:
     def apply(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from pyspark import TaskContext  # noqa: PLC0415 - only inside a task
 
@@ -127,7 +129,7 @@ def _apply_part(run: str, batch_id: int, now: int, version: str, table: Any) -> 
         assert task is not None, "runs in a Spark task"
         client = connect(settings.load(RedisSettings))
         try:
-            writer = realtime.StateWriter(client, realtime.StateSettings())
+            writer = realtime.StateWriter(client, realtime.StateSettings(), writes_per_round_trip)
             changed = writer.apply(run, batch_id, now, updates, part=task.partitionId())
         finally:
             client.close()
@@ -163,9 +165,10 @@ class BatchSink:
     """The ``foreachBatch`` function of the stream query: one Spark job per micro-batch,
     each task writing the part of the batch it holds, all of a user's events in one part."""
 
-    def __init__(self, session: SparkSession, run: str, on_batch: Any):
+    def __init__(self, session: SparkSession, run: str, on_batch: Any, writes_per_round_trip: int):
         self.session = session
         self.run = run
+        self.writes_per_round_trip = writes_per_round_trip
         self.client = connect(settings.load(RedisSettings))
         self.ads = ActiveAds(session, self.client)
         self.on_batch = on_batch
@@ -184,7 +187,8 @@ class BatchSink:
             self.parts = batch.rdd.getNumPartitions()
         parts = batch.repartition(self.parts, "user_id")
         rows = parts.mapInArrow(
-            _apply_part(self.run, batch_id, now, version, table), SUMMARY_SCHEMA
+            _apply_part(self.run, batch_id, now, version, table, self.writes_per_round_trip),
+            SUMMARY_SCHEMA,
         ).collect()
         summary = [row for row in rows if row["kind"] is not None]
         if not summary:
