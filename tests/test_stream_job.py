@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import redis
 
+from adrec.cli import main
 from adrec.core import events, keys, realtime, store
 from adrec.core.events import Event, Kind, Scope
 from adrec.core.store import VersionWriter
@@ -386,3 +387,13 @@ def test_killed_and_restarted_mid_run_loses_nothing_and_applies_nothing_twice(
     assert _user_counts(redis_client, users) == {u: dict(c) for u, c in expected.items()}
     clicked = realtime.decode_state(redis_client.get(keys.REALTIME_USER.key(users[0])))
     assert 7 in clicked.interest
+
+
+def test_a_round_trip_size_below_one_is_refused_naming_the_setting(tmp_path, capsys):
+    code = main(
+        ["stream", "run", "--checkpoint", str(tmp_path), "--stream-writes-per-round-trip", "0"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "ADREC_STREAM_WRITES_PER_ROUND_TRIP)='0': must be between 1 and 10000" in err
+    assert "Traceback" not in err
