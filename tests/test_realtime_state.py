@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from adrec.core import events, keys, realtime
@@ -91,6 +92,38 @@ def test_buckets_older_than_the_longest_window_are_pruned(writer, redis_client):
     oldest_kept = _cart(11, HOUR - events.KEPT_BUCKETS + 1)
     writer.apply("r", 0, NOW, [StateUpdate(key, counts=[(stale, 4), (oldest_kept, 1)])])
     assert _state(redis_client, 3).counts == {oldest_kept: 1}
+
+
+def test_counts_match_a_prune_of_every_field_at_every_write_whatever_the_clock(
+    writer, redis_client
+):
+    """A write within the hour of the last prune checks only its new fields' hours; the
+    result must be what pruning every field at every write gives, also when a batch's
+    clock runs behind an earlier one's and when a value predates the watermark."""
+    rng = np.random.default_rng(5)
+    key = keys.REALTIME_USER.key(12)
+    # A value written before the watermark existed, with a stale field to drop.
+    redis_client.set(key, json.dumps({"run": "r", "batch": 0, "counts": {_cart(1, 0): 3}}))
+    expected: dict[str, int] = {_cart(1, 0): 3}
+    for batch in range(1, 120):
+        now = NOW + int(rng.integers(-3, 8)) * 3600 + batch * 600
+        hour = events.bucket_of(now)
+        oldest = hour - events.KEPT_BUCKETS + 1
+        counts = [
+            (
+                _cart(
+                    int(rng.integers(0, 4)), hour - int(rng.integers(-1, events.KEPT_BUCKETS + 3))
+                ),
+                1,
+            )
+            for _ in range(int(rng.integers(0, 4)))
+        ]
+        writer.apply("r", batch, now, [StateUpdate(key, counts=counts)])
+        for field, increment in counts:
+            expected[field] = expected.get(field, 0) + increment
+        expected = {f: v for f, v in expected.items() if int(f.rsplit(":", 1)[1]) >= oldest}
+        state = _state(redis_client, 12)
+        assert dict(state.counts if state else {}) == expected, f"batch {batch}"
 
 
 def test_window_counts_follow_the_clock_hour_definition(writer, redis_client):

@@ -43,7 +43,9 @@ STATE_TTL_SECONDS = (events.KEPT_BUCKETS + 1) * events.BUCKET_SECONDS
 # KEYS[1]: the state value. ARGV: run, batch, ttl, oldest kept bucket, now, half-life,
 # min interest, max interest categories, part, the number of counts n, n (field,
 # increment) pairs, then (category, score, time) triples of interest to add. A value
-# written before parts existed holds its whole batch (no `parts`).
+# written before parts existed holds its whole batch (no `parts`). `pruned`: no count field
+# is of an hour before it, so a write within the same hour checks only its new fields (a
+# value without it is pruned whole).
 # cjson keeps object keys as strings and numbers as doubles, exact below 2^53.
 _APPLY_SCRIPT = """
 local raw = redis.call('GET', KEYS[1])
@@ -66,16 +68,29 @@ table.insert(parts, part)
 local ttl, oldest, now = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local half_life, min_interest = tonumber(ARGV[6]), tonumber(ARGV[7])
 local max_categories, n = tonumber(ARGV[8]), tonumber(ARGV[10])
-local counts = state.counts or {}
+local kept = state.counts or {}
+local any_count = next(kept) ~= nil
+local pruned = tonumber(state.pruned)
+if not pruned or pruned < oldest then
+  -- Every held field of an older hour goes; otherwise all of them are of `pruned` or
+  -- later (a state is written pruned), so only the new fields need their hour checked.
+  local held = kept
+  kept = {}
+  any_count = false
+  for field, value in pairs(held) do
+    local bucket = tonumber(string.match(field, ':(%d+)$'))
+    if bucket and bucket >= oldest then kept[field] = value; any_count = true end
+  end
+  pruned = oldest
+end
 for i = 0, n - 1 do
   local field = ARGV[11 + 2 * i]
-  counts[field] = (counts[field] or 0) + tonumber(ARGV[12 + 2 * i])
-end
-local kept = {}
-local any_count = false
-for field, value in pairs(counts) do
   local bucket = tonumber(string.match(field, ':(%d+)$'))
-  if bucket and bucket >= oldest then kept[field] = value; any_count = true end
+  if bucket and bucket >= oldest then
+    kept[field] = (kept[field] or 0) + tonumber(ARGV[12 + 2 * i])
+    any_count = true
+    if bucket < pruned then pruned = oldest end
+  end
 end
 local interest = state.interest or {}
 for i = 11 + 2 * n, #ARGV, 3 do
@@ -101,7 +116,8 @@ for i = 1, math.min(#ranked, max_categories) do
 end
 if not any_count then kept = nil end
 if not any_interest then strongest = nil end
-local out = {run = run, batch = batch, parts = parts, counts = kept, interest = strongest}
+local out = {run = run, batch = batch, parts = parts, pruned = pruned, counts = kept,
+  interest = strongest}
 redis.call('SET', KEYS[1], cjson.encode(out), 'EX', ttl)
 return 1
 """
