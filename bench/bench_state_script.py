@@ -1,7 +1,7 @@
 """What one real-time state write costs Redis, by the size of the state it rewrites.
 
 Run: ``.venv/bin/python bench/bench_state_script.py`` (seconds; figures in
-docs/performance.md, "The stream job's writes in short round trips").
+docs/performance.md, "The state script's cost by state size").
 
 The stream job applies each user's part of a batch with one call of the state script
 (``adrec.core.realtime``), which decodes the user's whole value, adds the batch's counts and
@@ -9,8 +9,8 @@ interest and writes the value back; Redis runs nothing else meanwhile, so the ca
 is how long every other client waits behind it. On a private redis-server, for states of
 several sizes (count fields spread over the last 60 hour buckets): the microseconds per
 call Redis itself reports (``INFO commandstats``), for writes within the hour of the
-state's last write and for writes an hour later, when the hours that left the longest
-window are dropped.
+state's last write and for writes an hour later, when the window has moved and every
+field's hour is checked again.
 """
 
 from __future__ import annotations

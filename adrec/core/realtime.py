@@ -227,8 +227,8 @@ def decode_state(raw: bytes) -> RealtimeState:
 
 #: State updates sent per round trip by default. Redis runs what it has read of a pipeline
 #: back to back, so a long pipeline of state scripts delays the services' reads that arrive
-#: during it; short round trips let them in between (docs/performance.md, "Real-time
-#: events end to end").
+#: during it; short round trips let them in between (docs/performance.md, "The stream
+#: job's writes in short round trips").
 WRITES_PER_ROUND_TRIP = 10
 
 
